@@ -1,0 +1,25 @@
+//! onceflow's wire contracts, shared by every service and by outside consumers.
+//!
+//! - [`schema`]: the Avro schemas from `schemas/*.avsc`, each identified on the
+//!   wire by its Rabin fingerprint so a reader knows which schema wrote a message.
+//! - [`envelope`]: the metadata every Kafka message carries in its headers
+//!   (message id, correlation id, causation id, tenant, type, schema id,
+//!   `traceparent`).
+//! - [`command`] and [`result`]: the two message bodies, Avro-encoded.
+//! - [`catalogue`]: the command types ingest accepts and their payload shapes,
+//!   so a bad payload is refused at the door rather than dead-lettered later.
+//! - [`topics`]: the topic names.
+
+pub mod catalogue;
+pub mod command;
+pub mod envelope;
+pub mod error;
+pub mod result;
+pub mod schema;
+pub mod topics;
+
+pub use catalogue::{ValidatedCommand, validate_command};
+pub use command::Command;
+pub use envelope::Envelope;
+pub use error::{ContractError, Result};
+pub use result::{JobError, JobStatus, ResultEvent};

@@ -1,0 +1,97 @@
+//! The Avro schemas, parsed once, and how messages name them.
+//!
+//! A message's `schema-id` header is `<full name>@<Rabin fingerprint in hex>` of
+//! the schema that wrote it. Readers look the writer schema up here and resolve
+//! it against their own reader schema, so a field added with a default in a
+//! later version is read by older readers and vice versa.
+
+use std::{collections::HashMap, sync::LazyLock};
+
+use apache_avro::{Schema, rabin::Rabin};
+
+use crate::{ContractError, Result};
+
+/// The command schema, as shipped in `schemas/command.avsc`.
+pub const COMMAND_AVSC: &str = include_str!("../../../schemas/command.avsc");
+/// The result event schema, as shipped in `schemas/result.avsc`.
+pub const RESULT_AVSC: &str = include_str!("../../../schemas/result.avsc");
+
+/// A parsed schema with its wire identifier.
+#[derive(Debug)]
+pub struct KnownSchema {
+    pub id: String,
+    pub schema: Schema,
+}
+
+impl KnownSchema {
+    fn parse(text: &str) -> Self {
+        // The schemas are compiled in and covered by unit tests, so a parse
+        // failure is a build defect, not an input error.
+        #[allow(clippy::expect_used)]
+        let schema = Schema::parse_str(text).expect("bundled Avro schema must parse");
+        Self { id: schema_id(&schema), schema }
+    }
+}
+
+/// The wire identifier of a schema: full name and Rabin fingerprint.
+pub fn schema_id(schema: &Schema) -> String {
+    let name = schema.name().map(|n| n.fullname(None)).unwrap_or_default();
+    format!("{name}@{}", schema.fingerprint::<Rabin>())
+}
+
+/// The current command schema (what this build writes and reads into).
+pub static COMMAND: LazyLock<KnownSchema> = LazyLock::new(|| KnownSchema::parse(COMMAND_AVSC));
+/// The current result schema.
+pub static RESULT: LazyLock<KnownSchema> = LazyLock::new(|| KnownSchema::parse(RESULT_AVSC));
+
+/// Every writer schema this build can read, by id. Older versions are added
+/// here, never removed, when a schema evolves.
+static WRITERS: LazyLock<HashMap<String, &'static Schema>> = LazyLock::new(|| {
+    [&*COMMAND, &*RESULT]
+        .into_iter()
+        .map(|known| (known.id.clone(), &known.schema))
+        .collect()
+});
+
+/// Encode a serde value as an Avro datum of `schema`.
+pub fn encode<T: serde::Serialize>(schema: &Schema, value: &T) -> Result<Vec<u8>> {
+    let value = apache_avro::to_value(value)?.resolve(schema)?;
+    Ok(apache_avro::to_avro_datum(schema, value)?)
+}
+
+/// Decode an Avro datum written with `writer` into `T`, resolving it against `reader`.
+pub fn decode_with<T: serde::de::DeserializeOwned>(
+    writer: &Schema,
+    reader: &Schema,
+    mut bytes: &[u8],
+) -> Result<T> {
+    let value = apache_avro::from_avro_datum(writer, &mut bytes, Some(reader))?;
+    if !bytes.is_empty() {
+        return Err(ContractError::Avro(format!("{} trailing bytes after the datum", bytes.len())));
+    }
+    Ok(apache_avro::from_value(&value)?)
+}
+
+/// Decode a datum whose writer schema is named by `schema_id`, reading it as `reader`.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    schema_id: &str,
+    reader: &Schema,
+    bytes: &[u8],
+) -> Result<T> {
+    let writer = WRITERS
+        .get(schema_id)
+        .ok_or_else(|| ContractError::UnknownSchema(schema_id.to_owned()))?;
+    decode_with(writer, reader, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_ids_name_the_record_and_its_fingerprint() {
+        assert!(COMMAND.id.starts_with("io.onceflow.v1.Command@"), "{}", COMMAND.id);
+        assert!(RESULT.id.starts_with("io.onceflow.v1.ResultEvent@"), "{}", RESULT.id);
+        assert_ne!(COMMAND.id, RESULT.id);
+    }
+}
