@@ -1,1 +1,92 @@
-//! x
+//! onceflow-ingest: the front door.
+//!
+//! - [`commands`]: `POST /v1/commands`, idempotent and durable (`202` only
+//!   after the command and its outbox row are committed).
+//! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
+//! - [`projection`]: consumes the results topic into that projection.
+//! - [`error`]: every HTTP error as RFC 9457 problem+json.
+//! - [`config`]: settings and their defaults.
+//!
+//! [`start`] wires it together: migrations, topics, the outbox relay that
+//! publishes accepted commands, the projection consumer and the HTTP server.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod projection;
+
+use std::sync::Arc;
+
+use axum::{Router, routing::{get, post}};
+use onceflow_contracts::topics::Topics;
+use onceflow_outbox::{Relay, RelayConfig};
+use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::IngestConfig;
+
+/// Cheap handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub api_keys: ApiKeys,
+    pub topics: Arc<Topics>,
+    pub config: Arc<IngestConfig>,
+}
+
+/// The service's migrations: its own, then the outbox's.
+pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
+    vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator()]
+}
+
+/// The HTTP API.
+pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessCheck)>) -> Router {
+    Router::new()
+        .route("/v1/commands", post(commands::submit))
+        .route("/v1/jobs/{job_id}", get(jobs::get))
+        .with_state(state)
+        .merge(http::probes(readiness))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Start ingest: returns once it is serving.
+pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    let pool = postgres::prepare(&config.database, migrators()).await?;
+    let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results]).await?;
+    let mut tasks = JoinSet::new();
+
+    let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
+    tasks.spawn(relay.run(shutdown.clone()));
+
+    let consumer = kafka::consumer(&config.kafka, &config.results_group_id)?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[&topics.results])?;
+    let projection_pool = pool.clone();
+    let projection_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        kafka::consume_each(&consumer, &projection_shutdown, |message| {
+            projection::apply(&projection_pool, message)
+        })
+        .await;
+    });
+
+    let state = AppState {
+        pool: pool.clone(),
+        api_keys: ApiKeys::new(&config.tenants),
+        topics: Arc::new(topics),
+        config: Arc::new(config.clone()),
+    };
+    let listener = http::bind(&config.listen).await?;
+    let http_addr = listener.local_addr()?;
+    let router = router(state, http::standard_checks(pool, config.kafka.clone()));
+    tasks.spawn(async move {
+        if let Err(error) = http::serve(listener, router, shutdown).await {
+            tracing::error!(%error, "http server failed");
+        }
+    });
+    Ok(Running { http_addr, tasks })
+}

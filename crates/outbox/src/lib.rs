@@ -1,1 +1,80 @@
-//! x
+//! The transactional outbox, shared by ingest and the processor.
+//!
+//! A service writes a message with [`enqueue`] inside the same PostgreSQL
+//! transaction as the change that produced it, so the message exists if and
+//! only if the change committed. The [`Relay`] then publishes committed rows to
+//! Kafka and deletes them once the broker has acknowledged them:
+//!
+//! ```text
+//! tx{change, enqueue} ──commit──▶ onceflow_outbox ──NOTIFY──▶ Relay ──idempotent producer──▶ Kafka
+//!                                        ▲                      │
+//!                                        └── DELETE acknowledged ┘
+//! ```
+//!
+//! - Delivery is at least once: a relay that dies after publishing and before
+//!   deleting publishes those rows again, with the same `message-id`, and
+//!   consumers dedup on it.
+//! - Order per key is kept: one relay is active per database (a PostgreSQL
+//!   advisory lock; others stand by), it reads rows in commit-id order, and the
+//!   idempotent producer keeps each partition's order across its retries.
+//! - The relay wakes on `LISTEN/NOTIFY` and polls only as a fallback for a
+//!   lost notification.
+
+mod relay;
+
+pub use relay::{Relay, RelayConfig};
+
+use onceflow_contracts::Envelope;
+use sqlx::{PgConnection, migrate::Migrator};
+
+/// The outbox table's migrations, applied beside each service's own.
+pub fn migrator() -> Migrator {
+    sqlx::migrate!("./migrations")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{count} outbox messages were not acknowledged by the broker")]
+    Undelivered { count: usize },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A message waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub topic: String,
+    /// The Kafka record key: records with one key land on one partition, in order.
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub envelope: Envelope,
+}
+
+/// Add `message` to the outbox inside the caller's transaction.
+pub async fn enqueue(tx: &mut PgConnection, message: &OutboxMessage) -> Result<()> {
+    let headers = serde_json::Value::Array(
+        message
+            .envelope
+            .to_headers()
+            .into_iter()
+            .map(|(name, value)| serde_json::json!([name, value]))
+            .collect(),
+    );
+    sqlx::query(
+        "INSERT INTO onceflow_outbox (topic, message_key, payload, headers) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&message.topic)
+    .bind(&message.key)
+    .bind(&message.payload)
+    .bind(headers)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// How many messages wait in the outbox (for load shedding and metrics).
+pub async fn backlog(pool: &sqlx::PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM onceflow_outbox").fetch_one(pool).await?)
+}

@@ -1,1 +1,58 @@
-//! x
+//! onceflow-processor: applies commands exactly once.
+//!
+//! - [`worker`]: the consume → {inbox, effect, outbox} → store-offset loop,
+//!   with retries and the dead-letter topic.
+//! - [`handlers`]: the handler registry and the shipped ledger.
+//! - [`config`]: settings and their defaults.
+//!
+//! [`start`] runs migrations, creates the topics, and starts the worker, the
+//! outbox relay that publishes results, and the health endpoints.
+
+pub mod config;
+pub mod handlers;
+pub mod worker;
+
+use onceflow_outbox::{Relay, RelayConfig};
+use onceflow_runtime::{http, kafka, postgres, service::Running};
+use rdkafka::consumer::Consumer as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ProcessorConfig;
+
+/// The service's migrations: its own, then the outbox's.
+pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
+    vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator()]
+}
+
+/// Start the processor: returns once it is consuming.
+pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    let pool = postgres::prepare(&config.database, migrators()).await?;
+    let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results, &topics.dead_letter]).await?;
+    let producer = kafka::producer(&config.kafka)?;
+    let mut tasks = JoinSet::new();
+
+    tasks.spawn(Relay::new(pool.clone(), producer.clone(), RelayConfig::default()).run(shutdown.clone()));
+
+    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    consumer.subscribe(&[&topics.commands])?;
+    let worker = worker::Worker {
+        pool: pool.clone(),
+        producer,
+        registry: handlers::Registry::with_builtin_handlers(),
+        topics,
+        retry: config.retry.clone(),
+    };
+    tasks.spawn(worker.run(consumer, shutdown.clone()));
+
+    let listener = http::bind(&config.listen).await?;
+    let http_addr = listener.local_addr()?;
+    let router = http::probes(http::standard_checks(pool, config.kafka.clone()));
+    tasks.spawn(async move {
+        if let Err(error) = http::serve(listener, router, shutdown).await {
+            tracing::error!(%error, "http server failed");
+        }
+    });
+    Ok(Running { http_addr, tasks })
+}

@@ -1,1 +1,27 @@
-//! x
+//! Runtime plumbing every onceflow service shares, so each service's crate
+//! holds only its own logic:
+//!
+//! - [`auth`]: API keys (stored as digests) → tenants.
+//! - [`cli`]: the command line of every service binary (`serve`, `migrate`).
+//! - [`config`]: layered configuration (embedded defaults → TOML file →
+//!   `ONCEFLOW_`-prefixed environment), validated at start.
+//! - [`telemetry`]: `tracing` with JSON logs, OpenTelemetry spans (OTLP when an
+//!   endpoint is configured) and W3C trace-context propagation through Kafka.
+//! - [`kafka`]: producer and consumer set-up, topic creation, envelope headers.
+//! - [`postgres`]: connection pools and database creation.
+//! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
+//!   graceful shutdown.
+//! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod kafka;
+pub mod postgres;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::{Error, Result};

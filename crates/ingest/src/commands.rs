@@ -1,0 +1,311 @@
+//! `POST /v1/commands`: idempotent, durable acceptance.
+//!
+//! The idempotency record, the job and the outbox row commit in one
+//! transaction before `202` is sent, so an accepted command is never lost even
+//! if Kafka is down (the relay publishes it later). The record holds the exact
+//! response bytes, which every later request with the same key and the same
+//! fingerprint gets back.
+//!
+//! Concurrent requests with one key meet at the primary key of
+//! `idempotency_keys`: the second `INSERT` waits for the first transaction and
+//! then finds its row, so it replays; if the first takes longer than
+//! `in_flight_wait_ms` the second gets `409` + `Retry-After` instead. Either
+//! way there is never a second job.
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use onceflow_contracts::{Command, Envelope, schema, validate_command};
+use onceflow_outbox::OutboxMessage;
+use onceflow_runtime::{auth::Tenant, telemetry};
+use sha2::{Digest as _, Sha256};
+use serde::Deserialize as _;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use crate::{AppState, error::ApiError};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+pub const CORRELATION_ID: &str = "x-correlation-id";
+const PATH: &str = "/v1/commands";
+
+/// The body of `POST /v1/commands`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitCommand {
+    #[serde(rename = "type")]
+    command_type: String,
+    payload: serde_json::Value,
+    #[serde(default)]
+    callback_url: Option<String>,
+}
+
+/// The body of the `202` answer.
+#[derive(Debug, serde::Serialize)]
+struct Accepted<'a> {
+    job_id: Uuid,
+    correlation_id: &'a str,
+    status: &'static str,
+    status_url: &'a str,
+}
+
+/// A response as stored for replay.
+struct StoredResponse {
+    status: u16,
+    body: Vec<u8>,
+    location: String,
+}
+
+impl StoredResponse {
+    fn into_response(self, replayed: bool) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::ACCEPTED);
+        let mut response = (status, self.body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(location) = HeaderValue::from_str(&self.location) {
+            headers.insert(header::LOCATION, location);
+        }
+        if replayed {
+            headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+#[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
+pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = state.api_keys.authenticate(&headers).ok_or(ApiError::Unauthorized)?;
+    let key = idempotency_key(&headers)?;
+    require_json(&headers)?;
+    if body.len() > state.config.max_body_bytes {
+        return Err(ApiError::PayloadTooLarge { limit: state.config.max_body_bytes });
+    }
+    let span = tracing::Span::current();
+    span.record("tenant", tenant.0.as_str());
+    span.record("idempotency_key", key);
+
+    let request: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let submitted = SubmitCommand::deserialize(&request).map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
+    let command = validate_command(&submitted.command_type, &submitted.payload)
+        .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
+    if let Some(url) = &submitted.callback_url {
+        validate_callback_url(url)?;
+    }
+    let fingerprint = fingerprint(&request);
+
+    let job_id = Uuid::now_v7();
+    let correlation_id = correlation_id(&headers);
+    span.record("correlation_id", correlation_id.as_str());
+    span.record("job_id", tracing::field::display(job_id));
+    let location = format!("/v1/jobs/{job_id}");
+    let accepted = Accepted { job_id, correlation_id: &correlation_id, status: "accepted", status_url: &location };
+    let response = StoredResponse {
+        status: StatusCode::ACCEPTED.as_u16(),
+        body: serde_json::to_vec(&accepted).map_err(anyhow::Error::from)?,
+        location: location.clone(),
+    };
+
+    let mut tx = state.pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms))
+        .execute(&mut *tx)
+        .await?;
+    // Claims the key, or takes over one whose record expired. Waits here while
+    // another transaction holds the same key.
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys
+             (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+         ON CONFLICT (tenant, idempotency_key) DO UPDATE
+             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
+                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
+                 response_location = EXCLUDED.response_location, created_at = now(), expires_at = EXCLUDED.expires_at
+             WHERE idempotency_keys.expires_at < now()
+         RETURNING job_id",
+    )
+    .bind(&tenant.0)
+    .bind(key)
+    .bind(&fingerprint[..])
+    .bind(job_id)
+    .bind(response.status as i16)
+    .bind(&response.body)
+    .bind(&response.location)
+    .bind(state.config.idempotency_ttl().as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(in_flight_or_internal)?;
+
+    if claimed.is_none() {
+        tx.rollback().await?;
+        return replay(&state, &tenant, key, &fingerprint).await;
+    }
+
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status) VALUES ($1, $2, $3, $4, 'accepted')",
+    )
+    .bind(job_id)
+    .bind(&tenant.0)
+    .bind(&correlation_id)
+    .bind(&command.command_type)
+    .execute(&mut *tx)
+    .await?;
+
+    let message = Command {
+        job_id: job_id.to_string(),
+        tenant: tenant.0.clone(),
+        command_type: command.command_type.clone(),
+        payload_json: command.payload_json,
+        callback_url: submitted.callback_url,
+        accepted_at: chrono::Utc::now().timestamp_millis(),
+    };
+    let (traceparent, tracestate) = telemetry::current_trace_context();
+    let outbox = OutboxMessage {
+        topic: state.topics.commands.clone(),
+        key: Some(command.ordering_key),
+        payload: message.encode().map_err(anyhow::Error::from)?,
+        envelope: Envelope {
+            // The job id doubles as the command's message id: one command, one job.
+            message_id: job_id,
+            correlation_id: correlation_id.clone(),
+            causation_id: None,
+            tenant: tenant.0.clone(),
+            message_type: command.command_type,
+            schema_id: schema::COMMAND.id.clone(),
+            traceparent,
+            tracestate,
+        },
+    };
+    onceflow_outbox::enqueue(&mut tx, &outbox).await?;
+    tx.commit().await?;
+    tracing::info!("command accepted");
+    Ok(response.into_response(false))
+}
+
+/// Answer a request whose key is already recorded.
+async fn replay(state: &AppState, tenant: &Tenant, key: &str, fingerprint: &[u8]) -> Result<Response, ApiError> {
+    let row = sqlx::query(
+        "SELECT fingerprint, response_status, response_body, response_location
+         FROM idempotency_keys WHERE tenant = $1 AND idempotency_key = $2",
+    )
+    .bind(&tenant.0)
+    .bind(key)
+    .fetch_optional(&state.pool)
+    .await?
+    // Swept between our INSERT and this SELECT: the client may simply retry.
+    .ok_or(ApiError::RequestInFlight { retry_after_secs: 1 })?;
+    let stored_fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+    if stored_fingerprint != fingerprint {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let status: i16 = row.try_get("response_status")?;
+    tracing::info!("replaying stored response");
+    Ok(StoredResponse {
+        status: u16::try_from(status).unwrap_or(202),
+        body: row.try_get("response_body")?,
+        location: row.try_get("response_location")?,
+    }
+    .into_response(true))
+}
+
+/// A lock timeout means another request with the same key is still running.
+fn in_flight_or_internal(error: sqlx::Error) -> ApiError {
+    let lock_timeout = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03");
+    if lock_timeout {
+        ApiError::RequestInFlight { retry_after_secs: 1 }
+    } else {
+        error.into()
+    }
+}
+
+/// The `Idempotency-Key`: 1–255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(IDEMPOTENCY_KEY)
+        .ok_or_else(|| ApiError::InvalidIdempotencyKey("the Idempotency-Key header is required".to_owned()))?;
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::InvalidIdempotencyKey("Idempotency-Key must be 1-255 visible ASCII characters".to_owned())
+        })?;
+    Ok(key)
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type must be application/json, got `{content_type}`"
+        )))
+    }
+}
+
+/// A client-supplied `X-Correlation-Id` (1–128 visible ASCII characters), or a fresh one.
+fn correlation_id(headers: &HeaderMap) -> String {
+    headers
+        .get(CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// SHA-256 of the method, the path and the canonical JSON body: key order and
+/// white space do not make two requests different.
+fn fingerprint(request: &serde_json::Value) -> [u8; 32] {
+    let canonical = onceflow_contracts::catalogue::canonical_json(request);
+    let mut hasher = Sha256::new();
+    hasher.update(b"POST ");
+    hasher.update(PATH.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(canonical.as_bytes());
+    hasher.finalize().into()
+}
+
+fn validate_callback_url(raw: &str) -> Result<(), ApiError> {
+    let url = url::Url::parse(raw).map_err(|e| ApiError::InvalidCommand(format!("callback_url: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ApiError::InvalidCommand("callback_url must be an absolute http(s) URL".to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_white_space() {
+        let parse = |text: &str| fingerprint(&serde_json::from_str(text).unwrap());
+        let a = parse(r#"{"type":"ledger.deposit","payload":{"account_id":"a","amount":5}}"#);
+        let b = parse("{ \"payload\" : { \"amount\":5, \"account_id\":\"a\" },\n \"type\":\"ledger.deposit\" }");
+        let c = parse(r#"{"type":"ledger.deposit","payload":{"account_id":"a","amount":6}}"#);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn idempotency_keys_must_be_visible_ascii_of_bounded_length() {
+        let key = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_str(value).unwrap());
+            idempotency_key(&headers).map(str::to_owned)
+        };
+        assert!(key("order-42").is_ok());
+        assert!(key(&"k".repeat(255)).is_ok());
+        assert!(key(&"k".repeat(256)).is_err());
+        assert!(key("has space").is_err());
+        assert!(key("").is_err());
+        assert!(idempotency_key(&HeaderMap::new()).is_err());
+    }
+}

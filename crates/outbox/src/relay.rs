@@ -1,0 +1,183 @@
+//! The relay: publishes committed outbox rows to Kafka, one active instance
+//! per database.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use sqlx::{PgPool, Row as _, pool::PoolConnection, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+
+/// The channel the outbox trigger notifies.
+const CHANNEL: &str = "onceflow_outbox";
+/// Advisory-lock key that elects the active relay of a database ("oflw").
+const LEADER_LOCK: i64 = 0x6f66_6c77;
+
+/// How the relay paces itself.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows read, published and deleted per round; bounds memory and the size
+    /// of one `DELETE`.
+    pub batch_size: i64,
+    /// Fallback poll when no notification arrives (a lost `NOTIFY`, a listener
+    /// reconnect), and how often a standby relay retries the lock.
+    pub poll_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { batch_size: 500, poll_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Publishes the outbox of one database.
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    config: RelayConfig,
+}
+
+struct Row {
+    id: i64,
+    topic: String,
+    key: Option<String>,
+    payload: Vec<u8>,
+    headers: Vec<(String, String)>,
+    age: Duration,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, producer: FutureProducer, config: RelayConfig) -> Self {
+        Self { pool, producer, config }
+    }
+
+    /// Run until `shutdown`: stand by until this instance holds the lock, then
+    /// publish whenever rows are committed. Errors are logged and retried
+    /// after a pause; the relay never gives up while the service runs.
+    pub async fn run(self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Err(error) = self.lead(&shutdown).await {
+                tracing::warn!(%error, "outbox relay interrupted; retrying");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+    }
+
+    /// One term as the active relay: returns when the lock is not ours, the
+    /// lock connection is lost, or on shutdown.
+    async fn lead(&self, shutdown: &CancellationToken) -> Result<()> {
+        let mut lock = self.pool.acquire().await?;
+        let is_leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut *lock)
+            .await?;
+        if !is_leader {
+            return Ok(());
+        }
+        tracing::info!("this outbox relay is now active");
+        let result = self.publish_while_leading(&mut lock, shutdown).await;
+        // Release explicitly: the connection goes back to the pool, and a
+        // session lock would otherwise outlive this term.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(&mut *lock).await;
+        result
+    }
+
+    async fn publish_while_leading(
+        &self,
+        lock: &mut PoolConnection<sqlx::Postgres>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        loop {
+            // Drain everything committed so far, batch by batch.
+            while self.publish_batch().await? == self.config.batch_size as usize {}
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                notification = listener.recv() => { notification?; }
+                () = tokio::time::sleep(self.config.poll_interval) => {
+                    // Still holding the lock? A dropped connection released it.
+                    sqlx::query("SELECT 1").execute(&mut **lock).await?;
+                }
+            }
+        }
+    }
+
+    /// Publish up to one batch; returns how many rows were published.
+    async fn publish_batch(&self) -> Result<usize> {
+        let rows = self.read_batch().await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // Hand every record to the producer first, then wait for the
+        // acknowledgements: the broker sees the batch pipelined, in order.
+        let deliveries = rows.iter().map(|row| {
+            let headers = row.headers.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+                headers.insert(Header { key, value: Some(value.as_bytes()) })
+            });
+            let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers);
+            if let Some(key) = &row.key {
+                record = record.key(key);
+            }
+            // Waits (up to the timeout) while librdkafka's bounded queue is full.
+            self.producer.send(record, Duration::from_secs(30))
+        });
+        let outcomes = join_all(deliveries).await;
+        let mut published = Vec::with_capacity(rows.len());
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => {
+                    published.push(row.id);
+                    metrics::histogram!("onceflow_outbox_commit_to_publish_seconds").record(row.age.as_secs_f64());
+                }
+                // The idempotent producer fails every later record of the same
+                // partition too, so keeping this row keeps the key's order.
+                Err((error, _)) => tracing::warn!(%error, id = row.id, topic = %row.topic, "publish failed; will retry"),
+            }
+        }
+        sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)")
+            .bind(&published)
+            .execute(&self.pool)
+            .await?;
+        metrics::counter!("onceflow_outbox_published_total").increment(published.len() as u64);
+        if published.len() < rows.len() {
+            return Err(crate::Error::Undelivered { count: rows.len() - published.len() });
+        }
+        tracing::debug!(count = published.len(), "outbox batch published");
+        Ok(published.len())
+    }
+
+    async fn read_batch(&self) -> Result<Vec<Row>> {
+        let rows = sqlx::query(
+            "SELECT id, topic, message_key, payload, headers,
+                    extract(epoch FROM clock_timestamp() - created_at)::float8 AS age
+             FROM onceflow_outbox ORDER BY id LIMIT $1",
+        )
+        .bind(self.config.batch_size)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let headers: serde_json::Value = row.try_get("headers")?;
+                let age: f64 = row.try_get("age")?;
+                Ok(Row {
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("message_key")?,
+                    payload: row.try_get("payload")?,
+                    headers: serde_json::from_value(headers).unwrap_or_default(),
+                    age: Duration::from_secs_f64(age.max(0.0)),
+                })
+            })
+            .collect()
+    }
+}

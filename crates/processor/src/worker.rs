@@ -1,0 +1,356 @@
+//! The command worker: consumes `onceflow.commands` and applies each command
+//! exactly once.
+//!
+//! For every message, one PostgreSQL transaction holds the inbox row (keyed by
+//! the message id), the handler's effect and the result's outbox row. The
+//! message's offset is stored only after that transaction commits, so a crash
+//! anywhere means redelivery, and redelivery of an applied message finds its
+//! inbox row and does nothing. Effects are therefore exactly once even though
+//! Kafka delivers at least once.
+//!
+//! Failures are classified: a business refusal is a `failed` result; a
+//! transient error is retried with full-jitter backoff up to a bound; a poison
+//! message (no valid envelope, undecodable body, unknown type, payload that
+//! does not fit its type) or one that exhausted its retries goes to the
+//! dead-letter topic and, when its job is known, ends with a `dead_lettered`
+//! result. The worker never stops on a message.
+
+use std::time::Duration;
+
+use onceflow_contracts::{Command, Envelope, JobError, JobStatus, ResultEvent, schema, topics::Topics};
+use onceflow_outbox::OutboxMessage;
+use onceflow_runtime::{kafka, telemetry};
+use rdkafka::{
+    Message as _,
+    consumer::{Consumer as _, StreamConsumer},
+    message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::{
+    config::RetryConfig,
+    handlers::{CommandContext, HandlerError, Registry},
+};
+
+/// Headers the worker adds to a dead-lettered message.
+pub const DLQ_ERROR_CODE: &str = "dlq-error-code";
+pub const DLQ_ERROR_MESSAGE: &str = "dlq-error-message";
+pub const DLQ_ORIGINAL_TOPIC: &str = "dlq-original-topic";
+pub const DLQ_ORIGINAL_PARTITION: &str = "dlq-original-partition";
+pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
+
+/// Everything the worker needs.
+#[derive(Clone)]
+pub struct Worker {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub registry: Registry,
+    pub topics: Topics,
+    pub retry: RetryConfig,
+}
+
+/// Why a message goes to the dead-letter topic.
+#[derive(Debug)]
+struct Poison {
+    code: &'static str,
+    message: String,
+}
+
+impl Poison {
+    fn new(code: &'static str, message: impl ToString) -> Self {
+        Self { code, message: message.to_string() }
+    }
+}
+
+/// A command that decoded and has a handler.
+struct Parsed {
+    command: Command,
+    context: CommandContext,
+}
+
+/// What became of one message.
+enum Outcome {
+    Applied(JobStatus),
+    Duplicate,
+}
+
+impl Worker {
+    /// Consume until `shutdown`, then return (offsets stored so far are
+    /// committed when the consumer is dropped).
+    pub async fn run(self, consumer: StreamConsumer, shutdown: CancellationToken) {
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => break,
+                received = consumer.recv() => match received {
+                    Ok(message) => message.detach(),
+                    Err(error) => {
+                        tracing::warn!(%error, "consumer error");
+                        continue;
+                    }
+                },
+            };
+            self.handle(&message, &shutdown).await;
+            if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
+                tracing::warn!(%error, "cannot store offset; the message may be redelivered");
+            }
+        }
+        // Send the offsets stored since the last automatic commit.
+        if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(%error, "final offset commit");
+        }
+    }
+
+    /// Handle one message to its end: applied, duplicate, or dead-lettered.
+    async fn handle(&self, message: &OwnedMessage, shutdown: &CancellationToken) {
+        let envelope = match kafka::envelope_of(message) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                self.dead_letter(message, None, None, &Poison::new("invalid_envelope", error)).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "process_command",
+            correlation_id = %envelope.correlation_id,
+            message_id = %envelope.message_id,
+            tenant = %envelope.tenant,
+            command_type = %envelope.message_type,
+        );
+        telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
+        self.handle_enveloped(message, envelope, shutdown).instrument(span).await;
+    }
+
+    async fn handle_enveloped(&self, message: &OwnedMessage, envelope: Envelope, shutdown: &CancellationToken) {
+        let parsed = match self.parse(message, &envelope) {
+            Ok(parsed) => parsed,
+            Err(poison) => {
+                let command = Command::decode(&envelope.schema_id, message.payload().unwrap_or_default()).ok();
+                self.dead_letter(message, Some(&envelope), command.as_ref(), &poison).await;
+                return;
+            }
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.apply(&envelope, &parsed).await {
+                Ok(Outcome::Applied(status)) => {
+                    metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
+                    tracing::info!(status = status.as_str(), attempt, "command applied");
+                    return;
+                }
+                Ok(Outcome::Duplicate) => {
+                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                    tracing::info!("duplicate delivery; already applied");
+                    return;
+                }
+                Err(HandlerError::Poison(reason)) => {
+                    self.dead_letter(message, Some(&envelope), Some(&parsed.command), &Poison::new("invalid_payload", reason))
+                        .await;
+                    return;
+                }
+                Err(error) if attempt >= self.retry.max_attempts => {
+                    let poison = Poison::new("retries_exhausted", format!("after {attempt} attempts: {error}"));
+                    self.dead_letter(message, Some(&envelope), Some(&parsed.command), &poison).await;
+                    return;
+                }
+                Err(error) => {
+                    let delay = self.retry.delay(attempt);
+                    tracing::warn!(%error, attempt, ?delay, "transient failure; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn parse(&self, message: &OwnedMessage, envelope: &Envelope) -> Result<Parsed, Poison> {
+        let command = Command::decode(&envelope.schema_id, message.payload().unwrap_or_default())
+            .map_err(|e| Poison::new("undecodable", e))?;
+        if self.registry.get(&command.command_type).is_none() {
+            return Err(Poison::new("unknown_command_type", format!("no handler for `{}`", command.command_type)));
+        }
+        let context = CommandContext {
+            job_id: Uuid::parse_str(&command.job_id).map_err(|e| Poison::new("undecodable", format!("job_id: {e}")))?,
+            tenant: command.tenant.clone(),
+            command_type: command.command_type.clone(),
+            payload: serde_json::from_str(&command.payload_json).map_err(|e| Poison::new("invalid_payload", e))?,
+        };
+        Ok(Parsed { command, context })
+    }
+
+    /// The one transaction: inbox row, effect, result in the outbox.
+    async fn apply(&self, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if !claim_inbox(&mut tx, envelope, &parsed.command).await? {
+            return Ok(Outcome::Duplicate);
+        }
+        let Some(handler) = self.registry.get(&parsed.command.command_type) else {
+            return Err(HandlerError::Poison(format!("no handler for `{}`", parsed.command.command_type)));
+        };
+        // The effect runs on a savepoint so a refusal leaves nothing behind but
+        // the inbox row and the failed result.
+        let mut effect = sqlx::Connection::begin(&mut *tx).await?;
+        let (status, result_json, error) = match handler(&mut *effect, &parsed.context).await {
+            Ok(result) => {
+                effect.commit().await?;
+                (JobStatus::Succeeded, Some(result.to_string()), None)
+            }
+            Err(HandlerError::Refused { code, message }) => {
+                effect.rollback().await?;
+                (JobStatus::Failed, None, Some(JobError { code: code.to_owned(), message }))
+            }
+            Err(other) => return Err(other),
+        };
+        record_outcome(&mut tx, envelope.message_id, status).await?;
+        let event = self.result_event(envelope, &parsed.command, status, result_json, error);
+        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?)
+            .await
+            .map_err(outbox_error)?;
+        tx.commit().await?;
+        Ok(Outcome::Applied(status))
+    }
+
+    /// Send the original record, with its headers and the error, to the
+    /// dead-letter topic; then end its job with a `dead_lettered` result when
+    /// the job is known. Keeps trying while the broker or database is down,
+    /// because storing the offset before this succeeds would lose the command.
+    async fn dead_letter(&self, message: &OwnedMessage, envelope: Option<&Envelope>, command: Option<&Command>, poison: &Poison) {
+        tracing::warn!(code = poison.code, reason = %poison.message, "dead-lettering command");
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_dead_letter(message, envelope, command, poison).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "dead-lettering failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        metrics::counter!("onceflow_commands_dead_lettered_total", "code" => poison.code).increment(1);
+    }
+
+    async fn try_dead_letter(
+        &self,
+        message: &OwnedMessage,
+        envelope: Option<&Envelope>,
+        command: Option<&Command>,
+        poison: &Poison,
+    ) -> anyhow::Result<()> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(Header { key: header.key, value: header.value });
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        for (key, value) in [
+            (DLQ_ERROR_CODE, poison.code),
+            (DLQ_ERROR_MESSAGE, poison.message.as_str()),
+            (DLQ_ORIGINAL_TOPIC, message.topic()),
+            (DLQ_ORIGINAL_PARTITION, partition.as_str()),
+            (DLQ_ORIGINAL_OFFSET, offset.as_str()),
+        ] {
+            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+        }
+        let mut record = FutureRecord::to(&self.topics.dead_letter).headers(headers);
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        self.producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error)?;
+
+        let (Some(envelope), Some(command)) = (envelope, command) else { return Ok(()) };
+        let mut tx = self.pool.begin().await?;
+        if claim_inbox(&mut tx, envelope, command).await? {
+            record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
+            let error = JobError { code: poison.code.to_owned(), message: poison.message.clone() };
+            let event = self.result_event(envelope, command, JobStatus::DeadLettered, None, Some(error));
+            onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    fn result_event(
+        &self,
+        envelope: &Envelope,
+        command: &Command,
+        status: JobStatus,
+        result_json: Option<String>,
+        error: Option<JobError>,
+    ) -> ResultEvent {
+        ResultEvent {
+            event_id: Uuid::now_v7().to_string(),
+            job_id: command.job_id.clone(),
+            tenant: command.tenant.clone(),
+            correlation_id: envelope.correlation_id.clone(),
+            command_type: command.command_type.clone(),
+            status,
+            progress_percent: None,
+            result_json,
+            error,
+            callback_url: command.callback_url.clone(),
+            occurred_at: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    fn result_message(&self, cause: &Envelope, event: &ResultEvent) -> Result<OutboxMessage, HandlerError> {
+        let payload = event.encode().map_err(|e| HandlerError::Poison(e.to_string()))?;
+        let (traceparent, tracestate) = telemetry::current_trace_context();
+        Ok(OutboxMessage {
+            topic: self.topics.results.clone(),
+            key: Some(event.job_id.clone()),
+            payload,
+            envelope: Envelope {
+                message_id: Uuid::parse_str(&event.event_id).unwrap_or_else(|_| Uuid::now_v7()),
+                correlation_id: cause.correlation_id.clone(),
+                causation_id: Some(cause.message_id.to_string()),
+                tenant: event.tenant.clone(),
+                message_type: event.status.event_type(),
+                schema_id: schema::RESULT.id.clone(),
+                traceparent,
+                tracestate,
+            },
+        })
+    }
+}
+
+/// Insert the inbox row; `false` if the message was already handled.
+async fn claim_inbox(tx: &mut sqlx::PgConnection, envelope: &Envelope, command: &Command) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (message_id, tenant, command_type, outcome) VALUES ($1, $2, $3, 'succeeded')
+         ON CONFLICT (message_id) DO NOTHING",
+    )
+    .bind(envelope.message_id)
+    .bind(&command.tenant)
+    .bind(&command.command_type)
+    .execute(tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: JobStatus) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE inbox SET outcome = $2 WHERE message_id = $1")
+        .bind(message_id)
+        .bind(status.as_str())
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+fn outbox_error(error: onceflow_outbox::Error) -> HandlerError {
+    match error {
+        onceflow_outbox::Error::Database(error) => HandlerError::Transient(error),
+        other => HandlerError::Poison(other.to_string()),
+    }
+}

@@ -1,0 +1,71 @@
+//! API keys → tenants, shared by every service with an HTTP API. Keys are
+//! configured as SHA-256 digests, so neither the configuration nor a log line
+//! ever holds a usable key.
+
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, header};
+use sha2::{Digest as _, Sha256};
+
+/// One configured API key.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct TenantKey {
+    pub tenant: String,
+    /// Lower-case hex SHA-256 of the key: `printf '%s' "$KEY" | sha256sum`.
+    pub api_key_sha256: String,
+}
+
+/// The tenant a request acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+/// Looks API keys up by digest.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeys {
+    by_digest: HashMap<String, String>,
+}
+
+impl ApiKeys {
+    pub fn new(keys: &[TenantKey]) -> Self {
+        Self {
+            by_digest: keys
+                .iter()
+                .map(|k| (k.api_key_sha256.to_ascii_lowercase(), k.tenant.clone()))
+                .collect(),
+        }
+    }
+
+    /// The tenant of the `Authorization: Bearer <key>` header, if the key is known.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Tenant> {
+        let key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))?;
+        self.tenant_of(key.trim())
+    }
+
+    /// The tenant owning `key`, if any.
+    pub fn tenant_of(&self, key: &str) -> Option<Tenant> {
+        let digest = hex::encode(Sha256::digest(key.as_bytes()));
+        self.by_digest.get(&digest).cloned().map(Tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_tenant_of_a_known_key_only() {
+        let keys = ApiKeys::new(&[TenantKey {
+            tenant: "dev".to_owned(),
+            api_key_sha256: "074c2219380b418dfc50cabcb6c6ab84ba8ec229709d90fdd6932426b3423478".to_owned(),
+        }]);
+        assert_eq!(keys.tenant_of("dev-onceflow-key"), Some(Tenant("dev".to_owned())));
+        assert_eq!(keys.tenant_of("dev-onceflow-key "), None);
+        let mut headers = HeaderMap::new();
+        assert_eq!(keys.authenticate(&headers), None);
+        headers.insert(header::AUTHORIZATION, "Bearer dev-onceflow-key".parse().unwrap());
+        assert_eq!(keys.authenticate(&headers), Some(Tenant("dev".to_owned())));
+    }
+}
