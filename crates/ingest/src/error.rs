@@ -1,16 +1,14 @@
 //! Every HTTP error of ingest, mapped in this one place to an RFC 9457
-//! `application/problem+json` response with a stable `type`.
+//! [`Problem`] with a stable `type`.
 //!
 //! Internal errors are logged with their cause and answered with a generic
 //! `500`: what failed inside is never leaked to the client.
 
 use axum::{
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
-
-/// The media type of every error body.
-pub const PROBLEM_JSON: &str = "application/problem+json";
+use onceflow_runtime::problem::Problem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -39,8 +37,8 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status_and_type(&self) -> (StatusCode, &'static str, &'static str) {
-        match self {
+    fn problem(&self) -> Problem {
+        let (status, slug, title) = match self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             Self::InvalidIdempotencyKey(_) => {
                 (StatusCode::BAD_REQUEST, "invalid-idempotency-key", "Invalid Idempotency-Key")
@@ -60,6 +58,13 @@ impl ApiError {
             Self::JobNotFound => (StatusCode::NOT_FOUND, "job-not-found", "Job not found"),
             Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Service overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+        };
+        let problem = Problem::new(status, slug, title, self.to_string());
+        match self {
+            Self::RequestInFlight { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
+                problem.retry_after(*retry_after_secs)
+            }
+            _ => problem,
         }
     }
 }
@@ -78,28 +83,9 @@ impl From<onceflow_outbox::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, slug, title) = self.status_and_type();
         if let Self::Internal(cause) = &self {
             tracing::error!(error = ?cause, "request failed");
         }
-        let body = serde_json::json!({
-            "type": format!("https://onceflow.dev/problems/{slug}"),
-            "title": title,
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
-        let mut response = (status, body.to_string()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        match &self {
-            Self::RequestInFlight { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            }
-            Self::Unauthorized => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            _ => {}
-        }
-        response
+        self.problem().into_response()
     }
 }

@@ -1,1 +1,89 @@
-//! x
+//! onceflow-notifier: tells clients how their commands ended.
+//!
+//! ```text
+//! onceflow.results ──consumer group──▶ store::record ──▶ events table ──NOTIFY──▶ hub (every instance)
+//!                                                                                  │
+//!                                                            SSE subscribers ◀─────┘
+//! ```
+//!
+//! - [`store`]: the events table, each result once, numbered for resumption.
+//! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
+//! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
+//! - [`config`]: settings and their defaults.
+
+pub mod config;
+pub mod hub;
+pub mod sse;
+pub mod store;
+
+use std::sync::Arc;
+
+use axum::{Router, routing::get};
+use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
+use rdkafka::consumer::Consumer as _;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::NotifierConfig;
+
+/// Cheap handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub api_keys: ApiKeys,
+    pub hub: hub::Hub,
+    pub config: Arc<NotifierConfig>,
+    /// Ends open streams on shutdown, so graceful shutdown does not wait on them.
+    pub shutdown: CancellationToken,
+}
+
+pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
+    vec![sqlx::migrate!("./migrations")]
+}
+
+pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessCheck)>) -> Router {
+    Router::new()
+        .route("/v1/events", get(sse::tenant_events))
+        .route("/v1/jobs/{job_id}/events", get(sse::job_events))
+        .with_state(state)
+        .merge(http::probes(readiness))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Start the notifier: returns once it is serving.
+pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    let pool = postgres::prepare(&config.database, migrators()).await?;
+    let topics = config.kafka.topics();
+    kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
+    let mut tasks = JoinSet::new();
+
+    let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
+    consumer.subscribe(&[&topics.results])?;
+    let record_pool = pool.clone();
+    let consumer_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        kafka::consume_each(&consumer, &consumer_shutdown, |message| store::record(&record_pool, message)).await;
+    });
+
+    let hub = hub::Hub::new(config.sse.buffer);
+    tasks.spawn(hub.clone().run(pool.clone(), shutdown.clone()));
+
+    let state = AppState {
+        pool: pool.clone(),
+        api_keys: ApiKeys::new(&config.tenants),
+        hub,
+        config: Arc::new(config.clone()),
+        shutdown: shutdown.clone(),
+    };
+    let listener = http::bind(&config.listen).await?;
+    let http_addr = listener.local_addr()?;
+    let router = router(state, http::standard_checks(pool, config.kafka.clone()));
+    tasks.spawn(async move {
+        if let Err(error) = http::serve(listener, router, shutdown).await {
+            tracing::error!(%error, "http server failed");
+        }
+    });
+    Ok(Running { http_addr, tasks })
+}

@@ -11,6 +11,7 @@
 //! - [`postgres`]: connection pools and database creation.
 //! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
 //!   graceful shutdown.
+//! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod kafka;
 pub mod postgres;
+pub mod problem;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,192 @@
+//! The Server-Sent-Events API.
+//!
+//! - `GET /v1/events`: a tenant's result events, optionally only those of one
+//!   `job_id` or `correlation_id`.
+//! - `GET /v1/jobs/{job_id}/events`: one job's events; ends after its terminal
+//!   event.
+//!
+//! Each event's `id:` is its `seq` in the events table. A client reconnecting
+//! with `Last-Event-ID` (header, or `?last_event_id=`) first gets every stored
+//! event after that id, then the live feed, with none missed and none twice:
+//! the subscription to the hub is taken *before* the catch-up query, and live
+//! events at or below the last id sent are skipped. A stream without
+//! `Last-Event-ID` starts at the beginning when it names a job or correlation
+//! id (so a job that already ended still shows its outcome), and at "now"
+//! otherwise.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{
+        IntoResponse,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use futures::Stream;
+use onceflow_runtime::{auth::Tenant, problem::Problem};
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    store::{self, Filter, StoredEvent},
+};
+
+const CATCH_UP_PAGE: i64 = 500;
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct StreamQuery {
+    job_id: Option<String>,
+    correlation_id: Option<String>,
+    /// For browsers' `EventSource`, which cannot set headers.
+    access_token: Option<String>,
+    last_event_id: Option<String>,
+}
+
+pub async fn tenant_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<StreamQuery>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = authenticate(&state, &headers, &query)?;
+    let job_id = query.job_id.as_deref().map(parse_job_id).transpose()?;
+    let filter = Filter { tenant: tenant.0, job_id, correlation_id: query.correlation_id.clone() };
+    let after = last_event_id(&headers, &query)?;
+    Ok(sse(&state, event_stream(state.clone(), filter, after, false)))
+}
+
+pub async fn job_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(query): Query<StreamQuery>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = authenticate(&state, &headers, &query)?;
+    let filter = Filter { tenant: tenant.0, job_id: Some(parse_job_id(&job_id)?), correlation_id: None };
+    let after = last_event_id(&headers, &query)?;
+    Ok(sse(&state, event_stream(state.clone(), filter, after, true)))
+}
+
+fn sse<S>(state: &AppState, stream: S) -> impl IntoResponse + use<S>
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    Sse::new(stream).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(state.config.sse.heartbeat_secs))
+            .text("heartbeat"),
+    )
+}
+
+fn event_stream(
+    state: AppState,
+    filter: Filter,
+    after: Option<i64>,
+    end_on_terminal: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream::stream! {
+        // Subscribe first: anything committed from here on reaches us live,
+        // anything before is in the catch-up query.
+        let mut live = state.hub.subscribe();
+        yield Ok(Event::default().retry(Duration::from_millis(state.config.sse.reconnect_ms)));
+
+        let replay_from_start = filter.job_id.is_some() || filter.correlation_id.is_some();
+        let mut last = match after {
+            Some(after) => after,
+            None if replay_from_start => 0,
+            None => match store::latest_seq(&state.pool).await {
+                Ok(seq) => seq,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start stream");
+                    return;
+                }
+            },
+        };
+
+        loop {
+            let page = match store::events_after(&state.pool, &filter, last, CATCH_UP_PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "catch-up failed; the client will resume");
+                    return;
+                }
+            };
+            let full = page.len() == CATCH_UP_PAGE as usize;
+            for event in page {
+                last = event.seq;
+                yield Ok(to_sse(&event));
+                if end_on_terminal && event.terminal {
+                    return;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+
+        loop {
+            let received = tokio::select! {
+                () = state.shutdown.cancelled() => return,
+                received = live.recv() => received,
+            };
+            match received {
+                Ok(event) if event.seq > last && filter.matches(&event) => {
+                    last = event.seq;
+                    yield Ok(to_sse(&event));
+                    if end_on_terminal && event.terminal {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::info!(missed, "slow subscriber disconnected; it resumes with Last-Event-ID");
+                    let data = serde_json::json!({"reason": "subscriber fell behind", "resume_after": last});
+                    yield Ok(Event::default().event("stream.lagged").data(data.to_string()));
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+fn to_sse(event: &StoredEvent) -> Event {
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.event_type.as_str())
+        .data(event.data.to_string())
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> Result<Tenant, Problem> {
+    state
+        .api_keys
+        .authenticate(headers)
+        .or_else(|| query.access_token.as_deref().and_then(|key| state.api_keys.tenant_of(key)))
+        .ok_or_else(|| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key"))
+}
+
+fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(raw).map_err(|_| {
+        Problem::new(StatusCode::BAD_REQUEST, "invalid-job-id", "Invalid job id", format!("`{raw}` is not a UUID"))
+    })
+}
+
+fn last_event_id(headers: &HeaderMap, query: &StreamQuery) -> Result<Option<i64>, Problem> {
+    let raw = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query.last_event_id.as_deref());
+    raw.map(|raw| {
+        raw.trim().parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-last-event-id",
+                "Invalid Last-Event-ID",
+                format!("`{raw}` is not an event id of this stream"),
+            )
+        })
+    })
+    .transpose()
+}

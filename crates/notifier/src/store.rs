@@ -1,0 +1,133 @@
+//! The events table: every result event once, numbered by `seq`.
+
+use std::sync::Arc;
+
+use onceflow_contracts::{ResultEvent, envelope::Envelope};
+use rdkafka::{Message as _, message::OwnedMessage};
+use sqlx::{PgPool, Row as _, postgres::PgRow};
+use uuid::Uuid;
+
+/// Serialises inserts so `seq` values commit in order ("onev").
+const INSERT_LOCK: i64 = 0x6f6e_6576;
+
+/// One stored event, as streams send it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub tenant: String,
+    pub job_id: Uuid,
+    pub correlation_id: String,
+    pub event_type: String,
+    pub terminal: bool,
+    pub data: serde_json::Value,
+}
+
+impl StoredEvent {
+    fn from_row(row: &PgRow) -> Result<Arc<Self>, sqlx::Error> {
+        Ok(Arc::new(Self {
+            seq: row.try_get("seq")?,
+            tenant: row.try_get("tenant")?,
+            job_id: row.try_get("job_id")?,
+            correlation_id: row.try_get("correlation_id")?,
+            event_type: row.try_get("event_type")?,
+            terminal: row.try_get("terminal")?,
+            data: row.try_get("data")?,
+        }))
+    }
+}
+
+/// Store the result event in `message`, unless it is a duplicate (same event
+/// id) or unreadable (logged and skipped: one bad record must not stall the
+/// results topic).
+pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Error> {
+    let Some(event) = decode(&message) else { return Ok(()) };
+    let Ok(job_id) = Uuid::parse_str(&event.job_id) else {
+        tracing::warn!(job_id = %event.job_id, "result event with a malformed job id; skipped");
+        return Ok(());
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INSERT_LOCK).execute(&mut *tx).await?;
+    let inserted = sqlx::query(
+        "INSERT INTO events (event_id, tenant, job_id, correlation_id, event_type, terminal, data)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&event.event_id)
+    .bind(&event.tenant)
+    .bind(job_id)
+    .bind(&event.correlation_id)
+    .bind(event.status.event_type())
+    .bind(event.status.is_terminal())
+    .bind(event.to_client_json())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::debug!(
+        correlation_id = %event.correlation_id,
+        event_id = %event.event_id,
+        duplicate = inserted.rows_affected() == 0,
+        "result event recorded"
+    );
+    Ok(())
+}
+
+fn decode(message: &OwnedMessage) -> Option<ResultEvent> {
+    let envelope: Envelope = onceflow_runtime::kafka::envelope_of(message)
+        .inspect_err(|error| tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped"))
+        .ok()?;
+    ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
+        .inspect_err(|error| tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped"))
+        .ok()
+}
+
+/// Which events a stream wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub tenant: String,
+    pub job_id: Option<Uuid>,
+    pub correlation_id: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, event: &StoredEvent) -> bool {
+        event.tenant == self.tenant
+            && self.job_id.is_none_or(|id| id == event.job_id)
+            && self.correlation_id.as_ref().is_none_or(|id| *id == event.correlation_id)
+    }
+}
+
+/// Up to `limit` events matching `filter` with `seq > after`, in order.
+pub async fn events_after(pool: &PgPool, filter: &Filter, after: i64, limit: i64) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data FROM events
+         WHERE seq > $1 AND tenant = $2
+           AND ($3::uuid IS NULL OR job_id = $3)
+           AND ($4::text IS NULL OR correlation_id = $4)
+         ORDER BY seq LIMIT $5",
+    )
+    .bind(after)
+    .bind(&filter.tenant)
+    .bind(filter.job_id)
+    .bind(&filter.correlation_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(StoredEvent::from_row).collect()
+}
+
+/// Every tenant's events with `seq > after` (the hub's feed).
+pub async fn all_after(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data FROM events
+         WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(StoredEvent::from_row).collect()
+}
+
+/// The highest `seq` stored so far (0 when empty).
+pub async fn latest_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM events").fetch_one(pool).await
+}
