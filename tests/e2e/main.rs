@@ -1,1 +1,4 @@
-fn main(){}
+//! End-to-end tests: the three services against the real PostgreSQL and the
+//! real broker, reached over the network.
+
+mod flow;
