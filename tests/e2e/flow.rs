@@ -76,11 +76,9 @@ async fn a_command_travels_end_to_end_and_a_replay_changes_nothing() {
     assert!(!deposited.correlation_id.is_empty());
 
     // The notifier streams the deposit's outcome to a subscriber of its correlation id.
-    let mut stream = SseClient::connect(
-        &notifier.url(&format!("/v1/events?correlation_id={}", deposited.correlation_id)),
-        None,
-    )
-    .await;
+    let mut stream =
+        SseClient::connect(&notifier.url(&format!("/v1/events?correlation_id={}", deposited.correlation_id)), None)
+            .await;
     let event = stream.next_event(OUTCOME_TIMEOUT).await.expect("an event");
     assert_eq!(event.event, "job.succeeded");
     let data: Value = serde_json::from_str(&event.data).unwrap();

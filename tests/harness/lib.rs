@@ -184,10 +184,8 @@ impl SseClient {
     pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
         use eventsource_stream::Eventsource as _;
         use futures::StreamExt as _;
-        let mut request = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(DEV_API_KEY)
-            .header("accept", "text/event-stream");
+        let mut request =
+            reqwest::Client::new().get(url).bearer_auth(DEV_API_KEY).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }

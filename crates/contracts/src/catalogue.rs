@@ -55,10 +55,7 @@ pub const COMMAND_TYPES: &[&str] = &[ledger::OPEN_ACCOUNT, ledger::DEPOSIT, ledg
 
 /// Check `payload` against the shape of `command_type`.
 pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Result<ValidatedCommand> {
-    let invalid = |reason: String| ContractError::InvalidPayload {
-        command_type: command_type.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| ContractError::InvalidPayload { command_type: command_type.to_owned(), reason };
     let ordering_key = match command_type {
         ledger::OPEN_ACCOUNT => {
             let p: ledger::OpenAccount = parse(command_type, payload)?;
@@ -88,19 +85,13 @@ pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Resu
         }
         other => return Err(ContractError::UnknownCommandType(other.to_owned())),
     };
-    Ok(ValidatedCommand {
-        command_type: command_type.to_owned(),
-        payload_json: canonical_json(payload),
-        ordering_key,
-    })
+    Ok(ValidatedCommand { command_type: command_type.to_owned(), payload_json: canonical_json(payload), ordering_key })
 }
 
 /// Parse a payload into its typed form (used by the processor too).
 pub fn parse<T: DeserializeOwned>(command_type: &str, payload: &serde_json::Value) -> Result<T> {
-    T::deserialize(payload).map_err(|e| ContractError::InvalidPayload {
-        command_type: command_type.to_owned(),
-        reason: e.to_string(),
-    })
+    T::deserialize(payload)
+        .map_err(|e| ContractError::InvalidPayload { command_type: command_type.to_owned(), reason: e.to_string() })
 }
 
 /// RFC 8785 canonical JSON: what makes two bodies "the same request" whatever
@@ -112,21 +103,12 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
 }
 
 fn check_account_id(id: &str) -> std::result::Result<(), String> {
-    let ok = (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("account id `{id}` must be 1-64 characters of [A-Za-z0-9_-]"))
-    }
+    let ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(()) } else { Err(format!("account id `{id}` must be 1-64 characters of [A-Za-z0-9_-]")) }
 }
 
 fn check_amount(amount: i64) -> std::result::Result<(), String> {
-    if amount > 0 {
-        Ok(())
-    } else {
-        Err(format!("amount must be a positive integer in minor units, got {amount}"))
-    }
+    if amount > 0 { Ok(()) } else { Err(format!("amount must be a positive integer in minor units, got {amount}")) }
 }
 
 #[cfg(test)]

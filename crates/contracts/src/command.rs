@@ -86,7 +86,8 @@ mod tests {
 
         let written_by_v1 = old.encode().unwrap();
         let read_by_v2: serde_json::Value = {
-            let value = apache_avro::from_avro_datum(&schema::COMMAND.schema, &mut &written_by_v1[..], Some(&v2)).unwrap();
+            let value =
+                apache_avro::from_avro_datum(&schema::COMMAND.schema, &mut &written_by_v1[..], Some(&v2)).unwrap();
             apache_avro::from_value(&value).unwrap()
         };
         assert_eq!(read_by_v2["priority"], 0);

@@ -53,16 +53,9 @@ impl Envelope {
             (SCHEMA_ID, self.schema_id.clone()),
             (CONTENT_TYPE, AVRO_CONTENT_TYPE.to_owned()),
         ];
-        let optional = [
-            (CAUSATION_ID, &self.causation_id),
-            (TRACEPARENT, &self.traceparent),
-            (TRACESTATE, &self.tracestate),
-        ];
-        headers.extend(
-            optional
-                .into_iter()
-                .filter_map(|(name, value)| value.clone().map(|v| (name, v))),
-        );
+        let optional =
+            [(CAUSATION_ID, &self.causation_id), (TRACEPARENT, &self.traceparent), (TRACESTATE, &self.tracestate)];
+        headers.extend(optional.into_iter().filter_map(|(name, value)| value.clone().map(|v| (name, v))));
         headers
     }
 
@@ -79,19 +72,13 @@ impl Envelope {
                 found.insert(name, text);
             }
         }
-        let required = |name: &'static str| {
-            found
-                .get(name)
-                .map(|v| (*v).to_owned())
-                .ok_or(ContractError::MissingHeader(name))
-        };
+        let required =
+            |name: &'static str| found.get(name).map(|v| (*v).to_owned()).ok_or(ContractError::MissingHeader(name));
         let optional = |name: &'static str| found.get(name).map(|v| (*v).to_owned());
         let message_id = required(MESSAGE_ID)?;
         Ok(Self {
-            message_id: Uuid::parse_str(&message_id).map_err(|e| ContractError::InvalidHeader {
-                name: MESSAGE_ID,
-                reason: e.to_string(),
-            })?,
+            message_id: Uuid::parse_str(&message_id)
+                .map_err(|e| ContractError::InvalidHeader { name: MESSAGE_ID, reason: e.to_string() })?,
             correlation_id: required(CORRELATION_ID)?,
             causation_id: optional(CAUSATION_ID),
             tenant: required(TENANT_ID)?,
@@ -149,10 +136,7 @@ mod tests {
     #[test]
     fn a_missing_required_header_is_named() {
         let headers = sample().to_headers();
-        let without_tenant = headers
-            .iter()
-            .filter(|(k, _)| *k != TENANT_ID)
-            .map(|(k, v)| (*k, Some(v.as_bytes())));
+        let without_tenant = headers.iter().filter(|(k, _)| *k != TENANT_ID).map(|(k, v)| (*k, Some(v.as_bytes())));
         let error = Envelope::from_headers(without_tenant).unwrap_err();
         assert!(matches!(error, ContractError::MissingHeader(TENANT_ID)), "{error}");
     }

@@ -88,10 +88,7 @@ impl ResultEvent {
     /// The JSON shape clients see in SSE `data:`, webhooks and job status:
     /// the result parsed back into JSON rather than left as a string.
     pub fn to_client_json(&self) -> serde_json::Value {
-        let result = self
-            .result_json
-            .as_deref()
-            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok());
+        let result = self.result_json.as_deref().and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok());
         serde_json::json!({
             "event_id": self.event_id,
             "type": self.status.event_type(),

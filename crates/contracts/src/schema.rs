@@ -46,12 +46,8 @@ pub static RESULT: LazyLock<KnownSchema> = LazyLock::new(|| KnownSchema::parse(R
 
 /// Every writer schema this build can read, by id. Older versions are added
 /// here, never removed, when a schema evolves.
-static WRITERS: LazyLock<HashMap<String, &'static Schema>> = LazyLock::new(|| {
-    [&*COMMAND, &*RESULT]
-        .into_iter()
-        .map(|known| (known.id.clone(), &known.schema))
-        .collect()
-});
+static WRITERS: LazyLock<HashMap<String, &'static Schema>> =
+    LazyLock::new(|| [&*COMMAND, &*RESULT].into_iter().map(|known| (known.id.clone(), &known.schema)).collect());
 
 /// Encode a serde value as an Avro datum of `schema`.
 pub fn encode<T: serde::Serialize>(schema: &Schema, value: &T) -> Result<Vec<u8>> {
@@ -60,11 +56,7 @@ pub fn encode<T: serde::Serialize>(schema: &Schema, value: &T) -> Result<Vec<u8>
 }
 
 /// Decode an Avro datum written with `writer` into `T`, resolving it against `reader`.
-pub fn decode_with<T: serde::de::DeserializeOwned>(
-    writer: &Schema,
-    reader: &Schema,
-    mut bytes: &[u8],
-) -> Result<T> {
+pub fn decode_with<T: serde::de::DeserializeOwned>(writer: &Schema, reader: &Schema, mut bytes: &[u8]) -> Result<T> {
     let value = apache_avro::from_avro_datum(writer, &mut bytes, Some(reader))?;
     if !bytes.is_empty() {
         return Err(ContractError::Avro(format!("{} trailing bytes after the datum", bytes.len())));
@@ -73,14 +65,8 @@ pub fn decode_with<T: serde::de::DeserializeOwned>(
 }
 
 /// Decode a datum whose writer schema is named by `schema_id`, reading it as `reader`.
-pub fn decode<T: serde::de::DeserializeOwned>(
-    schema_id: &str,
-    reader: &Schema,
-    bytes: &[u8],
-) -> Result<T> {
-    let writer = WRITERS
-        .get(schema_id)
-        .ok_or_else(|| ContractError::UnknownSchema(schema_id.to_owned()))?;
+pub fn decode<T: serde::de::DeserializeOwned>(schema_id: &str, reader: &Schema, bytes: &[u8]) -> Result<T> {
+    let writer = WRITERS.get(schema_id).ok_or_else(|| ContractError::UnknownSchema(schema_id.to_owned()))?;
     decode_with(writer, reader, bytes)
 }
 

@@ -21,8 +21,8 @@ use axum::{
 use onceflow_contracts::{Command, Envelope, schema, validate_command};
 use onceflow_outbox::OutboxMessage;
 use onceflow_runtime::{auth::Tenant, telemetry};
-use sha2::{Digest as _, Sha256};
 use serde::Deserialize as _;
+use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
@@ -111,9 +111,7 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     };
 
     let mut tx = state.pool.begin().await?;
-    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms)).execute(&mut *tx).await?;
     // Claims the key, or takes over one whose record expired. Waits here while
     // another transaction holds the same key.
     let claimed = sqlx::query(
@@ -213,15 +211,8 @@ async fn replay(state: &AppState, tenant: &Tenant, key: &str, fingerprint: &[u8]
 
 /// A lock timeout means another request with the same key is still running.
 fn in_flight_or_internal(error: sqlx::Error) -> ApiError {
-    let lock_timeout = error
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code == "55P03");
-    if lock_timeout {
-        ApiError::RequestInFlight { retry_after_secs: 1 }
-    } else {
-        error.into()
-    }
+    let lock_timeout = error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "55P03");
+    if lock_timeout { ApiError::RequestInFlight { retry_after_secs: 1 } } else { error.into() }
 }
 
 /// The `Idempotency-Key`: 1–255 visible ASCII characters.
@@ -234,8 +225,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
         .ok()
         .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or_else(|| {
-            ApiError::InvalidIdempotencyKey("Idempotency-Key must be 1-255 visible ASCII characters".to_owned())
-        })?;
+        ApiError::InvalidIdempotencyKey("Idempotency-Key must be 1-255 visible ASCII characters".to_owned())
+    })?;
     Ok(key)
 }
 
@@ -245,9 +236,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     if media_type.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type must be application/json, got `{content_type}`"
-        )))
+        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, got `{content_type}`")))
     }
 }
 

@@ -18,7 +18,10 @@ pub mod projection;
 
 use std::sync::Arc;
 
-use axum::{Router, routing::{get, post}};
+use axum::{
+    Router,
+    routing::{get, post},
+};
 use onceflow_contracts::topics::Topics;
 use onceflow_outbox::{Relay, RelayConfig};
 use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
@@ -68,10 +71,8 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     let projection_pool = pool.clone();
     let projection_shutdown = shutdown.clone();
     tasks.spawn(async move {
-        kafka::consume_each(&consumer, &projection_shutdown, |message| {
-            projection::apply(&projection_pool, message)
-        })
-        .await;
+        kafka::consume_each(&consumer, &projection_shutdown, |message| projection::apply(&projection_pool, message))
+            .await;
     });
 
     let state = AppState {

@@ -73,11 +73,8 @@ fn sse<S>(state: &AppState, stream: S) -> impl IntoResponse + use<S>
 where
     S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
-    Sse::new(stream).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(state.config.sse.heartbeat_secs))
-            .text("heartbeat"),
-    )
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(state.config.sse.heartbeat_secs)).text("heartbeat"))
 }
 
 fn event_stream(
@@ -153,10 +150,7 @@ fn event_stream(
 }
 
 fn to_sse(event: &StoredEvent) -> Event {
-    Event::default()
-        .id(event.seq.to_string())
-        .event(event.event_type.as_str())
-        .data(event.data.to_string())
+    Event::default().id(event.seq.to_string()).event(event.event_type.as_str()).data(event.data.to_string())
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> Result<Tenant, Problem> {
@@ -164,7 +158,9 @@ fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> R
         .api_keys
         .authenticate(headers)
         .or_else(|| query.access_token.as_deref().and_then(|key| state.api_keys.tenant_of(key)))
-        .ok_or_else(|| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key"))
+        .ok_or_else(|| {
+            Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
+        })
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {
@@ -174,10 +170,7 @@ fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {
 }
 
 fn last_event_id(headers: &HeaderMap, query: &StreamQuery) -> Result<Option<i64>, Problem> {
-    let raw = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(query.last_event_id.as_deref());
+    let raw = headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.last_event_id.as_deref());
     raw.map(|raw| {
         raw.trim().parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(|| {
             Problem::new(

@@ -72,10 +72,14 @@ pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Er
 
 fn decode(message: &OwnedMessage) -> Option<ResultEvent> {
     let envelope: Envelope = onceflow_runtime::kafka::envelope_of(message)
-        .inspect_err(|error| tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped"))
+        .inspect_err(
+            |error| tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped"),
+        )
         .ok()?;
     ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
-        .inspect_err(|error| tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped"))
+        .inspect_err(
+            |error| tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped"),
+        )
         .ok()
 }
 
@@ -96,7 +100,12 @@ impl Filter {
 }
 
 /// Up to `limit` events matching `filter` with `seq > after`, in order.
-pub async fn events_after(pool: &PgPool, filter: &Filter, after: i64, limit: i64) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
+pub async fn events_after(
+    pool: &PgPool,
+    filter: &Filter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data FROM events
          WHERE seq > $1 AND tenant = $2

@@ -55,22 +55,15 @@ pub struct OutboxMessage {
 /// Add `message` to the outbox inside the caller's transaction.
 pub async fn enqueue(tx: &mut PgConnection, message: &OutboxMessage) -> Result<()> {
     let headers = serde_json::Value::Array(
-        message
-            .envelope
-            .to_headers()
-            .into_iter()
-            .map(|(name, value)| serde_json::json!([name, value]))
-            .collect(),
+        message.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value])).collect(),
     );
-    sqlx::query(
-        "INSERT INTO onceflow_outbox (topic, message_key, payload, headers) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(&message.topic)
-    .bind(&message.key)
-    .bind(&message.payload)
-    .bind(headers)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("INSERT INTO onceflow_outbox (topic, message_key, payload, headers) VALUES ($1, $2, $3, $4)")
+        .bind(&message.topic)
+        .bind(&message.key)
+        .bind(&message.payload)
+        .bind(headers)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 

@@ -76,10 +76,8 @@ impl Relay {
     /// lock connection is lost, or on shutdown.
     async fn lead(&self, shutdown: &CancellationToken) -> Result<()> {
         let mut lock = self.pool.acquire().await?;
-        let is_leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .fetch_one(&mut *lock)
-            .await?;
+        let is_leader: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEADER_LOCK).fetch_one(&mut *lock).await?;
         if !is_leader {
             return Ok(());
         }
@@ -141,13 +139,12 @@ impl Relay {
                 }
                 // The idempotent producer fails every later record of the same
                 // partition too, so keeping this row keeps the key's order.
-                Err((error, _)) => tracing::warn!(%error, id = row.id, topic = %row.topic, "publish failed; will retry"),
+                Err((error, _)) => {
+                    tracing::warn!(%error, id = row.id, topic = %row.topic, "publish failed; will retry");
+                }
             }
         }
-        sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)")
-            .bind(&published)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)").bind(&published).execute(&self.pool).await?;
         metrics::counter!("onceflow_outbox_published_total").increment(published.len() as u64);
         if published.len() < rows.len() {
             return Err(crate::Error::Undelivered { count: rows.len() - published.len() });

@@ -30,10 +30,8 @@ impl RetryConfig {
     /// Full-jitter backoff before attempt `attempt + 1` (AWS architecture blog's
     /// "full jitter": spreads retries of many failing messages apart).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .base_delay_ms
-            .saturating_mul(1u64.checked_shl(attempt).unwrap_or(u64::MAX))
-            .min(self.max_delay_ms);
+        let ceiling =
+            self.base_delay_ms.saturating_mul(1u64.checked_shl(attempt).unwrap_or(u64::MAX)).min(self.max_delay_ms);
         Duration::from_millis(rand::random_range(0..=ceiling))
     }
 }

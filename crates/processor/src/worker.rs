@@ -61,8 +61,8 @@ struct Poison {
 }
 
 impl Poison {
-    fn new(code: &'static str, message: impl ToString) -> Self {
-        Self { code, message: message.to_string() }
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
     }
 }
 
@@ -109,7 +109,7 @@ impl Worker {
         let envelope = match kafka::envelope_of(message) {
             Ok(envelope) => envelope,
             Err(error) => {
-                self.dead_letter(message, None, None, &Poison::new("invalid_envelope", error)).await;
+                self.dead_letter(message, None, None, &Poison::new("invalid_envelope", error.to_string())).await;
                 return;
             }
         };
@@ -148,8 +148,13 @@ impl Worker {
                     return;
                 }
                 Err(HandlerError::Poison(reason)) => {
-                    self.dead_letter(message, Some(&envelope), Some(&parsed.command), &Poison::new("invalid_payload", reason))
-                        .await;
+                    self.dead_letter(
+                        message,
+                        Some(&envelope),
+                        Some(&parsed.command),
+                        &Poison::new("invalid_payload", reason),
+                    )
+                    .await;
                     return;
                 }
                 Err(error) if attempt >= self.retry.max_attempts => {
@@ -171,7 +176,7 @@ impl Worker {
 
     fn parse(&self, message: &OwnedMessage, envelope: &Envelope) -> Result<Parsed, Poison> {
         let command = Command::decode(&envelope.schema_id, message.payload().unwrap_or_default())
-            .map_err(|e| Poison::new("undecodable", e))?;
+            .map_err(|e| Poison::new("undecodable", e.to_string()))?;
         if self.registry.get(&command.command_type).is_none() {
             return Err(Poison::new("unknown_command_type", format!("no handler for `{}`", command.command_type)));
         }
@@ -179,7 +184,8 @@ impl Worker {
             job_id: Uuid::parse_str(&command.job_id).map_err(|e| Poison::new("undecodable", format!("job_id: {e}")))?,
             tenant: command.tenant.clone(),
             command_type: command.command_type.clone(),
-            payload: serde_json::from_str(&command.payload_json).map_err(|e| Poison::new("invalid_payload", e))?,
+            payload: serde_json::from_str(&command.payload_json)
+                .map_err(|e| Poison::new("invalid_payload", e.to_string()))?,
         };
         Ok(Parsed { command, context })
     }
@@ -196,7 +202,7 @@ impl Worker {
         // The effect runs on a savepoint so a refusal leaves nothing behind but
         // the inbox row and the failed result.
         let mut effect = sqlx::Connection::begin(&mut *tx).await?;
-        let (status, result_json, error) = match handler(&mut *effect, &parsed.context).await {
+        let (status, result_json, error) = match handler(&mut effect, &parsed.context).await {
             Ok(result) => {
                 effect.commit().await?;
                 (JobStatus::Succeeded, Some(result.to_string()), None)
@@ -209,9 +215,7 @@ impl Worker {
         };
         record_outcome(&mut tx, envelope.message_id, status).await?;
         let event = self.result_event(envelope, &parsed.command, status, result_json, error);
-        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?)
-            .await
-            .map_err(outbox_error)?;
+        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await.map_err(outbox_error)?;
         tx.commit().await?;
         Ok(Outcome::Applied(status))
     }
@@ -220,7 +224,13 @@ impl Worker {
     /// dead-letter topic; then end its job with a `dead_lettered` result when
     /// the job is known. Keeps trying while the broker or database is down,
     /// because storing the offset before this succeeds would lose the command.
-    async fn dead_letter(&self, message: &OwnedMessage, envelope: Option<&Envelope>, command: Option<&Command>, poison: &Poison) {
+    async fn dead_letter(
+        &self,
+        message: &OwnedMessage,
+        envelope: Option<&Envelope>,
+        command: Option<&Command>,
+        poison: &Poison,
+    ) {
         tracing::warn!(code = poison.code, reason = %poison.message, "dead-lettering command");
         let mut backoff = Duration::from_millis(100);
         loop {

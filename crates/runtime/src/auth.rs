@@ -27,12 +27,7 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(keys: &[TenantKey]) -> Self {
-        Self {
-            by_digest: keys
-                .iter()
-                .map(|k| (k.api_key_sha256.to_ascii_lowercase(), k.tenant.clone()))
-                .collect(),
-        }
+        Self { by_digest: keys.iter().map(|k| (k.api_key_sha256.to_ascii_lowercase(), k.tenant.clone())).collect() }
     }
 
     /// The tenant of the `Authorization: Bearer <key>` header, if the key is known.

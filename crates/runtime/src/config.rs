@@ -25,10 +25,7 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
         }
         figment = figment.merge(Toml::file(file));
     }
-    figment
-        .merge(Env::prefixed(ENV_PREFIX).split("__"))
-        .extract()
-        .map_err(|e| Error::Config(e.to_string()))
+    figment.merge(Env::prefixed(ENV_PREFIX).split("__")).extract().map_err(|e| Error::Config(e.to_string()))
 }
 
 /// Settings of the Kafka connection, shared by every service.

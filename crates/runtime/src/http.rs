@@ -1,7 +1,12 @@
 //! HTTP plumbing every service shares: the probes, the Prometheus endpoint,
 //! and serving a router until shutdown.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::{Arc, OnceLock}};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -45,10 +50,7 @@ async fn readyz(State(checks): State<Arc<Vec<(&'static str, ReadinessCheck)>>>) 
     for (name, check) in checks.iter() {
         let outcome = check().await;
         ready &= outcome.is_ok();
-        report.insert(
-            (*name).to_owned(),
-            serde_json::Value::String(outcome.err().unwrap_or_else(|| "ok".to_owned())),
-        );
+        report.insert((*name).to_owned(), serde_json::Value::String(outcome.err().unwrap_or_else(|| "ok".to_owned())));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(serde_json::Value::Object(report)))
@@ -64,22 +66,15 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<()> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(address = ?local, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
 
 /// The standard readiness checks: the database pool and the broker.
-pub fn standard_checks(
-    pool: sqlx::PgPool,
-    kafka: crate::config::KafkaConfig,
-) -> Vec<(&'static str, ReadinessCheck)> {
+pub fn standard_checks(pool: sqlx::PgPool, kafka: crate::config::KafkaConfig) -> Vec<(&'static str, ReadinessCheck)> {
     let database: ReadinessCheck = Arc::new(move || {
         let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(|e| e.to_string())
-        })
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(|e| e.to_string()) })
     });
     let broker: ReadinessCheck = Arc::new(move || {
         let kafka = kafka.clone();

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use onceflow_contracts::Envelope;
-use tokio_util::sync::CancellationToken;
 use rdkafka::{
     ClientConfig, Message,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -20,6 +19,7 @@ use rdkafka::{
     producer::{FutureProducer, Producer as _},
     types::RDKafkaErrorCode,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result, config::KafkaConfig};
 
@@ -57,10 +57,8 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> 
 /// Create `topics` with the configured partition count unless they exist.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
-    let new_topics: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(1)))
-        .collect();
+    let new_topics: Vec<NewTopic<'_>> =
+        topics.iter().map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(1))).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for outcome in admin.create_topics(&new_topics, &options).await? {
         match outcome {
@@ -75,12 +73,9 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<()> 
 
 /// The envelope as Kafka record headers.
 pub fn headers(envelope: &Envelope) -> OwnedHeaders {
-    envelope
-        .to_headers()
-        .iter()
-        .fold(OwnedHeaders::new(), |headers, (key, value)| {
-            headers.insert(Header { key, value: Some(value.as_bytes()) })
-        })
+    envelope.to_headers().iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header { key, value: Some(value.as_bytes()) })
+    })
 }
 
 /// Read the envelope from a consumed record's headers.
@@ -96,9 +91,7 @@ pub fn envelope_of(message: &impl Message) -> Result<Envelope> {
 pub async fn broker_reachable(config: &KafkaConfig, timeout: Duration) -> bool {
     let client: std::result::Result<rdkafka::producer::BaseProducer, _> = base(config).create();
     let Ok(client) = client else { return false };
-    tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, timeout).is_ok())
-        .await
-        .unwrap_or(false)
+    tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
 }
 
 /// Feed every message of `consumer` to `handle`, one at a time, until

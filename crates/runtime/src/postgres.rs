@@ -19,10 +19,10 @@ use crate::{Result, config::DatabaseConfig};
 pub async fn prepare(config: &DatabaseConfig, migrators: impl IntoIterator<Item = Migrator>) -> Result<PgPool> {
     if !sqlx::Postgres::database_exists(&config.url).await? {
         // Two services starting at once may race to create it; losing is fine.
-        if let Err(error) = sqlx::Postgres::create_database(&config.url).await {
-            if !sqlx::Postgres::database_exists(&config.url).await? {
-                return Err(error.into());
-            }
+        if let Err(error) = sqlx::Postgres::create_database(&config.url).await
+            && !sqlx::Postgres::database_exists(&config.url).await?
+        {
+            return Err(error.into());
         }
     }
     let pool = connect(config).await?;

@@ -39,8 +39,8 @@ impl Drop for TelemetryGuard {
 /// A second call in one process (tests start several services) keeps the first
 /// subscriber and returns a guard of its own.
 pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<TelemetryGuard> {
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service_name).build());
+    let mut builder =
+        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service_name).build());
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -57,20 +57,12 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<Tele
         .or_else(|_| EnvFilter::try_new(&config.log_filter))
         .map_err(|e| Error::Telemetry(format!("log filter `{}`: {e}", config.log_filter)))?;
     let fmt = match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(true).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     };
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
     // Already initialised in this process: keep the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     Ok(TelemetryGuard { provider })
 }
 
@@ -80,10 +72,7 @@ pub fn current_trace_context() -> (Option<String>, Option<String>) {
     let context = tracing::Span::current().context();
     let mut carrier = HashMap::new();
     global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut carrier));
-    (
-        carrier.remove("traceparent"),
-        carrier.remove("tracestate").filter(|s| !s.is_empty()),
-    )
+    (carrier.remove("traceparent"), carrier.remove("tracestate").filter(|s| !s.is_empty()))
 }
 
 /// Make `span` a child of the trace named by an incoming `traceparent`.

@@ -45,14 +45,12 @@ fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handler
         let p: ledger::Deposit = payload(command)?;
         let account = lock_account(tx, &command.tenant, &p.account_id).await?;
         let world = format!("world:{}", account.currency);
-        sqlx::query(
-            "INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(&command.tenant)
-        .bind(&world)
-        .bind(&account.currency)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(&command.tenant)
+            .bind(&world)
+            .bind(&account.currency)
+            .execute(&mut *tx)
+            .await?;
         post(tx, command, "deposit", &world, &p.account_id, p.amount).await?;
         Ok(serde_json::json!({"account_id": p.account_id, "balance": account.balance + p.amount}))
     })

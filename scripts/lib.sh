@@ -1,0 +1,88 @@
+# Shared by scripts/stack.sh, scripts/test.sh and .ci/run: where things are,
+# and how to make sure the broker and PostgreSQL are there.
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_DIR="$ROOT/.stack"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+NISSHI_VERSION="0.7.0-pre.2"
+BROKER_ADDR="${ONCEFLOW_BROKER_ADDR:-127.0.0.1:9092}"
+PG_HOST="${ONCEFLOW_PG_HOST:-127.0.0.1}"
+PG_PORT="${ONCEFLOW_PG_PORT:-5432}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# True when something accepts TCP connections on host:port.
+port_open() {
+  local host="${1%:*}" port="${1##*:}"
+  (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+wait_for_port() {
+  local addr="$1" seconds="${2:-30}"
+  for _ in $(seq "$((seconds * 10))"); do
+    port_open "$addr" && return 0
+    sleep 0.1
+  done
+  echo "nothing is listening on $addr after ${seconds}s" >&2
+  return 1
+}
+
+# Install the pinned nisshi broker unless that version is already installed.
+ensure_nisshi() {
+  if command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+    return 0
+  fi
+  say "installing the nisshi broker $NISSHI_VERSION (first run only: about 25 minutes on 2 cores)"
+  # Newer nisshi releases need a newer rustc than 1.95; --locked keeps its tested dependency set.
+  cargo install nisshi --version "$NISSHI_VERSION" --locked --features dynostore
+}
+
+# Start the broker on $BROKER_ADDR (in-memory storage) unless one is listening.
+# Sets BROKER_STARTED=1 when this call started it.
+ensure_broker() {
+  BROKER_STARTED=0
+  if port_open "$BROKER_ADDR"; then
+    return 0
+  fi
+  ensure_nisshi
+  mkdir -p "$STACK_DIR"
+  say "starting the broker on $BROKER_ADDR (log: .stack/broker.log)"
+  # Advertise the numeric address: clients must not resolve localhost to ::1.
+  nohup nisshi broker \
+    --listener-url "tcp://$BROKER_ADDR" \
+    --advertised-listener-url "tcp://$BROKER_ADDR" \
+    --storage-engine "memory://nisshi/" >"$STACK_DIR/broker.log" 2>&1 &
+  echo $! >"$STACK_DIR/broker.pid"
+  BROKER_STARTED=1
+  wait_for_port "$BROKER_ADDR" 30
+}
+
+stop_pid_file() {
+  local file="$1"
+  [ -f "$file" ] || return 0
+  local pid
+  pid="$(cat "$file")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+
+# Make sure the machine's PostgreSQL answers; start the local cluster if it is down.
+ensure_postgres() {
+  if port_open "$PG_HOST:$PG_PORT"; then
+    return 0
+  fi
+  if command -v pg_ctlcluster >/dev/null 2>&1; then
+    say "starting the local PostgreSQL cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+  fi
+  wait_for_port "$PG_HOST:$PG_PORT" 30 || {
+    echo "PostgreSQL is not reachable on $PG_HOST:$PG_PORT" >&2
+    return 1
+  }
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The local stack: the broker, PostgreSQL databases and the three services.
+#
+#   scripts/stack.sh up      build, start what is not running, wait until ready,
+#                            show one command going through, print the URLs
+#   scripts/stack.sh down    stop the services and the broker this script started
+#   scripts/stack.sh status  what is running
+#
+# Running `up` twice is harmless: running parts are left alone. Logs and pid
+# files live in .stack/.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+SERVICES=(ingest processor notifier)
+DEV_API_KEY="dev-onceflow-key"
+
+port_of() {
+  case "$1" in ingest) echo 8080 ;; processor) echo 8081 ;; notifier) echo 8082 ;; esac
+}
+
+running() {
+  [ -f "$STACK_DIR/$1.pid" ] && kill -0 "$(cat "$STACK_DIR/$1.pid")" 2>/dev/null
+}
+
+wait_ready() {
+  local name="$1" url="http://127.0.0.1:$(port_of "$1")/readyz"
+  for _ in $(seq 600); do
+    if curl -fsS "$url" >/dev/null 2>&1; then return 0; fi
+    if ! running "$name"; then
+      echo "$name exited; last lines of .stack/$name.log:" >&2
+      tail -n 20 "$STACK_DIR/$name.log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "$name not ready after 60s (see .stack/$name.log)" >&2
+  return 1
+}
+
+demo() {
+  local key="demo-$(date +%s)-$RANDOM" account="demo$RANDOM" body job
+  say "showing one command going through: open account $account"
+  body="{\"type\":\"ledger.open_account\",\"payload\":{\"account_id\":\"$account\",\"currency\":\"EUR\"}}"
+  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
+    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
+    -H 'Content-Type: application/json' -d "$body" | tee "$STACK_DIR/demo.json"
+  echo
+  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo.json")"
+  say "waiting for its result (a first consumer-group join on the broker can take ~30 s)"
+  for _ in $(seq 120); do
+    if curl -sS "http://127.0.0.1:8080/v1/jobs/$job" -H "Authorization: Bearer $DEV_API_KEY" \
+      | tee "$STACK_DIR/demo-status.json" | grep -q '"status":"succeeded"'; then
+      cat "$STACK_DIR/demo-status.json"
+      echo
+      say "streamed by the notifier:"
+      curl -sSN --max-time 5 "http://127.0.0.1:8082/v1/jobs/$job/events" \
+        -H "Authorization: Bearer $DEV_API_KEY" || true
+      return 0
+    fi
+    sleep 1
+  done
+  echo "the demo command did not finish within 120 s; see .stack/*.log" >&2
+  return 1
+}
+
+up() {
+  mkdir -p "$STACK_DIR"
+  ensure_postgres
+  ensure_broker
+  say "building the services (release)"
+  cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
+  for name in "${SERVICES[@]}"; do
+    if running "$name"; then
+      say "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"
+      continue
+    fi
+    "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
+    ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" nohup "$TARGET_DIR/release/onceflow-$name" serve \
+      >>"$STACK_DIR/$name.log" 2>&1 &
+    echo $! >"$STACK_DIR/$name.pid"
+    say "started $name (pid $!, log .stack/$name.log)"
+  done
+  for name in "${SERVICES[@]}"; do wait_ready "$name"; done
+  demo
+  cat <<EOF2
+
+onceflow is up.
+  ingest     http://127.0.0.1:8080   (POST /v1/commands, GET /v1/jobs/{id})
+  processor  http://127.0.0.1:8081   (/livez /readyz /metrics)
+  notifier   http://127.0.0.1:8082   (GET /v1/events, GET /v1/jobs/{id}/events)
+  broker     $BROKER_ADDR
+  API key    $DEV_API_KEY            (tenant "dev")
+Stop it with: scripts/stack.sh down
+EOF2
+}
+
+down() {
+  for name in "${SERVICES[@]}"; do
+    if running "$name"; then say "stopping $name"; fi
+    stop_pid_file "$STACK_DIR/$name.pid"
+  done
+  if [ -f "$STACK_DIR/broker.pid" ]; then say "stopping the broker"; fi
+  stop_pid_file "$STACK_DIR/broker.pid"
+}
+
+status() {
+  for name in "${SERVICES[@]}"; do
+    if running "$name"; then echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  if port_open "$BROKER_ADDR"; then echo "broker: listening on $BROKER_ADDR"; else echo "broker: stopped"; fi
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 [up|down|status]" >&2; exit 2 ;;
+esac
