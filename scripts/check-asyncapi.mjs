@@ -14,7 +14,9 @@
 // 2. every schemas/*.avsc is referenced by the document, every .avsc it
 //    references exists, and each is a valid Avro schema;
 // 3. every Avro payload really was converted (its properties match the
-//    record's fields), so a $ref that silently resolved to nothing is caught.
+//    record's fields), so a $ref that silently resolved to nothing is caught;
+// 4. every message example conforms to the message's headers and payload
+//    schemas (the parser does not check examples in AsyncAPI 3 documents).
 
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -33,6 +35,8 @@ const require = createRequire(path.join(path.resolve(modulesDir), 'package.json'
 const { Parser, fromFile, DiagnosticSeverity } = require('@asyncapi/parser');
 const { AvroSchemaParser } = require('@asyncapi/avro-schema-parser');
 const yaml = require('js-yaml');
+const Ajv = require('ajv');
+const addFormats = require('ajv-formats');
 
 const AVRO_FORMAT = /^application\/vnd\.apache\.avro(\+json|\+yaml)?;version=/;
 const severityName = {
@@ -148,6 +152,44 @@ if (document) {
   }
 }
 
+// 4. Examples conform to their message's schemas.
+let examplesChecked = 0;
+if (document) {
+  const ajv = new Ajv({ strict: false, allErrors: true });
+  addFormats(ajv);
+  const clean = (value) => JSON.parse(JSON.stringify(value, (key, v) => (key.startsWith('x-parser-') ? undefined : v)));
+  for (const message of document.allMessages().all()) {
+    const name = message.name() ?? message.id();
+    // A multi-format schema ({schemaFormat, schema}) holds its converted
+    // JSON Schema in `schema`.
+    const unwrap = (json) => (json && json.schemaFormat !== undefined && json.schema !== undefined ? json.schema : json);
+    const schemas = {
+      headers: unwrap(message.headers()?.json()),
+      payload: unwrap(message.payload()?.json()),
+    };
+    for (const example of message.examples().all()) {
+      const label = `message ${name}, example ${example.name() ?? '(unnamed)'}`;
+      for (const part of ['headers', 'payload']) {
+        const value = part === 'headers' ? example.headers() : example.payload();
+        if (value === undefined) {
+          continue;
+        }
+        if (!schemas[part]) {
+          fail(`${label}: has ${part} but the message defines no ${part} schema`);
+          continue;
+        }
+        const validate = ajv.compile(clean(schemas[part]));
+        examplesChecked += 1;
+        if (!validate(value)) {
+          for (const e of validate.errors) {
+            fail(`${label}: ${part}${e.instancePath} ${e.message}`);
+          }
+        }
+      }
+    }
+  }
+}
+
 if (failures > 0) {
   console.error(`${relative}: ${failures} error(s)`);
   process.exit(1);
@@ -155,5 +197,5 @@ if (failures > 0) {
 console.log(
   `${relative}: valid AsyncAPI ${document.version()} — ${document.allChannels().length} channels, ` +
     `${document.allOperations().length} operations, ${document.allMessages().length} messages, ` +
-    `${avroPayloads} Avro payloads from ${shipped.length} .avsc file(s)`,
+    `${avroPayloads} Avro payloads from ${shipped.length} .avsc file(s), ${examplesChecked} example part(s) conform`,
 );

@@ -1,7 +1,8 @@
 //! One command's whole journey: ingest → outbox → Kafka → processor →
 //! results → notifier SSE and job status; and an idempotent replay.
 
-use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, SseClient, TestEnv, eventually};
+use onceflow_contracts::{Command, JobStatus, ResultEvent};
+use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, SseClient, TestEnv, TopicReader, eventually};
 use serde_json::{Value, json};
 
 struct Submitted {
@@ -130,6 +131,35 @@ async fn a_command_travels_end_to_end_and_a_replay_changes_nothing() {
     assert_eq!(applied, 2);
     ingest_db.close().await;
     processor_db.close().await;
+
+    // What went over Kafka, read by a plain consumer outside the services:
+    // the envelope headers, Avro bodies that decode with the published schema,
+    // and one trace from the command to its result.
+    let topics = env.kafka.topics();
+    let commands = TopicReader::new(&env.kafka, &topics.commands);
+    let command = commands.find(OUTCOME_TIMEOUT, |r| r.headers["message-id"] == deposited.job_id).await;
+    assert_eq!(command.key.as_deref(), Some("alice"), "commands are keyed by account");
+    assert_eq!(command.headers["correlation-id"], deposited.correlation_id);
+    assert_eq!(command.headers["tenant-id"], "dev");
+    assert_eq!(command.headers["message-type"], "ledger.deposit");
+    assert_eq!(command.headers["content-type"], "application/avro");
+    let decoded = Command::decode(&command.headers["schema-id"], &command.payload).unwrap();
+    assert_eq!(decoded.job_id, deposited.job_id);
+
+    let results = TopicReader::new(&env.kafka, &topics.results);
+    let result = results.find(OUTCOME_TIMEOUT, |r| r.headers.get("causation-id") == Some(&deposited.job_id)).await;
+    assert_eq!(result.key.as_deref(), Some(deposited.job_id.as_str()), "results are keyed by job");
+    assert_eq!(result.headers["correlation-id"], deposited.correlation_id);
+    assert_eq!(result.headers["message-type"], "job.succeeded");
+    let event = ResultEvent::decode(&result.headers["schema-id"], &result.payload).unwrap();
+    assert_eq!(event.status, JobStatus::Succeeded);
+    assert_eq!(event.event_id, result.headers["message-id"]);
+    let trace_id = |traceparent: &str| traceparent.split('-').nth(1).unwrap().to_owned();
+    assert_eq!(
+        trace_id(&result.headers["traceparent"]),
+        trace_id(&command.headers["traceparent"]),
+        "the result continues the command's trace"
+    );
 
     drop((ingest, processor, notifier));
     env.teardown().await;

@@ -10,8 +10,9 @@
 use std::{net::SocketAddr, sync::Once, time::Duration};
 
 use onceflow_runtime::{
-    config::{self, DatabaseConfig, KafkaConfig},
+    config::{self, DatabaseConfig, KafkaConfig, LogFormat, TelemetryConfig},
     service::Running,
+    telemetry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -29,13 +30,15 @@ fn database_server() -> String {
     std::env::var("ONCEFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
-/// Logs of the services under test, once per process; `RUST_LOG` narrows them.
-fn init_logs() {
-    static LOGS: Once = Once::new();
-    LOGS.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,onceflow=info"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+/// Telemetry of the services under test, once per process, as the binaries
+/// set it up (so trace context really crosses Kafka); `RUST_LOG` narrows the logs.
+fn init_telemetry() {
+    static TELEMETRY: Once = Once::new();
+    TELEMETRY.call_once(|| {
+        let config =
+            TelemetryConfig { log_format: LogFormat::Pretty, log_filter: "warn".to_owned(), otlp_endpoint: None };
+        // The guard would only flush an exporter, and the tests configure none.
+        std::mem::forget(telemetry::init("onceflow-tests", &config).expect("telemetry"));
     });
 }
 
@@ -72,7 +75,7 @@ impl Service {
 
 impl TestEnv {
     pub fn new() -> Self {
-        init_logs();
+        init_telemetry();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let kafka = KafkaConfig {
             brokers: kafka_brokers(),
@@ -207,6 +210,79 @@ impl SseClient {
                 .unwrap_or_else(|_| panic!("no SSE event within {timeout:?}"))?;
             if !event.id.is_empty() || !event.data.is_empty() {
                 return Some(event);
+            }
+        }
+    }
+}
+
+/// A plain Kafka consumer outside the services, reading a topic from the
+/// beginning without a consumer group (no group join to wait for).
+pub struct TopicReader {
+    consumer: rdkafka::consumer::StreamConsumer,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopicReader")
+    }
+}
+
+/// One record as an outside consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<String>,
+    pub headers: std::collections::HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl TopicReader {
+    pub fn new(kafka: &KafkaConfig, topic: &str) -> Self {
+        use rdkafka::{Offset, TopicPartitionList, consumer::Consumer as _};
+        let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", format!("outside-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut partitions = TopicPartitionList::new();
+        for partition in 0..kafka.partitions {
+            partitions.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
+        }
+        consumer.assign(&partitions).expect("assign");
+        Self { consumer }
+    }
+
+    /// The next record, waiting up to `timeout`.
+    pub async fn next(&self, timeout: Duration) -> Record {
+        use rdkafka::message::{Headers as _, Message as _};
+        let message = tokio::time::timeout(timeout, self.consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no record within {timeout:?}"))
+            .expect("kafka record");
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }
+    }
+
+    /// Records until `wanted` matches one, which is returned.
+    pub async fn find(&self, timeout: Duration, mut wanted: impl FnMut(&Record) -> bool) -> Record {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let record = self.next(left).await;
+            if wanted(&record) {
+                return record;
             }
         }
     }

@@ -81,3 +81,37 @@ mod tests {
         assert_ne!(COMMAND.id, RESULT.id);
     }
 }
+
+/// The AsyncAPI document must name the schemas and headers this code really
+/// writes, so the contract cannot drift from the wire.
+#[cfg(test)]
+mod asyncapi_tests {
+    use super::*;
+    use crate::envelope;
+
+    const ASYNCAPI: &str = include_str!("../../../asyncapi.yaml");
+
+    #[test]
+    fn asyncapi_names_the_schema_ids_on_the_wire() {
+        for id in [&COMMAND.id, &RESULT.id] {
+            assert!(ASYNCAPI.contains(id.as_str()), "asyncapi.yaml does not mention schema id {id}");
+        }
+    }
+
+    #[test]
+    fn asyncapi_documents_every_envelope_header() {
+        for header in [
+            envelope::MESSAGE_ID,
+            envelope::CORRELATION_ID,
+            envelope::CAUSATION_ID,
+            envelope::TENANT_ID,
+            envelope::MESSAGE_TYPE,
+            envelope::SCHEMA_ID,
+            envelope::CONTENT_TYPE,
+            envelope::TRACEPARENT,
+            envelope::TRACESTATE,
+        ] {
+            assert!(ASYNCAPI.contains(&format!("{header}:")), "asyncapi.yaml does not document header {header}");
+        }
+    }
+}

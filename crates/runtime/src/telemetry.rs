@@ -60,9 +60,14 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<Tele
         LogFormat::Json => tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(true).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     };
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
+    // The log filter applies to log output only: spans stay recorded for
+    // tracing whatever the log level, or a quiet `warn` filter would cut the
+    // trace context that travels in Kafka headers.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service_name))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     // Already initialised in this process: keep the first subscriber.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init();
     Ok(TelemetryGuard { provider })
 }
 

@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+#
+# onceflow's three services in one multi-stage build.
+#
+#   docker build -t onceflow .                        # all three binaries
+#   docker build --target ingest -t onceflow-ingest . # one service per image
+#
+# The per-service targets (ingest, processor, notifier) run their binary with
+# `serve` by default (`migrate` and `config` also exist) and listen on
+# 0.0.0.0 inside the container.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
+# rdkafka builds its bundled librdkafka with configure + make; libz-sys links
+# the system zlib. (Most of these are already in the rust image; listing them
+# keeps the build honest if the base changes.)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential python3 pkg-config zlib1g-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# The registry and target dir live in BuildKit cache mounts, so a rebuild
+# after a source change does not recompile every dependency.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+        -p onceflow-ingest -p onceflow-processor -p onceflow-notifier \
+ && mkdir -p /out \
+ && cp target/release/onceflow-ingest target/release/onceflow-processor target/release/onceflow-notifier /out/
+
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+# ca-certificates for https webhooks; curl for container health checks.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 onceflow \
+ && useradd --system --uid 10001 --gid onceflow --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin onceflow
+COPY --from=builder /out/onceflow-ingest /out/onceflow-processor /out/onceflow-notifier /usr/local/bin/
+USER 10001:10001
+
+FROM runtime AS ingest
+ENV ONCEFLOW_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/onceflow-ingest"]
+CMD ["serve"]
+
+FROM runtime AS processor
+ENV ONCEFLOW_LISTEN=0.0.0.0:8081
+EXPOSE 8081
+ENTRYPOINT ["/usr/local/bin/onceflow-processor"]
+CMD ["serve"]
+
+FROM runtime AS notifier
+ENV ONCEFLOW_LISTEN=0.0.0.0:8082
+EXPOSE 8082
+ENTRYPOINT ["/usr/local/bin/onceflow-notifier"]
+CMD ["serve"]
+
+# The default target: every binary, run by name, e.g.
+#   docker run --rm onceflow onceflow-processor migrate
+FROM runtime AS all
+CMD ["onceflow-ingest", "serve"]
