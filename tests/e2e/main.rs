@@ -2,3 +2,4 @@
 //! real broker, reached over the network.
 
 mod flow;
+mod ingest;

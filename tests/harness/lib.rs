@@ -98,12 +98,18 @@ impl TestEnv {
     }
 
     pub async fn start_ingest(&mut self) -> Service {
+        self.start_ingest_with(|_| {}).await
+    }
+
+    /// Start ingest with this test's isolation settings, then `customize` applied.
+    pub async fn start_ingest_with(&mut self, customize: impl FnOnce(&mut onceflow_ingest::IngestConfig)) -> Service {
         let mut config: onceflow_ingest::IngestConfig =
             config::load(onceflow_ingest::config::DEFAULTS, None).expect("ingest defaults");
         config.listen = "127.0.0.1:0".to_owned();
         config.database = self.database("ingest");
         config.kafka = self.kafka.clone();
         config.results_group_id = format!("ingest-{}", self.id);
+        customize(&mut config);
         self.start(|token| onceflow_ingest::start(config, token)).await
     }
 
@@ -285,5 +291,338 @@ impl TopicReader {
                 return record;
             }
         }
+    }
+}
+
+impl TopicReader {
+    /// Every record until none arrives for `quiet`.
+    pub async fn records_until_quiet(&self, quiet: Duration) -> Vec<Record> {
+        let mut records = Vec::new();
+        loop {
+            let next = tokio::time::timeout(quiet, self.next(quiet * 2)).await;
+            match next {
+                Ok(record) => records.push(record),
+                Err(_) => return records,
+            }
+        }
+    }
+}
+
+/// An HTTP response as a client sees it.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `type` of a problem+json body.
+    pub fn problem_type(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        self.json()["type"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// A client of ingest's API over real HTTP.
+#[derive(Debug, Clone)]
+pub struct IngestClient {
+    base: String,
+    http: reqwest::Client,
+    api_key: String,
+}
+
+impl IngestClient {
+    pub fn new(ingest: &Service) -> Self {
+        Self::with_key(ingest, DEV_API_KEY)
+    }
+
+    pub fn with_key(ingest: &Service, api_key: &str) -> Self {
+        Self { base: ingest.url(""), http: reqwest::Client::new(), api_key: api_key.to_owned() }
+    }
+
+    /// `POST /v1/commands` with this client's API key, `key` and a JSON body.
+    pub async fn submit(&self, key: &str, body: &serde_json::Value) -> ApiResponse {
+        let request = self
+            .http
+            .post(format!("{}/v1/commands", self.base))
+            .bearer_auth(&self.api_key)
+            .header("idempotency-key", key)
+            .json(body);
+        Self::send(request).await
+    }
+
+    /// `POST /v1/commands` built by `build` from a bare request (no headers, no body).
+    pub async fn submit_raw(
+        &self,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> ApiResponse {
+        Self::send(build(self.http.post(format!("{}/v1/commands", self.base)))).await
+    }
+
+    /// `GET /v1/jobs/{job_id}`.
+    pub async fn job(&self, job_id: &str) -> ApiResponse {
+        Self::send(self.http.get(format!("{}/v1/jobs/{job_id}", self.base)).bearer_auth(&self.api_key)).await
+    }
+
+    async fn send(request: reqwest::RequestBuilder) -> ApiResponse {
+        let response = request.send().await.expect("ingest answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("response body").to_vec();
+        ApiResponse { status, headers, body }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Below the services: raw records on the topics, the consumer groups' offsets,
+// and service binaries run as real processes (that a test can SIGKILL).
+// ---------------------------------------------------------------------------
+
+impl TestEnv {
+    /// This test's database settings of `service`, dropped at teardown: for a
+    /// service the test runs itself (e.g. as a separate process).
+    pub fn database_config(&mut self, service: &str) -> DatabaseConfig {
+        self.database(service)
+    }
+
+    /// Start the processor with this test's isolation settings, then `customize` applied.
+    pub async fn start_processor_with(
+        &mut self,
+        customize: impl FnOnce(&mut onceflow_processor::ProcessorConfig),
+    ) -> Service {
+        let mut config: onceflow_processor::ProcessorConfig =
+            config::load(onceflow_processor::config::DEFAULTS, None).expect("processor defaults");
+        config.listen = "127.0.0.1:0".to_owned();
+        config.database = self.database("processor");
+        config.kafka = self.kafka.clone();
+        config.group_id = format!("processor-{}", self.id);
+        customize(&mut config);
+        self.start(|token| onceflow_processor::start(config, token)).await
+    }
+
+    /// Create this test's commands, results and dead-letter topics, as the services do.
+    pub async fn create_topics(&self) {
+        let topics = self.kafka.topics();
+        onceflow_runtime::kafka::ensure_topics(&self.kafka, &[&topics.commands, &topics.results, &topics.dead_letter])
+            .await
+            .expect("create the test's topics");
+    }
+
+    /// A directory for this test's files (service logs), kept after the test
+    /// so a failure can be read.
+    pub fn scratch_dir(&self) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("onceflow-test-{}", self.id));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        dir
+    }
+}
+
+/// A plain idempotent Kafka producer, independent of the services' code, for
+/// tests that put records on a topic themselves (as ingest's relay, a
+/// redelivering broker or a misbehaving client would).
+pub fn kafka_producer(kafka: &KafkaConfig) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer")
+}
+
+/// A record read back with its place on the topic.
+#[derive(Debug, Clone)]
+pub struct PositionedRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub record: Record,
+}
+
+/// Every record of `topic` up to the end it had when this was called (each
+/// partition's high watermark), partitions interleaved, each in offset order.
+/// Panics if they cannot all be read within `timeout`.
+pub async fn read_topic_to_end(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Vec<PositionedRecord> {
+    use rdkafka::{
+        Message as _, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer as _},
+        message::Headers as _,
+    };
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", format!("outside-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut ends = std::collections::HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..kafka.partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout).expect("watermarks");
+            if high > low {
+                ends.insert(partition, high);
+                assignment.add_partition_offset(&topic, partition, Offset::Offset(low)).expect("partition");
+            }
+        }
+        let mut unfinished: std::collections::HashSet<i32> = ends.keys().copied().collect();
+        let mut records = Vec::new();
+        if unfinished.is_empty() {
+            return records;
+        }
+        consumer.assign(&assignment).expect("assign");
+        while !unfinished.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "could not read {topic} to its end within {timeout:?}: partitions {unfinished:?} unfinished"
+            );
+            let Some(received) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let message = received.expect("kafka record");
+            let (partition, offset) = (message.partition(), message.offset());
+            let Some(&end) = ends.get(&partition) else { continue };
+            if offset >= end {
+                continue;
+            }
+            if offset + 1 == end {
+                unfinished.remove(&partition);
+            }
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let record = Record {
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers,
+                payload: message.payload().unwrap_or_default().to_vec(),
+            };
+            records.push(PositionedRecord { partition, offset, record });
+        }
+        records
+    })
+    .await
+    .expect("topic reader")
+}
+
+/// The offsets consumer group `group` has committed on `topic`, by partition
+/// (partitions without a committed offset are absent). Read with an offset
+/// fetch, without joining the group.
+pub async fn committed_offsets(kafka: &KafkaConfig, group: &str, topic: &str) -> std::collections::HashMap<i32, i64> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer as _},
+    };
+    let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut partitions = TopicPartitionList::new();
+        for partition in 0..kafka.partitions {
+            partitions.add_partition(&topic, partition);
+        }
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10)).expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|element| match element.offset() {
+                Offset::Offset(offset) => Some((element.partition(), offset)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .expect("offset fetch")
+}
+
+/// A service binary run as a separate OS process, configured only through
+/// `ONCEFLOW_*` environment variables. Dropping it kills it, so a failing test
+/// leaves no process behind.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: std::process::Child,
+    /// Where its standard output and error go.
+    pub log: std::path::PathBuf,
+}
+
+impl ServiceProcess {
+    /// The service binary `name` built beside the test executable: the test
+    /// runs as `target/<profile>/deps/<test>-<hash>`, the binaries of the
+    /// workspace land in `target/<profile>/`. Panics, saying how to build it,
+    /// when it is missing.
+    pub fn binary(name: &str) -> std::path::PathBuf {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe.parent().and_then(std::path::Path::parent).expect("target/<profile>/deps/<test>");
+        let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            path.is_file(),
+            "{} does not exist: build the service binaries before the tests with \
+             `cargo build --workspace --bins --locked` (scripts/test.sh does)",
+            path.display()
+        );
+        path
+    }
+
+    /// Start binary `name` with exactly the `ONCEFLOW_*` variables in `env`
+    /// (inherited ones are removed), appending its output to `log`.
+    pub fn spawn(name: &str, env: &[(&str, String)], log: &std::path::Path) -> Self {
+        let output = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("service log file");
+        let mut command = std::process::Command::new(Self::binary(name));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with(onceflow_runtime::config::ENV_PREFIX) {
+                command.env_remove(key);
+            }
+        }
+        command
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdin(std::process::Stdio::null())
+            .stdout(output.try_clone().expect("log file handle"))
+            .stderr(output);
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, log: log.to_owned() }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `None` while it runs; how it ended once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("process status")
+    }
+
+    /// SIGKILL, then reap: no shutdown code runs, nothing is flushed or
+    /// committed. Returns once the process is gone.
+    pub fn kill(mut self) {
+        self.kill_and_reap();
+    }
+
+    fn kill_and_reap(&mut self) {
+        // `Child::kill` sends SIGKILL on Unix; an already exited child is fine.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill_and_reap();
     }
 }

@@ -26,7 +26,7 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError};
+use crate::{AppState, error::ApiError, openapi::ProblemDocument};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -34,23 +34,31 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 const PATH: &str = "/v1/commands";
 
 /// The body of `POST /v1/commands`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SubmitCommand {
+pub struct SubmitCommand {
+    /// The command type: `ledger.open_account`, `ledger.deposit` or `ledger.transfer`.
     #[serde(rename = "type")]
+    #[schema(example = "ledger.deposit")]
     command_type: String,
+    /// The command's payload; its shape is fixed by `type`.
+    #[schema(value_type = Object, example = json!({"account_id": "alice", "amount": 500}))]
     payload: serde_json::Value,
+    /// Where the signed result is POSTed when the job ends (absolute http(s) URL).
     #[serde(default)]
     callback_url: Option<String>,
 }
 
 /// The body of the `202` answer.
-#[derive(Debug, serde::Serialize)]
-struct Accepted<'a> {
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Accepted {
     job_id: Uuid,
-    correlation_id: &'a str,
+    /// Follows the command through every service, log line and event.
+    correlation_id: String,
+    #[schema(example = "accepted")]
     status: &'static str,
-    status_url: &'a str,
+    /// Where to poll the job: `/v1/jobs/{job_id}`.
+    status_url: String,
 }
 
 /// A response as stored for replay.
@@ -76,6 +84,34 @@ impl StoredResponse {
     }
 }
 
+/// Submit a command.
+///
+/// Answers `202` once the command is committed (it is never lost after that,
+/// even while Kafka is down). See the idempotency contract above.
+#[utoipa::path(
+    post,
+    path = "/v1/commands",
+    tag = "commands",
+    security(("api_key" = [])),
+    params(
+        ("Idempotency-Key" = String, Header, description = "1-255 visible ASCII characters, unique per intended command"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Optional correlation id to use instead of a generated one"),
+    ),
+    request_body(content = SubmitCommand, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted (or replayed)", body = Accepted, headers(
+            ("Location" = String, description = "/v1/jobs/{job_id}"),
+            ("Idempotent-Replayed" = Option<String>, description = "`true` on a replayed response"),
+        )),
+        (status = 400, description = "Missing or malformed Idempotency-Key, or malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this key is still in flight; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "Content-Type is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid command, or the key was used with another request", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Shedding load; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 #[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
 pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let tenant = state.api_keys.authenticate(&headers).ok_or(ApiError::Unauthorized)?;
@@ -97,13 +133,15 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
         validate_callback_url(url)?;
     }
     let fingerprint = fingerprint(&request);
+    shed_if_overloaded(&state)?;
 
     let job_id = Uuid::now_v7();
     let correlation_id = correlation_id(&headers);
     span.record("correlation_id", correlation_id.as_str());
     span.record("job_id", tracing::field::display(job_id));
     let location = format!("/v1/jobs/{job_id}");
-    let accepted = Accepted { job_id, correlation_id: &correlation_id, status: "accepted", status_url: &location };
+    let accepted =
+        Accepted { job_id, correlation_id: correlation_id.clone(), status: "accepted", status_url: location.clone() };
     let response = StoredResponse {
         status: StatusCode::ACCEPTED.as_u16(),
         body: serde_json::to_vec(&accepted).map_err(anyhow::Error::from)?,
@@ -181,6 +219,20 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     tx.commit().await?;
     tracing::info!("command accepted");
     Ok(response.into_response(false))
+}
+
+/// Refuse new work while the outbox backlog is past its bound: Kafka is down
+/// or slow, and accepting more would only grow the queue.
+fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
+    let backlog = state.outbox_backlog.load(std::sync::atomic::Ordering::Relaxed);
+    if backlog > state.config.shed.max_outbox_backlog {
+        metrics::counter!("onceflow_ingest_shed_total", "reason" => "outbox_backlog").increment(1);
+        return Err(ApiError::Overloaded {
+            reason: format!("{backlog} commands are waiting to be published; retry later"),
+            retry_after_secs: state.config.shed.retry_after_secs,
+        });
+    }
+    Ok(())
 }
 
 /// Answer a request whose key is already recorded.

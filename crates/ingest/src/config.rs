@@ -25,10 +25,24 @@ pub struct IngestConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    /// How often expired idempotency records are swept, and how many per statement.
+    pub sweep_interval_secs: u64,
+    pub sweep_batch: i64,
+    pub shed: ShedConfig,
     /// Consumer group of the job-status projection.
     pub results_group_id: String,
     /// API keys, stored as SHA-256 hex digests, and the tenant each belongs to.
     pub tenants: Vec<TenantKey>,
+}
+
+/// When ingest refuses new commands rather than queue without bound.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct ShedConfig {
+    /// Above this many unpublished commands in the outbox, `POST /v1/commands`
+    /// answers `503` + `Retry-After`.
+    pub max_outbox_backlog: i64,
+    /// The `Retry-After` of a shed request, in seconds.
+    pub retry_after_secs: u64,
 }
 
 impl IngestConfig {

@@ -71,7 +71,14 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        Self::Internal(error.into())
+        match error {
+            // Every pooled connection is busy: shed rather than queue.
+            sqlx::Error::PoolTimedOut => {
+                metrics::counter!("onceflow_ingest_shed_total", "reason" => "database_pool").increment(1);
+                Self::Overloaded { reason: "the database is saturated; retry later".to_owned(), retry_after_secs: 1 }
+            }
+            other => Self::Internal(other.into()),
+        }
     }
 }
 

@@ -11,26 +11,44 @@ use rand::Rng as _;
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError};
+use crate::{AppState, error::ApiError, openapi::ProblemDocument};
 
 /// The job as clients see it.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub job_id: Uuid,
     pub correlation_id: String,
     #[serde(rename = "type")]
     pub command_type: String,
+    /// `accepted`, `processing`, `succeeded`, `failed` or `dead_lettered`; only moves forward.
+    #[schema(value_type = String, example = "succeeded")]
     pub status: JobStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress_percent: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// `{"code", "message"}` of a failed or dead-lettered job.
+    #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A job's status, result or error.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job_id}",
+    tag = "commands",
+    security(("api_key" = [])),
+    params(("job_id" = String, Path, description = "The job id from the 202 answer")),
+    responses(
+        (status = 200, description = "The job; `Retry-After` (1-3 s, jittered) while it is not finished", body = JobView),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such job for this tenant", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 #[tracing::instrument(name = "get_job", skip_all, fields(job_id = %job_id))]
 pub async fn get(
     State(state): State<AppState>,

@@ -4,7 +4,9 @@
 //!   after the command and its outbox row are committed).
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
 //! - [`projection`]: consumes the results topic into that projection.
+//! - [`maintenance`]: the idempotency-key sweeper and the outbox backlog gauge.
 //! - [`error`]: every HTTP error as RFC 9457 problem+json.
+//! - [`openapi`]: the OpenAPI 3.1 document at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
 //!
 //! [`start`] wires it together: migrations, topics, the outbox relay that
@@ -14,9 +16,14 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod maintenance;
+pub mod openapi;
 pub mod projection;
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, atomic::AtomicI64},
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -39,6 +46,8 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub topics: Arc<Topics>,
     pub config: Arc<IngestConfig>,
+    /// Unpublished outbox rows, kept current by [`maintenance::watch_outbox_backlog`].
+    pub outbox_backlog: Arc<AtomicI64>,
 }
 
 /// The service's migrations: its own, then the outbox's.
@@ -51,6 +60,7 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
     Router::new()
         .route("/v1/commands", post(commands::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
+        .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes(readiness))
         .layer(TraceLayer::new_for_http())
@@ -60,8 +70,27 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
 pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
-    kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results]).await?;
     let mut tasks = JoinSet::new();
+    // Ingest accepts commands while Kafka is down (they wait in the outbox),
+    // so it creates its topics whenever the broker answers, not before starting.
+    tasks.spawn(kafka::ensure_topics_eventually(
+        config.kafka.clone(),
+        vec![topics.commands.clone(), topics.results.clone()],
+        shutdown.clone(),
+    ));
+    tasks.spawn(maintenance::sweep_expired_keys(
+        pool.clone(),
+        Duration::from_secs(config.sweep_interval_secs),
+        config.sweep_batch,
+        shutdown.clone(),
+    ));
+    let outbox_backlog = Arc::new(AtomicI64::new(0));
+    tasks.spawn(maintenance::watch_outbox_backlog(
+        pool.clone(),
+        outbox_backlog.clone(),
+        Duration::from_millis(500),
+        shutdown.clone(),
+    ));
 
     let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
     tasks.spawn(relay.run(shutdown.clone()));
@@ -80,6 +109,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         api_keys: ApiKeys::new(&config.tenants),
         topics: Arc::new(topics),
         config: Arc::new(config.clone()),
+        outbox_backlog,
     };
     let listener = http::bind(&config.listen).await?;
     let http_addr = listener.local_addr()?;

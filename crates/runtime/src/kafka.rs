@@ -138,3 +138,21 @@ where
         }
     }
 }
+
+/// [`ensure_topics`] until it succeeds (or `shutdown`), so a service starts
+/// and accepts work while the broker is still down.
+pub async fn ensure_topics_eventually(config: KafkaConfig, topics: Vec<String>, shutdown: CancellationToken) {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ensure_topics(&config, &names).await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(%error, "cannot create topics yet; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,75 @@
+//! Ingest's background upkeep: the idempotency-key sweeper and the outbox
+//! backlog gauge that load shedding reads.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Delete expired idempotency records, `batch` rows per statement so a large
+/// backlog of expired keys never becomes one long-locking `DELETE`.
+pub async fn sweep_expired_keys(pool: PgPool, interval: Duration, batch: i64, shutdown: CancellationToken) {
+    loop {
+        loop {
+            match sweep_once(&pool, batch).await {
+                Ok(deleted) if deleted == batch as u64 => continue,
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        tracing::info!(deleted, "expired idempotency keys swept");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "idempotency key sweep failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One bounded batch of the sweep; returns how many records it deleted.
+pub async fn sweep_once(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
+    let deleted = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE (tenant, idempotency_key) IN (
+             SELECT tenant, idempotency_key FROM idempotency_keys
+             WHERE expires_at < now() LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// Keep `backlog` equal to the number of unpublished outbox rows, refreshed
+/// every `interval`: requests read the number instead of counting rows.
+pub async fn watch_outbox_backlog(
+    pool: PgPool,
+    backlog: Arc<AtomicI64>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match onceflow_outbox::backlog(&pool).await {
+            Ok(rows) => {
+                backlog.store(rows, Ordering::Relaxed);
+                metrics::gauge!("onceflow_outbox_backlog").set(rows as f64);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the outbox backlog"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
