@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use onceflow_contracts::{Envelope, JobStatus, ResultEvent, schema};
 use onceflow_runtime::auth::TenantKey;
-use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, TopicReader, eventually};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -349,5 +349,50 @@ async fn serves_an_openapi_document_of_the_idempotency_contract() {
     }
     assert!(document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["404"].is_object());
     assert!(document["info"]["description"].as_str().unwrap().contains("Idempotent-Replayed"));
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_accepted_while_the_broker_is_down_are_processed_when_it_returns() {
+    let broker = OwnBroker::start().await;
+    let mut env = TestEnv::new();
+    env.kafka.brokers = broker.addr.clone();
+    let ingest = env.start_ingest().await;
+    let _processor = env.start_processor().await;
+    let api = IngestClient::new(&ingest);
+
+    let open = json!({"type": "ledger.open_account", "payload": {"account_id": "acc-1", "currency": "EUR"}});
+    let opened = api.submit("open", &open).await.json()["job_id"].as_str().unwrap().to_owned();
+    eventually("the account to open", OUTCOME_TIMEOUT, || async {
+        (api.job(&opened).await.json()["status"] == "succeeded").then_some(())
+    })
+    .await;
+
+    broker.stop();
+    let mut jobs = Vec::new();
+    for n in 0..5 {
+        let response = api.submit(&format!("while-down-{n}"), &deposit(100)).await;
+        assert_eq!(response.status, 202, "202 while the broker is down");
+        jobs.push(response.json()["job_id"].as_str().unwrap().to_owned());
+    }
+    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
+    assert_eq!(count(&db, "onceflow_outbox").await, 5, "accepted commands wait in the outbox");
+
+    broker.resume();
+    for job in &jobs {
+        eventually("a command accepted while the broker was down to succeed", Duration::from_secs(180), || async {
+            (api.job(job).await.json()["status"] == "succeeded").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(count(&db, "onceflow_outbox").await, 0, "the outbox drained");
+    let processor_db = PgPool::connect(&env.database_url("processor")).await.unwrap();
+    let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = 'acc-1'")
+        .fetch_one(&processor_db)
+        .await
+        .unwrap();
+    assert_eq!(balance, 500, "each command accepted while down took effect once");
+    db.close().await;
+    processor_db.close().await;
     env.teardown().await;
 }

@@ -448,9 +448,18 @@ pub struct PositionedRecord {
     pub record: Record,
 }
 
-/// Every record of `topic` up to the end it had when this was called (each
-/// partition's high watermark), partitions interleaved, each in offset order.
-/// Panics if they cannot all be read within `timeout`.
+/// How long a topic must stay quiet before [`read_topic_to_end`] takes its end
+/// as reached.
+const TOPIC_QUIET: Duration = Duration::from_millis(1500);
+
+/// Every record of `topic` that is on the broker when this is called,
+/// partitions interleaved, each in offset order. Panics if they cannot be read
+/// within `timeout`.
+///
+/// The high watermarks are only a lower bound of the end: the broker reports
+/// the last batch's base offset + 1, which falls short when a producer
+/// pipelined several records into one batch. So reading goes past them until
+/// no record has arrived for [`TOPIC_QUIET`].
 pub async fn read_topic_to_end(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Vec<PositionedRecord> {
     use rdkafka::{
         Message as _, Offset, TopicPartitionList,
@@ -459,42 +468,37 @@ pub async fn read_topic_to_end(kafka: &KafkaConfig, topic: &str, timeout: Durati
     };
     let (kafka, topic) = (kafka.clone(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + timeout;
+        let started = std::time::Instant::now();
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &kafka.brokers)
             .set("group.id", format!("outside-reader-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "100")
             .create()
             .expect("consumer");
-        let mut ends = std::collections::HashMap::new();
+        let mut below_watermark = std::collections::HashMap::new();
         let mut assignment = TopicPartitionList::new();
         for partition in 0..kafka.partitions {
             let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout).expect("watermarks");
             if high > low {
-                ends.insert(partition, high);
-                assignment.add_partition_offset(&topic, partition, Offset::Offset(low)).expect("partition");
+                below_watermark.insert(partition, high);
             }
-        }
-        let mut unfinished: std::collections::HashSet<i32> = ends.keys().copied().collect();
-        let mut records = Vec::new();
-        if unfinished.is_empty() {
-            return records;
+            assignment.add_partition_offset(&topic, partition, Offset::Beginning).expect("partition");
         }
         consumer.assign(&assignment).expect("assign");
-        while !unfinished.is_empty() {
+        let mut records = Vec::new();
+        let mut last_arrival = std::time::Instant::now();
+        while !below_watermark.is_empty() || last_arrival.elapsed() < TOPIC_QUIET {
             assert!(
-                std::time::Instant::now() < deadline,
-                "could not read {topic} to its end within {timeout:?}: partitions {unfinished:?} unfinished"
+                started.elapsed() < timeout,
+                "could not read {topic} to its end within {timeout:?}: partitions {below_watermark:?} short of their watermark"
             );
-            let Some(received) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let Some(received) = consumer.poll(Duration::from_millis(100)) else { continue };
             let message = received.expect("kafka record");
+            last_arrival = std::time::Instant::now();
             let (partition, offset) = (message.partition(), message.offset());
-            let Some(&end) = ends.get(&partition) else { continue };
-            if offset >= end {
-                continue;
-            }
-            if offset + 1 == end {
-                unfinished.remove(&partition);
+            if below_watermark.get(&partition).is_some_and(|&high| offset + 1 >= high) {
+                below_watermark.remove(&partition);
             }
             let headers = message
                 .headers()
@@ -624,5 +628,62 @@ impl ServiceProcess {
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill_and_reap();
+    }
+}
+
+/// A broker of the test's own (the pinned nisshi, in-memory storage) that the
+/// test may stop (SIGSTOP: the process stands still, every connection hangs)
+/// and start again (SIGCONT) with its data intact, as a broker that was down
+/// for a while. (Killing and restarting it would lose the in-memory topics,
+/// which a real Kafka does not; see the note on issue 3.)
+#[derive(Debug)]
+pub struct OwnBroker {
+    pub addr: String,
+    child: std::process::Child,
+}
+
+impl OwnBroker {
+    /// Start a broker on a free loopback port.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let child = std::process::Command::new("nisshi")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://nisshi/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nisshi on PATH (scripts/test.sh installs it)");
+        eventually("the broker to listen", Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(&addr).await.ok().map(drop)
+        })
+        .await;
+        Self { addr, child }
+    }
+
+    /// Stop the broker process where it stands.
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let it run again.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
