@@ -94,6 +94,32 @@ pub async fn broker_reachable(config: &KafkaConfig, timeout: Duration) -> bool {
     tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
 }
 
+/// The next message of `consumer`, or `None` once `shutdown` is cancelled.
+///
+/// Consumer errors (the broker unreachable, a rebalance in progress) are
+/// logged and waited out with a backoff that grows to 5 s, so a broker outage
+/// is not a busy loop of errors.
+pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToken) -> Option<OwnedMessage> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            received = consumer.recv() => received,
+        };
+        match received {
+            Ok(message) => return Some(message.detach()),
+            Err(error) => {
+                tracing::warn!(%error, ?backoff, "consumer error; waiting before the next poll");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Feed every message of `consumer` to `handle`, one at a time, until
 /// `shutdown`; store each message's offset once `handle` succeeded.
 ///
@@ -108,17 +134,7 @@ where
     E: std::fmt::Display,
 {
     let max_backoff = Duration::from_secs(5);
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return,
-            received = consumer.recv() => match received {
-                Ok(message) => message.detach(),
-                Err(error) => {
-                    tracing::warn!(%error, "consumer error");
-                    continue;
-                }
-            },
-        };
+    while let Some(message) = next_message(consumer, shutdown).await {
         let mut backoff = Duration::from_millis(100);
         loop {
             match handle(message.clone()).await {
