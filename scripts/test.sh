@@ -8,11 +8,24 @@ cd "$ROOT"
 
 ensure_postgres
 ensure_broker
-if [ "$BROKER_STARTED" = 1 ]; then
-  trap 'stop_pid_file "$STACK_DIR/broker.pid"' EXIT
-fi
 
 export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
 export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
+# The crash tests run the service binaries as real processes (and SIGKILL
+# them); they find them in the target directory, so build them first.
+say "cargo build --workspace --bins"
+cargo build --workspace --bins --locked
 say "cargo test --workspace"
-cargo test --workspace --locked "$@"
+log="$(mktemp)"
+cleanup() {
+  rm -f "$log"
+  if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi
+}
+trap cleanup EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for every test binary together (cargo prints one per binary).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "summary: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
