@@ -76,7 +76,10 @@ up() {
       continue
     fi
     "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
-    ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" nohup "$TARGET_DIR/release/onceflow-$name" serve \
+    # Webhook receivers of a local stack run on this machine: let callbacks
+    # reach 127.0.0.1 and ::1, which SSRF protection refuses by default.
+    ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST='["127.0.0.1", "::1"]' \
+      nohup "$TARGET_DIR/release/onceflow-$name" serve \
       >>"$STACK_DIR/$name.log" 2>&1 &
     echo $! >"$STACK_DIR/$name.pid"
     say "started $name (pid $!, log .stack/$name.log)"

@@ -3,3 +3,4 @@
 
 mod flow;
 mod ingest;
+mod webhooks;

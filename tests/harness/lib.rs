@@ -687,3 +687,264 @@ impl Drop for OwnBroker {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Webhooks: a notifier with custom settings, a webhook receiver the test runs
+// itself, and result events published as the processor would.
+// ---------------------------------------------------------------------------
+
+impl TestEnv {
+    /// Start the notifier with this test's isolation settings, then
+    /// `customize` applied. Starting it again (after [`Service::stop`]) reuses
+    /// its database: a notifier restart.
+    pub async fn start_notifier_with(
+        &mut self,
+        customize: impl FnOnce(&mut onceflow_notifier::NotifierConfig),
+    ) -> Service {
+        let mut config: onceflow_notifier::NotifierConfig =
+            config::load(onceflow_notifier::config::DEFAULTS, None).expect("notifier defaults");
+        config.listen = "127.0.0.1:0".to_owned();
+        config.database = self.database("notifier");
+        config.kafka = self.kafka.clone();
+        config.group_id = format!("notifier-{}", self.id);
+        customize(&mut config);
+        self.start(|token| onceflow_notifier::start(config, token)).await
+    }
+
+    /// Publish `event` on this test's results topic exactly as the processor
+    /// does: Avro body, envelope headers (`message-id` = `event_id`), keyed by
+    /// job id. Publishing the same event twice is a redelivery.
+    pub async fn publish_result(&self, event: &onceflow_contracts::ResultEvent) {
+        use rdkafka::producer::FutureRecord;
+        let envelope = onceflow_contracts::Envelope {
+            message_id: uuid::Uuid::parse_str(&event.event_id).expect("event ids are UUIDs"),
+            correlation_id: event.correlation_id.clone(),
+            causation_id: Some(event.job_id.clone()),
+            tenant: event.tenant.clone(),
+            message_type: event.status.event_type(),
+            schema_id: onceflow_contracts::schema::RESULT.id.clone(),
+            traceparent: None,
+            tracestate: None,
+        };
+        let payload = event.encode().expect("encodable result");
+        let topic = self.kafka.topics().results;
+        let producer = kafka_producer(&self.kafka);
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
+            .key(event.job_id.as_str())
+            .payload(payload.as_slice())
+            .headers(onceflow_runtime::kafka::headers(&envelope));
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error).expect("result published");
+    }
+}
+
+/// A terminal result event of a new job of tenant `dev`, as the processor
+/// would publish it, with `callback_url`.
+pub fn result_event(
+    status: onceflow_contracts::JobStatus,
+    callback_url: Option<&str>,
+) -> onceflow_contracts::ResultEvent {
+    let job_id = uuid::Uuid::now_v7().to_string();
+    onceflow_contracts::ResultEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        job_id: job_id.clone(),
+        tenant: "dev".to_owned(),
+        correlation_id: format!("corr-{job_id}"),
+        command_type: "ledger.deposit".to_owned(),
+        status,
+        progress_percent: None,
+        result_json: Some(r#"{"balance": 42}"#.to_owned()),
+        error: None,
+        callback_url: callback_url.map(str::to_owned),
+        occurred_at: 1_700_000_000_000,
+    }
+}
+
+/// How a [`WebhookReceiver`] answers one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// This status, empty body.
+    Status(u16),
+    /// This status with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
+    /// No answer until the client gives up or goes away.
+    Hang,
+}
+
+/// One request a [`WebhookReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct ReceivedWebhook {
+    pub at: std::time::Instant,
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: axum::http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl ReceivedWebhook {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+#[derive(Debug, Default)]
+struct ReceiverState {
+    received: std::sync::Mutex<Vec<ReceivedWebhook>>,
+    script: std::sync::Mutex<std::collections::VecDeque<Reply>>,
+    fallback: std::sync::Mutex<Option<Reply>>,
+}
+
+/// A webhook receiver on 127.0.0.1 (a real HTTP server on a free port) that
+/// records every request and answers from a script: the scripted replies in
+/// order, then the fallback reply (`200` unless changed). It verifies
+/// nothing itself; tests verify what it recorded.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<ReceiverState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> Self {
+        use axum::{
+            body::Bytes,
+            extract::State,
+            http::{HeaderMap, Method, StatusCode, Uri},
+            response::IntoResponse,
+        };
+        async fn handle(
+            State(state): State<std::sync::Arc<ReceiverState>>,
+            method: Method,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> axum::response::Response {
+            state.received.lock().expect("receiver lock").push(ReceivedWebhook {
+                at: std::time::Instant::now(),
+                method: method.to_string(),
+                path_and_query: uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
+                headers,
+                body: body.to_vec(),
+            });
+            let scripted = state.script.lock().expect("receiver lock").pop_front();
+            let reply = scripted.or(*state.fallback.lock().expect("receiver lock")).unwrap_or(Reply::Status(200));
+            let status = |code: u16| StatusCode::from_u16(code).expect("a valid status");
+            match reply {
+                Reply::Status(code) => status(code).into_response(),
+                Reply::RetryAfter(code, seconds) => {
+                    (status(code), [("retry-after", seconds.to_string())]).into_response()
+                }
+                Reply::Hang => {
+                    // Dropped with the connection when the client gives up.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    status(200).into_response()
+                }
+            }
+        }
+        let state = std::sync::Arc::new(ReceiverState::default());
+        let router = axum::Router::new().fallback(handle).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("receiver port");
+        let addr = listener.local_addr().expect("receiver address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Self { addr, state, server }
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answer the next requests with `replies`, in order.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.script.lock().expect("receiver lock").extend(replies);
+    }
+
+    /// Answer every unscripted request with `reply`.
+    pub fn set_fallback(&self, reply: Reply) {
+        *self.state.fallback.lock().expect("receiver lock") = Some(reply);
+    }
+
+    /// Every request so far.
+    pub fn received(&self) -> Vec<ReceivedWebhook> {
+        self.state.received.lock().expect("receiver lock").clone()
+    }
+
+    /// The first `count` requests, waiting up to `timeout` for them.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<ReceivedWebhook> {
+        eventually(&format!("{count} webhook requests"), timeout, || async {
+            let received = self.received();
+            (received.len() >= count).then(|| received[..count].to_vec())
+        })
+        .await
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A client of the notifier's webhook deliveries API over real HTTP.
+#[derive(Debug, Clone)]
+pub struct DeliveriesClient {
+    base: String,
+    http: reqwest::Client,
+    api_key: Option<String>,
+}
+
+impl DeliveriesClient {
+    /// With `api_key`, or none at all.
+    pub fn new(notifier: &Service, api_key: Option<&str>) -> Self {
+        Self { base: notifier.url(""), http: reqwest::Client::new(), api_key: api_key.map(str::to_owned) }
+    }
+
+    /// `GET /v1/jobs/{job_id}/deliveries`.
+    pub async fn for_job(&self, job_id: &str) -> ApiResponse {
+        self.send(self.http.get(format!("{}/v1/jobs/{job_id}/deliveries", self.base))).await
+    }
+
+    /// `GET /v1/deliveries/{id}`.
+    pub async fn get(&self, id: &str) -> ApiResponse {
+        self.send(self.http.get(format!("{}/v1/deliveries/{id}", self.base))).await
+    }
+
+    /// `POST /v1/deliveries/{id}/redrive`.
+    pub async fn redrive(&self, id: &str) -> ApiResponse {
+        self.send(self.http.post(format!("{}/v1/deliveries/{id}/redrive", self.base))).await
+    }
+
+    /// The job's only delivery once `done` says it is where the test wants it.
+    pub async fn wait_for_delivery(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(&format!("the webhook delivery of job {job_id}"), timeout, || async {
+            let response = self.for_job(job_id).await;
+            assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+            let deliveries = response.json()["deliveries"].as_array().cloned().unwrap_or_default();
+            assert!(deliveries.len() <= 1, "one delivery per job: {deliveries:?}");
+            deliveries.into_iter().next().filter(|delivery| done(delivery))
+        })
+        .await
+    }
+
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> ApiResponse {
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("the notifier answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("response body").to_vec();
+        ApiResponse { status, headers, body }
+    }
+}

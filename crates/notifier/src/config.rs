@@ -1,9 +1,12 @@
 //! The notifier's configuration (embedded defaults → file → `ONCEFLOW_` environment).
 
+use std::{collections::BTreeMap, time::Duration};
+
 use onceflow_runtime::{
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
 };
+use onceflow_webhook::{Allowlist, RetryPolicy, Secret};
 
 /// The defaults, which also document every setting.
 pub const DEFAULTS: &str = include_str!("../config/defaults.toml");
@@ -17,6 +20,7 @@ pub struct NotifierConfig {
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
     pub tenants: Vec<TenantKey>,
+    pub webhooks: WebhooksConfig,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -24,6 +28,48 @@ pub struct SseConfig {
     pub heartbeat_secs: u64,
     pub reconnect_ms: u64,
     pub buffer: usize,
+}
+
+/// Webhook delivery (see `[webhooks]` in the defaults for every setting's meaning).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct WebhooksConfig {
+    pub workers: usize,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub poll_interval_ms: u64,
+    pub allowlist: Allowlist,
+    #[serde(default)]
+    pub proxy: Option<String>,
+    pub retry: RetryPolicy,
+    /// Tenant → its active signing secrets, newest first.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Vec<Secret>>,
+}
+
+impl WebhooksConfig {
+    /// Refuse settings the delivery worker cannot run with.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 {
+            return Err("webhooks.workers must be at least 1".to_owned());
+        }
+        if self.timeout_ms == 0 || self.connect_timeout_ms == 0 || self.poll_interval_ms == 0 {
+            return Err("webhooks.timeout_ms, connect_timeout_ms and poll_interval_ms must be positive".to_owned());
+        }
+        self.retry.validate()
+    }
+
+    /// How long a claimed delivery stays reserved for its worker: longer than
+    /// anything one attempt can take (the SSRF check's DNS lookup, then the
+    /// request with its timeout), so a live worker never loses its lease and
+    /// a dead one's delivery is retried soon after.
+    pub fn lease(&self) -> Duration {
+        onceflow_webhook::ssrf::RESOLVE_TIMEOUT + Duration::from_millis(self.timeout_ms) + Duration::from_secs(10)
+    }
+
+    /// The active secrets of `tenant` (empty if it has none).
+    pub fn secrets_of(&self, tenant: &str) -> &[Secret] {
+        self.secrets.get(tenant).map_or(&[], Vec::as_slice)
+    }
 }
 
 impl onceflow_runtime::cli::ServiceConfig for NotifierConfig {

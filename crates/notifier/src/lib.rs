@@ -2,23 +2,29 @@
 //!
 //! ```text
 //! onceflow.results ──consumer group──▶ store::record ──▶ events table ──NOTIFY──▶ hub (every instance)
-//!                                                                                  │
-//!                                                            SSE subscribers ◀─────┘
+//!                                            │                                     │
+//!                                            │                   SSE subscribers ◀─┘
+//!                                            └─(terminal, callback_url)─▶ webhook_deliveries ──▶ worker ──▶ POST callback_url
 //! ```
 //!
 //! - [`store`]: the events table, each result once, numbered for resumption.
 //! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
 //! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
+//! - [`webhooks`]: signed, retried webhook deliveries and their API.
 //! - [`config`]: settings and their defaults.
 
 pub mod config;
 pub mod hub;
 pub mod sse;
 pub mod store;
+pub mod webhooks;
 
 use std::sync::Arc;
 
-use axum::{Router, routing::get};
+use axum::{
+    Router,
+    routing::{get, post},
+};
 use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
 use rdkafka::consumer::Consumer as _;
 use sqlx::PgPool;
@@ -47,6 +53,9 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
     Router::new()
         .route("/v1/events", get(sse::tenant_events))
         .route("/v1/jobs/{job_id}/events", get(sse::job_events))
+        .route("/v1/jobs/{job_id}/deliveries", get(webhooks::api::job_deliveries))
+        .route("/v1/deliveries/{delivery_id}", get(webhooks::api::delivery))
+        .route("/v1/deliveries/{delivery_id}/redrive", post(webhooks::api::redrive))
         .with_state(state)
         .merge(http::probes(readiness))
         .layer(TraceLayer::new_for_http())
@@ -54,6 +63,8 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
 
 /// Start the notifier: returns once it is serving.
 pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    // Refuse bad webhook settings before touching anything.
+    config.webhooks.validate().map_err(onceflow_runtime::Error::Config)?;
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
@@ -66,6 +77,15 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     tasks.spawn(async move {
         kafka::consume_each(&consumer, &consumer_shutdown, |message| store::record(&record_pool, message)).await;
     });
+
+    for tenant in &config.tenants {
+        if config.webhooks.secrets_of(&tenant.tenant).is_empty() {
+            tracing::warn!(tenant = %tenant.tenant, "no webhook signing secret: this tenant's webhooks will fail");
+        }
+    }
+    let worker = webhooks::worker::Worker::new(pool.clone(), config.webhooks.clone())
+        .map_err(onceflow_runtime::Error::Config)?;
+    tasks.spawn(worker.run(shutdown.clone()));
 
     let hub = hub::Hub::new(config.sse.buffer);
     tasks.spawn(hub.clone().run(pool.clone(), shutdown.clone()));

@@ -38,9 +38,11 @@ impl StoredEvent {
 
 /// Store the result event in `message`, unless it is a duplicate (same event
 /// id) or unreadable (logged and skipped: one bad record must not stall the
-/// results topic).
+/// results topic). A terminal event with a `callback_url` also gets its
+/// webhook delivery, in the same transaction: the delivery exists exactly when
+/// the event does, and a redelivered event creates no second one.
 pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Error> {
-    let Some(event) = decode(&message) else { return Ok(()) };
+    let Some((envelope, event)) = decode(&message) else { return Ok(()) };
     let Ok(job_id) = Uuid::parse_str(&event.job_id) else {
         tracing::warn!(job_id = %event.job_id, "result event with a malformed job id; skipped");
         return Ok(());
@@ -60,27 +62,37 @@ pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Er
     .bind(event.to_client_json())
     .execute(&mut *tx)
     .await?;
+    let duplicate = inserted.rows_affected() == 0;
+    let callback_url = event.callback_url.as_deref().filter(|url| !url.is_empty());
+    let delivery = match callback_url {
+        Some(url) if !duplicate && event.status.is_terminal() => {
+            Some(crate::webhooks::store::enqueue(&mut tx, &event, job_id, url, &envelope).await?)
+        }
+        _ => None,
+    };
     tx.commit().await?;
     tracing::debug!(
         correlation_id = %event.correlation_id,
         event_id = %event.event_id,
-        duplicate = inserted.rows_affected() == 0,
+        duplicate,
+        webhook_delivery = ?delivery,
         "result event recorded"
     );
     Ok(())
 }
 
-fn decode(message: &OwnedMessage) -> Option<ResultEvent> {
+fn decode(message: &OwnedMessage) -> Option<(Envelope, ResultEvent)> {
     let envelope: Envelope = onceflow_runtime::kafka::envelope_of(message)
         .inspect_err(
             |error| tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped"),
         )
         .ok()?;
-    ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
+    let event = ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
         .inspect_err(
             |error| tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped"),
         )
-        .ok()
+        .ok()?;
+    Some((envelope, event))
 }
 
 /// Which events a stream wants.

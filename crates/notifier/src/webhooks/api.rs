@@ -1,0 +1,97 @@
+//! The webhook deliveries API, per tenant (`Authorization: Bearer <api key>`;
+//! no `?access_token=` here, which exists only for browsers' `EventSource`):
+//!
+//! - `GET /v1/jobs/{job_id}/deliveries`: `{"job_id", "deliveries": [...]}`,
+//!   each delivery with every attempt (status code, latency, error). A job
+//!   without deliveries — or another tenant's job — gives an empty list, so
+//!   nothing tells one tenant what another submitted.
+//! - `GET /v1/deliveries/{delivery_id}`: one delivery; `404` if it is not the
+//!   caller's.
+//! - `POST /v1/deliveries/{delivery_id}/redrive`: a failed delivery becomes
+//!   pending again with a fresh retry schedule and the same `webhook-id`;
+//!   `202` with the delivery, `404` if not the caller's, `409` if it is not
+//!   failed (still pending, or delivered).
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+};
+use onceflow_runtime::{auth::Tenant, problem::Problem};
+use uuid::Uuid;
+
+use super::store::{self, Redrive};
+use crate::AppState;
+
+pub async fn job_deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = authenticate(&state, &headers)?;
+    let job_id = parse_id(&job_id, "job")?;
+    let deliveries = store::for_job(&state.pool, &tenant.0, job_id).await.map_err(|e| unavailable(&e))?;
+    Ok(Json(serde_json::json!({"job_id": job_id, "deliveries": deliveries})))
+}
+
+pub async fn delivery(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(delivery_id): Path<String>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = authenticate(&state, &headers)?;
+    let id = parse_id(&delivery_id, "delivery")?;
+    match store::get(&state.pool, &tenant.0, id).await.map_err(|e| unavailable(&e))? {
+        Some(delivery) => Ok(Json(delivery)),
+        None => Err(not_found(id)),
+    }
+}
+
+pub async fn redrive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(delivery_id): Path<String>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = authenticate(&state, &headers)?;
+    let id = parse_id(&delivery_id, "delivery")?;
+    match store::redrive(&state.pool, &tenant.0, id).await.map_err(|e| unavailable(&e))? {
+        Redrive::Redriven(delivery) => {
+            tracing::info!(webhook_id = %id, tenant = %tenant.0, "webhook delivery redriven");
+            Ok((StatusCode::ACCEPTED, Json(*delivery)))
+        }
+        Redrive::NotFailed(status) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "delivery-not-failed",
+            "Delivery not failed",
+            format!("delivery {id} is {}; only a failed delivery can be redriven", json_name(status)),
+        )),
+        Redrive::NotFound => Err(not_found(id)),
+    }
+}
+
+fn json_name(status: store::Status) -> String {
+    serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenant, Problem> {
+    state.api_keys.authenticate(headers).ok_or_else(|| {
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
+    })
+}
+
+fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(raw).map_err(|_| {
+        Problem::new(StatusCode::BAD_REQUEST, "invalid-id", "Invalid id", format!("`{raw}` is not a {what} id (UUID)"))
+    })
+}
+
+fn not_found(id: Uuid) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "delivery-not-found", "Delivery not found", format!("no delivery {id}"))
+}
+
+fn unavailable(error: &sqlx::Error) -> Problem {
+    tracing::warn!(%error, "deliveries query failed");
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", "the database is unavailable")
+        .retry_after(1)
+}
