@@ -396,3 +396,33 @@ async fn commands_accepted_while_the_broker_is_down_are_processed_when_it_return
     processor_db.close().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_callback_urls_that_point_inside_the_network() {
+    let mut env = TestEnv::new();
+    let ingest = env.start_ingest_with(|config| config.webhooks.allowlist = Default::default()).await;
+    let api = IngestClient::new(&ingest);
+    for (n, url) in [
+        "http://127.0.0.1:8080/hook",
+        "http://localhost/hook",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "ftp://example.com/hook",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 5}, "callback_url": url});
+        let response = api.submit(&format!("ssrf-{n}"), &body).await;
+        assert_eq!(response.status, 422, "{url}: {}", String::from_utf8_lossy(&response.body));
+        assert_eq!(response.problem_type(), format!("{PROBLEM}invalid-command"));
+        assert!(response.json()["detail"].as_str().unwrap().contains("callback_url"), "{url}");
+    }
+    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
+    assert_eq!(count(&db, "jobs").await, 0, "a refused callback stores nothing");
+    db.close().await;
+    env.teardown().await;
+}

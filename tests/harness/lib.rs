@@ -109,6 +109,8 @@ impl TestEnv {
         config.database = self.database("ingest");
         config.kafka = self.kafka.clone();
         config.results_group_id = format!("ingest-{}", self.id);
+        // The tests' webhook receivers listen on loopback.
+        config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1"]).expect("allowlist");
         customize(&mut config);
         self.start(|token| onceflow_ingest::start(config, token)).await
     }

@@ -130,7 +130,10 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let command = validate_command(&submitted.command_type, &submitted.payload)
         .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     if let Some(url) = &submitted.callback_url {
-        validate_callback_url(url)?;
+        // Refused here, so the client learns now rather than never getting a webhook.
+        onceflow_webhook::check_callback_url(url, &state.config.webhooks.allowlist)
+            .await
+            .map_err(|e| ApiError::InvalidCommand(format!("callback_url: {e}")))?;
     }
     let fingerprint = fingerprint(&request);
     shed_if_overloaded(&state)?;
@@ -311,14 +314,6 @@ fn fingerprint(request: &serde_json::Value) -> [u8; 32] {
     hasher.update(b"\n");
     hasher.update(canonical.as_bytes());
     hasher.finalize().into()
-}
-
-fn validate_callback_url(raw: &str) -> Result<(), ApiError> {
-    let url = url::Url::parse(raw).map_err(|e| ApiError::InvalidCommand(format!("callback_url: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(ApiError::InvalidCommand("callback_url must be an absolute http(s) URL".to_owned()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -29,10 +29,21 @@ pub struct IngestConfig {
     pub sweep_interval_secs: u64,
     pub sweep_batch: i64,
     pub shed: ShedConfig,
+    pub webhooks: CallbackConfig,
     /// Consumer group of the job-status projection.
     pub results_group_id: String,
     /// API keys, stored as SHA-256 hex digests, and the tenant each belongs to.
     pub tenants: Vec<TenantKey>,
+}
+
+/// How `callback_url` is checked at submission.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct CallbackConfig {
+    /// Hosts, addresses or networks a callback may point at although they are
+    /// loopback, private or otherwise internal (SSRF protection refuses those
+    /// by default). The same setting as the notifier's, which enforces it again
+    /// at delivery time.
+    pub allowlist: onceflow_webhook::Allowlist,
 }
 
 /// When ingest refuses new commands rather than queue without bound.
