@@ -3,4 +3,5 @@
 
 mod flow;
 mod ingest;
+mod notifier;
 mod webhooks;

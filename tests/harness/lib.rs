@@ -86,7 +86,8 @@ impl TestEnv {
         Self { id, kafka, shutdown: CancellationToken::new(), databases: Vec::new() }
     }
 
-    fn database(&mut self, service: &str) -> DatabaseConfig {
+    /// A database of this test for `service`, dropped at teardown.
+    pub fn database(&mut self, service: &str) -> DatabaseConfig {
         let name = format!("onceflow_test_{}_{service}", self.id);
         self.databases.push(name.clone());
         DatabaseConfig { url: format!("{}/{name}", database_server()), max_connections: 10, acquire_timeout_ms: 5000 }
@@ -193,10 +194,14 @@ impl std::fmt::Debug for SseClient {
 impl SseClient {
     /// Open `url` with the dev API key, resuming after `last_event_id` if given.
     pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
+        Self::connect_as(url, DEV_API_KEY, last_event_id).await
+    }
+
+    /// Open `url` with `api_key`, resuming after `last_event_id` if given.
+    pub async fn connect_as(url: &str, api_key: &str, last_event_id: Option<&str>) -> Self {
         use eventsource_stream::Eventsource as _;
         use futures::StreamExt as _;
-        let mut request =
-            reqwest::Client::new().get(url).bearer_auth(DEV_API_KEY).header("accept", "text/event-stream");
+        let mut request = reqwest::Client::new().get(url).bearer_auth(api_key).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }

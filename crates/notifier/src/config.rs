@@ -28,6 +28,10 @@ pub struct SseConfig {
     pub heartbeat_secs: u64,
     pub reconnect_ms: u64,
     pub buffer: usize,
+    /// How long events stay available for resumption.
+    pub retention_secs: u64,
+    pub prune_interval_secs: u64,
+    pub prune_batch: i64,
 }
 
 /// Webhook delivery (see `[webhooks]` in the defaults for every setting's meaning).

@@ -19,7 +19,7 @@ pub mod sse;
 pub mod store;
 pub mod webhooks;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -89,6 +89,13 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
 
     let hub = hub::Hub::new(config.sse.buffer);
     tasks.spawn(hub.clone().run(pool.clone(), shutdown.clone()));
+    tasks.spawn(store::prune_expired(
+        pool.clone(),
+        Duration::from_secs(config.sse.retention_secs),
+        Duration::from_secs(config.sse.prune_interval_secs),
+        config.sse.prune_batch,
+        shutdown.clone(),
+    ));
 
     let state = AppState {
         pool: pool.clone(),

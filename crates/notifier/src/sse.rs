@@ -12,7 +12,8 @@
 //! events at or below the last id sent are skipped. A stream without
 //! `Last-Event-ID` starts at the beginning when it names a job or correlation
 //! id (so a job that already ended still shows its outcome), and at "now"
-//! otherwise.
+//! otherwise. A `Last-Event-ID` older than the retention mark gets a
+//! `stream.gap` event first, naming what is no longer retained.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -101,6 +102,26 @@ fn event_stream(
                 }
             },
         };
+
+        // Resuming from an id whose successors may have been pruned: say so,
+        // rather than silently skipping what is gone.
+        if let Some(after) = after {
+            match store::pruned_through(&state.pool).await {
+                Ok(pruned) if after < pruned => {
+                    let data = serde_json::json!({
+                        "reason": "events after the requested Last-Event-ID are no longer retained",
+                        "requested_after": after,
+                        "pruned_through": pruned,
+                    });
+                    yield Ok(Event::default().event("stream.gap").data(data.to_string()));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the retention mark; the client will resume");
+                    return;
+                }
+            }
+        }
 
         loop {
             let page = match store::events_after(&state.pool, &filter, last, CATCH_UP_PAGE).await {

@@ -152,3 +152,66 @@ pub async fn all_after(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Arc<
 pub async fn latest_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM events").fetch_one(pool).await
 }
+
+/// Delete up to `batch` events older than `retention` and move the retention
+/// mark past them, in one transaction; returns how many were deleted.
+pub async fn prune_once(pool: &PgPool, retention: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (deleted, pruned_through): (i64, Option<i64>) = sqlx::query_as(
+        "WITH gone AS (
+             DELETE FROM events WHERE seq IN (
+                 SELECT seq FROM events WHERE created_at < now() - make_interval(secs => $1)
+                 ORDER BY seq LIMIT $2)
+             RETURNING seq)
+         SELECT count(*), max(seq) FROM gone",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .fetch_one(&mut *tx)
+    .await?;
+    if let Some(pruned_through) = pruned_through {
+        sqlx::query("UPDATE events_retention SET pruned_through = greatest(pruned_through, $1)")
+            .bind(pruned_through)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(u64::try_from(deleted).unwrap_or(0))
+}
+
+/// Prune expired events until `shutdown`: bounded batches, so pruning a large
+/// backlog never holds one long transaction.
+pub async fn prune_expired(
+    pool: PgPool,
+    retention: std::time::Duration,
+    interval: std::time::Duration,
+    batch: i64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        loop {
+            match prune_once(&pool, retention, batch).await {
+                Ok(deleted) if deleted == u64::try_from(batch).unwrap_or(0) => continue,
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        tracing::info!(deleted, "expired events pruned");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "pruning events failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Events with `seq` up to this may have been pruned.
+pub async fn pruned_through(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pruned_through FROM events_retention").fetch_one(pool).await
+}

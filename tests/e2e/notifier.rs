@@ -1,0 +1,187 @@
+//! The notifier's streams against the real PostgreSQL and broker: resumption
+//! across restarts, the retention gap, and a thousand subscribers.
+
+use std::{collections::HashMap, time::Duration};
+
+use onceflow_contracts::JobStatus;
+use onceflow_tests::{ServiceProcess, SseClient, TestEnv, eventually, result_event};
+use serde_json::Value;
+
+/// sha256("acme-key"): a second tenant.
+const ACME_KEY_SHA256: &str = "afacab3575137afa4e00d9cbcafcb14c9ae25f779d964eb0ea5b2c4eb5dfd163";
+
+fn event_for(tenant: &str) -> onceflow_contracts::ResultEvent {
+    let mut event = result_event(JobStatus::Succeeded, None);
+    event.tenant = tenant.to_owned();
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_stream_misses_nothing_and_repeats_nothing_across_a_notifier_restart() {
+    let mut env = TestEnv::new();
+    let first = env.start_notifier().await;
+    let events: Vec<_> = (0..5).map(|_| event_for("dev")).collect();
+
+    let mut stream = SseClient::connect(&first.url("/v1/events"), Some("0")).await;
+    for event in &events[..3] {
+        env.publish_result(event).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let received = stream.next_event(Duration::from_secs(60)).await.expect("an event");
+        seen.push(received);
+    }
+    let resume_from = seen[1].id.clone();
+    drop(stream);
+    first.stop().await;
+
+    // While no notifier runs, more results arrive, and one is redelivered.
+    for event in &events[3..] {
+        env.publish_result(event).await;
+    }
+    env.publish_result(&events[2]).await;
+
+    let second = env.start_notifier().await;
+    let mut resumed = SseClient::connect(&second.url("/v1/events"), Some(&resume_from)).await;
+    // Results of different jobs lie on different partitions, so their order
+    // is the notifier's (the ids); what must hold is: every event after the
+    // resume point, each once.
+    let event_id = |event: &eventsource_stream::Event| {
+        serde_json::from_str::<Value>(&event.data).unwrap()["event_id"].as_str().unwrap().to_owned()
+    };
+    let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    expected.retain(|id| !seen.iter().any(|event| event_id(event) == *id));
+    let mut ids = vec![resume_from.parse::<i64>().unwrap()];
+    let mut received = Vec::new();
+    for _ in 0..expected.len() {
+        let event = resumed.next_event(Duration::from_secs(60)).await.expect("an event after the resume point");
+        received.push(event_id(&event));
+        ids.push(event.id.parse().unwrap());
+    }
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "ids increase: {ids:?}");
+    let mut sorted = received.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "every later event, none missed, none twice");
+    // Nothing else: the redelivered event is not streamed twice.
+    let extra = tokio::time::timeout(Duration::from_secs(3), resumed.next_event(Duration::from_secs(30))).await;
+    assert!(extra.is_err(), "no duplicate after the last event: {extra:?}");
+    second.stop().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_pruned_id_is_told_about_the_gap() {
+    let mut env = TestEnv::new();
+    let notifier = env
+        .start_notifier_with(|config| {
+            config.sse.retention_secs = 0;
+            config.sse.prune_interval_secs = 1;
+        })
+        .await;
+    for _ in 0..2 {
+        env.publish_result(&event_for("dev")).await;
+    }
+    let db = sqlx::PgPool::connect(&env.database_url("notifier")).await.unwrap();
+    eventually("both events to be stored and pruned", Duration::from_secs(90), || async {
+        let pruned: i64 =
+            sqlx::query_scalar("SELECT pruned_through FROM events_retention").fetch_one(&db).await.unwrap();
+        (pruned >= 2).then_some(())
+    })
+    .await;
+    let mut stream = SseClient::connect(&notifier.url("/v1/events"), Some("0")).await;
+    let gap = stream.next_event(Duration::from_secs(10)).await.expect("a gap event");
+    assert_eq!(gap.event, "stream.gap");
+    let data: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(data["requested_after"], 0);
+    assert!(data["pruned_through"].as_i64().unwrap() >= 2);
+    db.close().await;
+    env.teardown().await;
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_subscribers_each_receive_every_event_of_their_own_tenant() {
+    const SUBSCRIBERS: usize = 1000;
+    const EVENTS_PER_TENANT: usize = 3;
+    let mut env = TestEnv::new();
+    let database = env.database("notifier");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::env::temp_dir().join(format!("onceflow-notifier-{}.log", env.id));
+    let tenants = format!(
+        r#"[{{tenant="dev",api_key_sha256="074c2219380b418dfc50cabcb6c6ab84ba8ec229709d90fdd6932426b3423478"}},{{tenant="acme",api_key_sha256="{ACME_KEY_SHA256}"}}]"#
+    );
+    let notifier = ServiceProcess::spawn(
+        "onceflow-notifier",
+        &[
+            ("ONCEFLOW_LISTEN", format!("127.0.0.1:{port}")),
+            ("ONCEFLOW_DATABASE__URL", database.url.clone()),
+            ("ONCEFLOW_KAFKA__BROKERS", env.kafka.brokers.clone()),
+            ("ONCEFLOW_KAFKA__TOPIC_PREFIX", env.kafka.topic_prefix.clone()),
+            ("ONCEFLOW_KAFKA__PARTITIONS", env.kafka.partitions.to_string()),
+            ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
+            ("ONCEFLOW_TENANTS", tenants),
+            ("ONCEFLOW_TELEMETRY__LOG_FILTER", "warn".to_owned()),
+        ],
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the notifier to be ready", Duration::from_secs(60), || async {
+        reqwest::get(format!("{base}/livez")).await.ok().filter(|r| r.status().is_success()).map(drop)
+    })
+    .await;
+    let idle_before = rss_kib(notifier.id());
+
+    // Half the subscribers are tenant dev, half acme, all from the beginning.
+    let subscribers = futures::future::join_all((0..SUBSCRIBERS).map(|n| {
+        let url = format!("{base}/v1/events");
+        async move {
+            let (tenant, key) = if n % 2 == 0 { ("dev", "dev-onceflow-key") } else { ("acme", "acme-key") };
+            (tenant, SseClient::connect_as(&url, key, Some("0")).await)
+        }
+    }))
+    .await;
+    let connected = rss_kib(notifier.id());
+
+    let mut published: HashMap<&str, Vec<String>> = HashMap::new();
+    for tenant in ["dev", "acme"] {
+        for _ in 0..EVENTS_PER_TENANT {
+            let event = event_for(tenant);
+            published.entry(tenant).or_default().push(event.event_id.clone());
+            env.publish_result(&event).await;
+        }
+    }
+
+    let outcomes = futures::future::join_all(subscribers.into_iter().map(|(tenant, mut stream)| {
+        let expected = published[tenant].clone();
+        async move {
+            let mut got = Vec::new();
+            for _ in 0..EVENTS_PER_TENANT {
+                let event = stream.next_event(Duration::from_secs(120)).await.expect("an event");
+                let data: Value = serde_json::from_str(&event.data).unwrap();
+                got.push(data["event_id"].as_str().unwrap().to_owned());
+            }
+            assert_eq!(got, expected, "a {tenant} subscriber gets exactly its tenant's events, in order");
+            stream
+        }
+    }))
+    .await;
+    let per_subscriber = connected.saturating_sub(idle_before) as f64 / SUBSCRIBERS as f64;
+    println!(
+        "notifier RSS: {idle_before} KiB idle, {connected} KiB with {SUBSCRIBERS} idle subscribers \
+         ({per_subscriber:.1} KiB each); {} subscribers got all their events",
+        outcomes.len()
+    );
+    drop(outcomes);
+    drop(notifier);
+    env.teardown().await;
+}
