@@ -104,13 +104,6 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     };
-    let listener = http::bind(&config.listen).await?;
-    let http_addr = listener.local_addr()?;
     let router = router(state, http::standard_checks(pool, config.kafka.clone()));
-    tasks.spawn(async move {
-        if let Err(error) = http::serve(listener, router, shutdown).await {
-            tracing::error!(%error, "http server failed");
-        }
-    });
-    Ok(Running { http_addr, tasks })
+    Running::with_http(tasks, &config.listen, router, shutdown).await
 }

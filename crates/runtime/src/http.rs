@@ -56,11 +56,6 @@ async fn readyz(State(checks): State<Arc<Vec<(&'static str, ReadinessCheck)>>>) 
     (status, axum::Json(serde_json::Value::Object(report)))
 }
 
-/// Bind `addr` (port 0 picks a free one).
-pub async fn bind(addr: &str) -> Result<TcpListener> {
-    Ok(TcpListener::bind(addr).await?)
-}
-
 /// Serve `router` on `listener` until `shutdown` is cancelled, then let
 /// in-flight requests finish.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<()> {

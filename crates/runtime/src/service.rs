@@ -3,7 +3,11 @@
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
 
 /// A running service. Its tasks stop when the shutdown token given at start is
 /// cancelled; [`Running::wait`] returns once all of them have.
@@ -14,6 +18,24 @@ pub struct Running {
 }
 
 impl Running {
+    /// Bind `listen` (port 0 picks a free port), serve `router` there until
+    /// `shutdown` as one more of `tasks`, and return the running service.
+    pub async fn with_http(
+        mut tasks: JoinSet<()>,
+        listen: &str,
+        router: Router,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let http_addr = listener.local_addr()?;
+        tasks.spawn(async move {
+            if let Err(error) = crate::http::serve(listener, router, shutdown).await {
+                tracing::error!(%error, "http server failed");
+            }
+        });
+        Ok(Self { http_addr, tasks })
+    }
+
     /// Wait for every task to finish (after shutdown), logging any that panicked.
     pub async fn wait(mut self) {
         while let Some(outcome) = self.tasks.join_next().await {
