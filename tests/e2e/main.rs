@@ -4,4 +4,5 @@
 mod flow;
 mod ingest;
 mod notifier;
+mod processor;
 mod webhooks;

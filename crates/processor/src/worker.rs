@@ -14,6 +14,11 @@
 //! does not fit its type) or one that exhausted its retries goes to the
 //! dead-letter topic and, when its job is known, ends with a `dead_lettered`
 //! result. The worker never stops on a message.
+//!
+//! A message's offset is stored only once the message reached one of those
+//! ends. A message abandoned half-way (shutdown during a retry's backoff, or
+//! while the dead-letter topic is unreachable) keeps its offset unstored, so
+//! the next owner of its partition gets it again.
 
 use std::time::Duration;
 
@@ -66,9 +71,41 @@ impl Poison {
     }
 }
 
+/// The job a command message belongs to, as far as the message tells.
+#[derive(Debug, Clone)]
+struct JobRef {
+    job_id: String,
+    tenant: String,
+    command_type: String,
+    callback_url: Option<String>,
+}
+
+impl JobRef {
+    fn of(command: &Command) -> Self {
+        Self {
+            job_id: command.job_id.clone(),
+            tenant: command.tenant.clone(),
+            command_type: command.command_type.clone(),
+            callback_url: command.callback_url.clone(),
+        }
+    }
+
+    /// The job of a message whose body cannot be read, from its envelope
+    /// alone: a command's `message-id` is its job id (ingest sets it so; see
+    /// `CommandHeaders` in asyncapi.yaml), so its job can still be ended.
+    fn from_envelope(envelope: &Envelope) -> Self {
+        Self {
+            job_id: envelope.message_id.to_string(),
+            tenant: envelope.tenant.clone(),
+            command_type: envelope.message_type.clone(),
+            callback_url: None,
+        }
+    }
+}
+
 /// A command that decoded and has a handler.
 struct Parsed {
-    command: Command,
+    job: JobRef,
     context: CommandContext,
 }
 
@@ -78,22 +115,31 @@ enum Outcome {
     Duplicate,
 }
 
+/// Whether a message reached its end, so its offset may be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+enum Handled {
+    /// Applied, refused, recognised as a duplicate, or dead-lettered.
+    Done,
+    /// Shutdown came first: the message must be delivered again.
+    Abandoned,
+}
+
 impl Worker {
     /// Consume until `shutdown`, then return (offsets stored so far are
     /// committed when the consumer is dropped).
     pub async fn run(self, consumer: StreamConsumer, shutdown: CancellationToken) {
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => break,
-                received = consumer.recv() => match received {
-                    Ok(message) => message.detach(),
-                    Err(error) => {
-                        tracing::warn!(%error, "consumer error");
-                        continue;
-                    }
-                },
-            };
-            self.handle(&message, &shutdown).await;
+        while let Some(message) = kafka::next_message(&consumer, &shutdown).await {
+            if self.handle(&message, &shutdown).await == Handled::Abandoned {
+                // Storing this offset would skip a command that has not taken
+                // effect; left unstored, the partition's next owner gets it.
+                tracing::info!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "shutdown before the message was handled; it will be redelivered"
+                );
+                break;
+            }
             if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
                 tracing::warn!(%error, "cannot store offset; the message may be redelivered");
             }
@@ -104,13 +150,14 @@ impl Worker {
         }
     }
 
-    /// Handle one message to its end: applied, duplicate, or dead-lettered.
-    async fn handle(&self, message: &OwnedMessage, shutdown: &CancellationToken) {
+    /// Handle one message to its end: applied, duplicate, or dead-lettered
+    /// (or abandoned on shutdown).
+    async fn handle(&self, message: &OwnedMessage, shutdown: &CancellationToken) -> Handled {
         let envelope = match kafka::envelope_of(message) {
             Ok(envelope) => envelope,
             Err(error) => {
-                self.dead_letter(message, None, None, &Poison::new("invalid_envelope", error.to_string())).await;
-                return;
+                let poison = Poison::new("invalid_envelope", error.to_string());
+                return self.dead_letter(message, None, &poison, shutdown).await;
             }
         };
         let span = tracing::info_span!(
@@ -121,16 +168,23 @@ impl Worker {
             command_type = %envelope.message_type,
         );
         telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
-        self.handle_enveloped(message, envelope, shutdown).instrument(span).await;
+        self.handle_enveloped(message, envelope, shutdown).instrument(span).await
     }
 
-    async fn handle_enveloped(&self, message: &OwnedMessage, envelope: Envelope, shutdown: &CancellationToken) {
+    async fn handle_enveloped(
+        &self,
+        message: &OwnedMessage,
+        envelope: Envelope,
+        shutdown: &CancellationToken,
+    ) -> Handled {
         let parsed = match self.parse(message, &envelope) {
             Ok(parsed) => parsed,
             Err(poison) => {
-                let command = Command::decode(&envelope.schema_id, message.payload().unwrap_or_default()).ok();
-                self.dead_letter(message, Some(&envelope), command.as_ref(), &poison).await;
-                return;
+                let job = match Command::decode(&envelope.schema_id, message.payload().unwrap_or_default()) {
+                    Ok(command) => JobRef::of(&command),
+                    Err(_) => JobRef::from_envelope(&envelope),
+                };
+                return self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
             }
         };
         let mut attempt = 0;
@@ -140,33 +194,26 @@ impl Worker {
                 Ok(Outcome::Applied(status)) => {
                     metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
                     tracing::info!(status = status.as_str(), attempt, "command applied");
-                    return;
+                    return Handled::Done;
                 }
                 Ok(Outcome::Duplicate) => {
                     metrics::counter!("onceflow_commands_duplicate_total").increment(1);
                     tracing::info!("duplicate delivery; already applied");
-                    return;
+                    return Handled::Done;
                 }
                 Err(HandlerError::Poison(reason)) => {
-                    self.dead_letter(
-                        message,
-                        Some(&envelope),
-                        Some(&parsed.command),
-                        &Poison::new("invalid_payload", reason),
-                    )
-                    .await;
-                    return;
+                    let poison = Poison::new("invalid_payload", reason);
+                    return self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
                 }
                 Err(error) if attempt >= self.retry.max_attempts => {
                     let poison = Poison::new("retries_exhausted", format!("after {attempt} attempts: {error}"));
-                    self.dead_letter(message, Some(&envelope), Some(&parsed.command), &poison).await;
-                    return;
+                    return self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
                 }
                 Err(error) => {
                     let delay = self.retry.delay(attempt);
                     tracing::warn!(%error, attempt, ?delay, "transient failure; retrying");
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => return Handled::Abandoned,
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -187,17 +234,17 @@ impl Worker {
             payload: serde_json::from_str(&command.payload_json)
                 .map_err(|e| Poison::new("invalid_payload", e.to_string()))?,
         };
-        Ok(Parsed { command, context })
+        Ok(Parsed { job: JobRef::of(&command), context })
     }
 
     /// The one transaction: inbox row, effect, result in the outbox.
     async fn apply(&self, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        if !claim_inbox(&mut tx, envelope, &parsed.command).await? {
+        if !claim_inbox(&mut tx, envelope.message_id, &parsed.job).await? {
             return Ok(Outcome::Duplicate);
         }
-        let Some(handler) = self.registry.get(&parsed.command.command_type) else {
-            return Err(HandlerError::Poison(format!("no handler for `{}`", parsed.command.command_type)));
+        let Some(handler) = self.registry.get(&parsed.job.command_type) else {
+            return Err(HandlerError::Poison(format!("no handler for `{}`", parsed.job.command_type)));
         };
         // The effect runs on a savepoint so a refusal leaves nothing behind but
         // the inbox row and the failed result.
@@ -214,7 +261,7 @@ impl Worker {
             Err(other) => return Err(other),
         };
         record_outcome(&mut tx, envelope.message_id, status).await?;
-        let event = self.result_event(envelope, &parsed.command, status, result_json, error);
+        let event = self.result_event(envelope, &parsed.job, status, result_json, error);
         onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await.map_err(outbox_error)?;
         tx.commit().await?;
         Ok(Outcome::Applied(status))
@@ -223,36 +270,54 @@ impl Worker {
     /// Send the original record, with its headers and the error, to the
     /// dead-letter topic; then end its job with a `dead_lettered` result when
     /// the job is known. Keeps trying while the broker or database is down,
-    /// because storing the offset before this succeeds would lose the command.
+    /// because storing the offset before this succeeds would lose the command;
+    /// gives up only on shutdown, leaving the offset unstored.
     async fn dead_letter(
         &self,
         message: &OwnedMessage,
-        envelope: Option<&Envelope>,
-        command: Option<&Command>,
+        job: Option<(&Envelope, &JobRef)>,
         poison: &Poison,
-    ) {
+        shutdown: &CancellationToken,
+    ) -> Handled {
         tracing::warn!(code = poison.code, reason = %poison.message, "dead-lettering command");
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.try_dead_letter(message, envelope, command, poison).await {
-                Ok(()) => break,
+            match self.try_dead_letter(message, job, poison).await {
+                Ok(Outcome::Applied(_)) => break,
+                Ok(Outcome::Duplicate) => {
+                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                    tracing::info!("duplicate delivery; already handled");
+                    return Handled::Done;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "dead-lettering failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Handled::Abandoned,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
         metrics::counter!("onceflow_commands_dead_lettered_total", "code" => poison.code).increment(1);
+        Handled::Done
     }
 
     async fn try_dead_letter(
         &self,
         message: &OwnedMessage,
-        envelope: Option<&Envelope>,
-        command: Option<&Command>,
+        job: Option<(&Envelope, &JobRef)>,
         poison: &Poison,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Outcome> {
+        // A redelivery of a message already handled (dead-lettered, or even
+        // applied) adds nothing: no second dead letter, no second result. Only
+        // a crash between the send below and the inbox commit can duplicate
+        // the dead letter (with the same `message-id`).
+        if let Some((envelope, _)) = job
+            && already_handled(&self.pool, envelope.message_id).await?
+        {
+            return Ok(Outcome::Duplicate);
+        }
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for header in original.iter() {
@@ -279,37 +344,38 @@ impl Worker {
         }
         self.producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error)?;
 
-        let (Some(envelope), Some(command)) = (envelope, command) else { return Ok(()) };
+        let Some((envelope, job)) = job else { return Ok(Outcome::Applied(JobStatus::DeadLettered)) };
         let mut tx = self.pool.begin().await?;
-        if claim_inbox(&mut tx, envelope, command).await? {
-            record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
-            let error = JobError { code: poison.code.to_owned(), message: poison.message.clone() };
-            let event = self.result_event(envelope, command, JobStatus::DeadLettered, None, Some(error));
-            onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
-            tx.commit().await?;
+        if !claim_inbox(&mut tx, envelope.message_id, job).await? {
+            return Ok(Outcome::Duplicate);
         }
-        Ok(())
+        record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
+        let error = JobError { code: poison.code.to_owned(), message: poison.message.clone() };
+        let event = self.result_event(envelope, job, JobStatus::DeadLettered, None, Some(error));
+        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
+        tx.commit().await?;
+        Ok(Outcome::Applied(JobStatus::DeadLettered))
     }
 
     fn result_event(
         &self,
         envelope: &Envelope,
-        command: &Command,
+        job: &JobRef,
         status: JobStatus,
         result_json: Option<String>,
         error: Option<JobError>,
     ) -> ResultEvent {
         ResultEvent {
             event_id: Uuid::now_v7().to_string(),
-            job_id: command.job_id.clone(),
-            tenant: command.tenant.clone(),
+            job_id: job.job_id.clone(),
+            tenant: job.tenant.clone(),
             correlation_id: envelope.correlation_id.clone(),
-            command_type: command.command_type.clone(),
+            command_type: job.command_type.clone(),
             status,
             progress_percent: None,
             result_json,
             error,
-            callback_url: command.callback_url.clone(),
+            callback_url: job.callback_url.clone(),
             occurred_at: chrono::Utc::now().timestamp_millis(),
         }
     }
@@ -336,17 +402,25 @@ impl Worker {
 }
 
 /// Insert the inbox row; `false` if the message was already handled.
-async fn claim_inbox(tx: &mut sqlx::PgConnection, envelope: &Envelope, command: &Command) -> Result<bool, sqlx::Error> {
+async fn claim_inbox(tx: &mut sqlx::PgConnection, message_id: Uuid, job: &JobRef) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO inbox (message_id, tenant, command_type, outcome) VALUES ($1, $2, $3, 'succeeded')
          ON CONFLICT (message_id) DO NOTHING",
     )
-    .bind(envelope.message_id)
-    .bind(&command.tenant)
-    .bind(&command.command_type)
+    .bind(message_id)
+    .bind(&job.tenant)
+    .bind(&job.command_type)
     .execute(tx)
     .await?;
     Ok(inserted.rows_affected() == 1)
+}
+
+/// Whether the message already has its inbox row (committed).
+async fn already_handled(pool: &PgPool, message_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)")
+        .bind(message_id)
+        .fetch_one(pool)
+        .await
 }
 
 async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: JobStatus) -> Result<(), sqlx::Error> {
