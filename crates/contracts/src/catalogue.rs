@@ -25,6 +25,8 @@ pub mod ledger {
     pub const OPEN_ACCOUNT: &str = "ledger.open_account";
     pub const DEPOSIT: &str = "ledger.deposit";
     pub const TRANSFER: &str = "ledger.transfer";
+    /// Long-running: a statement of an account's entries, with progress events.
+    pub const STATEMENT: &str = "ledger.statement";
 
     #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -48,10 +50,16 @@ pub mod ledger {
         pub to: String,
         pub amount: i64,
     }
+
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Statement {
+        pub account_id: String,
+    }
 }
 
 /// Every command type in the catalogue.
-pub const COMMAND_TYPES: &[&str] = &[ledger::OPEN_ACCOUNT, ledger::DEPOSIT, ledger::TRANSFER];
+pub const COMMAND_TYPES: &[&str] = &[ledger::OPEN_ACCOUNT, ledger::DEPOSIT, ledger::TRANSFER, ledger::STATEMENT];
 
 /// Check `payload` against the shape of `command_type`.
 pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Result<ValidatedCommand> {
@@ -82,6 +90,13 @@ pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Resu
             // Transfers are ordered by their source account: that is the
             // balance a transfer can overdraw.
             p.from
+        }
+        ledger::STATEMENT => {
+            let p: ledger::Statement = parse(command_type, payload)?;
+            check_account_id(&p.account_id).map_err(invalid)?;
+            // Ordered with the account's deposits: a statement sees every
+            // deposit submitted before it.
+            p.account_id
         }
         other => return Err(ContractError::UnknownCommandType(other.to_owned())),
     };
@@ -124,6 +139,9 @@ mod tests {
         assert_eq!(v.ordering_key, "a");
         validate_command("ledger.open_account", &json!({"account_id": "a", "currency": "EUR"})).unwrap();
         validate_command("ledger.deposit", &json!({"account_id": "a", "amount": 1})).unwrap();
+        let statement = validate_command("ledger.statement", &json!({"account_id": "acc-1"})).unwrap();
+        assert_eq!(statement.ordering_key, "acc-1", "a statement is ordered by its account");
+        assert_eq!(statement.payload_json, r#"{"account_id":"acc-1"}"#);
     }
 
     #[test]
@@ -136,6 +154,9 @@ mod tests {
             ("ledger.open_account", json!({"account_id": "a b", "currency": "EUR"})),
             ("ledger.transfer", json!({"from": "a", "to": "a", "amount": 5})),
             ("ledger.transfer", json!([1, 2])),
+            ("ledger.statement", json!({})),
+            ("ledger.statement", json!({"account_id": ""})),
+            ("ledger.statement", json!({"account_id": "a", "from": "2024-01-01"})),
         ];
         for (command_type, payload) in cases {
             let error = validate_command(command_type, &payload).unwrap_err();

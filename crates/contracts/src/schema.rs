@@ -25,6 +25,8 @@ pub struct KnownSchema {
 
 impl KnownSchema {
     fn parse(text: &str) -> Self {
+        // apache-avro fixes its limit on first use, parsing included.
+        limit_allocations();
         // The schemas are compiled in and covered by unit tests, so a parse
         // failure is a build defect, not an input error.
         #[allow(clippy::expect_used)]
@@ -55,6 +57,19 @@ pub fn encode<T: serde::Serialize>(schema: &Schema, value: &T) -> Result<Vec<u8>
     Ok(apache_avro::to_avro_datum(schema, value)?)
 }
 
+/// The most one decoded string, byte array or collection may claim. A Kafka
+/// record is at most 1 MiB by default, so anything larger is a crafted or
+/// corrupt length prefix; apache-avro's own default (512 MiB) would let one
+/// poison message make a consumer allocate that much.
+pub const MAX_DECODE_ALLOCATION: usize = 4 * 1024 * 1024;
+
+/// Install [`MAX_DECODE_ALLOCATION`]. apache-avro keeps the first value it is
+/// given, and its first use of any kind (parsing a schema, too) fixes its
+/// 512 MiB default, so this runs before each of those.
+fn limit_allocations() {
+    apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
+}
+
 /// Decode an Avro datum written with `writer` into `T`, resolving it against `reader`.
 pub fn decode_with<T: serde::de::DeserializeOwned>(writer: &Schema, reader: &Schema, mut bytes: &[u8]) -> Result<T> {
     let value = apache_avro::from_avro_datum(writer, &mut bytes, Some(reader))?;
@@ -73,6 +88,16 @@ pub fn decode<T: serde::de::DeserializeOwned>(schema_id: &str, reader: &Schema, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_prefix_claiming_100_mib_is_refused_without_allocating() {
+        // A command whose first string (job_id) claims 100 MiB (zig-zag varint):
+        // under apache-avro's default limit, over ours.
+        let mut bytes = vec![0x80, 0x80, 0x80, 0x64];
+        bytes.extend_from_slice(b"short");
+        let error = decode_with::<crate::Command>(&COMMAND.schema, &COMMAND.schema, &bytes).unwrap_err();
+        assert!(error.to_string().contains("allocat"), "{error}");
+    }
 
     #[test]
     fn schema_ids_name_the_record_and_its_fingerprint() {
