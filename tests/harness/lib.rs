@@ -117,23 +117,11 @@ impl TestEnv {
     }
 
     pub async fn start_processor(&mut self) -> Service {
-        let mut config: onceflow_processor::ProcessorConfig =
-            config::load(onceflow_processor::config::DEFAULTS, None).expect("processor defaults");
-        config.listen = "127.0.0.1:0".to_owned();
-        config.database = self.database("processor");
-        config.kafka = self.kafka.clone();
-        config.group_id = format!("processor-{}", self.id);
-        self.start(|token| onceflow_processor::start(config, token)).await
+        self.start_processor_with(|_| {}).await
     }
 
     pub async fn start_notifier(&mut self) -> Service {
-        let mut config: onceflow_notifier::NotifierConfig =
-            config::load(onceflow_notifier::config::DEFAULTS, None).expect("notifier defaults");
-        config.listen = "127.0.0.1:0".to_owned();
-        config.database = self.database("notifier");
-        config.kafka = self.kafka.clone();
-        config.group_id = format!("notifier-{}", self.id);
-        self.start(|token| onceflow_notifier::start(config, token)).await
+        self.start_notifier_with(|_| {}).await
     }
 
     async fn start<F, Fut>(&self, start: F) -> Service

@@ -15,27 +15,15 @@ use tokio_util::sync::CancellationToken;
 /// Delete expired idempotency records, `batch` rows per statement so a large
 /// backlog of expired keys never becomes one long-locking `DELETE`.
 pub async fn sweep_expired_keys(pool: PgPool, interval: Duration, batch: i64, shutdown: CancellationToken) {
-    loop {
-        loop {
-            match sweep_once(&pool, batch).await {
-                Ok(deleted) if deleted == batch as u64 => continue,
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        tracing::info!(deleted, "expired idempotency keys swept");
-                    }
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "idempotency key sweep failed");
-                    break;
-                }
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
+    let batch_size = u64::try_from(batch).unwrap_or(0);
+    onceflow_runtime::postgres::in_batches_periodically(
+        "expired idempotency keys",
+        batch_size,
+        interval,
+        shutdown,
+        || sweep_once(&pool, batch),
+    )
+    .await;
 }
 
 /// One bounded batch of the sweep; returns how many records it deleted.

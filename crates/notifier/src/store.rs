@@ -188,27 +188,11 @@ pub async fn prune_expired(
     batch: i64,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        loop {
-            match prune_once(&pool, retention, batch).await {
-                Ok(deleted) if deleted == u64::try_from(batch).unwrap_or(0) => continue,
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        tracing::info!(deleted, "expired events pruned");
-                    }
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "pruning events failed");
-                    break;
-                }
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
+    let batch_size = u64::try_from(batch).unwrap_or(0);
+    onceflow_runtime::postgres::in_batches_periodically("expired events", batch_size, interval, shutdown, || {
+        prune_once(&pool, retention, batch)
+    })
+    .await;
 }
 
 /// Events with `seq` up to this may have been pruned.

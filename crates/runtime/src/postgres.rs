@@ -42,3 +42,43 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
         .connect(&config.url)
         .await?)
 }
+
+/// Run `batch` until it handles fewer than `batch_size` rows, then wait
+/// `interval`, and again, until `shutdown`: the shape of every clean-up job
+/// (expired keys, old events), which deletes in bounded batches so no single
+/// statement locks a large backlog. Errors are logged and retried next round.
+pub async fn in_batches_periodically<F, Fut>(
+    what: &'static str,
+    batch_size: u64,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut batch: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    loop {
+        let mut total = 0;
+        loop {
+            match batch().await {
+                Ok(done) => {
+                    total += done;
+                    if done < batch_size {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, what, "clean-up batch failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(total, what, "clean-up done");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
