@@ -426,3 +426,52 @@ async fn refuses_callback_urls_that_point_inside_the_network() {
     db.close().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sheds_with_503_when_no_database_connection_is_free() {
+    let mut env = TestEnv::new();
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.database.max_connections = 2;
+            config.database.acquire_timeout_ms = 200;
+            config.in_flight_wait_ms = 5000;
+        })
+        .await;
+    let api = IngestClient::new(&ingest);
+    let first = api.submit("warm-up", &deposit(1)).await;
+    assert_eq!(first.status, 202);
+
+    // Hold the idempotency row of key "held" in an open transaction outside
+    // ingest: requests with that key wait for it, each holding one of ingest's
+    // two connections, so a request with any other key finds none free.
+    let outside = PgPool::connect(&env.database_url("ingest")).await.unwrap();
+    let mut holder = outside.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (tenant, idempotency_key, fingerprint, job_id, response_status,
+             response_body, response_location, expires_at)
+         VALUES ('dev', 'held', '\\x00', gen_random_uuid(), 202, '\\x00', '/', now() + interval '1 hour')",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { api.submit("held", &deposit(1)).await })
+        })
+        .collect();
+    let shed = eventually("a request to be shed for want of a connection", Duration::from_secs(10), || async {
+        let response = api.submit("another-key", &deposit(1)).await;
+        (response.status == 503).then_some(response)
+    })
+    .await;
+    assert_eq!(shed.problem_type(), format!("{PROBLEM}overloaded"));
+    assert!(shed.header("retry-after").is_some());
+    holder.rollback().await.unwrap();
+    for request in waiting {
+        let response = request.await.unwrap();
+        assert!(matches!(response.status, 202 | 409 | 503), "{}", response.status);
+    }
+    outside.close().await;
+    env.teardown().await;
+}
