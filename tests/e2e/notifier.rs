@@ -197,3 +197,97 @@ async fn a_thousand_subscribers_each_receive_every_event_of_their_own_tenant() {
     drop(notifier);
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_authenticate_with_access_token_and_strangers_get_401() {
+    let mut env = TestEnv::new();
+    let notifier = env.start_notifier().await;
+    let client = reqwest::Client::new();
+    let ok = client.get(notifier.url("/v1/events?access_token=dev-onceflow-key")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["content-type"], "text/event-stream");
+    drop(ok);
+    for url in ["/v1/events", "/v1/events?access_token=nope", "/v1/jobs/00000000-0000-7000-8000-000000000000/events"] {
+        let refused = client.get(notifier.url(url)).send().await.unwrap();
+        assert_eq!(refused.status(), 401, "{url}");
+        assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    }
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_subscriber_is_cut_off_with_stream_lagged_and_resumes_without_loss() {
+    const EVENTS: usize = 2000;
+    let mut env = TestEnv::new();
+    let notifier = env.start_notifier_with(|config| config.sse.buffer = 8).await;
+    // Subscribes to the live feed and then reads nothing for a while.
+    let mut slow = SseClient::connect(&notifier.url("/v1/events"), None).await;
+
+    // Large events, so the unread ones fill the socket buffers and the
+    // notifier can no longer write to this subscriber.
+    let producer = onceflow_tests::kafka_producer(&env.kafka);
+    let topic = env.kafka.topics().results;
+    let padding = "x".repeat(4096);
+    let mut published = std::collections::HashSet::new();
+    let sends = (0..EVENTS).map(|_| {
+        let mut event = event_for("dev");
+        event.result_json = Some(serde_json::json!({"padding": padding}).to_string());
+        published.insert(event.event_id.clone());
+        let envelope = onceflow_contracts::Envelope {
+            message_id: event.event_id.parse().unwrap(),
+            correlation_id: event.correlation_id.clone(),
+            causation_id: Some(event.job_id.clone()),
+            tenant: event.tenant.clone(),
+            message_type: event.status.event_type(),
+            schema_id: onceflow_contracts::schema::RESULT.id.clone(),
+            traceparent: None,
+            tracestate: None,
+        };
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            let payload = event.encode().unwrap();
+            let record = rdkafka::producer::FutureRecord::to(&topic)
+                .key(&event.job_id)
+                .payload(&payload)
+                .headers(onceflow_runtime::kafka::headers(&envelope));
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+        }
+    });
+    futures::future::join_all(sends).await;
+    let db = sqlx::PgPool::connect(&env.database_url("notifier")).await.unwrap();
+    eventually("every event to be stored", Duration::from_secs(120), || async {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db).await.unwrap();
+        (stored == EVENTS as i64).then_some(())
+    })
+    .await;
+
+    // Now read: some events, then the notice, then the end of the stream.
+    let event_id = |event: &eventsource_stream::Event| {
+        serde_json::from_str::<Value>(&event.data).unwrap()["event_id"].as_str().unwrap().to_owned()
+    };
+    let mut received = Vec::new();
+    let mut last_id = None;
+    let lagged = loop {
+        let event = slow.next_event(Duration::from_secs(30)).await.expect("the stream ends only after a notice");
+        if event.event == "stream.lagged" {
+            break event;
+        }
+        last_id = Some(event.id.clone());
+        received.push(event_id(&event));
+    };
+    assert!(received.len() < EVENTS, "the slow subscriber was cut off before the end");
+    let notice: Value = serde_json::from_str(&lagged.data).unwrap();
+    assert_eq!(notice["resume_after"].to_string(), last_id.clone().unwrap_or_else(|| "0".to_owned()));
+    assert!(slow.next_event(Duration::from_secs(10)).await.is_none(), "the stream ends after the notice");
+
+    // It resumes from where it was cut off and gets the rest, once each.
+    let mut resumed = SseClient::connect(&notifier.url("/v1/events"), Some(&notice["resume_after"].to_string())).await;
+    while received.len() < EVENTS {
+        let event = resumed.next_event(Duration::from_secs(60)).await.expect("the rest of the events");
+        received.push(event_id(&event));
+    }
+    let unique: std::collections::HashSet<String> = received.into_iter().collect();
+    assert_eq!(unique, published, "every event once, none lost to the disconnect");
+    db.close().await;
+    env.teardown().await;
+}
