@@ -291,3 +291,51 @@ async fn a_slow_subscriber_is_cut_off_with_stream_lagged_and_resumes_without_los
     db.close().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_instance_serves_every_subscriber() {
+    let mut env = TestEnv::new();
+    // Two instances in one consumer group: each consumes only some partitions.
+    let first = env.start_notifier().await;
+    let second = env.start_notifier().await;
+    let mut on_first = SseClient::connect(&first.url("/v1/events"), Some("0")).await;
+    let mut on_second = SseClient::connect(&second.url("/v1/events"), Some("0")).await;
+    let events: Vec<_> = (0..10).map(|_| event_for("dev")).collect();
+    for event in &events {
+        env.publish_result(event).await;
+    }
+    let mut expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    expected.sort();
+    for stream in [&mut on_first, &mut on_second] {
+        let mut got = Vec::new();
+        for _ in 0..events.len() {
+            let event = stream.next_event(Duration::from_secs(90)).await.expect("an event");
+            got.push(serde_json::from_str::<Value>(&event.data).unwrap()["event_id"].as_str().unwrap().to_owned());
+        }
+        got.sort();
+        assert_eq!(got, expected, "a subscriber of either instance gets every event");
+    }
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_get_heartbeats_and_a_retry_hint() {
+    use futures::StreamExt as _;
+    let mut env = TestEnv::new();
+    let notifier = env
+        .start_notifier_with(|config| {
+            config.sse.heartbeat_secs = 1;
+            config.sse.reconnect_ms = 1500;
+        })
+        .await;
+    let response =
+        reqwest::Client::new().get(notifier.url("/v1/events")).bearer_auth("dev-onceflow-key").send().await.unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(text.contains("retry: 1500") && text.contains(": heartbeat\n\n")) {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.unwrap_or_else(|_| panic!("no heartbeat within 10 s: {text:?}"));
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("open stream").unwrap()));
+    }
+    env.teardown().await;
+}
