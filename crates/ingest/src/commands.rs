@@ -37,7 +37,7 @@ const PATH: &str = "/v1/commands";
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitCommand {
-    /// The command type: `ledger.open_account`, `ledger.deposit` or `ledger.transfer`.
+    /// The command type: `ledger.open_account`, `ledger.deposit`, `ledger.transfer` or `ledger.statement`.
     #[serde(rename = "type")]
     #[schema(example = "ledger.deposit")]
     command_type: String,

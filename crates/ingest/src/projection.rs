@@ -5,12 +5,18 @@
 use onceflow_contracts::{JobStatus, ResultEvent, envelope::Envelope};
 use rdkafka::{Message as _, message::OwnedMessage};
 use sqlx::PgPool;
+use tracing::Instrument as _;
 
 /// Apply one result event to the `jobs` table.
 pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Error> {
     let Some(event) = decode(&message) else { return Ok(()) };
     let span = tracing::info_span!("project_result", correlation_id = %event.correlation_id, job_id = %event.job_id);
-    let _entered = span.enter();
+    // `instrument`, not `enter`: a guard held across an `.await` corrupts the
+    // span stack of whatever else runs on the thread meanwhile.
+    project(pool, &event).instrument(span).await
+}
+
+async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), sqlx::Error> {
     let Ok(job_id) = uuid::Uuid::parse_str(&event.job_id) else {
         tracing::warn!("result event with a malformed job id; skipped");
         return Ok(());
