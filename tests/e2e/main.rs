@@ -5,4 +5,5 @@ mod flow;
 mod ingest;
 mod notifier;
 mod processor;
+mod statement;
 mod webhooks;

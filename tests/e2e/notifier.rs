@@ -334,7 +334,9 @@ async fn idle_streams_get_heartbeats_and_a_retry_hint() {
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !(text.contains("retry: 1500") && text.contains(": heartbeat\n\n")) {
-        let chunk = tokio::time::timeout_at(deadline, body.next()).await.unwrap_or_else(|_| panic!("no heartbeat within 10 s: {text:?}"));
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no heartbeat within 10 s: {text:?}"));
         text.push_str(&String::from_utf8_lossy(&chunk.expect("open stream").unwrap()));
     }
     env.teardown().await;

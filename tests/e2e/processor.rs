@@ -6,6 +6,9 @@
 //!   error, ends its job visibly, and the commands behind it still apply;
 //! - a shutdown in the middle of a command's retries leaves the command for
 //!   redelivery instead of skipping it;
+//! - a dead-lettered command, redriven by the operator once its cause is
+//!   fixed, applies exactly once; a plain redelivery or a second redrive does
+//!   nothing;
 //! - processor processes SIGKILLed again and again (two in one consumer
 //!   group) leave every command applied exactly once and the ledger balanced.
 
@@ -933,4 +936,130 @@ async fn sigkilled_processors_apply_every_command_exactly_once() {
 async fn fleet_progress(db: &PgPool, from: i64) -> Option<usize> {
     let now: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox").fetch_one(db).await.ok()?;
     usize::try_from(now - from).ok()
+}
+
+// ---------------------------------------------------------------------------
+// Redrive of dead letters.
+// ---------------------------------------------------------------------------
+
+const ADMIN_TOKEN: &str = "test-admin-token";
+
+async fn redrive(processor: &onceflow_tests::Service, message_id: &str, token: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(processor.url(&format!("/admin/dead-letters/{message_id}/redrive")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("redrive request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn outcome_of(db: &PgPool, id: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT outcome FROM inbox WHERE message_id = $1").bind(id).fetch_optional(db).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redriven_dead_letter_is_applied_exactly_once() {
+    let mut env = TestEnv::new();
+    let processor = env
+        .start_processor_with(|config| {
+            config.retry.max_attempts = 3;
+            config.retry.base_delay_ms = 10;
+            config.retry.max_delay_ms = 50;
+            config.admin.token = ADMIN_TOKEN.to_owned();
+        })
+        .await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let db = processor_db(&env).await;
+    let account = "remy";
+
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topics.commands, &open, None).await;
+    wait_handled(&db, &[open.job_id], OUTCOME_TIMEOUT).await;
+
+    // A database fault the processor takes for transient: the deposit exhausts its retries.
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_posting() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'serialization_failure'; END $$;
+         CREATE TRIGGER fail_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION fail_posting();",
+    )
+    .execute(&db)
+    .await
+    .expect("inject the fault");
+    let deposit = CommandMessage::deposit(account, 700);
+    send(&producer, &topics.commands, &deposit, None).await;
+    wait_handled(&db, &[deposit.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(outcome_of(&db, deposit.job_id).await.as_deref(), Some("dead_lettered"));
+
+    // The operator lists it, with the error and where it came from.
+    let unauthorized = reqwest::Client::new().get(processor.url("/admin/dead-letters")).send().await.unwrap();
+    assert_eq!(unauthorized.status(), 401, "the admin endpoints need the token");
+    let listed: Value = reqwest::Client::new()
+        .get(processor.url("/admin/dead-letters"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let letters = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{listed}");
+    assert_eq!(letters[0]["message_id"], deposit.id());
+    assert_eq!(letters[0]["error"]["code"], "retries_exhausted");
+    assert_eq!(letters[0]["original_topic"], topics.commands);
+    assert_eq!(letters[0]["key"], account);
+    assert_eq!(letters[0]["redrive_count"], 0);
+
+    // Refused: a wrong token, an id that was applied normally, an unknown id.
+    assert_eq!(redrive(&processor, &deposit.id(), "wrong").await.0, 401);
+    assert_eq!(redrive(&processor, &open.id(), ADMIN_TOKEN).await.0, 404, "not a dead letter");
+    assert_eq!(redrive(&processor, &Uuid::now_v7().to_string(), ADMIN_TOKEN).await.0, 404);
+
+    // The cause is fixed. A plain redelivery of the dead letter still does nothing.
+    sqlx::raw_sql("DROP TRIGGER fail_posting ON postings").execute(&db).await.expect("repair");
+    send(&producer, &topics.commands, &deposit, None).await;
+    let marker = CommandMessage::deposit(account, 1);
+    send(&producer, &topics.commands, &marker, None).await;
+    wait_handled(&db, &[marker.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, account).await, 1, "a plain redelivery of a dead letter is a no-op");
+
+    // Redriven: applied once.
+    let (status, body) = redrive(&processor, &deposit.id(), ADMIN_TOKEN).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["redrive_count"], 1);
+    eventually("the redriven deposit to apply", OUTCOME_TIMEOUT, || async {
+        (outcome_of(&db, deposit.job_id).await.as_deref() == Some("succeeded")).then_some(())
+    })
+    .await;
+    assert_eq!(balance(&db, account).await, 701, "the redriven deposit took effect");
+
+    // Again: refused, and neither the redriven record delivered once more nor
+    // another redrive changes anything.
+    let (status, body) = redrive(&processor, &deposit.id(), ADMIN_TOKEN).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["type"], "https://onceflow.dev/problems/already-redriven");
+    send(&producer, &topics.commands, &deposit, None).await;
+    let marker = CommandMessage::deposit(account, 2);
+    send(&producer, &topics.commands, &marker, None).await;
+    wait_handled(&db, &[marker.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, account).await, 703, "the deposit applied exactly once");
+    assert_eq!(count(&db, "SELECT count(*) FROM postings").await, 3);
+
+    // Its job ended dead_lettered, then succeeded once after the redrive.
+    let results = published_results(&env, &db).await;
+    let statuses: Vec<JobStatus> = results_of(&results, &deposit.id()).iter().map(|e| e.status).collect();
+    assert_eq!(statuses, [JobStatus::DeadLettered, JobStatus::Succeeded]);
+    let redriven = read_topic_to_end(&env.kafka, &topics.commands, OUTCOME_TIMEOUT)
+        .await
+        .into_iter()
+        .filter(|r| r.record.headers.get("message-id") == Some(&deposit.id()))
+        .count();
+    assert_eq!(redriven, 4, "sent, redelivered, redriven (through the outbox), redelivered again");
+
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
 }

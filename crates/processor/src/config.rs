@@ -13,9 +13,19 @@ pub struct ProcessorConfig {
     pub listen: String,
     pub group_id: String,
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+}
+
+/// The operator's admin endpoints (dead letters: list and redrive).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+pub struct AdminConfig {
+    /// Bearer token of `/admin/*`; empty (the default) serves no admin endpoint.
+    #[serde(default)]
+    pub token: String,
 }
 
 /// Bounded retries of transient failures.

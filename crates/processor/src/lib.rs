@@ -3,11 +3,13 @@
 //! - [`worker`]: the consume → {inbox, effect, outbox} → store-offset loop,
 //!   with retries and the dead-letter topic.
 //! - [`handlers`]: the handler registry and the shipped ledger.
+//! - [`admin`]: the operator's endpoints to list and redrive dead letters.
 //! - [`config`]: settings and their defaults.
 //!
 //! [`start`] runs migrations, creates the topics, and starts the worker, the
 //! outbox relay that publishes results, and the health endpoints.
 
+pub mod admin;
 pub mod config;
 pub mod handlers;
 pub mod worker;
@@ -41,11 +43,14 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
         pool: pool.clone(),
         producer,
         registry: handlers::Registry::with_builtin_handlers(),
-        topics,
+        topics: topics.clone(),
         retry: config.retry.clone(),
     };
     tasks.spawn(worker.run(consumer, shutdown.clone()));
 
-    let router = http::probes(http::standard_checks(pool, config.kafka.clone()));
+    let mut router = http::probes(http::standard_checks(pool.clone(), config.kafka.clone()));
+    if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
+        router = router.merge(admin);
+    }
     Running::with_http(tasks, &config.listen, router, shutdown).await
 }

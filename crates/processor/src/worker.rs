@@ -13,7 +13,10 @@
 //! message (no valid envelope, undecodable body, unknown type, payload that
 //! does not fit its type) or one that exhausted its retries goes to the
 //! dead-letter topic and, when its job is known, ends with a `dead_lettered`
-//! result. The worker never stops on a message.
+//! result. The worker never stops on a message. A dead letter with an envelope
+//! is also kept in the `dead_letters` table, from which an operator redrives
+//! it ([`crate::admin`]); a redriven message is applied once more, and only
+//! once, because the pending redrive is consumed in the effect's transaction.
 //!
 //! A message's offset is stored only once the message reached one of those
 //! ends. A message abandoned half-way (shutdown during a retry's backoff, or
@@ -38,7 +41,7 @@ use uuid::Uuid;
 
 use crate::{
     config::RetryConfig,
-    handlers::{CommandContext, HandlerError, Registry},
+    handlers::{CommandContext, HandlerError, Progress, Registry},
 };
 
 /// Headers the worker adds to a dead-lettered message.
@@ -233,6 +236,7 @@ impl Worker {
             command_type: command.command_type.clone(),
             payload: serde_json::from_str(&command.payload_json)
                 .map_err(|e| Poison::new("invalid_payload", e.to_string()))?,
+            progress: Progress::default(),
         };
         Ok(Parsed { job: JobRef::of(&command), context })
     }
@@ -248,8 +252,10 @@ impl Worker {
         };
         // The effect runs on a savepoint so a refusal leaves nothing behind but
         // the inbox row and the failed result.
+        let mut context = parsed.context.clone();
+        context.progress = self.progress_sink(envelope, &parsed.job);
         let mut effect = sqlx::Connection::begin(&mut *tx).await?;
-        let (status, result_json, error) = match handler(&mut effect, &parsed.context).await {
+        let (status, result_json, error) = match handler(&mut effect, &context).await {
             Ok(result) => {
                 effect.commit().await?;
                 (JobStatus::Succeeded, Some(result.to_string()), None)
@@ -265,6 +271,28 @@ impl Worker {
         onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await.map_err(outbox_error)?;
         tx.commit().await?;
         Ok(Outcome::Applied(status))
+    }
+
+    /// Where a handler's progress goes: each report is a `processing` result
+    /// event committed to the outbox in its own transaction (on another
+    /// connection), so it is published, in order, before the command's result.
+    fn progress_sink(&self, envelope: &Envelope, job: &JobRef) -> Progress {
+        let worker = self.clone();
+        let envelope = envelope.clone();
+        let job = job.clone();
+        Progress::new(std::sync::Arc::new(move |percent| {
+            let (worker, envelope, job) = (worker.clone(), envelope.clone(), job.clone());
+            Box::pin(async move {
+                let mut event = worker.result_event(&envelope, &job, JobStatus::Processing, None, None);
+                event.progress_percent = Some(percent);
+                let message = worker.result_message(&envelope, &event)?;
+                let mut tx = worker.pool.begin().await?;
+                onceflow_outbox::enqueue(&mut tx, &message).await.map_err(outbox_error)?;
+                tx.commit().await?;
+                metrics::counter!("onceflow_progress_events_total").increment(1);
+                Ok(())
+            })
+        }))
     }
 
     /// Send the original record, with its headers and the error, to the
@@ -313,6 +341,7 @@ impl Worker {
         // applied) adds nothing: no second dead letter, no second result. Only
         // a crash between the send below and the inbox commit can duplicate
         // the dead letter (with the same `message-id`).
+        // A redriven message that fails again is dead-lettered again.
         if let Some((envelope, _)) = job
             && already_handled(&self.pool, envelope.message_id).await?
         {
@@ -350,6 +379,7 @@ impl Worker {
             return Ok(Outcome::Duplicate);
         }
         record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
+        record_dead_letter(&mut tx, message, envelope, job, poison).await?;
         let error = JobError { code: poison.code.to_owned(), message: poison.message.clone() };
         let event = self.result_event(envelope, job, JobStatus::DeadLettered, None, Some(error));
         onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
@@ -402,6 +432,12 @@ impl Worker {
 }
 
 /// Insert the inbox row; `false` if the message was already handled.
+///
+/// The one exception: a message whose inbox outcome is `dead_lettered` and
+/// that an operator redrove (see [`crate::admin`]) is claimed once more. The
+/// pending redrive is consumed here, in the caller's transaction, so it is
+/// used up exactly when the effect commits; a concurrent second delivery
+/// blocks on the dead letter's row and then finds nothing pending.
 async fn claim_inbox(tx: &mut sqlx::PgConnection, message_id: Uuid, job: &JobRef) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO inbox (message_id, tenant, command_type, outcome) VALUES ($1, $2, $3, 'succeeded')
@@ -410,17 +446,81 @@ async fn claim_inbox(tx: &mut sqlx::PgConnection, message_id: Uuid, job: &JobRef
     .bind(message_id)
     .bind(&job.tenant)
     .bind(&job.command_type)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
-    Ok(inserted.rows_affected() == 1)
+    if inserted.rows_affected() == 1 {
+        return Ok(true);
+    }
+    let redriven = sqlx::query(
+        "UPDATE dead_letters d SET redrive_pending = false, reapplied_at = now()
+         FROM inbox i
+         WHERE d.message_id = $1 AND d.redrive_pending AND i.message_id = d.message_id AND i.outcome = 'dead_lettered'",
+    )
+    .bind(message_id)
+    .execute(&mut *tx)
+    .await?;
+    if redriven.rows_affected() == 1 {
+        tracing::info!("redriven dead letter: applying it once more");
+        metrics::counter!("onceflow_commands_redriven_total").increment(1);
+        return Ok(true);
+    }
+    Ok(false)
 }
 
-/// Whether the message already has its inbox row (committed).
+/// Whether the message already has its inbox row (committed) and no redrive
+/// of it is pending.
 async fn already_handled(pool: &PgPool, message_id: Uuid) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)")
-        .bind(message_id)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)
+            AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE message_id = $1 AND redrive_pending)",
+    )
+    .bind(message_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Keep the dead-lettered record, as it arrived, for listing and redrive (a
+/// message dead-lettered again after a redrive gets its row refreshed).
+async fn record_dead_letter(
+    tx: &mut sqlx::PgConnection,
+    message: &OwnedMessage,
+    envelope: &Envelope,
+    job: &JobRef,
+    poison: &Poison,
+) -> Result<(), sqlx::Error> {
+    let headers: Vec<serde_json::Value> = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .filter_map(|h| Some(serde_json::json!([h.key, std::str::from_utf8(h.value?).ok()?])))
+                .collect()
+        })
+        .unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO dead_letters (message_id, tenant, command_type, job_id, original_topic, original_partition,
+                                   original_offset, message_key, headers, payload, error_code, error_message)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ON CONFLICT (message_id) DO UPDATE SET
+             original_topic = EXCLUDED.original_topic, original_partition = EXCLUDED.original_partition,
+             original_offset = EXCLUDED.original_offset, error_code = EXCLUDED.error_code,
+             error_message = EXCLUDED.error_message, dead_lettered_at = now(), reapplied_at = NULL",
+    )
+    .bind(envelope.message_id)
+    .bind(&job.tenant)
+    .bind(&job.command_type)
+    .bind(&job.job_id)
+    .bind(message.topic())
+    .bind(message.partition())
+    .bind(message.offset())
+    .bind(message.key().map(|key| String::from_utf8_lossy(key).into_owned()))
+    .bind(serde_json::Value::Array(headers))
+    .bind(message.payload().unwrap_or_default())
+    .bind(poison.code)
+    .bind(&poison.message)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: JobStatus) -> Result<(), sqlx::Error> {

@@ -16,7 +16,17 @@ pub fn register(registry: &mut Registry) {
     registry.register(ledger::OPEN_ACCOUNT, open_account);
     registry.register(ledger::DEPOSIT, deposit);
     registry.register(ledger::TRANSFER, transfer);
+    registry.register(ledger::STATEMENT, statement);
 }
+
+/// Entries read per page of a statement.
+pub const STATEMENT_PAGE_SIZE: i64 = 50;
+/// A statement lists at most this many entries, the most recent ones (about
+/// 150 bytes each, so the result stays well below the 4 MiB a consumer decodes);
+/// its count and closing balance always cover every entry.
+pub const STATEMENT_MAX_ENTRIES: usize = 10_000;
+/// A statement reports progress each time it crosses a multiple of this percent.
+pub const STATEMENT_PROGRESS_STEP: i64 = 25;
 
 fn payload<T: DeserializeOwned>(command: &CommandContext) -> Result<T, HandlerError> {
     catalogue::parse(&command.command_type, &command.payload).map_err(|e| HandlerError::Poison(e.to_string()))
@@ -80,6 +90,103 @@ fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handle
         Ok(serde_json::json!({
             "from": {"account_id": from.id, "balance": from.balance - p.amount},
             "to": {"account_id": to.id, "balance": to.balance + p.amount},
+        }))
+    })
+}
+
+/// A statement of an account: every entry in posting order with its running
+/// balance, read page by page with a keyset cursor (the posting id, a UUIDv7,
+/// so time-ordered), reporting progress every 25 % before the result. The
+/// account row is share-locked for the statement's transaction, so no posting
+/// to the account (each locks it for update) can slip in between pages: the
+/// entries and the closing balance are one consistent picture. At most
+/// [`STATEMENT_MAX_ENTRIES`] (the most recent) are listed.
+fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        let p: ledger::Statement = payload(command)?;
+        let account =
+            sqlx::query("SELECT currency, balance FROM accounts WHERE tenant = $1 AND account_id = $2 FOR SHARE")
+                .bind(&command.tenant)
+                .bind(&p.account_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| {
+                    HandlerError::refused("unknown_account", format!("account {} does not exist", p.account_id))
+                })?;
+        let currency: String = account.try_get("currency")?;
+        let balance: i64 = account.try_get("balance")?;
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM entries WHERE tenant = $1 AND account_id = $2")
+            .bind(&command.tenant)
+            .bind(&p.account_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        command.progress.report(0).await?;
+
+        let mut entries = std::collections::VecDeque::new();
+        let mut seen = 0i64;
+        let mut running = 0i64;
+        let mut cursor = uuid::Uuid::nil();
+        let mut reported = 0i64;
+        loop {
+            let page = sqlx::query(
+                "SELECT e.posting_id, e.amount, p.kind, p.created_at FROM entries e JOIN postings p USING (posting_id)
+                 WHERE e.tenant = $1 AND e.account_id = $2 AND e.posting_id > $3
+                 ORDER BY e.posting_id LIMIT $4",
+            )
+            .bind(&command.tenant)
+            .bind(&p.account_id)
+            .bind(cursor)
+            .bind(STATEMENT_PAGE_SIZE)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = page.last() else { break };
+            cursor = last.try_get("posting_id")?;
+            for row in &page {
+                let amount: i64 = row.try_get("amount")?;
+                running += amount;
+                let posted_at: chrono::DateTime<chrono::Utc> = row.try_get("created_at")?;
+                seen += 1;
+                if entries.len() == STATEMENT_MAX_ENTRIES {
+                    entries.pop_front();
+                }
+                entries.push_back(serde_json::json!({
+                    "posting_id": row.try_get::<uuid::Uuid, _>("posting_id")?,
+                    "kind": row.try_get::<String, _>("kind")?,
+                    "amount": amount,
+                    "balance_after": running,
+                    "posted_at": posted_at.to_rfc3339(),
+                }));
+            }
+            // Progress at each step crossed, never the 100 % the result stands for.
+            let step = (seen * 100 / total.max(1)) / STATEMENT_PROGRESS_STEP * STATEMENT_PROGRESS_STEP;
+            if step > reported && step < 100 {
+                reported = step;
+                command.progress.report(i32::try_from(step).unwrap_or(99)).await?;
+            }
+            if i64::try_from(page.len()).unwrap_or(0) < STATEMENT_PAGE_SIZE {
+                break;
+            }
+        }
+        if running != balance {
+            // Cannot happen while every posting goes through `post`; a retry
+            // would see the same data, so refuse rather than publish a lie.
+            return Err(HandlerError::refused(
+                "ledger_inconsistent",
+                format!("entries of {} sum to {running} but its balance is {balance}", p.account_id),
+            ));
+        }
+        // The balance before the first entry listed: 0 unless older entries were left out.
+        let opening = entries.front().map_or(running, |first| {
+            first["balance_after"].as_i64().unwrap_or(0) - first["amount"].as_i64().unwrap_or(0)
+        });
+        Ok(serde_json::json!({
+            "account_id": p.account_id,
+            "currency": currency,
+            "opening_balance": opening,
+            "closing_balance": running,
+            "entry_count": seen,
+            "truncated": i64::try_from(entries.len()).unwrap_or(i64::MAX) < seen,
+            "entries": entries,
         }))
     })
 }

@@ -5,10 +5,17 @@
 //! A handler runs inside the processor's transaction (on a savepoint), so
 //! whatever it writes commits together with the inbox row and the result's
 //! outbox row, or not at all.
+//!
+//! A long-running handler may report progress with [`Progress::report`]: each
+//! report is a `processing` result event committed to the outbox in its own
+//! short transaction, so it is published before the handler's result. Progress
+//! is advisory and at least once (a retried or redelivered command reports it
+//! again; consumers dedup by event id and only move a job forward); the
+//! terminal result stays exactly once.
 
 pub mod ledger;
 
-use std::{collections::HashMap, future::Future, pin::Pin};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -20,6 +27,38 @@ pub struct CommandContext {
     pub tenant: String,
     pub command_type: String,
     pub payload: serde_json::Value,
+    /// Where a long-running handler reports its progress.
+    pub progress: Progress,
+}
+
+/// Publishes a job's progress (a `processing` result event with a percent)
+/// durably, outside the handler's transaction.
+pub type ProgressFn = dyn Fn(i32) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>> + Send + Sync;
+
+/// A handler's way to report progress; reports nothing unless the worker gave it a sink.
+#[derive(Clone, Default)]
+pub struct Progress {
+    sink: Option<Arc<ProgressFn>>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress").field("enabled", &self.sink.is_some()).finish()
+    }
+}
+
+impl Progress {
+    pub fn new(sink: Arc<ProgressFn>) -> Self {
+        Self { sink: Some(sink) }
+    }
+
+    /// Commit a `processing` event with `percent` (0-100) to the outbox now.
+    pub async fn report(&self, percent: i32) -> Result<(), HandlerError> {
+        match &self.sink {
+            Some(sink) => sink(percent.clamp(0, 100)).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// How a handler can fail; the processor's reaction depends on which.

@@ -1,0 +1,203 @@
+//! The operator's admin endpoints, on the processor's health port, for
+//! dead-lettered commands:
+//!
+//! - `GET /admin/dead-letters?limit=N` lists them, newest first (default 100);
+//! - `POST /admin/dead-letters/{message_id}/redrive` puts the original record
+//!   (key, envelope headers, bytes) back on the commands topic through the
+//!   outbox and marks the dead letter `redrive_pending`.
+//!
+//! Both need `Authorization: Bearer <admin.token>`; with no token configured
+//! the endpoints are not served at all.
+//!
+//! A redriven command still takes effect at most once: the worker applies a
+//! message whose inbox outcome is `dead_lettered` only while a redrive of it is
+//! pending, and consumes the pending flag in the transaction of the effect.
+//! A redrive is refused (`409`) while one is pending or once the message was
+//! applied after a redrive; an id that is not a dead letter is `404`. Only
+//! dead letters with an envelope (a message id) are kept and redrivable; a
+//! record without headers is only on the dead-letter topic.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use onceflow_contracts::{Envelope, topics::Topics};
+use onceflow_outbox::OutboxMessage;
+use sqlx::{PgPool, Row as _};
+use uuid::Uuid;
+
+#[derive(Clone)]
+struct AdminState {
+    pool: PgPool,
+    topics: Topics,
+    token: Arc<str>,
+}
+
+/// The admin routes, or `None` when no admin token is configured.
+pub fn router(pool: PgPool, topics: Topics, token: &str) -> Option<Router> {
+    if token.is_empty() {
+        return None;
+    }
+    let state = AdminState { pool, topics, token: Arc::from(token) };
+    Some(
+        Router::new()
+            .route("/admin/dead-letters", get(list))
+            .route("/admin/dead-letters/{message_id}/redrive", post(redrive))
+            .with_state(state),
+    )
+}
+
+fn problem(status: StatusCode, slug: &str, detail: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "type": format!("https://onceflow.dev/problems/{slug}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+}
+
+/// Whether the request carries the admin token.
+fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant-time comparison.
+    let expected = state.token.as_bytes();
+    given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn unauthorized() -> Response {
+    problem(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin token is required")
+}
+
+fn internal(error: impl std::fmt::Display) -> Response {
+    tracing::error!(%error, "admin request failed");
+    problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is unavailable; try again")
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<ListQuery>) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = match sqlx::query(
+        "SELECT d.*, i.outcome FROM dead_letters d JOIN inbox i USING (message_id)
+         ORDER BY d.dead_lettered_at DESC, d.message_id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(error) => return internal(error),
+    };
+    let items: Result<Vec<serde_json::Value>, sqlx::Error> = rows
+        .iter()
+        .map(|row| {
+            Ok(serde_json::json!({
+                "message_id": row.try_get::<Uuid, _>("message_id")?,
+                "job_id": row.try_get::<String, _>("job_id")?,
+                "tenant": row.try_get::<String, _>("tenant")?,
+                "command_type": row.try_get::<String, _>("command_type")?,
+                "original_topic": row.try_get::<String, _>("original_topic")?,
+                "original_partition": row.try_get::<i32, _>("original_partition")?,
+                "original_offset": row.try_get::<i64, _>("original_offset")?,
+                "key": row.try_get::<Option<String>, _>("message_key")?,
+                "headers": row.try_get::<serde_json::Value, _>("headers")?,
+                "payload_size": row.try_get::<Vec<u8>, _>("payload")?.len(),
+                "error": {
+                    "code": row.try_get::<String, _>("error_code")?,
+                    "message": row.try_get::<String, _>("error_message")?,
+                },
+                "dead_lettered_at": row.try_get::<chrono::DateTime<chrono::Utc>, _>("dead_lettered_at")?,
+                "redrive_count": row.try_get::<i32, _>("redrive_count")?,
+                "redrive_pending": row.try_get::<bool, _>("redrive_pending")?,
+                "last_redriven_at": row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("last_redriven_at")?,
+                "reapplied_at": row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("reapplied_at")?,
+                "inbox_outcome": row.try_get::<String, _>("outcome")?,
+            }))
+        })
+        .collect();
+    match items {
+        Ok(items) => Json(serde_json::json!({"dead_letters": items})).into_response(),
+        Err(error) => internal(error),
+    }
+}
+
+async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(message_id): Path<String>) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Ok(message_id) = Uuid::parse_str(&message_id) else {
+        return problem(StatusCode::NOT_FOUND, "not-a-dead-letter", format!("{message_id} is not a message id"));
+    };
+    match try_redrive(&state, message_id).await {
+        Ok(response) => response,
+        Err(error) => internal(error),
+    }
+}
+
+async fn try_redrive(state: &AdminState, message_id: Uuid) -> anyhow::Result<Response> {
+    let mut tx = state.pool.begin().await?;
+    let Some(row) = sqlx::query(
+        "SELECT d.message_key, d.headers, d.payload, d.redrive_pending, d.redrive_count, i.outcome
+         FROM dead_letters d JOIN inbox i USING (message_id) WHERE d.message_id = $1 FOR UPDATE OF d",
+    )
+    .bind(message_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(problem(StatusCode::NOT_FOUND, "not-a-dead-letter", format!("{message_id} was not dead-lettered")));
+    };
+    let outcome: String = row.try_get("outcome")?;
+    if outcome != "dead_lettered" {
+        return Ok(problem(
+            StatusCode::CONFLICT,
+            "already-redriven",
+            format!(
+                "{message_id} was already applied after a redrive (outcome {outcome}); it takes effect at most once"
+            ),
+        ));
+    }
+    if row.try_get::<bool, _>("redrive_pending")? {
+        return Ok(problem(
+            StatusCode::CONFLICT,
+            "redrive-pending",
+            format!("a redrive of {message_id} is already on its way"),
+        ));
+    }
+    let headers: Vec<(String, String)> = serde_json::from_value(row.try_get("headers")?)?;
+    let envelope = Envelope::from_headers(headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_bytes()))))?;
+    let message = OutboxMessage {
+        topic: state.topics.commands.clone(),
+        key: row.try_get("message_key")?,
+        payload: row.try_get("payload")?,
+        envelope,
+    };
+    let count: i32 = sqlx::query_scalar(
+        "UPDATE dead_letters SET redrive_pending = true, redrive_count = redrive_count + 1, last_redriven_at = now()
+         WHERE message_id = $1 RETURNING redrive_count",
+    )
+    .bind(message_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    onceflow_outbox::enqueue(&mut tx, &message).await?;
+    tx.commit().await?;
+    tracing::info!(%message_id, redrive_count = count, "dead letter redriven");
+    metrics::counter!("onceflow_dead_letters_redriven_total").increment(1);
+    let body = serde_json::json!({"message_id": message_id, "redrive_count": count, "status": "redriven"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
