@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use onceflow_contracts::{Envelope, JobStatus, ResultEvent, schema};
+use onceflow_contracts::{JobStatus, ResultEvent};
 use onceflow_runtime::auth::TenantKey;
-use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually, result_envelope};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -270,16 +270,7 @@ async fn job_status_only_moves_forward_and_says_when_to_poll_again() {
             callback_url: None,
             occurred_at: 0,
         };
-        let envelope = Envelope {
-            message_id: event_id.parse().unwrap(),
-            correlation_id: correlation_id.clone(),
-            causation_id: Some(event_job.to_owned()),
-            tenant: "dev".to_owned(),
-            message_type: status.event_type(),
-            schema_id: schema::RESULT.id.clone(),
-            traceparent: None,
-            tracestate: None,
-        };
+        let envelope = result_envelope(&event);
         let payload = event.encode().unwrap();
         let record = FutureRecord::to(&results)
             .key(&job_id)

@@ -233,16 +233,7 @@ async fn a_slow_subscriber_is_cut_off_with_stream_lagged_and_resumes_without_los
         let mut event = event_for("dev");
         event.result_json = Some(serde_json::json!({"padding": padding}).to_string());
         published.insert(event.event_id.clone());
-        let envelope = onceflow_contracts::Envelope {
-            message_id: event.event_id.parse().unwrap(),
-            correlation_id: event.correlation_id.clone(),
-            causation_id: Some(event.job_id.clone()),
-            tenant: event.tenant.clone(),
-            message_type: event.status.event_type(),
-            schema_id: onceflow_contracts::schema::RESULT.id.clone(),
-            traceparent: None,
-            tracestate: None,
-        };
+        let envelope = onceflow_tests::result_envelope(&event);
         let (producer, topic) = (producer.clone(), topic.clone());
         async move {
             let payload = event.encode().unwrap();

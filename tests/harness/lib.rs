@@ -711,16 +711,7 @@ impl TestEnv {
     /// job id. Publishing the same event twice is a redelivery.
     pub async fn publish_result(&self, event: &onceflow_contracts::ResultEvent) {
         use rdkafka::producer::FutureRecord;
-        let envelope = onceflow_contracts::Envelope {
-            message_id: uuid::Uuid::parse_str(&event.event_id).expect("event ids are UUIDs"),
-            correlation_id: event.correlation_id.clone(),
-            causation_id: Some(event.job_id.clone()),
-            tenant: event.tenant.clone(),
-            message_type: event.status.event_type(),
-            schema_id: onceflow_contracts::schema::RESULT.id.clone(),
-            traceparent: None,
-            tracestate: None,
-        };
+        let envelope = result_envelope(event);
         let payload = event.encode().expect("encodable result");
         let topic = self.kafka.topics().results;
         let producer = kafka_producer(&self.kafka);
@@ -729,6 +720,21 @@ impl TestEnv {
             .payload(payload.as_slice())
             .headers(onceflow_runtime::kafka::headers(&envelope));
         producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error).expect("result published");
+    }
+}
+
+/// The envelope the processor puts on `event` (`message-id` = `event_id`,
+/// caused by the job's command).
+pub fn result_envelope(event: &onceflow_contracts::ResultEvent) -> onceflow_contracts::Envelope {
+    onceflow_contracts::Envelope {
+        message_id: uuid::Uuid::parse_str(&event.event_id).expect("event ids are UUIDs"),
+        correlation_id: event.correlation_id.clone(),
+        causation_id: Some(event.job_id.clone()),
+        tenant: event.tenant.clone(),
+        message_type: event.status.event_type(),
+        schema_id: onceflow_contracts::schema::RESULT.id.clone(),
+        traceparent: None,
+        tracestate: None,
     }
 }
 
