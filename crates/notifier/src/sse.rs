@@ -179,9 +179,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> R
         .api_keys
         .authenticate(headers)
         .or_else(|| query.access_token.as_deref().and_then(|key| state.api_keys.tenant_of(key)))
-        .ok_or_else(|| {
-            Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
-        })
+        .ok_or_else(Problem::unauthorized)
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {

@@ -24,6 +24,11 @@ impl Problem {
         Self { status, slug, title, detail: detail.into(), retry_after_secs: None }
     }
 
+    /// `401`: no API key, or one that names no tenant.
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
+    }
+
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after_secs = Some(seconds);
         self

@@ -75,9 +75,7 @@ fn json_name(status: store::Status) -> String {
 }
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Tenant, Problem> {
-    state.api_keys.authenticate(headers).ok_or_else(|| {
-        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
-    })
+    state.api_keys.authenticate(headers).ok_or_else(Problem::unauthorized)
 }
 
 fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
