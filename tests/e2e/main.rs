@@ -5,5 +5,6 @@ mod flow;
 mod ingest;
 mod notifier;
 mod processor;
+mod relay;
 mod statement;
 mod webhooks;
