@@ -1063,3 +1063,59 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     db.close().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retrying_command_holds_up_only_its_own_partition() {
+    let mut env = TestEnv::new();
+    let processor = env
+        .start_processor_with(|config| {
+            config.lanes = 4;
+            config.retry.max_attempts = 100_000;
+            config.retry.base_delay_ms = 20;
+            config.retry.max_delay_ms = 100;
+        })
+        .await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let db = processor_db(&env).await;
+
+    // Postings of account `stuck` fail transiently until repaired.
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_stuck() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.account_id = 'stuck' THEN
+                 RAISE EXCEPTION 'injected fault' USING ERRCODE = 'serialization_failure';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_stuck BEFORE INSERT ON entries FOR EACH ROW EXECUTE FUNCTION fail_stuck();",
+    )
+    .execute(&db)
+    .await
+    .expect("inject the fault");
+
+    // `stuck` on partition 0, `free` on partition 1: different lanes.
+    let opens = [CommandMessage::open_account("stuck"), CommandMessage::open_account("free")];
+    send(&producer, &topics.commands, &opens[0], Some(0)).await;
+    send(&producer, &topics.commands, &opens[1], Some(1)).await;
+    wait_handled(&db, &[opens[0].job_id, opens[1].job_id], OUTCOME_TIMEOUT).await;
+    let stuck = CommandMessage::deposit("stuck", 100);
+    send(&producer, &topics.commands, &stuck, Some(0)).await;
+    let free: Vec<CommandMessage> = (0..5).map(|_| CommandMessage::deposit("free", 10)).collect();
+    for message in &free {
+        send(&producer, &topics.commands, message, Some(1)).await;
+    }
+
+    // The other partition's commands all apply while `stuck` is still retrying.
+    wait_handled(&db, &free.iter().map(|m| m.job_id).collect::<Vec<_>>(), OUTCOME_TIMEOUT).await;
+    assert!(!inbox(&db).await.contains_key(&stuck.job_id), "the stuck deposit is still being retried");
+    assert_eq!(balance(&db, "free").await, 50);
+
+    // Repaired, the stuck one applies too, once.
+    sqlx::raw_sql("DROP TRIGGER fail_stuck ON entries").execute(&db).await.expect("repair");
+    wait_handled(&db, &[stuck.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, "stuck").await, 100);
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
+}

@@ -12,6 +12,10 @@ pub struct ProcessorConfig {
     /// Address of the health and metrics endpoints.
     pub listen: String,
     pub group_id: String,
+    /// Concurrency: assigned partitions are spread over this many lanes; each
+    /// lane applies its partitions' commands one at a time, in order, so a
+    /// slow or retrying command holds up only its own lane.
+    pub lanes: usize,
     pub retry: RetryConfig,
     #[serde(default)]
     pub admin: AdminConfig,

@@ -45,6 +45,7 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
         registry: handlers::Registry::with_builtin_handlers(),
         topics: topics.clone(),
         retry: config.retry.clone(),
+        lanes: config.lanes,
     };
     tasks.spawn(worker.run(consumer, shutdown.clone()));
 

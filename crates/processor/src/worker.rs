@@ -18,12 +18,17 @@
 //! it ([`crate::admin`]); a redriven message is applied once more, and only
 //! once, because the pending redrive is consumed in the effect's transaction.
 //!
+//! Assigned partitions are spread over `lanes` tasks (partition % lanes), each
+//! applying its partitions' messages one at a time: a key's commands stay in
+//! order (one key, one partition), and a slow or retrying command holds up
+//! only its own lane.
+//!
 //! A message's offset is stored only once the message reached one of those
 //! ends. A message abandoned half-way (shutdown during a retry's backoff, or
 //! while the dead-letter topic is unreachable) keeps its offset unstored, so
 //! the next owner of its partition gets it again.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use onceflow_contracts::{Command, Envelope, JobError, JobStatus, ResultEvent, schema, topics::Topics};
 use onceflow_outbox::OutboxMessage;
@@ -35,6 +40,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::PgPool;
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -59,7 +65,12 @@ pub struct Worker {
     pub registry: Registry,
     pub topics: Topics,
     pub retry: RetryConfig,
+    /// How many partitions-in-order lanes run in parallel.
+    pub lanes: usize,
 }
+
+/// Messages queued per lane before the dispatcher waits for room.
+const LANE_CAPACITY: usize = 64;
 
 /// Why a message goes to the dead-letter topic.
 #[derive(Debug)]
@@ -132,8 +143,49 @@ impl Worker {
     /// Consume until `shutdown`, then return (offsets stored so far are
     /// committed when the consumer is dropped).
     pub async fn run(self, consumer: StreamConsumer, shutdown: CancellationToken) {
+        let consumer = Arc::new(consumer);
+        let lanes = self.lanes.max(1);
+        let mut queues = Vec::with_capacity(lanes);
+        let mut running = JoinSet::new();
+        for _ in 0..lanes {
+            // Bounded: a busy lane makes the dispatcher wait, which pauses
+            // consumption instead of buffering without bound.
+            let (queue, receiver) = mpsc::channel::<OwnedMessage>(LANE_CAPACITY);
+            queues.push(queue);
+            running.spawn(self.clone().lane(receiver, consumer.clone(), shutdown.clone()));
+        }
         while let Some(message) = kafka::next_message(&consumer, &shutdown).await {
-            if self.handle(&message, &shutdown).await == Handled::Abandoned {
+            // One lane per partition keeps each partition (and so each key) in order.
+            let lane = usize::try_from(message.partition()).unwrap_or(0) % lanes;
+            let sent = tokio::select! {
+                () = shutdown.cancelled() => break,
+                sent = queues[lane].send(message) => sent,
+            };
+            if sent.is_err() {
+                // The lane stopped (it abandoned a message on shutdown).
+                break;
+            }
+        }
+        drop(queues);
+        while running.join_next().await.is_some() {}
+        // Send the offsets stored since the last automatic commit.
+        if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(%error, "final offset commit");
+        }
+    }
+
+    /// One lane: its messages one at a time, each offset stored once the
+    /// message reached its end. A message of a partition this instance lost in
+    /// a rebalance may still be handled here; its new owner gets it too, and
+    /// the inbox makes the second handling a no-op.
+    async fn lane(
+        self,
+        mut queue: mpsc::Receiver<OwnedMessage>,
+        consumer: Arc<StreamConsumer>,
+        shutdown: CancellationToken,
+    ) {
+        while let Some(message) = queue.recv().await {
+            if shutdown.is_cancelled() || self.handle(&message, &shutdown).await == Handled::Abandoned {
                 // Storing this offset would skip a command that has not taken
                 // effect; left unstored, the partition's next owner gets it.
                 tracing::info!(
@@ -141,15 +193,11 @@ impl Worker {
                     offset = message.offset(),
                     "shutdown before the message was handled; it will be redelivered"
                 );
-                break;
+                return;
             }
             if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
                 tracing::warn!(%error, "cannot store offset; the message may be redelivered");
             }
-        }
-        // Send the offsets stored since the last automatic commit.
-        if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            tracing::debug!(%error, "final offset commit");
         }
     }
 
