@@ -84,14 +84,23 @@ async fn one_relay_publishes_while_another_stands_by_and_takes_over() {
     })
     .await;
 
-    // The leader dies: its task stops and its sessions end, as when a process is killed.
+    // The leader dies: its task stops and the server ends its sessions, which
+    // is what PostgreSQL sees when a relay's process is killed.
     let index = relays.iter().position(|(name, _, _)| *name == first_leader).unwrap();
     let (_, pool, task) = relays.remove(index);
     task.abort();
     let _ = task.await;
-    pool.close().await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(&first_leader)
+    .execute(&db)
+    .await
+    .unwrap();
+    drop(pool);
 
-    let second_leader = eventually("the standby to take over", Duration::from_secs(10), || async {
+    let second_leader = eventually("the standby to take over", Duration::from_secs(30), || async {
         leader(&db).await.filter(|name| *name != first_leader)
     })
     .await;
