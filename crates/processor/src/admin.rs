@@ -28,7 +28,9 @@ use axum::{
 };
 use onceflow_contracts::{Envelope, topics::Topics};
 use onceflow_outbox::OutboxMessage;
+use onceflow_runtime::problem::Problem;
 use sqlx::{PgPool, Row as _};
+use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
 #[derive(Clone)]
@@ -52,14 +54,8 @@ pub fn router(pool: PgPool, topics: Topics, token: &str) -> Option<Router> {
     )
 }
 
-fn problem(status: StatusCode, slug: &str, detail: impl Into<String>) -> Response {
-    let body = serde_json::json!({
-        "type": format!("https://onceflow.dev/problems/{slug}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail.into(),
-    });
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Response {
+    Problem::new(status, slug, status.canonical_reason().unwrap_or("Error"), detail).into_response()
 }
 
 /// Whether the request carries the admin token.
@@ -69,9 +65,8 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    // Constant-time comparison.
-    let expected = state.token.as_bytes();
-    given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    // Constant time, so response timing does not reveal how much of a guess matched.
+    bool::from(given.as_bytes().ct_eq(state.token.as_bytes()))
 }
 
 fn unauthorized() -> Response {
