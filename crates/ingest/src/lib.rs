@@ -71,13 +71,6 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     let mut tasks = JoinSet::new();
-    // Ingest accepts commands while Kafka is down (they wait in the outbox),
-    // so it creates its topics whenever the broker answers, not before starting.
-    tasks.spawn(kafka::ensure_topics_eventually(
-        config.kafka.clone(),
-        vec![topics.commands.clone(), topics.results.clone()],
-        shutdown.clone(),
-    ));
     tasks.spawn(maintenance::sweep_expired_keys(
         pool.clone(),
         Duration::from_secs(config.sweep_interval_secs),
@@ -96,10 +89,21 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     tasks.spawn(relay.run(shutdown.clone()));
 
     let consumer = kafka::consumer(&config.kafka, &config.results_group_id)?;
-    rdkafka::consumer::Consumer::subscribe(&consumer, &[&topics.results])?;
     let projection_pool = pool.clone();
     let projection_shutdown = shutdown.clone();
+    let kafka_config = config.kafka.clone();
+    let needed_topics = vec![topics.commands.clone(), topics.results.clone()];
+    let results_topic = topics.results.clone();
     tasks.spawn(async move {
+        // Ingest accepts commands while Kafka is down (they wait in the
+        // outbox), so its topics are created whenever the broker answers, not
+        // before it starts; the projection subscribes only then, because a
+        // subscription to a topic that does not exist yet is noticed late.
+        kafka::ensure_topics_eventually(kafka_config, needed_topics, projection_shutdown.clone()).await;
+        if let Err(error) = rdkafka::consumer::Consumer::subscribe(&consumer, &[&results_topic]) {
+            tracing::error!(%error, "cannot subscribe to the results topic; job status will not advance");
+            return;
+        }
         kafka::consume_each(&consumer, &projection_shutdown, |message| projection::apply(&projection_pool, message))
             .await;
     });
