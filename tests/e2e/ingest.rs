@@ -6,7 +6,7 @@ use futures::future::join_all;
 use onceflow_contracts::{JobStatus, ResultEvent};
 use onceflow_runtime::auth::TenantKey;
 use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually, result_envelope};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -248,7 +248,7 @@ async fn job_status_only_moves_forward_and_says_when_to_poll_again() {
     // progress event, then the terminal again. Last, on the same partition (same
     // key), a marker event about another job: once the marker is projected,
     // everything before it was too.
-    let producer: FutureProducer = onceflow_runtime::kafka::producer(&env.kafka).unwrap();
+    let producer = onceflow_tests::kafka_producer(&env.kafka);
     let results = env.kafka.topics().results;
     let events = [
         (job_id.as_str(), JobStatus::Succeeded, "00000000-0000-7000-8000-000000000002"),

@@ -19,9 +19,3 @@ impl Topics {
         }
     }
 }
-
-impl Default for Topics {
-    fn default() -> Self {
-        Self::with_prefix("")
-    }
-}
