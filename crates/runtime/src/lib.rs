@@ -7,6 +7,8 @@
 //!   `ONCEFLOW_`-prefixed environment), validated at start.
 //! - [`telemetry`]: `tracing` with JSON logs, OpenTelemetry spans (OTLP when an
 //!   endpoint is configured) and W3C trace-context propagation through Kafka.
+//! - [`failure`]: data errors (end the record now) versus outages (wait
+//!   and retry without bound), and the backoff of those waits (G8).
 //! - [`kafka`]: producer and consumer set-up, topic creation, envelope headers.
 //! - [`postgres`]: connection pools and database creation.
 //! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failure;
 pub mod http;
 pub mod kafka;
 pub mod postgres;
