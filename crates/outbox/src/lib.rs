@@ -38,6 +38,10 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("{count} outbox messages were not acknowledged by the broker")]
     Undelivered { count: usize },
+    /// Refused where the message is made: a row the broker would refuse
+    /// forever must never reach the outbox, where it would block the relay.
+    #[error("the message has {size} bytes; at most {limit} fit in one Kafka record")]
+    TooLarge { size: usize, limit: usize },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,8 +56,27 @@ pub struct OutboxMessage {
     pub envelope: Envelope,
 }
 
-/// Add `message` to the outbox inside the caller's transaction.
+/// The most bytes (payload, key and header names and values) one outbox
+/// message may have. The producers' `message.max.bytes` is 1,000,000 and
+/// counts the record's framing too; this leaves room for it.
+pub const MAX_MESSAGE_BYTES: usize = 900_000;
+
+impl OutboxMessage {
+    /// The bytes this message puts in a Kafka record, framing aside.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.envelope.to_headers().iter().map(|(name, value)| name.len() + value.len()).sum();
+        self.payload.len() + self.key.as_ref().map_or(0, String::len) + headers
+    }
+}
+
+/// Add `message` to the outbox inside the caller's transaction; a message
+/// larger than [`MAX_MESSAGE_BYTES`] is refused with [`Error::TooLarge`] and
+/// nothing is written.
 pub async fn enqueue(tx: &mut PgConnection, message: &OutboxMessage) -> Result<()> {
+    let size = message.size();
+    if size > MAX_MESSAGE_BYTES {
+        return Err(Error::TooLarge { size, limit: MAX_MESSAGE_BYTES });
+    }
     let headers = serde_json::Value::Array(
         message.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value])).collect(),
     );
