@@ -26,7 +26,8 @@ fn kafka_brokers() -> String {
     std::env::var("ONCEFLOW_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
 
-fn database_server() -> String {
+/// The PostgreSQL server of the tests, as a URL without a database name.
+pub fn database_server() -> String {
     std::env::var("ONCEFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
@@ -341,7 +342,12 @@ impl IngestClient {
     }
 
     pub fn with_key(ingest: &Service, api_key: &str) -> Self {
-        Self { base: ingest.url(""), http: reqwest::Client::new(), api_key: api_key.to_owned() }
+        Self::at(&ingest.url(""), api_key)
+    }
+
+    /// A client of the ingest at `base` (`http://host:port`), e.g. one run as a process.
+    pub fn at(base: &str, api_key: &str) -> Self {
+        Self { base: base.to_owned(), http: reqwest::Client::new(), api_key: api_key.to_owned() }
     }
 
     /// `POST /v1/commands` with this client's API key, `key` and a JSON body.

@@ -1,0 +1,388 @@
+//! The whole stack under faults, as a client sees it: ingest, processor and
+//! notifier run as real processes on a broker of the test's own, while a
+//! client submits deposits and retries each one with the same key until it
+//! gets its `202`. Meanwhile each service is SIGKILLed and restarted, every
+//! database connection is cut, and the broker is paused.
+//!
+//! Afterwards: every accepted deposit took effect exactly once (the ledger
+//! invariant), every job is terminal, a key's retries all named one job, and a
+//! resuming SSE reader saw every job's terminal event exactly once.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, ServiceProcess, TestEnv, database_server, eventually};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const ACCOUNTS: [&str; 4] = ["chaos-a", "chaos-b", "chaos-c", "chaos-d"];
+/// Deposits submitted per second while the faults run.
+const RATE_PER_SEC: u64 = 20;
+/// How long the load and the faults last.
+const LOAD: Duration = Duration::from_secs(45);
+/// How long one deposit's client keeps retrying its key before the test fails.
+const CLIENT_PATIENCE: Duration = Duration::from_secs(90);
+
+/// A free loopback address for a service to listen on.
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("address").to_string()
+}
+
+/// One service process and how to start it again.
+struct Managed {
+    binary: &'static str,
+    env: Vec<(&'static str, String)>,
+    log: std::path::PathBuf,
+    process: Option<ServiceProcess>,
+    addr: String,
+}
+
+impl Managed {
+    fn new(binary: &'static str, env: Vec<(&'static str, String)>, logs: &std::path::Path, addr: String) -> Self {
+        let log = logs.join(format!("{binary}.log"));
+        Self { binary, env, log, process: None, addr }
+    }
+
+    async fn start(&mut self) {
+        self.process = Some(ServiceProcess::spawn(self.binary, &self.env, &self.log));
+        let url = format!("http://{}/livez", self.addr);
+        eventually(&format!("{} to answer", self.binary), Duration::from_secs(60), || async {
+            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(drop)
+        })
+        .await;
+    }
+
+    async fn kill_and_restart(&mut self) {
+        self.assert_alive();
+        self.process.take().expect("running").kill();
+        self.start().await;
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(process) = self.process.as_mut()
+            && let Some(status) = process.exit_status()
+        {
+            panic!("{} exited by itself ({status}); see {}", self.binary, self.log.display());
+        }
+    }
+}
+
+/// What the client learnt of one idempotency key.
+#[derive(Debug, Clone)]
+struct Submitted {
+    account: &'static str,
+    amount: i64,
+    job_id: String,
+    /// Requests it took (1 = accepted at once).
+    attempts: u32,
+}
+
+/// Submit `body` under `key` until a `202`, retrying the same key on
+/// connection errors, timeouts, `409`, `429`, `5xx` (what a careful client
+/// does); returns the job and how many requests it took.
+async fn submit_until_accepted(http: &reqwest::Client, ingest: &str, key: &str, body: &Value) -> (String, u32) {
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(started.elapsed() < CLIENT_PATIENCE, "key {key} not accepted within {CLIENT_PATIENCE:?}");
+        let response = http
+            .post(format!("http://{ingest}/v1/commands"))
+            .bearer_auth(DEV_API_KEY)
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await;
+        let wait = match response {
+            Ok(response) if response.status() == 202 => {
+                let accepted: Value = response.json().await.unwrap_or(Value::Null);
+                return (accepted["job_id"].as_str().expect("202 names its job").to_owned(), attempts);
+            }
+            Ok(response) if matches!(response.status().as_u16(), 409 | 429 | 500..=599) => response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map_or(Duration::from_millis(200), |s| Duration::from_secs(s).min(Duration::from_secs(1))),
+            Ok(response) => {
+                let status = response.status();
+                panic!("key {key}: unexpected {status}: {}", response.text().await.unwrap_or_default())
+            }
+            // Ingest killed or restarting: the request may or may not have
+            // been committed; the same key makes the retry safe.
+            Err(_) => Duration::from_millis(200),
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One SSE event as the reader saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    event_type: String,
+    job_id: String,
+    event_id: String,
+}
+
+/// Read tenant `dev`'s stream until `stop`, reconnecting with `Last-Event-ID`
+/// whenever the notifier goes away.
+async fn read_events(notifier: String, seen: Arc<Mutex<Vec<Seen>>>, stop: CancellationToken) -> u32 {
+    use eventsource_stream::Eventsource as _;
+    let http = reqwest::Client::new();
+    let mut last_id: Option<String> = None;
+    let mut reconnects = 0;
+    while !stop.is_cancelled() {
+        let mut request = http.get(format!("http://{notifier}/v1/events")).bearer_auth(DEV_API_KEY);
+        if let Some(id) = &last_id {
+            request = request.header("last-event-id", id);
+        }
+        let Ok(response) = request.send().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if !response.status().is_success() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let mut events = response.bytes_stream().eventsource();
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return reconnects,
+                next = events.next() => next,
+            };
+            let Some(Ok(event)) = next else { break };
+            if event.id.is_empty() || !event.event.starts_with("job.") {
+                continue;
+            }
+            let data: Value = serde_json::from_str(&event.data).expect("event data is JSON");
+            seen.lock().expect("seen").push(Seen {
+                event_type: event.event.clone(),
+                job_id: data["job_id"].as_str().unwrap_or_default().to_owned(),
+                event_id: data["event_id"].as_str().unwrap_or_default().to_owned(),
+            });
+            last_id = Some(event.id.clone());
+        }
+        reconnects += 1;
+    }
+    reconnects
+}
+
+/// End every session of the test's databases, as a database restart or a
+/// network cut would.
+async fn cut_database_connections(admin: &sqlx::PgPool, env_id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname LIKE $1 AND pid <> pg_backend_pid()) cut",
+    )
+    .bind(format!("onceflow_test_{env_id}_%"))
+    .fetch_one(admin)
+    .await
+    .expect("terminate sessions")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effect_once() {
+    let began = Instant::now();
+    let broker = OwnBroker::start().await;
+    let mut env = TestEnv::new();
+    env.kafka.brokers = broker.addr.clone();
+    let logs = env.scratch_dir();
+    eprintln!("chaos test: logs in {}", logs.display());
+    let common = |env: &TestEnv, database: String| {
+        vec![
+            ("ONCEFLOW_DATABASE__URL", database),
+            ("ONCEFLOW_KAFKA__BROKERS", env.kafka.brokers.clone()),
+            ("ONCEFLOW_KAFKA__TOPIC_PREFIX", env.kafka.topic_prefix.clone()),
+            ("ONCEFLOW_KAFKA__PARTITIONS", env.kafka.partitions.to_string()),
+            ("ONCEFLOW_TELEMETRY__LOG_FILTER", "warn".to_owned()),
+        ]
+    };
+    let (ingest_addr, processor_addr, notifier_addr) = (free_addr(), free_addr(), free_addr());
+    let mut ingest_env = common(&env, env.database_config("ingest").url);
+    ingest_env.extend([
+        ("ONCEFLOW_LISTEN", ingest_addr.clone()),
+        ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
+    ]);
+    let mut processor_env = common(&env, env.database_config("processor").url);
+    processor_env
+        .extend([("ONCEFLOW_LISTEN", processor_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id))]);
+    let mut notifier_env = common(&env, env.database_config("notifier").url);
+    notifier_env
+        .extend([("ONCEFLOW_LISTEN", notifier_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id))]);
+    let mut ingest = Managed::new("onceflow-ingest", ingest_env, &logs, ingest_addr.clone());
+    let mut processor = Managed::new("onceflow-processor", processor_env, &logs, processor_addr);
+    let mut notifier = Managed::new("onceflow-notifier", notifier_env, &logs, notifier_addr.clone());
+    ingest.start().await;
+    processor.start().await;
+    notifier.start().await;
+
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let stop_reader = CancellationToken::new();
+    let reader = tokio::spawn(read_events(notifier_addr.clone(), seen.clone(), stop_reader.clone()));
+
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    let api = onceflow_tests::IngestClient::at(&format!("http://{ingest_addr}"), DEV_API_KEY);
+    let mut opened = Vec::new();
+    for account in ACCOUNTS {
+        let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
+        opened.push(submit_until_accepted(&http, &ingest_addr, &format!("open-{account}"), &body).await.0);
+    }
+    for job_id in &opened {
+        eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
+            (api.job(job_id).await.json()["status"] == "succeeded").then_some(())
+        })
+        .await;
+    }
+
+    // The load: RATE_PER_SEC deposits a second, each by its own client task.
+    let submitted: Arc<Mutex<HashMap<String, Submitted>>> = Arc::default();
+    let stop_load = CancellationToken::new();
+    let load = {
+        let (submitted, stop_load, http, ingest_addr) =
+            (submitted.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
+        tokio::spawn(async move {
+            let mut clients = tokio::task::JoinSet::new();
+            let mut ticker = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_SEC));
+            let mut n: u64 = 0;
+            while !stop_load.is_cancelled() {
+                ticker.tick().await;
+                n += 1;
+                let account = ACCOUNTS[usize::try_from(n).unwrap_or(0) % ACCOUNTS.len()];
+                let amount = i64::try_from(n % 97 + 1).unwrap_or(1);
+                let key = format!("deposit-{n}");
+                let (submitted, http, ingest_addr) = (submitted.clone(), http.clone(), ingest_addr.clone());
+                clients.spawn(async move {
+                    let body = json!({"type": "ledger.deposit", "payload": {"account_id": account, "amount": amount}});
+                    let (job_id, attempts) = submit_until_accepted(&http, &ingest_addr, &key, &body).await;
+                    submitted.lock().expect("submitted").insert(key, Submitted { account, amount, job_id, attempts });
+                });
+            }
+            while let Some(outcome) = clients.join_next().await {
+                outcome.expect("a client task");
+            }
+        })
+    };
+
+    // The faults, one every few seconds while the load runs.
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", database_server())).await.expect("admin connection");
+    let pause = Duration::from_secs(4);
+    let mut faults = Vec::new();
+    let fault_started = Instant::now();
+    let mut round = 0;
+    while fault_started.elapsed() < LOAD {
+        tokio::time::sleep(pause).await;
+        let fault = match round % 5 {
+            0 => {
+                processor.kill_and_restart().await;
+                "SIGKILL processor".to_owned()
+            }
+            1 => {
+                ingest.kill_and_restart().await;
+                "SIGKILL ingest".to_owned()
+            }
+            2 => {
+                notifier.kill_and_restart().await;
+                "SIGKILL notifier".to_owned()
+            }
+            3 => format!("cut {} database connections", cut_database_connections(&admin, &env.id).await),
+            _ => {
+                broker.stop();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                broker.resume();
+                "broker paused 5 s".to_owned()
+            }
+        };
+        faults.push(fault);
+        round += 1;
+    }
+    stop_load.cancel();
+    load.await.expect("the load");
+    for service in [&mut ingest, &mut processor, &mut notifier] {
+        service.assert_alive();
+    }
+
+    // Every accepted deposit ends, and ends succeeded (the accounts exist).
+    let submitted = submitted.lock().expect("submitted").clone();
+    for (key, deposit) in &submitted {
+        eventually(&format!("deposit {key} ({}) to end", deposit.job_id), OUTCOME_TIMEOUT, || async {
+            let job = api.job(&deposit.job_id).await.json();
+            match job["status"].as_str() {
+                Some("succeeded") => Some(()),
+                Some("accepted" | "processing") | None => None,
+                Some(other) => panic!("deposit {key} ended {other}: {job}"),
+            }
+        })
+        .await;
+    }
+    let distinct_jobs: HashSet<&str> = submitted.values().map(|d| d.job_id.as_str()).collect();
+    assert_eq!(distinct_jobs.len(), submitted.len(), "one job per key, and no two keys share one");
+    // Every key, asked again after the storm, replays the job its 202 named.
+    for (key, deposit) in &submitted {
+        let body = json!({"type": "ledger.deposit", "payload": {"account_id": deposit.account, "amount": deposit.amount}});
+        let replay = api.submit(key, &body).await;
+        assert_eq!(replay.status, 202, "replay of {key}");
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"), "replay of {key}");
+        assert_eq!(replay.json()["job_id"], deposit.job_id.as_str(), "replay of {key} names its job");
+    }
+
+    // The ledger: every deposit once, nothing else.
+    let processor_db = sqlx::PgPool::connect(&env.database_url("processor")).await.expect("processor db");
+    let balances: Vec<(String, i64)> =
+        sqlx::query_as("SELECT account_id, balance FROM accounts").fetch_all(&processor_db).await.expect("balances");
+    let balances: HashMap<String, i64> = balances.into_iter().collect();
+    for account in ACCOUNTS {
+        let expected: i64 = submitted.values().filter(|d| d.account == account).map(|d| d.amount).sum();
+        assert_eq!(balances.get(account).copied().unwrap_or(0), expected, "{account}: each deposit exactly once");
+    }
+    let deposited: i64 = submitted.values().map(|d| d.amount).sum();
+    assert_eq!(balances.get("world:EUR").copied().unwrap_or(0), -deposited, "the books balance");
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM postings WHERE kind = 'deposit'")
+        .fetch_one(&processor_db)
+        .await
+        .expect("postings");
+    assert_eq!(postings, i64::try_from(submitted.len()).unwrap_or(0), "one posting per accepted deposit");
+
+    // The stream: each job's terminal event exactly once, across reconnects.
+    let wanted: HashSet<String> = submitted.values().map(|d| d.job_id.clone()).chain(opened.iter().cloned()).collect();
+    eventually("the SSE reader to see every job's terminal event", OUTCOME_TIMEOUT, || async {
+        let seen = seen.lock().expect("seen");
+        let terminal: HashSet<&str> =
+            seen.iter().filter(|s| s.event_type == "job.succeeded").map(|s| s.job_id.as_str()).collect();
+        wanted.iter().all(|job| terminal.contains(job.as_str())).then_some(())
+    })
+    .await;
+    stop_reader.cancel();
+    let reconnects = reader.await.expect("the reader");
+    let seen = seen.lock().expect("seen").clone();
+    let mut by_event: HashMap<&str, usize> = HashMap::new();
+    let mut terminal_by_job: HashMap<&str, usize> = HashMap::new();
+    for event in &seen {
+        *by_event.entry(event.event_id.as_str()).or_default() += 1;
+        if event.event_type.starts_with("job.") && event.event_type != "job.processing" {
+            *terminal_by_job.entry(event.job_id.as_str()).or_default() += 1;
+        }
+    }
+    let repeated: Vec<_> = by_event.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "events seen more than once on the resumed stream: {repeated:?}");
+    let doubled: Vec<_> = terminal_by_job.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "jobs with more than one terminal event: {doubled:?}");
+
+    let retried = submitted.values().filter(|d| d.attempts > 1).count();
+    eprintln!(
+        "chaos test: {} deposits accepted ({retried} needed retries of their key), {} faults {faults:?}, \
+         {reconnects} SSE reconnects, {} events streamed; {:.1} s",
+        submitted.len(),
+        faults.len(),
+        seen.len(),
+        began.elapsed().as_secs_f64()
+    );
+    processor_db.close().await;
+    admin.close().await;
+    drop((ingest, processor, notifier));
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(logs);
+}
