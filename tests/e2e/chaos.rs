@@ -192,25 +192,26 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     env.kafka.brokers = broker.addr.clone();
     let logs = env.scratch_dir();
     eprintln!("chaos test: logs in {}", logs.display());
-    let common = |env: &TestEnv, database: String| {
+    let common = |kafka: &onceflow_runtime::config::KafkaConfig, database: String| {
         vec![
             ("ONCEFLOW_DATABASE__URL", database),
-            ("ONCEFLOW_KAFKA__BROKERS", env.kafka.brokers.clone()),
-            ("ONCEFLOW_KAFKA__TOPIC_PREFIX", env.kafka.topic_prefix.clone()),
-            ("ONCEFLOW_KAFKA__PARTITIONS", env.kafka.partitions.to_string()),
+            ("ONCEFLOW_KAFKA__BROKERS", kafka.brokers.clone()),
+            ("ONCEFLOW_KAFKA__TOPIC_PREFIX", kafka.topic_prefix.clone()),
+            ("ONCEFLOW_KAFKA__PARTITIONS", kafka.partitions.to_string()),
             ("ONCEFLOW_TELEMETRY__LOG_FILTER", "warn".to_owned()),
         ]
     };
     let (ingest_addr, processor_addr, notifier_addr) = (free_addr(), free_addr(), free_addr());
-    let mut ingest_env = common(&env, env.database_config("ingest").url);
+    let kafka = env.kafka.clone();
+    let mut ingest_env = common(&kafka, env.database_config("ingest").url);
     ingest_env.extend([
         ("ONCEFLOW_LISTEN", ingest_addr.clone()),
         ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
     ]);
-    let mut processor_env = common(&env, env.database_config("processor").url);
+    let mut processor_env = common(&kafka, env.database_config("processor").url);
     processor_env
         .extend([("ONCEFLOW_LISTEN", processor_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id))]);
-    let mut notifier_env = common(&env, env.database_config("notifier").url);
+    let mut notifier_env = common(&kafka, env.database_config("notifier").url);
     notifier_env
         .extend([("ONCEFLOW_LISTEN", notifier_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id))]);
     let mut ingest = Managed::new("onceflow-ingest", ingest_env, &logs, ingest_addr.clone());
@@ -322,7 +323,8 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     assert_eq!(distinct_jobs.len(), submitted.len(), "one job per key, and no two keys share one");
     // Every key, asked again after the storm, replays the job its 202 named.
     for (key, deposit) in &submitted {
-        let body = json!({"type": "ledger.deposit", "payload": {"account_id": deposit.account, "amount": deposit.amount}});
+        let body =
+            json!({"type": "ledger.deposit", "payload": {"account_id": deposit.account, "amount": deposit.amount}});
         let replay = api.submit(key, &body).await;
         assert_eq!(replay.status, 202, "replay of {key}");
         assert_eq!(replay.header("idempotent-replayed"), Some("true"), "replay of {key}");
