@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs schemathesis with every check (positive data acceptance included)
+# against a real ingest: the OpenAPI document must describe what the service
+# really accepts and answers, or this fails.
+#
+# Ingest runs from the debug binary of the target directory (build it first:
+# `cargo build --workspace --bins`), on a free port, with a fresh database of
+# the machine's PostgreSQL that is dropped afterwards. It needs no broker:
+# accepted commands wait in its outbox.
+#
+# schemathesis is installed once, pinned, into a virtualenv in the cache
+# directory (ONCEFLOW_SCHEMATHESIS_VENV overrides it); later runs are offline.
+#
+#   scripts/check-openapi.sh [extra schemathesis arguments]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+readonly SCHEMATHESIS_VERSION=4.32.5
+venv="${ONCEFLOW_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/st-venv}"
+if [[ "$("$venv/bin/schemathesis" --version 2>/dev/null)" != *"$SCHEMATHESIS_VERSION"* ]]; then
+  say "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+ensure_postgres
+binary="$TARGET_DIR/debug/onceflow-ingest"
+[ -x "$binary" ] || { echo "check-openapi: $binary is missing; run cargo build --workspace --bins" >&2; exit 2; }
+
+port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+database="onceflow_openapi_check_$$"
+log="$(mktemp)"
+cleanup() {
+  [ -n "${ingest_pid:-}" ] && kill "$ingest_pid" 2>/dev/null && wait "$ingest_pid" 2>/dev/null
+  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -f "$log"
+}
+trap cleanup EXIT
+
+env ONCEFLOW_LISTEN="127.0.0.1:$port" \
+  ONCEFLOW_DATABASE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$database" \
+  ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" \
+  ONCEFLOW_KAFKA__TOPIC_PREFIX="openapi-check-$$." \
+  ONCEFLOW_TELEMETRY__LOG_FILTER=warn \
+  "$binary" >"$log" 2>&1 &
+ingest_pid=$!
+wait_for_port "127.0.0.1:$port" 60 || { cat "$log" >&2; exit 1; }
+
+say "schemathesis $SCHEMATHESIS_VERSION, every check, against ingest on :$port"
+"$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
+  --checks all \
+  --header "Authorization: Bearer dev-onceflow-key" \
+  --max-examples "${ONCEFLOW_SCHEMATHESIS_EXAMPLES:-100}" \
+  --seed 1 \
+  "$@" || { echo "--- ingest log ---" >&2; tail -n 50 "$log" >&2; exit 1; }
