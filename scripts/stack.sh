@@ -5,6 +5,7 @@
 #                            show one command going through, print the URLs
 #   scripts/stack.sh down    stop the services and the broker this script started
 #   scripts/stack.sh status  what is running
+#   scripts/stack.sh stop|start SERVICE   one service of a stack that is up
 #
 # Running `up` twice is harmless: running parts are left alone. Logs and pid
 # files live in .stack/.
@@ -64,26 +65,30 @@ demo() {
   return 1
 }
 
+# Start the release binary of service $1 unless it runs (built by `up`).
+start_service() {
+  local name="$1"
+  if running "$name"; then
+    say "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"
+    return 0
+  fi
+  "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
+  # Webhook receivers of a local stack run on this machine: let callbacks
+  # reach 127.0.0.1 and ::1, which SSRF protection refuses by default.
+  ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST='["127.0.0.1", "::1"]' \
+    nohup "$TARGET_DIR/release/onceflow-$name" serve \
+    >>"$STACK_DIR/$name.log" 2>&1 &
+  echo $! >"$STACK_DIR/$name.pid"
+  say "started $name (pid $!, log .stack/$name.log)"
+}
+
 up() {
   mkdir -p "$STACK_DIR"
   ensure_postgres
   ensure_broker
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
-  for name in "${SERVICES[@]}"; do
-    if running "$name"; then
-      say "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"
-      continue
-    fi
-    "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
-    # Webhook receivers of a local stack run on this machine: let callbacks
-    # reach 127.0.0.1 and ::1, which SSRF protection refuses by default.
-    ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST='["127.0.0.1", "::1"]' \
-      nohup "$TARGET_DIR/release/onceflow-$name" serve \
-      >>"$STACK_DIR/$name.log" 2>&1 &
-    echo $! >"$STACK_DIR/$name.pid"
-    say "started $name (pid $!, log .stack/$name.log)"
-  done
+  for name in "${SERVICES[@]}"; do start_service "$name"; done
   for name in "${SERVICES[@]}"; do wait_ready "$name"; done
   demo
   cat <<EOF2
@@ -114,9 +119,19 @@ status() {
   if port_open "$BROKER_ADDR"; then echo "broker: listening on $BROKER_ADDR"; else echo "broker: stopped"; fi
 }
 
+service_arg() {
+  case "${1:-}" in
+    ingest | processor | notifier) ;;
+    *) echo "usage: $0 start|stop ingest|processor|notifier" >&2; exit 2 ;;
+  esac
+}
+
 case "${1:-up}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 [up|down|status]" >&2; exit 2 ;;
+  # One service of a stack that is up, e.g. to see the others ride out its absence.
+  stop) service_arg "${2:-}"; stop_pid_file "$STACK_DIR/$2.pid" ;;
+  start) service_arg "${2:-}"; start_service "$2"; wait_ready "$2" ;;
+  *) echo "usage: $0 [up|down|status|start SERVICE|stop SERVICE]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,457 @@
+//! `onceflow-bench`: measures a running onceflow stack from outside, through
+//! its public HTTP and SSE interfaces only, so a figure describes the services
+//! with the settings they really run with (see `scripts/bench.sh`, which
+//! starts the release stack, runs each measurement and prints the table).
+//!
+//! Each subcommand prints one JSON object on standard output:
+//!
+//! - `setup`: open the account the deposits go to.
+//! - `accept`: ingest's `202`s per second with fresh keys from N connections.
+//! - `latency`: accept → SSE latency (from the `202` to the `job.succeeded`
+//!   event on the tenant's stream) at a fixed submission rate.
+//! - `submit` + `drain`: a backlog of deposits, then the rate at which their
+//!   results stream out once the processor runs (first to last event).
+//! - `idle`: N idle SSE subscribers, and the notifier's resident memory each
+//!   costs (read from `/proc/<pid>/status`).
+//! - `fanout`: N subscribers, E commands: deliveries per second.
+//!
+//! The client is built to stay out of the way: streams are counted on raw
+//! bytes except where a job id is needed, and every request reuses one HTTP
+//! client.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+#[derive(Debug, Parser)]
+#[command(about = "Measure a running onceflow stack from outside")]
+struct Cli {
+    /// Ingest's base URL.
+    #[arg(long, env = "ONCEFLOW_BENCH_INGEST", default_value = "http://127.0.0.1:8080")]
+    ingest: String,
+    /// The notifier's base URL.
+    #[arg(long, env = "ONCEFLOW_BENCH_NOTIFIER", default_value = "http://127.0.0.1:8082")]
+    notifier: String,
+    /// The tenant's API key.
+    #[arg(long, env = "ONCEFLOW_BENCH_API_KEY", default_value = "dev-onceflow-key")]
+    api_key: String,
+    /// The account deposits go to.
+    #[arg(long, default_value = "bench")]
+    account: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Open the account (harmless if it exists).
+    Setup,
+    /// `connections` clients submit deposits with fresh keys for `seconds`.
+    Accept {
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Deposits at `rate` per second for `seconds`; accept → SSE latency.
+    Latency {
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Submit `count` deposits as fast as `connections` allow.
+    Submit {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
+    /// Wait for `count` terminal events on the tenant's stream (from now);
+    /// the rate between the first and the last.
+    Drain {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Hold `count` idle SSE subscribers; the notifier's memory per subscriber.
+    Idle {
+        #[arg(long)]
+        count: usize,
+        /// The notifier's process id (its memory is read from /proc).
+        #[arg(long)]
+        pid: u32,
+    },
+    /// `subscribers` streams receive the results of `events` deposits.
+    Fanout {
+        #[arg(long)]
+        subscribers: usize,
+        #[arg(long)]
+        events: u64,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bench = Bench::new(&cli)?;
+    let report = match cli.command {
+        Command::Setup => bench.setup().await?,
+        Command::Accept { connections, seconds } => bench.accept(connections, Duration::from_secs(seconds)).await?,
+        Command::Latency { rate, seconds } => bench.latency(rate, Duration::from_secs(seconds)).await?,
+        Command::Submit { count, connections } => bench.submit(count, connections).await?,
+        Command::Drain { count, timeout_secs } => bench.drain(count, Duration::from_secs(timeout_secs)).await?,
+        Command::Idle { count, pid } => bench.idle(count, pid).await?,
+        Command::Fanout { subscribers, events, timeout_secs } => {
+            bench.fanout(subscribers, events, Duration::from_secs(timeout_secs)).await?
+        }
+    };
+    println!("{report}");
+    Ok(())
+}
+
+/// The event every deposit ends with.
+const SUCCEEDED: &[u8] = b"event: job.succeeded";
+
+#[derive(Clone)]
+struct Bench {
+    http: reqwest::Client,
+    ingest: String,
+    notifier: String,
+    api_key: String,
+    account: String,
+}
+
+impl Bench {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+        Ok(Self {
+            http,
+            ingest: cli.ingest.trim_end_matches('/').to_owned(),
+            notifier: cli.notifier.trim_end_matches('/').to_owned(),
+            api_key: cli.api_key.clone(),
+            account: cli.account.clone(),
+        })
+    }
+
+    /// POST one command under a fresh key; the status and, on `202`, the job id.
+    async fn post(&self, body: &Value) -> anyhow::Result<(u16, Option<String>)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/commands", self.ingest))
+            .bearer_auth(&self.api_key)
+            .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let job_id = if status == 202 {
+            let accepted: Value = response.json().await?;
+            accepted["job_id"].as_str().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok((status, job_id))
+    }
+
+    fn deposit(&self) -> Value {
+        json!({"type": "ledger.deposit", "payload": {"account_id": self.account, "amount": 1}})
+    }
+
+    async fn setup(&self) -> anyhow::Result<Value> {
+        let body = json!({"type": "ledger.open_account", "payload": {"account_id": self.account, "currency": "EUR"}});
+        let (status, job_id) = self.post(&body).await?;
+        if status != 202 {
+            bail!("opening the account answered {status}");
+        }
+        Ok(json!({"setup": {"account": self.account, "job_id": job_id}}))
+    }
+
+    /// An open SSE stream of the tenant's events from now (`path` and query).
+    async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.notifier))
+            .bearer_auth(&self.api_key)
+            .header("accept", "text/event-stream")
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("SSE {path} answered {}", response.status());
+        }
+        Ok(response)
+    }
+
+    async fn accept(&self, connections: usize, duration: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + duration;
+        let mut clients = JoinSet::new();
+        for _ in 0..connections {
+            let bench = self.clone();
+            clients.spawn(async move {
+                let mut latencies = histogram();
+                let mut statuses: HashMap<u16, u64> = HashMap::new();
+                let body = bench.deposit();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let status = bench.post(&body).await.map_or(0, |(status, _)| status);
+                    record(&mut latencies, sent.elapsed());
+                    *statuses.entry(status).or_default() += 1;
+                }
+                (latencies, statuses)
+            });
+        }
+        let started = Instant::now();
+        let mut latencies = histogram();
+        let mut statuses: HashMap<u16, u64> = HashMap::new();
+        while let Some(outcome) = clients.join_next().await {
+            let (client_latencies, client_statuses) = outcome?;
+            latencies.add(client_latencies)?;
+            for (status, count) in client_statuses {
+                *statuses.entry(status).or_default() += count;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64().max(duration.as_secs_f64());
+        let accepted = statuses.get(&202).copied().unwrap_or(0);
+        Ok(json!({"accept": {
+            "connections": connections,
+            "accepted_per_sec": accepted as f64 / elapsed,
+            "p50_ms": millis(&latencies, 0.5),
+            "p99_ms": millis(&latencies, 0.99),
+            "statuses": statuses.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        }}))
+    }
+
+    async fn latency(&self, rate: u64, duration: Duration) -> anyhow::Result<Value> {
+        let accepted_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let delivered_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let stream = self.stream("/v1/events").await?;
+        let reader = {
+            let delivered_at = delivered_at.clone();
+            tokio::spawn(async move {
+                use eventsource_stream::Eventsource as _;
+                let mut events = stream.bytes_stream().eventsource();
+                while let Some(Ok(event)) = events.next().await {
+                    if event.event != "job.succeeded" {
+                        continue;
+                    }
+                    let at = Instant::now();
+                    if let Ok(data) = serde_json::from_str::<Value>(&event.data)
+                        && let Some(job) = data["job_id"].as_str()
+                    {
+                        delivered_at.lock().expect("deliveries").insert(job.to_owned(), at);
+                    }
+                }
+            })
+        };
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut submissions = JoinSet::new();
+        let stop = Instant::now() + duration;
+        while Instant::now() < stop {
+            ticker.tick().await;
+            let (bench, accepted_at) = (self.clone(), accepted_at.clone());
+            submissions.spawn(async move {
+                if let Ok((202, Some(job))) = bench.post(&bench.deposit()).await {
+                    accepted_at.lock().expect("accepted").insert(job, Instant::now());
+                }
+            });
+        }
+        while submissions.join_next().await.is_some() {}
+        let submitted = accepted_at.lock().expect("accepted").len();
+        // Wait for the stragglers, at most 30 s after the last submission.
+        let wait_until = Instant::now() + Duration::from_secs(30);
+        let all_delivered = || {
+            let delivered = delivered_at.lock().expect("deliveries");
+            accepted_at.lock().expect("accepted").keys().all(|job| delivered.contains_key(job))
+        };
+        while Instant::now() < wait_until && !all_delivered() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        reader.abort();
+        let mut latencies = histogram();
+        let mut missing = 0;
+        let delivered = delivered_at.lock().expect("deliveries");
+        for (job, accepted) in accepted_at.lock().expect("accepted").iter() {
+            match delivered.get(job) {
+                Some(at) => record(&mut latencies, at.saturating_duration_since(*accepted)),
+                None => missing += 1,
+            }
+        }
+        Ok(json!({"latency": {
+            "rate_per_sec": rate,
+            "accepted": submitted,
+            "missing": missing,
+            "p50_ms": millis(&latencies, 0.5),
+            "p99_ms": millis(&latencies, 0.99),
+            "max_ms": latencies.max() as f64 / 1000.0,
+        }}))
+    }
+
+    async fn submit(&self, count: u64, connections: usize) -> anyhow::Result<Value> {
+        let next = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut clients = JoinSet::new();
+        for _ in 0..connections {
+            let (bench, next, accepted) = (self.clone(), next.clone(), accepted.clone());
+            clients.spawn(async move {
+                let body = bench.deposit();
+                while next.fetch_add(1, Ordering::Relaxed) < count {
+                    if let Ok((202, _)) = bench.post(&body).await {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        while clients.join_next().await.is_some() {}
+        let accepted = accepted.load(Ordering::Relaxed);
+        if accepted != count {
+            bail!("only {accepted} of {count} submissions were accepted");
+        }
+        Ok(json!({"submit": {"accepted": accepted, "seconds": started.elapsed().as_secs_f64()}}))
+    }
+
+    async fn drain(&self, count: u64, timeout: Duration) -> anyhow::Result<Value> {
+        let stream = self.stream("/v1/events").await?;
+        eprintln!("drain: subscribed; waiting for {count} results");
+        let counted = count_events(stream, count, Instant::now() + timeout).await?;
+        Ok(json!({"drain": {
+            "events": counted.events,
+            "per_sec": rate(counted.events, counted.first, counted.last),
+        }}))
+    }
+
+    async fn idle(&self, count: usize, pid: u32) -> anyhow::Result<Value> {
+        let before = resident_kib(pid)?;
+        let mut held = Vec::with_capacity(count);
+        let mut opening = JoinSet::new();
+        let concurrency = Arc::new(tokio::sync::Semaphore::new(256));
+        for _ in 0..count {
+            let (bench, concurrency) = (self.clone(), concurrency.clone());
+            opening.spawn(async move {
+                let _permit = concurrency.acquire().await?;
+                bench.stream("/v1/events").await
+            });
+        }
+        while let Some(opened) = opening.join_next().await {
+            held.push(opened??);
+        }
+        // Let the notifier settle (allocations of the last streams, heartbeats).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = resident_kib(pid)?;
+        drop(held);
+        let per_subscriber = after.saturating_sub(before) as f64 / count.max(1) as f64;
+        Ok(json!({"idle": {
+            "subscribers": count,
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "kib_per_subscriber": per_subscriber,
+        }}))
+    }
+
+    async fn fanout(&self, subscribers: usize, events: u64, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut streams = Vec::with_capacity(subscribers);
+        for _ in 0..subscribers {
+            streams.push(self.stream("/v1/events").await?);
+        }
+        let mut readers = JoinSet::new();
+        for stream in streams {
+            readers.spawn(count_events(stream, events, deadline));
+        }
+        self.submit(events, 16).await.context("submitting the events")?;
+        let (mut first, mut last, mut deliveries) = (None::<Instant>, None::<Instant>, 0u64);
+        while let Some(counted) = readers.join_next().await {
+            let counted = counted??;
+            deliveries += counted.events;
+            first = match (first, counted.first) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            last = last.max(counted.last);
+        }
+        Ok(json!({"fanout": {
+            "subscribers": subscribers,
+            "events": events,
+            "deliveries": deliveries,
+            "deliveries_per_sec": rate(deliveries, first, last),
+        }}))
+    }
+}
+
+/// What one stream delivered.
+struct Counted {
+    events: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Count `job.succeeded` events on `stream` (on raw bytes: a pattern split
+/// across chunks is found through the kept tail) until `wanted` or `deadline`.
+async fn count_events(stream: reqwest::Response, wanted: u64, deadline: Instant) -> anyhow::Result<Counted> {
+    let mut bytes = stream.bytes_stream();
+    let mut counted = Counted { events: 0, first: None, last: None };
+    let mut window: Vec<u8> = Vec::new();
+    while counted.events < wanted {
+        let chunk = tokio::time::timeout_at(deadline.into(), bytes.next())
+            .await
+            .with_context(|| format!("only {} of {wanted} events before the deadline", counted.events))?
+            .context("the stream ended")??;
+        window.extend_from_slice(&chunk);
+        let found = window.windows(SUCCEEDED.len()).filter(|w| *w == SUCCEEDED).count() as u64;
+        if found > 0 {
+            let now = Instant::now();
+            counted.first.get_or_insert(now);
+            counted.last = Some(now);
+            counted.events += found;
+        }
+        let keep = window.len().min(SUCCEEDED.len() - 1);
+        window.drain(..window.len() - keep);
+    }
+    Ok(counted)
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds up to 10 minutes, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
+    histogram.saturating_record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1));
+}
+
+fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn rate(count: u64, first: Option<Instant>, last: Option<Instant>) -> f64 {
+    match (first, last) {
+        (Some(first), Some(last)) if last > first => count.saturating_sub(1) as f64 / (last - first).as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The benchmark of the running stack, from outside, in one command.
+#
+#   scripts/bench.sh            everything, then one table of figures and ratios
+#   ONCEFLOW_BENCH_QUICK=1 scripts/bench.sh   shorter runs and fewer subscribers
+#
+# 1. Raw baselines: pgbench runs the processor's and ingest's own per-command
+#    transactions (the same statements the services issue), 16 clients, on
+#    fresh databases migrated by the services' own `migrate` command.
+# 2. The release stack is (re)started with scripts/stack.sh and measured
+#    through its public HTTP and SSE interfaces by the Rust load client
+#    `onceflow-bench`: ingest 202/s with fresh keys, processor drain rate,
+#    accept -> SSE latency at fixed rates, idle SSE subscribers' memory, and
+#    SSE fan-out. The services run with exactly the configuration
+#    `scripts/stack.sh up` gives them.
+#
+# Figures go to .stack/bench/*.json; the table is printed at the end.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+quick="${ONCEFLOW_BENCH_QUICK:-0}"
+seconds=$([ "$quick" = 1 ] && echo 5 || echo 15)
+backlog=$([ "$quick" = 1 ] && echo 1000 || echo 5000)
+idle_subscribers=$([ "$quick" = 1 ] && echo 2000 || echo 20000)
+fanout_subscribers=$([ "$quick" = 1 ] && echo 200 || echo 1000)
+fanout_events=$([ "$quick" = 1 ] && echo 200 || echo 1000)
+out="$STACK_DIR/bench"
+mkdir -p "$out"
+rm -f "$out"/*.json
+# 20,000 subscribers need as many descriptors in the notifier and the client.
+ulimit -n 65536
+
+ensure_postgres
+say "building the release binaries"
+cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier -p onceflow-bench
+bench="$TARGET_DIR/release/onceflow-bench"
+psql_admin() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+
+# --- 1. raw baselines -------------------------------------------------------
+baseline() { # name service script
+  local name="$1" service="$2" script="$3" db="onceflow_bench_baseline_$1"
+  psql_admin -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+  ONCEFLOW_DATABASE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db" \
+    "$TARGET_DIR/release/onceflow-$service" migrate >/dev/null
+  psql_admin -d "$db" -c "INSERT INTO accounts (tenant, account_id, currency) VALUES ('dev', 'bench', 'EUR')" \
+    2>/dev/null || true
+  say "pgbench: $name per-command transaction, 16 clients, ${seconds}s"
+  pgbench -h "$PG_HOST" -p "$PG_PORT" -U postgres -n -c 16 -j 2 -T "$seconds" -f "$script" "$db" \
+    | tee "$out/pgbench-$name.txt" | grep -E '^tps' || true
+  tps="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out/pgbench-$name.txt" | head -n 1)"
+  echo "{\"baseline\": {\"name\": \"$name\", \"tps\": $tps}}" >"$out/baseline-$name.json"
+  psql_admin -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+}
+baseline processor processor scripts/bench/processor-transaction.sql
+baseline ingest ingest scripts/bench/ingest-transaction.sql
+
+# --- 2. the running stack ----------------------------------------------------
+say "restarting the release stack (scripts/stack.sh)"
+scripts/stack.sh down >/dev/null 2>&1 || true
+scripts/stack.sh up >/dev/null
+"$bench" setup >"$out/setup.json"
+sleep 3
+
+say "ingest: 202/s with fresh keys, 16 connections, ${seconds}s"
+"$bench" accept --connections 16 --seconds "$seconds" | tee "$out/accept.json"
+
+for rate in 10 100 200; do
+  say "accept -> SSE latency at $rate commands/s, ${seconds}s"
+  "$bench" latency --rate "$rate" --seconds "$seconds" | tee "$out/latency-$rate.json"
+done
+
+say "processor drain: $backlog deposits queued while it is stopped, then drained"
+scripts/stack.sh stop processor
+"$bench" submit --count "$backlog" >"$out/submit.json"
+"$bench" drain --count "$backlog" >"$out/drain.json" &
+drain_pid=$!
+sleep 2
+scripts/stack.sh start processor
+wait "$drain_pid"
+cat "$out/drain.json"
+
+say "idle SSE subscribers: $idle_subscribers"
+"$bench" idle --count "$idle_subscribers" --pid "$(cat "$STACK_DIR/notifier.pid")" | tee "$out/idle.json"
+
+say "SSE fan-out: $fanout_subscribers subscribers x $fanout_events events"
+"$bench" fanout --subscribers "$fanout_subscribers" --events "$fanout_events" | tee "$out/fanout.json"
+
+# --- the table ----------------------------------------------------------------
+python3 - "$out" <<'PY'
+import json, pathlib, sys, datetime, os
+out = pathlib.Path(sys.argv[1])
+f = {}
+for path in out.glob("*.json"):
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("{"):
+            f[path.stem] = json.loads(line)
+def get(name, *keys):
+    value = f.get(name, {})
+    for key in keys:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return value if not isinstance(value, dict) else None
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "n/a"
+proc_tps = get("baseline-processor", "baseline", "tps")
+ingest_tps = get("baseline-ingest", "baseline", "tps")
+accept = get("accept", "accept", "accepted_per_sec")
+drain = get("drain", "drain", "per_sec")
+rows = [
+    ("ingest 202/s, 16 connections, fresh keys", f"{accept:.0f}/s (p50 {get('accept','accept','p50_ms'):.1f} ms)" if accept else "n/a",
+     f"pgbench ingest tx: {ingest_tps:.0f} tps" if ingest_tps else "n/a", ratio(accept, ingest_tps)),
+    ("processor drain, ledger.deposit", f"{drain:.0f}/s" if drain else "n/a",
+     f"pgbench processor tx: {proc_tps:.0f} tps" if proc_tps else "n/a", ratio(drain, proc_tps)),
+]
+for rate in (10, 100, 200):
+    l = f.get(f"latency-{rate}", {}).get("latency", {})
+    rows.append((f"accept -> SSE at {rate}/s", f"p50 {l.get('p50_ms', 0):.1f} ms, p99 {l.get('p99_ms', 0):.1f} ms (missing {l.get('missing', '?')})", "", ""))
+idle = f.get("idle", {}).get("idle", {})
+rows.append((f"idle SSE subscribers ({idle.get('subscribers', '?')})", f"{idle.get('kib_per_subscriber', 0):.1f} KiB each", "", ""))
+fan = f.get("fanout", {}).get("fanout", {})
+rows.append((f"SSE fan-out ({fan.get('subscribers', '?')} x {fan.get('events', '?')})", f"{fan.get('deliveries_per_sec', 0):,.0f} deliveries/s", "", ""))
+print(f"\nonceflow benchmark, {datetime.date.today()}, {os.cpu_count()} cores")
+print("| figure | onceflow | raw baseline, same run | ratio |")
+print("|---|---|---|---|")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+PY
