@@ -2,9 +2,11 @@
 //! real broker, reached over the network.
 
 mod flow;
+mod hostile_results;
 mod ingest;
 mod notifier;
 mod processor;
+mod redrive;
 mod relay;
 mod statement;
 mod webhooks;
