@@ -15,14 +15,35 @@
 //!
 //! A record that is not a result event, or that the database refuses (e.g.
 //! `\u0000` in the result's JSON), is a data error: the consumer ends it and
-//! moves on (`onceflow_runtime::kafka::consume_each`); a database outage makes
-//! it wait.
+//! moves on (parked under [`PARKING_CONSUMER`] when run with
+//! `onceflow_runtime::kafka::consume_parking`); a database outage makes it
+//! wait. [`admin_router`] serves the parked records to an operator.
+
+use std::sync::Arc;
 
 use onceflow_contracts::{JobStatus, ResultEvent};
-use onceflow_runtime::kafka::RecordError;
+use onceflow_runtime::{
+    kafka::RecordError,
+    parking::{self, Parking},
+};
 use rdkafka::{Message as _, message::OwnedMessage};
 use sqlx::PgPool;
 use tracing::Instrument as _;
+
+/// The name this projection parks records under.
+pub const PARKING_CONSUMER: &str = "ingest.projection";
+
+/// `GET /admin/parked` and `POST /admin/parked/{id}/redrive` for the records
+/// this projection parked (a redrive runs [`apply`] again), behind `token`;
+/// `None` when `token` is empty.
+pub fn admin_router(pool: PgPool, token: &str) -> Option<axum::Router> {
+    let handler_pool = pool.clone();
+    let handler: parking::Handler = Arc::new(move |message| {
+        let pool = handler_pool.clone();
+        Box::pin(async move { apply(&pool, message).await })
+    });
+    parking::router(Parking::new(pool, PARKING_CONSUMER), token, handler)
+}
 
 /// Apply one result event to the `jobs` table.
 pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
