@@ -148,7 +148,7 @@ pub async fn broker_reachable(config: &KafkaConfig, timeout: Duration) -> bool {
 /// logged and waited out with a backoff that grows to 5 s, so a broker outage
 /// is not a busy loop of errors.
 pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToken) -> Option<OwnedMessage> {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return None,
@@ -157,12 +157,10 @@ pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToke
         match received {
             Ok(message) => return Some(message.detach()),
             Err(error) => {
-                tracing::warn!(%error, ?backoff, "consumer error; waiting before the next poll");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(backoff) => {}
+                tracing::warn!(%error, "consumer error; waiting before the next poll");
+                if !backoff.wait(shutdown).await {
+                    return None;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -318,16 +316,14 @@ async fn end_record(
 /// and accepts work while the broker is still down.
 pub async fn ensure_topics_eventually(config: KafkaConfig, topics: Vec<String>, shutdown: CancellationToken) {
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match ensure_topics(&config, &names).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, "cannot create topics yet; retrying"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

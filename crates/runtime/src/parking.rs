@@ -379,3 +379,41 @@ async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(id): 
         Ok(Ok(Redrive::NotFound)) => not_found(&id),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_shown_as_text_when_utf8_and_as_hex_otherwise() {
+        assert_eq!(serde_json::Value::from(bytes_json("key", Some(b"job-1"))), serde_json::json!({"key": "job-1"}));
+        assert_eq!(
+            serde_json::Value::from(bytes_json("key", Some(&[0xff, 0x00]))),
+            serde_json::json!({"key_hex": "ff00"})
+        );
+        assert_eq!(serde_json::Value::from(bytes_json("key", None)), serde_json::json!({"key": null}));
+    }
+
+    #[test]
+    fn a_parked_record_is_given_back_as_it_came_off_the_topic() {
+        let record = ParkedRecord {
+            id: 1,
+            consumer: "c".to_owned(),
+            topic: "t".to_owned(),
+            partition: 3,
+            offset: 41,
+            key: Some(vec![0xff]),
+            headers: vec![("a".to_owned(), Some(vec![0, 1])), ("b".to_owned(), None)],
+            payload: Some(vec![9]),
+            error: "e".to_owned(),
+            parked_at: chrono::Utc::now(),
+            redrive_count: 0,
+            last_redrive_at: None,
+        };
+        let message = record.to_message();
+        assert_eq!((message.topic(), message.partition(), message.offset()), ("t", 3, 41));
+        assert_eq!((message.key(), message.payload()), (Some(&[0xff][..]), Some(&[9][..])));
+        assert_eq!(kafka::header_pairs(&message).unwrap(), record.headers);
+        assert_eq!(printable("a\0b"), "a\\u0000b");
+    }
+}
