@@ -3,9 +3,11 @@
 
 mod chaos;
 mod flow;
+mod hostile_results;
 mod ingest;
 mod notifier;
 mod processor;
+mod redrive;
 mod relay;
 mod statement;
 mod webhooks;

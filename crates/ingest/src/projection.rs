@@ -1,36 +1,75 @@
-//! The job-status projection: consumes the results topic and moves each job
-//! forward. Status only moves forward (`accepted` → `processing` → terminal),
-//! so redelivered, duplicated or reordered events cannot move a job back.
+//! The job-status projection: consumes the results topic into the `jobs`
+//! table that `GET /v1/jobs/{id}` reads.
+//!
+//! The transitions, whatever order and however often events arrive:
+//!
+//! - `accepted` → `processing` → a terminal status (`succeeded`, `failed`,
+//!   `dead_lettered`): status moves forward only; `processing` events only
+//!   raise the progress, and never override a terminal status.
+//! - terminal → terminal: the job follows its *latest* terminal result, by
+//!   the event's `occurred_at`. A dead-lettered command that an operator
+//!   redrives gets a second terminal result (e.g. `succeeded`), later than the
+//!   first, and the job shows it, with its result or error. A redelivered
+//!   duplicate (same `occurred_at`) or an older terminal result arriving late
+//!   changes nothing, so a job never moves back.
+//!
+//! A record that is not a result event, or that the database refuses (e.g.
+//! `\u0000` in the result's JSON), is a data error: the consumer ends it and
+//! moves on (parked under [`PARKING_CONSUMER`] when run with
+//! `onceflow_runtime::kafka::consume_parking`); a database outage makes it
+//! wait. [`admin_router`] serves the parked records to an operator.
 
-use onceflow_contracts::{JobStatus, ResultEvent, envelope::Envelope};
+use std::sync::Arc;
+
+use onceflow_contracts::{JobStatus, ResultEvent};
+use onceflow_runtime::{
+    kafka::RecordError,
+    parking::{self, Parking},
+};
 use rdkafka::{Message as _, message::OwnedMessage};
 use sqlx::PgPool;
 use tracing::Instrument as _;
 
+/// The name this projection parks records under.
+pub const PARKING_CONSUMER: &str = "ingest.projection";
+
+/// `GET /admin/parked` and `POST /admin/parked/{id}/redrive` for the records
+/// this projection parked (a redrive runs [`apply`] again), behind `token`;
+/// `None` when `token` is empty.
+pub fn admin_router(pool: PgPool, token: &str) -> Option<axum::Router> {
+    let handler_pool = pool.clone();
+    let handler: parking::Handler = Arc::new(move |message| {
+        let pool = handler_pool.clone();
+        Box::pin(async move { apply(&pool, message).await })
+    });
+    parking::router(Parking::new(pool, PARKING_CONSUMER), token, handler)
+}
+
 /// Apply one result event to the `jobs` table.
-pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Error> {
-    let Some(event) = decode(&message) else { return Ok(()) };
+pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
+    let Some(event) = decode(&message)? else { return Ok(()) };
     let span = tracing::info_span!("project_result", correlation_id = %event.correlation_id, job_id = %event.job_id);
     // `instrument`, not `enter`: a guard held across an `.await` corrupts the
     // span stack of whatever else runs on the thread meanwhile.
     project(pool, &event).instrument(span).await
 }
 
-async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), sqlx::Error> {
-    let Ok(job_id) = uuid::Uuid::parse_str(&event.job_id) else {
-        tracing::warn!("result event with a malformed job id; skipped");
-        return Ok(());
-    };
+async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), RecordError> {
+    let job_id = uuid::Uuid::parse_str(&event.job_id)
+        .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
     let result: Option<serde_json::Value> =
         event.result_json.as_deref().and_then(|json| serde_json::from_str(json).ok());
     let error = event.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message}));
     let updated = sqlx::query(
         "UPDATE jobs
-         SET status = $3, progress_percent = $4, result = $5, error = $6, updated_at = now()
+         SET status = $3, progress_percent = $4, result = $5, error = $6, updated_at = now(),
+             terminal_occurred_at_ms = CASE WHEN $7 = 2 THEN $8 ELSE terminal_occurred_at_ms END
          WHERE job_id = $1 AND tenant = $2
            AND ((CASE status WHEN 'accepted' THEN 0 WHEN 'processing' THEN 1 ELSE 2 END) < $7
                 OR (status = 'processing' AND $3 = 'processing'
-                    AND coalesce(progress_percent, -1) < coalesce($4, -1)))",
+                    AND coalesce(progress_percent, -1) < coalesce($4, -1))
+                OR ($7 = 2 AND status IN ('succeeded', 'failed', 'dead_lettered')
+                    AND coalesce(terminal_occurred_at_ms, -1) < $8))",
     )
     .bind(job_id)
     .bind(&event.tenant)
@@ -39,28 +78,20 @@ async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), sqlx::Error> 
     .bind(result)
     .bind(error)
     .bind(i32::from(event.status.rank()))
+    .bind(event.occurred_at)
     .execute(pool)
     .await?;
     tracing::debug!(status = event.status.as_str(), moved = updated.rows_affected() == 1, "job status projected");
     Ok(())
 }
 
-/// The event in `message`, or `None` (logged) when it is not one: the
-/// projection skips what it cannot read rather than stall on it.
-fn decode(message: &OwnedMessage) -> Option<ResultEvent> {
-    let envelope: Envelope = match onceflow_runtime::kafka::envelope_of(message) {
-        Ok(envelope) => envelope,
-        Err(error) => {
-            tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped");
-            return None;
-        }
-    };
-    match ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default()) {
-        Ok(event) if event.status != JobStatus::Accepted => Some(event),
-        Ok(_) => None,
-        Err(error) => {
-            tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped");
-            None
-        }
-    }
+/// The event in `message`; `None` for an `accepted` event, which ingest
+/// itself wrote when it took the command. A record that is not a result event
+/// is a data error.
+fn decode(message: &OwnedMessage) -> Result<Option<ResultEvent>, RecordError> {
+    let envelope = onceflow_runtime::kafka::envelope_of(message)
+        .map_err(|error| RecordError::data(format!("result without a valid envelope: {error}")))?;
+    let event = ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
+        .map_err(|error| RecordError::data(format!("undecodable result: {error}")))?;
+    Ok((event.status != JobStatus::Accepted).then_some(event))
 }

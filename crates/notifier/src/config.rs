@@ -21,6 +21,16 @@ pub struct NotifierConfig {
     pub telemetry: TelemetryConfig,
     pub tenants: Vec<TenantKey>,
     pub webhooks: WebhooksConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The operator's admin endpoints (parked records: list and redrive).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+pub struct AdminConfig {
+    /// Bearer token of `/admin/*`; empty (the default) serves no admin endpoint.
+    #[serde(default)]
+    pub token: String,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

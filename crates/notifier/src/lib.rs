@@ -4,14 +4,22 @@
 //! onceflow.results ──consumer group──▶ store::record ──▶ events table ──NOTIFY──▶ hub (every instance)
 //!                                            │                                     │
 //!                                            │                   SSE subscribers ◀─┘
-//!                                            └─(terminal, callback_url)─▶ webhook_deliveries ──▶ worker ──▶ POST callback_url
+//!                   │                        └─(terminal, callback_url)─▶ webhook_deliveries ──▶ worker ──▶ POST callback_url
+//!                   └─(never applicable)─▶ parked_records ◀── GET /admin/parked, POST /admin/parked/{id}/redrive
 //! ```
+//!
+//! Every results record ends as stored, or parked (`onceflow_runtime::parking`)
+//! when it can never be stored (not a result event, or refused by the
+//! database); a database outage makes the consumer wait and parks nothing.
 //!
 //! - [`store`]: the events table, each result once, numbered for resumption.
 //! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
 //! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
 //! - [`webhooks`]: signed, retried webhook deliveries and their API.
 //! - [`config`]: settings and their defaults.
+//!
+//! With `admin.token` set, the operator's `GET /admin/parked` and
+//! `POST /admin/parked/{id}/redrive` are served beside the API.
 
 pub mod config;
 pub mod hub;
@@ -25,7 +33,13 @@ use axum::{
     Router,
     routing::{get, post},
 };
-use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
+use onceflow_runtime::{
+    auth::ApiKeys,
+    http, kafka,
+    parking::{self, Parking},
+    postgres,
+    service::Running,
+};
 use rdkafka::consumer::Consumer as _;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -45,8 +59,20 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
+/// The service's migrations: its own, then the parked records'.
 pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
-    vec![sqlx::migrate!("./migrations")]
+    vec![sqlx::migrate!("./migrations"), parking::migrator()]
+}
+
+/// The name the results consumer parks records under.
+pub const RESULTS_CONSUMER: &str = "notifier.results";
+
+/// The results consumer's handler, as a redrive runs it.
+fn redrive_handler(pool: PgPool) -> parking::Handler {
+    Arc::new(move |message| {
+        let pool = pool.clone();
+        Box::pin(async move { store::record(&pool, message).await })
+    })
 }
 
 pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessCheck)>) -> Router {
@@ -74,8 +100,12 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     consumer.subscribe(&[&topics.results])?;
     let record_pool = pool.clone();
     let consumer_shutdown = shutdown.clone();
+    let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
     tasks.spawn(async move {
-        kafka::consume_each(&consumer, &consumer_shutdown, |message| store::record(&record_pool, message)).await;
+        kafka::consume_parking(&consumer, &consumer_shutdown, &results_parking, |message| {
+            store::record(&record_pool, message)
+        })
+        .await;
     });
 
     for tenant in &config.tenants {
@@ -104,6 +134,10 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     };
-    let router = router(state, http::standard_checks(pool, config.kafka.clone()));
+    let mut router = router(state, http::standard_checks(pool.clone(), config.kafka.clone()));
+    let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
+    if let Some(admin) = parking::router(results_parking, &config.admin.token, redrive_handler(pool)) {
+        router = router.merge(admin);
+    }
     Running::with_http(tasks, &config.listen, router, shutdown).await
 }

@@ -2,8 +2,17 @@
 //!
 //! - `GET /v1/events`: a tenant's result events, optionally only those of one
 //!   `job_id` or `correlation_id`.
-//! - `GET /v1/jobs/{job_id}/events`: one job's events; ends after its terminal
-//!   event.
+//! - `GET /v1/jobs/{job_id}/events`: one job's events; ends after its latest
+//!   terminal event.
+//!
+//! A job can have more than one terminal event: a dead-lettered command that
+//! an operator redrives gets a second outcome (e.g. `dead_lettered`, then
+//! `succeeded`). So the per-job stream sends every stored event of the job,
+//! in order, and ends when the last one it has sent is terminal once the
+//! stored events are exhausted; live, it ends at the next terminal event. A
+//! client connecting after a redrive sees both outcomes and the stream ends
+//! after the redriven one; a client that saw the first outcome end its stream
+//! and resumes with `Last-Event-ID` waits for the next one.
 //!
 //! Each event's `id:` is its `seq` in the events table. A client reconnecting
 //! with `Last-Event-ID` (header, or `?last_event_id=`) first gets every stored
@@ -123,6 +132,7 @@ fn event_stream(
             }
         }
 
+        let mut last_was_terminal = false;
         loop {
             let page = match store::events_after(&state.pool, &filter, last, CATCH_UP_PAGE).await {
                 Ok(page) => page,
@@ -134,14 +144,17 @@ fn event_stream(
             let full = page.len() == CATCH_UP_PAGE as usize;
             for event in page {
                 last = event.seq;
+                last_was_terminal = event.terminal;
                 yield Ok(to_sse(&event));
-                if end_on_terminal && event.terminal {
-                    return;
-                }
             }
             if !full {
                 break;
             }
+        }
+        // Everything stored is sent: a job whose latest event is terminal has
+        // ended, as far as anything is known.
+        if end_on_terminal && last_was_terminal {
+            return;
         }
 
         loop {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
+use onceflow_runtime::kafka::RecordError;
 use rdkafka::{Message as _, message::OwnedMessage};
 use sqlx::{PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
@@ -37,16 +38,19 @@ impl StoredEvent {
 }
 
 /// Store the result event in `message`, unless it is a duplicate (same event
-/// id) or unreadable (logged and skipped: one bad record must not stall the
-/// results topic). A terminal event with a `callback_url` also gets its
-/// webhook delivery, in the same transaction: the delivery exists exactly when
-/// the event does, and a redelivered event creates no second one.
-pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Error> {
-    let Some((envelope, event)) = decode(&message) else { return Ok(()) };
-    let Ok(job_id) = Uuid::parse_str(&event.job_id) else {
-        tracing::warn!(job_id = %event.job_id, "result event with a malformed job id; skipped");
-        return Ok(());
-    };
+/// id). A terminal event with a `callback_url` also gets its webhook delivery,
+/// in the same transaction: the delivery exists exactly when the event does,
+/// and a redelivered event creates no second one. A callback URL the notifier
+/// can never call (control characters, not http/https, too long) does not
+/// hold the event back: its delivery is created already `failed`, saying why.
+///
+/// A record that is not a result event (no envelope, undecodable bytes, a
+/// malformed job id) or that the database refuses (e.g. `\u0000` in the
+/// result's JSON) is a [`RecordError`] of kind data: the consumer parks it.
+pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
+    let (envelope, event) = decode(&message)?;
+    let job_id = Uuid::parse_str(&event.job_id)
+        .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INSERT_LOCK).execute(&mut *tx).await?;
     let inserted = sqlx::query(
@@ -81,18 +85,12 @@ pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), sqlx::Er
     Ok(())
 }
 
-fn decode(message: &OwnedMessage) -> Option<(Envelope, ResultEvent)> {
-    let envelope: Envelope = onceflow_runtime::kafka::envelope_of(message)
-        .inspect_err(
-            |error| tracing::warn!(%error, offset = message.offset(), "result without a valid envelope; skipped"),
-        )
-        .ok()?;
+fn decode(message: &OwnedMessage) -> Result<(Envelope, ResultEvent), RecordError> {
+    let envelope = onceflow_runtime::kafka::envelope_of(message)
+        .map_err(|error| RecordError::data(format!("result without a valid envelope: {error}")))?;
     let event = ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
-        .inspect_err(
-            |error| tracing::warn!(%error, correlation_id = %envelope.correlation_id, "undecodable result; skipped"),
-        )
-        .ok()?;
-    Some((envelope, event))
+        .map_err(|error| RecordError::data(format!("undecodable result: {error}")))?;
+    Ok((envelope, event))
 }
 
 /// Which events a stream wants.

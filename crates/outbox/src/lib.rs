@@ -38,6 +38,10 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("{count} outbox messages were not acknowledged by the broker")]
     Undelivered { count: usize },
+    /// The relay's lease (its advisory lock session) is gone or unverifiable:
+    /// it stops leading at once, so two relays never publish side by side.
+    #[error("outbox relay lease lost: {0}")]
+    LeaseLost(String),
     /// Refused where the message is made: a row the broker would refuse
     /// forever must never reach the outbox, where it would block the relay.
     #[error("the message has {size} bytes; at most {limit} fit in one Kafka record")]
@@ -57,9 +61,11 @@ pub struct OutboxMessage {
 }
 
 /// The most bytes (payload, key and header names and values) one outbox
-/// message may have. The producers' `message.max.bytes` is 1,000,000 and
-/// counts the record's framing too; this leaves room for it.
+/// message may have. The producers' `message.max.bytes`
+/// ([`onceflow_runtime::kafka::MAX_RECORD_BYTES`], which the consumers can
+/// fetch) counts the record's framing too; this leaves room for it.
 pub const MAX_MESSAGE_BYTES: usize = 900_000;
+const _: () = assert!(MAX_MESSAGE_BYTES + 64 * 1024 <= onceflow_runtime::kafka::MAX_RECORD_BYTES);
 
 impl OutboxMessage {
     /// The bytes this message puts in a Kafka record, framing aside.

@@ -1,5 +1,15 @@
 //! The relay: publishes committed outbox rows to Kafka, one active instance
 //! per database.
+//!
+//! The active relay is the one holding a session-level advisory lock on a
+//! dedicated connection (the lease). A lock dies with its session: if that
+//! connection is cut (a terminated backend, a network partition, a database
+//! restart), another relay takes the lock at its next try. So the leader
+//! verifies the lease before every batch, on the lock connection itself (it
+//! still answers, and `pg_locks` still shows this session granted the lock),
+//! and stops leading at once when it does not: at most the batch in flight
+//! when the lease was lost can also be published by the next leader, and
+//! consumers dedup it by `message-id`.
 
 use std::time::Duration;
 
@@ -17,6 +27,9 @@ use crate::Result;
 const CHANNEL: &str = "onceflow_outbox";
 /// Advisory-lock key that elects the active relay of a database ("oflw").
 const LEADER_LOCK: i64 = 0x6f66_6c77;
+/// How long a lease check may take before the lease counts as lost: a lock
+/// connection that does not answer may already have lost its session.
+const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the relay paces itself.
 #[derive(Debug, Clone)]
@@ -97,20 +110,25 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         loop {
-            // Drain everything committed so far, batch by batch.
-            while self.publish_batch().await? == self.config.batch_size as usize {}
+            // Drain everything committed so far, batch by batch, each only
+            // while the lease holds.
+            loop {
+                verify_lease(lock).await?;
+                if self.publish_batch().await? < self.config.batch_size as usize {
+                    break;
+                }
+            }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 notification = listener.recv() => { notification?; }
-                () = tokio::time::sleep(self.config.poll_interval) => {
-                    // Still holding the lock? A dropped connection released it.
-                    sqlx::query("SELECT 1").execute(&mut **lock).await?;
-                }
+                // Idle: verify the lease on the fallback poll too.
+                () = tokio::time::sleep(self.config.poll_interval) => {}
             }
         }
     }
 
     /// Publish up to one batch; returns how many rows were published.
+    /// Only called right after [`verify_lease`].
     async fn publish_batch(&self) -> Result<usize> {
         let rows = self.read_batch().await?;
         if rows.is_empty() {
@@ -176,5 +194,30 @@ impl Relay {
                 })
             })
             .collect()
+    }
+}
+
+/// Whether `lock`, the leader's lock connection, still holds the lease: it
+/// answers within [`LEASE_CHECK_TIMEOUT`] and `pg_locks` shows its session
+/// granted the advisory lock. `Err` (leading must stop) otherwise.
+async fn verify_lease(lock: &mut PoolConnection<sqlx::Postgres>) -> Result<()> {
+    // A bigint advisory key is held as classid (high 32 bits), objid (low 32
+    // bits), objsubid 1.
+    let check = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+                         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                           AND classid = ($1 >> 32)::oid AND objid = ($1 & 4294967295)::oid AND objsubid = 1)",
+    )
+    .bind(LEADER_LOCK)
+    .fetch_one(&mut **lock);
+    match tokio::time::timeout(LEASE_CHECK_TIMEOUT, check).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => {
+            Err(crate::Error::LeaseLost("the lock connection no longer holds the advisory lock".to_owned()))
+        }
+        Ok(Err(error)) => Err(crate::Error::LeaseLost(format!("the lock connection failed: {error}"))),
+        Err(_) => {
+            Err(crate::Error::LeaseLost(format!("the lock connection did not answer within {LEASE_CHECK_TIMEOUT:?}")))
+        }
     }
 }

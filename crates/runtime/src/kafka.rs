@@ -1,11 +1,20 @@
 //! Kafka set-up shared by the services: producers, consumers, topic creation,
-//! and envelope headers on records.
+//! envelope headers on records, and [`consume_each`] / [`consume_parking`],
+//! the one loop every consumer of a topic runs its records through.
 //!
 //! Producers are idempotent (`enable.idempotence`), so a retry inside
 //! librdkafka neither duplicates nor reorders a partition's records.
 //! Consumers never let librdkafka store offsets on their own
 //! (`enable.auto.offset.store=false`): a service stores an offset only after
 //! the message's effect is durable, and the background commit then sends it.
+//!
+//! Sizes are set together ([`MAX_RECORD_BYTES`]): producers refuse a request
+//! above it, and consumers fetch at least that much per partition and per
+//! request, so any record a service can produce its consumers can fetch. The
+//! outbox refuses messages that could not fit (`onceflow_outbox::MAX_MESSAGE_BYTES`,
+//! below this with room for framing), and the Avro decoder's allocation cap
+//! (`onceflow_contracts::schema::MAX_DECODE_ALLOCATION`, 4 MiB) is above it, so
+//! no record that fits is refused by the decoder for its size.
 
 use std::time::Duration;
 
@@ -21,7 +30,25 @@ use rdkafka::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result, config::KafkaConfig};
+use crate::{
+    Error, Result,
+    config::KafkaConfig,
+    failure::{Backoff, Failure},
+    parking::Parking,
+};
+
+/// The largest request a producer sends (`message.max.bytes`, librdkafka's
+/// default made explicit), so the largest record batch, and so the largest
+/// single record, a consumer must be able to fetch.
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+/// What a consumer asks per partition (`max.partition.fetch.bytes`): a whole
+/// producer batch fits, with the protocol's framing.
+pub const MAX_PARTITION_FETCH_BYTES: usize = 1024 * 1024;
+/// What a consumer asks per fetch request (`fetch.max.bytes`): several
+/// partitions' worth, and never below [`MAX_RECORD_BYTES`] (librdkafka
+/// requires that too).
+pub const MAX_FETCH_BYTES: usize = 4 * MAX_PARTITION_FETCH_BYTES;
+const _: () = assert!(MAX_PARTITION_FETCH_BYTES >= MAX_RECORD_BYTES && MAX_FETCH_BYTES >= MAX_PARTITION_FETCH_BYTES);
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
@@ -29,18 +56,21 @@ fn base(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// An idempotent producer that waits for every in-sync replica.
+/// An idempotent producer that waits for every in-sync replica and sends no
+/// request above [`MAX_RECORD_BYTES`].
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
     Ok(base(config)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
         .create()?)
 }
 
 /// A consumer in `group_id` that reads from the earliest offset of a new group
-/// and commits only offsets the service stored explicitly.
+/// and commits only offsets the service stored explicitly; it fetches any
+/// record up to [`MAX_RECORD_BYTES`].
 pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> {
     Ok(base(config)
         .set("group.id", group_id)
@@ -51,6 +81,9 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> 
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (config.session_timeout_ms / 3).max(100).to_string())
         .set("isolation.level", "read_uncommitted")
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+        .set("max.partition.fetch.bytes", MAX_PARTITION_FETCH_BYTES.to_string())
+        .set("fetch.max.bytes", MAX_FETCH_BYTES.to_string())
         .create()?)
 }
 
@@ -80,11 +113,26 @@ pub fn headers(envelope: &Envelope) -> OwnedHeaders {
 
 /// Read the envelope from a consumed record's headers.
 pub fn envelope_of(message: &impl Message) -> Result<Envelope> {
-    let pairs = message
-        .headers()
-        .map(|headers| headers.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
-        .unwrap_or_default();
-    Ok(Envelope::from_headers(pairs)?)
+    let pairs = header_pairs(message)?;
+    Ok(Envelope::from_headers(pairs.iter().map(|(name, value)| (name.as_str(), value.as_deref())))?)
+}
+
+/// Every header of `message`, in order, as (name, value) pairs.
+///
+/// rdkafka panics on a header name that is not UTF-8 (it unwraps the
+/// conversion); a hostile producer must not be able to kill a consumer, so the
+/// panic is caught here and the record reported as malformed instead.
+pub fn header_pairs(message: &impl Message) -> Result<Vec<(String, Option<Vec<u8>>)>> {
+    let Some(headers) = message.headers() else { return Ok(Vec::new()) };
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        headers.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect::<Vec<_>>()
+    }));
+    read.map_err(|_| {
+        Error::Contract(onceflow_contracts::ContractError::InvalidHeader {
+            name: "unknown",
+            reason: "a header name is not UTF-8".to_owned(),
+        })
+    })
 }
 
 /// Whether the broker answers a metadata request within `timeout`.
@@ -100,7 +148,7 @@ pub async fn broker_reachable(config: &KafkaConfig, timeout: Duration) -> bool {
 /// logged and waited out with a backoff that grows to 5 s, so a broker outage
 /// is not a busy loop of errors.
 pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToken) -> Option<OwnedMessage> {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return None,
@@ -109,44 +157,106 @@ pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToke
         match received {
             Ok(message) => return Some(message.detach()),
             Err(error) => {
-                tracing::warn!(%error, ?backoff, "consumer error; waiting before the next poll");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(backoff) => {}
+                tracing::warn!(%error, "consumer error; waiting before the next poll");
+                if !backoff.wait(shutdown).await {
+                    return None;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
 }
 
+/// Why a consumer's handler could not apply a record, and what kind of
+/// failure that is: [`Failure::Data`] ends the record (parked, or refused),
+/// [`Failure::Outage`] makes the consumer wait and try the same record again.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct RecordError {
+    pub failure: Failure,
+    pub reason: String,
+}
+
+impl RecordError {
+    /// The record itself is unusable (undecodable, invalid, refused by the database).
+    pub fn data(reason: impl Into<String>) -> Self {
+        Self { failure: Failure::Data, reason: reason.into() }
+    }
+}
+
+impl From<sqlx::Error> for RecordError {
+    fn from(error: sqlx::Error) -> Self {
+        Self { failure: Failure::of_database(&error), reason: error.to_string() }
+    }
+}
+
 /// Feed every message of `consumer` to `handle`, one at a time, until
-/// `shutdown`; store each message's offset once `handle` succeeded.
+/// `shutdown`, storing each message's offset once it has ended; a record that
+/// can never be applied is parked in `parking` for an operator (see
+/// [`crate::parking`]) and consumption moves on.
 ///
-/// A failing `handle` is retried on the same message with exponential backoff
-/// (capped at `max_backoff`): the callers are projections whose errors are the
-/// database's, so waiting is right and skipping would lose an update. Messages
-/// a projection cannot use at all are for `handle` to log and accept.
-pub async fn consume_each<F, Fut, E>(consumer: &StreamConsumer, shutdown: &CancellationToken, mut handle: F)
+/// The rule every consumer of a record follows (guarantee G8):
+/// - `Ok`: applied (or deliberately ignored by `handle`); next.
+/// - [`Failure::Data`]: the record is parked (topic, partition, offset, key,
+///   headers, payload and the error), logged and counted
+///   (`onceflow_records_parked_total`); next. An undecodable record is
+///   `handle`'s data error like any other.
+/// - [`Failure::Outage`]: wait with [`Backoff`] and try the same record again,
+///   with no count bound; nothing is parked, so an outage destroys no work.
+pub async fn consume_parking<F, Fut>(
+    consumer: &StreamConsumer,
+    shutdown: &CancellationToken,
+    parking: &Parking,
+    handle: F,
+) where
+    F: FnMut(OwnedMessage) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
+{
+    consume(consumer, shutdown, Some(parking), handle).await;
+}
+
+/// [`consume_parking`] for a consumer whose database has no parking table
+/// yet: a record that can never be applied is refused (logged with its
+/// position and counted in `onceflow_records_refused_total`) instead of
+/// parked. Outages are waited out the same way.
+pub async fn consume_each<F, Fut>(consumer: &StreamConsumer, shutdown: &CancellationToken, handle: F)
 where
     F: FnMut(OwnedMessage) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<(), E>>,
-    E: std::fmt::Display,
+    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
 {
-    let max_backoff = Duration::from_secs(5);
+    consume(consumer, shutdown, None, handle).await;
+}
+
+async fn consume<F, Fut>(
+    consumer: &StreamConsumer,
+    shutdown: &CancellationToken,
+    parking: Option<&Parking>,
+    mut handle: F,
+) where
+    F: FnMut(OwnedMessage) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
+{
     while let Some(message) = next_message(consumer, shutdown).await {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match handle(message.clone()).await {
+            let error = match handle(message.clone()).await {
                 Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, topic = message.topic(), partition = message.partition(), offset = message.offset(), "handling failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
+                Err(error) => error,
+            };
+            if error.failure.is_data() {
+                if !end_record(&message, &error, parking, shutdown).await {
+                    return;
                 }
+                break;
+            }
+            tracing::warn!(
+                error = %error.reason,
+                topic = message.topic(),
+                partition = message.partition(),
+                offset = message.offset(),
+                "cannot handle the record while a dependency is down; waiting"
+            );
+            if !backoff.wait(shutdown).await {
+                return;
             }
         }
         if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
@@ -155,20 +265,65 @@ where
     }
 }
 
+/// End a record that can never be applied: park it, or refuse it without a
+/// parking table. `false` if `shutdown` came while parking waited on an outage.
+async fn end_record(
+    message: &OwnedMessage,
+    error: &RecordError,
+    parking: Option<&Parking>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let Some(parking) = parking else {
+        tracing::error!(error = %error.reason, topic, partition, offset, "record can never be applied; refused");
+        metrics::counter!("onceflow_records_refused_total", "topic" => topic.to_owned()).increment(1);
+        return true;
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match parking.park(message, &error.reason).await {
+            Ok(id) => {
+                tracing::error!(
+                    error = %error.reason,
+                    topic,
+                    partition,
+                    offset,
+                    parked_id = id,
+                    consumer = parking.consumer(),
+                    "record can never be applied; parked for an operator"
+                );
+                metrics::counter!("onceflow_records_parked_total", "consumer" => parking.consumer()).increment(1);
+                return true;
+            }
+            // Parking writes only bytes and sanitised text: a data error here
+            // is unexpected, and must not stall the topic either.
+            Err(park_error) if Failure::of_database(&park_error).is_data() => {
+                tracing::error!(error = %error.reason, %park_error, topic, partition, offset, "record cannot be parked; refused");
+                metrics::counter!("onceflow_records_refused_total", "topic" => topic.to_owned()).increment(1);
+                return true;
+            }
+            Err(park_error) => {
+                tracing::warn!(%park_error, topic, partition, offset, "cannot park the record yet; waiting");
+                if !backoff.wait(shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// [`ensure_topics`] until it succeeds (or `shutdown`), so a service starts
 /// and accepts work while the broker is still down.
 pub async fn ensure_topics_eventually(config: KafkaConfig, topics: Vec<String>, shutdown: CancellationToken) {
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match ensure_topics(&config, &names).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, "cannot create topics yet; retrying"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&shutdown).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

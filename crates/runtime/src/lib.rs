@@ -9,7 +9,10 @@
 //!   endpoint is configured) and W3C trace-context propagation through Kafka.
 //! - [`failure`]: data errors (end the record now) versus outages (wait
 //!   and retry without bound), and the backoff of those waits (G8).
-//! - [`kafka`]: producer and consumer set-up, topic creation, envelope headers.
+//! - [`kafka`]: producer and consumer set-up, topic creation, envelope
+//!   headers, and the consume loop that ends, parks or waits on each record.
+//! - [`parking`]: records a consumer could never apply, kept for an operator
+//!   (the `parked_records` table and its admin endpoints).
 //! - [`postgres`]: connection pools and database creation.
 //! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
 //!   graceful shutdown.
@@ -23,6 +26,7 @@ pub mod error;
 pub mod failure;
 pub mod http;
 pub mod kafka;
+pub mod parking;
 pub mod postgres;
 pub mod problem;
 pub mod service;

@@ -41,9 +41,55 @@ impl Status {
     }
 }
 
+/// The longest callback URL a delivery is made to (RFC 9110 recommends
+/// senders support at least 8000 octets; 2048 is what browsers and most
+/// servers take, and plenty for a webhook receiver).
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Why the notifier can never call `url`, if it cannot: control characters
+/// (NUL included), more than [`MAX_URL_BYTES`], not an absolute `http` or
+/// `https` URL with a host. Ingest refuses such URLs at the door; this is the
+/// notifier's own check, for records that reach it anyway.
+pub fn refusal(url: &str) -> Option<String> {
+    if url.chars().any(char::is_control) {
+        return Some("callback_url contains control characters; it can never be called".to_owned());
+    }
+    if url.len() > MAX_URL_BYTES {
+        return Some(format!("callback_url is longer than {MAX_URL_BYTES} bytes; it is never called"));
+    }
+    match reqwest::Url::parse(url) {
+        Err(error) => Some(format!("callback_url is not a valid absolute URL ({error}); it can never be called")),
+        Ok(parsed) if !matches!(parsed.scheme(), "http" | "https") => {
+            Some(format!("callback_url must use http or https, not `{}`; it is never called", parsed.scheme()))
+        }
+        Ok(parsed) if parsed.host().is_none() => Some("callback_url has no host; it can never be called".to_owned()),
+        Ok(_) => None,
+    }
+}
+
+/// `url` as it can be stored and shown: control characters escaped
+/// (`\u{0}`), cut to [`MAX_URL_BYTES`].
+fn displayable(url: &str) -> String {
+    let mut shown = String::new();
+    for c in url.chars() {
+        if shown.len() >= MAX_URL_BYTES {
+            shown.push('…');
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 /// Record the delivery of `event` to `url`, in the transaction storing the
 /// event. The event id is unique in the table, so this is idempotent too.
-/// Returns the delivery id (the `webhook-id`).
+/// A `url` with a [`refusal`] gets a delivery that is `failed` from the
+/// start, with the refusal as its `last_error` and the URL escaped; it is
+/// never attempted. Returns the delivery id (the `webhook-id`).
 pub async fn enqueue(
     tx: &mut PgConnection,
     event: &ResultEvent,
@@ -54,10 +100,24 @@ pub async fn enqueue(
     let id = Uuid::now_v7();
     // Serialised once: every attempt sends (and signs) the same bytes.
     let body = event.to_client_json().to_string();
+    let refused = refusal(url);
+    if let Some(reason) = &refused {
+        tracing::warn!(
+            correlation_id = %event.correlation_id,
+            event_id = %event.event_id,
+            webhook_id = %id,
+            reason,
+            "webhook not deliverable; its delivery is failed"
+        );
+        metrics::counter!("onceflow_webhook_deliveries_total", "outcome" => "refused").increment(1);
+    }
     sqlx::query(
         "INSERT INTO webhook_deliveries
-            (id, event_id, tenant, job_id, correlation_id, event_type, url, body, traceparent, tracestate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            (id, event_id, tenant, job_id, correlation_id, event_type, url, body, traceparent, tracestate,
+             status, last_error, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                 CASE WHEN $11::text IS NULL THEN 'pending' ELSE 'failed' END, $11,
+                 CASE WHEN $11::text IS NULL THEN NULL ELSE now() END)
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(id)
@@ -66,10 +126,11 @@ pub async fn enqueue(
     .bind(job_id)
     .bind(&event.correlation_id)
     .bind(event.status.event_type())
-    .bind(url)
+    .bind(if refused.is_some() { displayable(url) } else { url.to_owned() })
     .bind(&body)
     .bind(&envelope.traceparent)
     .bind(&envelope.tracestate)
+    .bind(&refused)
     .execute(&mut *tx)
     .await?;
     Ok(id)
@@ -409,4 +470,25 @@ pub async fn redrive(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Redrive, s
     sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(get(pool, tenant, id).await?.map_or(Redrive::NotFound, |view| Redrive::Redriven(Box::new(view))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_the_notifier_can_never_call_are_refused_with_a_reason() {
+        assert_eq!(refusal("https://example.com/hook?a=1"), None);
+        assert_eq!(refusal("http://127.0.0.1:9000/h"), None);
+        for url in ["http://127.0.0.1:9/h\u{0}x", "http://a.example/\n", "ftp://a.example/", "/relative", "http://"] {
+            assert!(refusal(url).is_some(), "{url:?}");
+        }
+        assert!(refusal(&format!("https://a.example/{}", "a".repeat(MAX_URL_BYTES))).is_some());
+    }
+
+    #[test]
+    fn a_refused_url_is_stored_escaped_and_bounded() {
+        assert_eq!(displayable("http://h/\u{0}x\u{1b}"), "http://h/\\u{0}x\\u{1b}");
+        assert!(displayable(&"a".repeat(10 * MAX_URL_BYTES)).len() <= MAX_URL_BYTES + '…'.len_utf8());
+    }
 }
