@@ -71,7 +71,6 @@ impl Failure {
                 | RDKafkaErrorCode::InvalidMessage
                 | RDKafkaErrorCode::InvalidRecord
                 | RDKafkaErrorCode::BadMessage
-                | RDKafkaErrorCode::RecordListTooLarge
                 | RDKafkaErrorCode::InvalidArgument,
             ) => Self::Data,
             _ => Self::Outage,
