@@ -470,3 +470,64 @@ async fn sheds_with_503_when_no_database_connection_is_free() {
     outside.close().await;
     env.teardown().await;
 }
+
+/// Replay first: once a key is recorded, its answer does not depend on what
+/// validation, the callback allowlist or load shedding would say now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_key_replays_before_validation_allowlist_or_shedding() {
+    let mut env = TestEnv::new();
+    // Kafka is not needed: the command waits in the outbox.
+    let offline = |config: &mut onceflow_ingest::IngestConfig| config.kafka.brokers = "127.0.0.1:9".to_owned();
+    let ingest = env.start_ingest_with(offline).await;
+    let api = IngestClient::new(&ingest);
+    let body = json!({
+        "type": "ledger.deposit",
+        "payload": {"account_id": "acc-1", "amount": 5},
+        "callback_url": "http://127.0.0.1:9/hook",
+    });
+    let first = api.submit("replay-first", &body).await;
+    assert_eq!(first.status, 202, "{}", String::from_utf8_lossy(&first.body));
+    ingest.stop().await;
+
+    // The same database, but now the callback's address is no longer allowed
+    // and every new command is shed (a backlog of 0 is above -1).
+    let ingest = env
+        .start_ingest_with(|config| {
+            offline(config);
+            config.webhooks.allowlist = Default::default();
+            config.shed.max_outbox_backlog = -1;
+        })
+        .await;
+    let api = IngestClient::new(&ingest);
+    let replay = api.submit("replay-first", &body).await;
+    assert_eq!(replay.status, 202, "{}", String::from_utf8_lossy(&replay.body));
+    assert_eq!(replay.body, first.body, "the same response, byte for byte");
+    assert_eq!(replay.header("location"), first.header("location"));
+    assert_eq!(replay.header("content-type"), first.header("content-type"));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // An invalid X-Correlation-Id does not matter to a replay either.
+    let with_bad_header = api
+        .submit_raw(|r| {
+            r.bearer_auth(onceflow_tests::DEV_API_KEY)
+                .header("idempotency-key", "replay-first")
+                .header("x-correlation-id", "has space")
+                .json(&body)
+        })
+        .await;
+    assert_eq!((with_bad_header.status, &with_bad_header.body), (202, &first.body));
+
+    let reused = api.submit("replay-first", &deposit(6)).await;
+    assert_eq!(reused.status, 422);
+    assert_eq!(reused.problem_type(), format!("{PROBLEM}idempotency-key-reused"));
+    // First requests are judged by today's rules.
+    let refused = api.submit("new-key", &body).await;
+    assert_eq!(refused.status, 422, "{}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.problem_type(), format!("{PROBLEM}invalid-command"));
+    let shed = api.submit("another-new-key", &deposit(5)).await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.problem_type(), format!("{PROBLEM}overloaded"));
+    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
+    assert_eq!(count(&db, "jobs").await, 1, "only the first command was stored");
+    db.close().await;
+    env.teardown().await;
+}

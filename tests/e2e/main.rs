@@ -2,6 +2,8 @@
 //! real broker, reached over the network.
 
 mod flow;
+mod hostile_ingest;
+mod http;
 mod ingest;
 mod notifier;
 mod processor;

@@ -28,12 +28,15 @@ pub struct ProblemDocument {
             **Idempotency contract of `POST /v1/commands`** (keys are scoped per tenant and live 24 h by default):\n\n\
             | case | answer |\n|---|---|\n\
             | first request with a key | `202`, the command is durable before the answer |\n\
-            | same key, same request (method, path, canonical JSON body) | the stored `202`, byte for byte, plus `Idempotent-Replayed: true` |\n\
+            | same key, same request (method, path, canonical JSON body) | the stored `202`, byte for byte, plus `Idempotent-Replayed: true`, before any validation, callback check or load shedding |\n\
             | same key, different request | `422` `idempotency-key-reused`; nothing is created |\n\
             | same key while the first request is still being handled | a short wait, then the replay; or `409` `request-in-flight` + `Retry-After` |\n\
             | different keys, identical bodies | independent commands |\n\
             | a request that fails validation | an error; nothing is stored, so the key stays usable |\n\
-            | the key expired | treated as a first request |"
+            | the key expired | treated as a first request |\n\n\
+            Order of the checks: API key (`401`), `Idempotency-Key` (`400`), `Content-Type` (`415`), body size (`413`, \
+            read only after the API key was accepted), JSON syntax (`400`), then the replay; only a first request is \
+            validated (`X-Correlation-Id` `400`, command and `callback_url` `422`) and shed (`503`)."
     ),
     paths(crate::commands::submit, crate::jobs::get),
     components(schemas(ProblemDocument)),

@@ -11,8 +11,10 @@
 //!   and retry without bound), and the backoff of those waits (G8).
 //! - [`kafka`]: producer and consumer set-up, topic creation, envelope headers.
 //! - [`postgres`]: connection pools and database creation.
-//! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
-//!   graceful shutdown.
+//! - [`http`]: the `/livez`, `/readyz` (cached) and `/metrics` probes and
+//!   serving with graceful shutdown.
+//! - [`hygiene`]: what every HTTP port gets: header-read and request
+//!   timeouts, connection and concurrency bounds, problem+json for every error.
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
 
@@ -22,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod failure;
 pub mod http;
+pub mod hygiene;
 pub mod kafka;
 pub mod postgres;
 pub mod problem;
