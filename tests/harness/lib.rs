@@ -1012,8 +1012,7 @@ impl Stack {
     /// stream and ingest reports the job `succeeded`.
     pub async fn canary_completes(&self, within: Duration) {
         let account = format!("canary-{}", uuid::Uuid::new_v4().simple());
-        let body =
-            serde_json::json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
+        let body = serde_json::json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
         let accepted = self.canary().submit(&account, &body).await;
         assert_eq!(accepted.status, 202, "canary refused: {}", String::from_utf8_lossy(&accepted.body));
         let accepted = accepted.json();
