@@ -340,6 +340,27 @@ async fn serves_an_openapi_document_of_the_idempotency_contract() {
     }
     assert!(document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["404"].is_object());
     assert!(document["info"]["description"].as_str().unwrap().contains("Idempotent-Replayed"));
+    let parameters = submit["parameters"].as_array().unwrap();
+    let key = parameters.iter().find(|p| p["name"] == "Idempotency-Key").expect("the key is documented");
+    assert_eq!(key["required"], true);
+    assert_eq!((key["schema"]["minLength"].as_u64(), key["schema"]["maxLength"].as_u64()), (Some(1), Some(255)));
+    assert_eq!(key["schema"]["pattern"], "^[!-~]{1,255}$");
+    // One schema per command type, told apart by `type`.
+    let body = &submit["requestBody"]["content"]["application/json"]["schema"]["$ref"];
+    let name = body.as_str().unwrap().rsplit('/').next().unwrap();
+    let variants = document["components"]["schemas"][name]["oneOf"].as_array().expect("a oneOf");
+    let mut types: Vec<&str> =
+        variants.iter().map(|v| v["properties"]["type"]["enum"][0].as_str().expect("a fixed type")).collect();
+    types.sort_unstable();
+    assert_eq!(
+        types,
+        onceflow_contracts::catalogue::COMMAND_TYPES
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
     env.teardown().await;
 }
 

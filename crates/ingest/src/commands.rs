@@ -39,23 +39,26 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError, openapi::ProblemDocument};
+use crate::{
+    AppState,
+    error::ApiError,
+    openapi::{CommandRequest, ProblemDocument},
+};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 pub const CORRELATION_ID: &str = "x-correlation-id";
 const PATH: &str = "/v1/commands";
 
-/// The body of `POST /v1/commands`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+/// The body of `POST /v1/commands` (documented per type as
+/// [`crate::openapi::CommandRequest`]); the payload is checked by the catalogue.
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitCommand {
     /// The command type: `ledger.open_account`, `ledger.deposit`, `ledger.transfer` or `ledger.statement`.
     #[serde(rename = "type")]
-    #[schema(example = "ledger.deposit")]
     command_type: String,
     /// The command's payload; its shape is fixed by `type`.
-    #[schema(value_type = Object, example = json!({"account_id": "alice", "amount": 500}))]
     payload: serde_json::Value,
     /// Where the signed result is POSTed when the job ends (absolute http(s) URL).
     #[serde(default)]
@@ -107,10 +110,12 @@ impl StoredResponse {
     tag = "commands",
     security(("api_key" = [])),
     params(
-        ("Idempotency-Key" = String, Header, description = "1-255 visible ASCII characters, unique per intended command"),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Optional correlation id (1-128 visible ASCII characters) to use instead of a generated one"),
+        ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$",
+            description = "1-255 visible ASCII characters, unique per intended command"),
+        ("X-Correlation-Id" = Option<String>, Header, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$",
+            description = "Optional correlation id to use instead of a generated one"),
     ),
-    request_body(content = SubmitCommand, content_type = "application/json"),
+    request_body(content = CommandRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted (or replayed)", body = Accepted, headers(
             ("Location" = String, description = "/v1/jobs/{job_id}"),
