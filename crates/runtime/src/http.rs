@@ -266,3 +266,36 @@ pub fn broker_check(kafka: &crate::config::KafkaConfig) -> ReadinessCheck {
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// With every connection slot taken, a new connection is not served until
+    /// one closes; then it is.
+    #[tokio::test]
+    async fn connections_beyond_the_bound_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits { max_connections: 1, ..HttpLimits::default() };
+        let shutdown = CancellationToken::new();
+        let shutdown_server = shutdown.clone();
+        let router = Router::new().route("/livez", get(|| async { "ok" }));
+        let server = tokio::spawn(async move { serve_with(listener, router, &limits, shutdown_server).await });
+
+        let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+        waiting.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let early = tokio::time::timeout(Duration::from_millis(300), waiting.read_to_end(&mut answer)).await;
+        assert!(early.is_err(), "answered while the only slot was taken: {}", String::from_utf8_lossy(&answer));
+
+        drop(holder);
+        tokio::time::timeout(Duration::from_secs(10), waiting.read_to_end(&mut answer)).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+}

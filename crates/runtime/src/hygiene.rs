@@ -49,7 +49,9 @@ pub struct HttpLimits {
     /// A request must be answered within this long (its body read, its
     /// response head sent), else `408`. Streamed response bodies are not timed.
     pub request_timeout_ms: u64,
-    /// Connections open at once; beyond, new ones wait in the accept backlog.
+    /// Connections open at once (each Server-Sent-Events subscriber holds
+    /// one); beyond, new ones wait in the accept backlog. Keep it below the
+    /// process's open-file limit.
     pub max_connections: usize,
     /// Requests handled at once; beyond, `503` + `Retry-After: 1`.
     pub max_concurrent_requests: usize,
@@ -60,7 +62,7 @@ impl Default for HttpLimits {
         Self {
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
-            max_connections: 1024,
+            max_connections: 4096,
             max_concurrent_requests: 512,
         }
     }

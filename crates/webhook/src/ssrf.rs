@@ -132,6 +132,11 @@ pub enum SsrfError {
     Forbidden { host: String, address: IpAddr, class: AddressClass },
     #[error("callback_url may reach `{host}` only on the ports the allowlist names, not on port {port}")]
     PortNotPermitted { host: String, port: u16 },
+    #[error(
+        "the host `{host}` of callback_url resolves to {address}, which the allowlist permits on one port only, \
+         and then only when callback_url names the address itself"
+    )]
+    PortRestrictedAddressByName { host: String, address: IpAddr },
 }
 
 impl SsrfError {
@@ -160,10 +165,11 @@ pub struct AllowlistError(pub String);
 /// never permitted, whatever the entries say. Empty by default: production
 /// permits nothing internal.
 ///
-/// The connection-time [`SsrfResolver`] does not see the port, so there an
-/// address entry with a port permits nothing: a host *name* that resolves to
-/// such an address is refused when the connection is made. Name the address
-/// itself in the URL (`http://127.0.0.1:8099/hook`), or allowlist the host name.
+/// The connection-time [`SsrfResolver`] does not see the port, so an address
+/// entry with a port permits that address only when the URL names it
+/// (`http://127.0.0.1:8099/hook`), never through a host name resolving to it
+/// (`http://localhost:8099/hook` is refused, at submission already); allowlist
+/// the host name itself (`localhost:8099`) for that.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Allowlist {
@@ -399,7 +405,16 @@ fn check_resolved(
             return Err(SsrfError::Forbidden { host: host.to_owned(), address: address.ip(), class });
         }
         if !host_permitted {
-            check_address(host, address.ip(), port, allowlist)?;
+            // A name reaches an address only through entries without a port:
+            // the connection-time resolver cannot see the port, and the
+            // submission check must not accept what delivery will refuse.
+            check_address(host, address.ip(), None, allowlist).map_err(|error| {
+                if allowlist.networks_containing(address.ip()).next().is_some() {
+                    SsrfError::PortRestrictedAddressByName { host: host.to_owned(), address: address.ip() }
+                } else {
+                    error
+                }
+            })?;
         }
     }
     Ok(())
@@ -717,9 +732,11 @@ mod tests {
             assert!(matches!(error, SsrfError::PortNotPermitted { port: p, .. } if p == port), "{url}: {error:?}");
         }
         // `localhost` on another port is judged by its addresses, which only
-        // port 8099 permits.
-        let other = check_callback_url("http://localhost:5432/", &list).await.unwrap_err();
-        assert!(matches!(other, SsrfError::PortNotPermitted { port: 5432, .. }), "{other:?}");
+        // entries with a port permit: not through a name.
+        for url in ["http://localhost:5432/", "http://localhost:8099/"] {
+            let error = check_callback_url(url, &list).await.unwrap_err();
+            assert!(matches!(error, SsrfError::PortRestrictedAddressByName { .. }), "{url}: {error:?}");
+        }
         // The connection-time resolver knows no port: an address entry with a
         // port permits nothing there, a host-name entry still does.
         assert!(!list.permits_address("127.0.0.1".parse().unwrap(), None));
