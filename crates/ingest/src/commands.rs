@@ -123,11 +123,12 @@ impl StoredResponse {
         )),
         (status = 400, description = "Missing or malformed Idempotency-Key or X-Correlation-Id, or malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 408, description = "The request (its body included) was not completed within the request timeout", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "A request with this key is still in flight; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid command, or the key was used with another request", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Shedding load; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Shedding load (outbox backlog, database pool or too many requests at once); retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
@@ -150,8 +151,9 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
 
     // Replay first: a request whose key is recorded gets the recorded answer
     // (or 422 for another body), whatever validation, the callback allowlist,
-    // DNS or load would say now. A client told 422 here would resubmit under
-    // a new key: a duplicate effect.
+    // DNS or load would say now. Judged again, a retry of an accepted command
+    // could get a 422, and a client told 422 resubmits under a new key: a
+    // duplicate effect.
     if let Some(recorded) = recorded(&state, &tenant, key).await? {
         return recorded.answer(&fingerprint);
     }
