@@ -15,6 +15,8 @@ cd "$ROOT"
 
 SERVICES=(ingest processor notifier)
 DEV_API_KEY="dev-onceflow-key"
+# The one port a local webhook receiver may use (see `up`).
+RECEIVER_PORT=9999
 
 port_of() {
   case "$1" in ingest) echo 8080 ;; processor) echo 8081 ;; notifier) echo 8082 ;; esac
@@ -73,9 +75,11 @@ start_service() {
     return 0
   fi
   "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
-  # Webhook receivers of a local stack run on this machine: let callbacks
-  # reach 127.0.0.1 and ::1, which SSRF protection refuses by default.
-  ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST='["127.0.0.1", "::1"]' \
+  # The local stack runs no webhook receiver of its own; yours, on this
+  # machine, must listen on port $RECEIVER_PORT: callbacks may reach
+  # 127.0.0.1 and ::1 (which SSRF protection refuses by default) on that
+  # port only, so they cannot reach the services, PostgreSQL or the broker.
+  ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST="[\"127.0.0.1:$RECEIVER_PORT\", \"[::1]:$RECEIVER_PORT\"]" \
     nohup "$TARGET_DIR/release/onceflow-$name" serve \
     >>"$STACK_DIR/$name.log" 2>&1 &
   echo $! >"$STACK_DIR/$name.pid"
@@ -99,6 +103,7 @@ onceflow is up.
   notifier   http://127.0.0.1:8082   (GET /v1/events, GET /v1/jobs/{id}/events)
   broker     $BROKER_ADDR
   API key    $DEV_API_KEY            (tenant "dev")
+  webhooks   callback_url may point at http://127.0.0.1:$RECEIVER_PORT/... (your receiver)
 Stop it with: scripts/stack.sh down
 EOF2
 }

@@ -340,6 +340,27 @@ async fn serves_an_openapi_document_of_the_idempotency_contract() {
     }
     assert!(document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["404"].is_object());
     assert!(document["info"]["description"].as_str().unwrap().contains("Idempotent-Replayed"));
+    let parameters = submit["parameters"].as_array().unwrap();
+    let key = parameters.iter().find(|p| p["name"] == "Idempotency-Key").expect("the key is documented");
+    assert_eq!(key["required"], true);
+    assert_eq!((key["schema"]["minLength"].as_u64(), key["schema"]["maxLength"].as_u64()), (Some(1), Some(255)));
+    assert_eq!(key["schema"]["pattern"], "^[!-~]{1,255}$");
+    // One schema per command type, told apart by `type`.
+    let body = &submit["requestBody"]["content"]["application/json"]["schema"]["$ref"];
+    let name = body.as_str().unwrap().rsplit('/').next().unwrap();
+    let variants = document["components"]["schemas"][name]["oneOf"].as_array().expect("a oneOf");
+    let mut types: Vec<&str> =
+        variants.iter().map(|v| v["properties"]["type"]["enum"][0].as_str().expect("a fixed type")).collect();
+    types.sort_unstable();
+    assert_eq!(
+        types,
+        onceflow_contracts::catalogue::COMMAND_TYPES
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
     env.teardown().await;
 }
 
@@ -468,5 +489,91 @@ async fn sheds_with_503_when_no_database_connection_is_free() {
         assert!(matches!(response.status, 202 | 409 | 503), "{}", response.status);
     }
     outside.close().await;
+    env.teardown().await;
+}
+
+/// Replay first: once a key is recorded, its answer does not depend on what
+/// validation, the callback allowlist or load shedding would say now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_key_replays_before_validation_allowlist_or_shedding() {
+    let mut env = TestEnv::new();
+    // Kafka is not needed: the command waits in the outbox.
+    let offline = |config: &mut onceflow_ingest::IngestConfig| config.kafka.brokers = "127.0.0.1:9".to_owned();
+    let ingest = env.start_ingest_with(offline).await;
+    let api = IngestClient::new(&ingest);
+    let body = json!({
+        "type": "ledger.deposit",
+        "payload": {"account_id": "acc-1", "amount": 5},
+        "callback_url": "http://127.0.0.1:9/hook",
+    });
+    let first = api.submit("replay-first", &body).await;
+    assert_eq!(first.status, 202, "{}", String::from_utf8_lossy(&first.body));
+    ingest.stop().await;
+
+    // The same database, but now the callback's address is no longer allowed
+    // and every new command is shed (a backlog of 0 is above -1).
+    let ingest = env
+        .start_ingest_with(|config| {
+            offline(config);
+            config.webhooks.allowlist = Default::default();
+            config.shed.max_outbox_backlog = -1;
+        })
+        .await;
+    let api = IngestClient::new(&ingest);
+    let replay = api.submit("replay-first", &body).await;
+    assert_eq!(replay.status, 202, "{}", String::from_utf8_lossy(&replay.body));
+    assert_eq!(replay.body, first.body, "the same response, byte for byte");
+    assert_eq!(replay.header("location"), first.header("location"));
+    assert_eq!(replay.header("content-type"), first.header("content-type"));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // An invalid X-Correlation-Id does not matter to a replay either.
+    let with_bad_header = api
+        .submit_raw(|r| {
+            r.bearer_auth(onceflow_tests::DEV_API_KEY)
+                .header("idempotency-key", "replay-first")
+                .header("x-correlation-id", "has space")
+                .json(&body)
+        })
+        .await;
+    assert_eq!((with_bad_header.status, &with_bad_header.body), (202, &first.body));
+
+    let reused = api.submit("replay-first", &deposit(6)).await;
+    assert_eq!(reused.status, 422);
+    assert_eq!(reused.problem_type(), format!("{PROBLEM}idempotency-key-reused"));
+    // First requests are judged by today's rules.
+    let refused = api.submit("new-key", &body).await;
+    assert_eq!(refused.status, 422, "{}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.problem_type(), format!("{PROBLEM}invalid-command"));
+    let shed = api.submit("another-new-key", &deposit(5)).await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.problem_type(), format!("{PROBLEM}overloaded"));
+    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
+    assert_eq!(count(&db, "jobs").await, 1, "only the first command was stored");
+    db.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowlist_entry_with_a_port_permits_that_port_only() {
+    let mut env = TestEnv::new();
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.kafka.brokers = "127.0.0.1:9".to_owned();
+            config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1:8099", "169.254.0.0/16"]).unwrap();
+        })
+        .await;
+    let api = IngestClient::new(&ingest);
+    let with_callback =
+        |url: &str| json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 5}, "callback_url": url});
+    let permitted = api.submit("port-8099", &with_callback("http://127.0.0.1:8099/hook")).await;
+    assert_eq!(permitted.status, 202, "{}", String::from_utf8_lossy(&permitted.body));
+    for (n, url) in ["http://127.0.0.1:8100/hook", "http://127.0.0.1/hook", "http://169.254.169.254/latest/meta-data"]
+        .into_iter()
+        .enumerate()
+    {
+        let refused = api.submit(&format!("port-refused-{n}"), &with_callback(url)).await;
+        assert_eq!(refused.status, 422, "{url}: {}", String::from_utf8_lossy(&refused.body));
+        assert_eq!(refused.problem_type(), format!("{PROBLEM}invalid-command"));
+    }
     env.teardown().await;
 }

@@ -3,7 +3,9 @@
 
 mod chaos;
 mod flow;
+mod hostile_ingest;
 mod hostile_results;
+mod http;
 mod ingest;
 mod notifier;
 mod processor;

@@ -6,6 +6,16 @@
 //! response bytes, which every later request with the same key and the same
 //! fingerprint gets back.
 //!
+//! The order of the checks is the contract. First what needs no body: the API
+//! key (`401`), the `Idempotency-Key` (`400`), the media type (`415`); then the
+//! body, read only now and at most `max_body_bytes` of it (`413`), parsed as
+//! JSON (`400`). Then replay first: a key with an unexpired record answers
+//! with that record (or `422` for another body) before anything else is
+//! judged, so a retry cannot be refused because the configuration, DNS or the
+//! load changed since the first request. Only a first request is validated
+//! (`X-Correlation-Id` `400`, the command and its `callback_url` `422`) and
+//! shed (`503`).
+//!
 //! Concurrent requests with one key meet at the primary key of
 //! `idempotency_keys`: the second `INSERT` waits for the first transaction and
 //! then finds its row, so it replays; if the first takes longer than
@@ -13,9 +23,12 @@
 //! way there is never a second job.
 
 use axum::{
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    body::{Body, Bytes},
+    extract::{
+        FromRequest as _, Request, State,
+        rejection::{BytesRejection, FailedToBufferBody},
+    },
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
 use onceflow_contracts::{Command, Envelope, schema, validate_command};
@@ -26,23 +39,26 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError, openapi::ProblemDocument};
+use crate::{
+    AppState,
+    error::ApiError,
+    openapi::{CommandRequest, ProblemDocument},
+};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 pub const CORRELATION_ID: &str = "x-correlation-id";
 const PATH: &str = "/v1/commands";
 
-/// The body of `POST /v1/commands`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+/// The body of `POST /v1/commands` (documented per type as
+/// [`crate::openapi::CommandRequest`]); the payload is checked by the catalogue.
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitCommand {
     /// The command type: `ledger.open_account`, `ledger.deposit`, `ledger.transfer` or `ledger.statement`.
     #[serde(rename = "type")]
-    #[schema(example = "ledger.deposit")]
     command_type: String,
     /// The command's payload; its shape is fixed by `type`.
-    #[schema(value_type = Object, example = json!({"account_id": "alice", "amount": 500}))]
     payload: serde_json::Value,
     /// Where the signed result is POSTed when the job ends (absolute http(s) URL).
     #[serde(default)]
@@ -94,52 +110,73 @@ impl StoredResponse {
     tag = "commands",
     security(("api_key" = [])),
     params(
-        ("Idempotency-Key" = String, Header, description = "1-255 visible ASCII characters, unique per intended command"),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Optional correlation id to use instead of a generated one"),
+        ("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$",
+            description = "1-255 visible ASCII characters, unique per intended command"),
+        ("X-Correlation-Id" = Option<String>, Header, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$",
+            description = "Optional correlation id to use instead of a generated one"),
     ),
-    request_body(content = SubmitCommand, content_type = "application/json"),
+    request_body(content = CommandRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted (or replayed)", body = Accepted, headers(
             ("Location" = String, description = "/v1/jobs/{job_id}"),
             ("Idempotent-Replayed" = Option<String>, description = "`true` on a replayed response"),
         )),
-        (status = 400, description = "Missing or malformed Idempotency-Key, or malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "Missing or malformed Idempotency-Key or X-Correlation-Id, or malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 408, description = "The request (its body included) was not completed within the request timeout", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "A request with this key is still in flight; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid command, or the key was used with another request", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Shedding load; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Shedding load (outbox backlog, database pool or too many requests at once); retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let tenant = state.api_keys.authenticate(&headers).ok_or(ApiError::Unauthorized)?;
-    let key = idempotency_key(&headers)?;
-    require_json(&headers)?;
-    if body.len() > state.config.max_body_bytes {
-        return Err(ApiError::PayloadTooLarge { limit: state.config.max_body_bytes });
-    }
+pub async fn submit(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    // Everything that needs no body comes first: an unauthenticated or
+    // malformed request is answered without reading a byte of its body.
+    let tenant = state.api_keys.authenticate(headers).ok_or(ApiError::Unauthorized)?;
+    let key = idempotency_key(headers)?;
+    require_json(headers)?;
     let span = tracing::Span::current();
     span.record("tenant", tenant.0.as_str());
     span.record("idempotency_key", key);
+    let body = read_body(&state, &parts, body).await?;
 
     let request: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let fingerprint = fingerprint(&request);
+
+    // Replay first: a request whose key is recorded gets the recorded answer
+    // (or 422 for another body), whatever validation, the callback allowlist,
+    // DNS or load would say now. Judged again, a retry of an accepted command
+    // could get a 422, and a client told 422 resubmits under a new key: a
+    // duplicate effect.
+    if let Some(recorded) = recorded(&state, &tenant, key).await? {
+        return recorded.answer(&fingerprint);
+    }
+
+    // A first request: validated, checked and maybe shed.
+    let correlation_id = correlation_id(headers)?;
     let submitted = SubmitCommand::deserialize(&request).map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     let command = validate_command(&submitted.command_type, &submitted.payload)
         .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
-    if let Some(url) = &submitted.callback_url {
-        // Refused here, so the client learns now rather than never getting a webhook.
-        onceflow_webhook::check_callback_url(url, &state.config.webhooks.allowlist)
-            .await
-            .map_err(|e| ApiError::InvalidCommand(format!("callback_url: {e}")))?;
-    }
-    let fingerprint = fingerprint(&request);
+    let callback_url = match &submitted.callback_url {
+        // Refused here, so the client learns now rather than never getting a
+        // webhook; what is stored and published is the URL as checked.
+        Some(url) => Some(
+            onceflow_webhook::check_callback_url(url, &state.config.webhooks.allowlist)
+                .await
+                .map_err(|e| ApiError::InvalidCommand(e.to_string()))?
+                .to_string(),
+        ),
+        None => None,
+    };
     shed_if_overloaded(&state)?;
 
     let job_id = Uuid::now_v7();
-    let correlation_id = correlation_id(&headers);
     span.record("correlation_id", correlation_id.as_str());
     span.record("job_id", tracing::field::display(job_id));
     let location = format!("/v1/jobs/{job_id}");
@@ -154,7 +191,8 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let mut tx = state.pool.begin().await?;
     sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms)).execute(&mut *tx).await?;
     // Claims the key, or takes over one whose record expired. Waits here while
-    // another transaction holds the same key.
+    // another transaction holds the same key (a concurrent duplicate that the
+    // lookup above could not see yet).
     let claimed = sqlx::query(
         "INSERT INTO idempotency_keys
              (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
@@ -180,7 +218,10 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
 
     if claimed.is_none() {
         tx.rollback().await?;
-        return replay(&state, &tenant, key, &fingerprint).await;
+        // Swept between the INSERT and this lookup: the client may simply retry.
+        let recorded =
+            recorded(&state, &tenant, key).await?.ok_or(ApiError::RequestInFlight { retry_after_secs: 1 })?;
+        return recorded.answer(&fingerprint);
     }
 
     sqlx::query(
@@ -198,7 +239,7 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
         tenant: tenant.0.clone(),
         command_type: command.command_type.clone(),
         payload_json: command.payload_json,
-        callback_url: submitted.callback_url,
+        callback_url,
         accepted_at: chrono::Utc::now().timestamp_millis(),
     };
     let (traceparent, tracestate) = telemetry::current_trace_context();
@@ -224,6 +265,25 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     Ok(response.into_response(false))
 }
 
+/// Read the body, at most `max_body_bytes` of it: a declared length over the
+/// limit is refused before reading anything, an undeclared one as soon as
+/// the limit is passed. The router's `DefaultBodyLimit` is the same setting,
+/// so axum's own 2 MB default never applies.
+async fn read_body(state: &AppState, parts: &Parts, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    if declared.is_some_and(|length: u64| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let request = Request::from_parts(parts.clone(), body);
+    Bytes::from_request(request, state).await.map_err(|rejection| match rejection {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
+            ApiError::PayloadTooLarge { limit }
+        }
+        other => ApiError::UnreadableBody(other.body_text()),
+    })
+}
+
 /// Refuse new work while the outbox backlog is past its bound: Kafka is down
 /// or slow, and accepting more would only grow the queue.
 fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
@@ -238,30 +298,43 @@ fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Answer a request whose key is already recorded.
-async fn replay(state: &AppState, tenant: &Tenant, key: &str, fingerprint: &[u8]) -> Result<Response, ApiError> {
+/// The recorded answer of `key`, unless it expired.
+async fn recorded(state: &AppState, tenant: &Tenant, key: &str) -> Result<Option<Recorded>, ApiError> {
     let row = sqlx::query(
         "SELECT fingerprint, response_status, response_body, response_location
-         FROM idempotency_keys WHERE tenant = $1 AND idempotency_key = $2",
+         FROM idempotency_keys WHERE tenant = $1 AND idempotency_key = $2 AND expires_at >= now()",
     )
     .bind(&tenant.0)
     .bind(key)
     .fetch_optional(&state.pool)
-    .await?
-    // Swept between our INSERT and this SELECT: the client may simply retry.
-    .ok_or(ApiError::RequestInFlight { retry_after_secs: 1 })?;
-    let stored_fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-    if stored_fingerprint != fingerprint {
-        return Err(ApiError::IdempotencyKeyReused);
-    }
+    .await?;
+    let Some(row) = row else { return Ok(None) };
     let status: i16 = row.try_get("response_status")?;
-    tracing::info!("replaying stored response");
-    Ok(StoredResponse {
-        status: u16::try_from(status).unwrap_or(202),
-        body: row.try_get("response_body")?,
-        location: row.try_get("response_location")?,
+    Ok(Some(Recorded {
+        fingerprint: row.try_get("fingerprint")?,
+        response: StoredResponse {
+            status: u16::try_from(status).unwrap_or(202),
+            body: row.try_get("response_body")?,
+            location: row.try_get("response_location")?,
+        },
+    }))
+}
+
+/// A key's record: the request it was first used with, and the answer given.
+struct Recorded {
+    fingerprint: Vec<u8>,
+    response: StoredResponse,
+}
+
+impl Recorded {
+    /// The recorded response for the same request, `422` for another.
+    fn answer(self, fingerprint: &[u8]) -> Result<Response, ApiError> {
+        if self.fingerprint != fingerprint {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        tracing::info!("replaying stored response");
+        Ok(self.response.into_response(true))
     }
-    .into_response(true))
 }
 
 /// A lock timeout means another request with the same key is still running.
@@ -295,13 +368,18 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// A client-supplied `X-Correlation-Id` (1–128 visible ASCII characters), or a fresh one.
-fn correlation_id(headers: &HeaderMap) -> String {
-    headers
-        .get(CORRELATION_ID)
-        .and_then(|v| v.to_str().ok())
+/// The client's `X-Correlation-Id`, which must be 1–128 visible ASCII
+/// characters (it travels in Kafka headers and log lines), or a fresh one.
+fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(CORRELATION_ID) else { return Ok(Uuid::new_v4().to_string()) };
+    value
+        .to_str()
+        .ok()
         .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ApiError::InvalidCorrelationId("X-Correlation-Id must be 1-128 visible ASCII characters".to_owned())
+        })
 }
 
 /// SHA-256 of the method, the path and the canonical JSON body: key order and

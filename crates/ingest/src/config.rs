@@ -6,6 +6,7 @@ use std::time::Duration;
 use onceflow_runtime::{
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
+    http::HttpLimits,
 };
 
 /// The defaults, which also document every setting.
@@ -19,6 +20,9 @@ pub struct IngestConfig {
     pub idempotency_ttl_secs: u64,
     /// Largest accepted request body; larger bodies get `413`.
     pub max_body_bytes: usize,
+    /// Timeouts and bounds of the HTTP port (see `onceflow_runtime::hygiene`).
+    #[serde(default)]
+    pub http: HttpLimits,
     /// How long a request with a key still in flight waits for the first
     /// request to finish before it gets `409`.
     pub in_flight_wait_ms: u64,

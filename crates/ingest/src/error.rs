@@ -16,8 +16,12 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     InvalidIdempotencyKey(String),
+    #[error("{0}")]
+    InvalidCorrelationId(String),
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
+    #[error("the request body could not be read: {0}")]
+    UnreadableBody(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("request body exceeds {limit} bytes")]
@@ -43,7 +47,11 @@ impl ApiError {
             Self::InvalidIdempotencyKey(_) => {
                 (StatusCode::BAD_REQUEST, "invalid-idempotency-key", "Invalid Idempotency-Key")
             }
+            Self::InvalidCorrelationId(_) => {
+                (StatusCode::BAD_REQUEST, "invalid-correlation-id", "Invalid X-Correlation-Id")
+            }
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON"),
+            Self::UnreadableBody(_) => (StatusCode::BAD_REQUEST, "unreadable-body", "Unreadable body"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }

@@ -27,6 +27,7 @@ use std::{
 
 use axum::{
     Router,
+    extract::DefaultBodyLimit,
     routing::{get, post},
 };
 use onceflow_contracts::topics::Topics;
@@ -56,14 +57,26 @@ pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
 }
 
 /// The HTTP API.
-pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessCheck)>) -> Router {
+pub fn router(state: AppState, readiness: Vec<http::Dependency>) -> Router {
+    // The configured limit is the only one: it replaces axum's 2 MB default.
+    let body_limit = DefaultBodyLimit::max(state.config.max_body_bytes);
     Router::new()
         .route("/v1/commands", post(commands::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
         .route("/openapi.json", get(openapi::document))
         .with_state(state)
-        .merge(http::probes(readiness))
+        .merge(http::probes_of(readiness))
+        .layer(body_limit)
         .layer(TraceLayer::new_for_http())
+}
+
+/// Ingest is ready with its database; without the broker it is only
+/// degraded, because it keeps accepting into its outbox.
+fn readiness(pool: PgPool, kafka: &onceflow_runtime::config::KafkaConfig) -> Vec<http::Dependency> {
+    vec![
+        http::Dependency::required("database", http::database_check(pool)),
+        http::Dependency::optional("broker", http::broker_check(kafka)),
+    ]
 }
 
 /// Start ingest: returns once it is serving.
@@ -115,6 +128,6 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         config: Arc::new(config.clone()),
         outbox_backlog,
     };
-    let router = router(state, http::standard_checks(pool, config.kafka.clone()));
-    Running::with_http(tasks, &config.listen, router, shutdown).await
+    let router = router(state, readiness(pool, &config.kafka));
+    Running::with_http_limits(tasks, &config.listen, router, config.http.clone(), shutdown).await
 }

@@ -1,23 +1,73 @@
-//! HTTP plumbing every service shares: the probes, the Prometheus endpoint,
-//! and serving a router until shutdown.
+//! HTTP plumbing every service shares: serving a router with the hygiene of
+//! [`crate::hygiene`] until shutdown, the probes, and the Prometheus endpoint.
+//!
+//! Probes are cheap: `/readyz` answers from a report that a background task
+//! refreshes every [`READINESS_INTERVAL`], so a probe never opens a
+//! connection, and the broker is asked through one long-lived Kafka client.
+//! A [`Dependency`] is either required (down ⇒ `503`, not ready) or optional
+//! (down ⇒ still `200`, the report says `degraded`): ingest keeps accepting
+//! while Kafka is down, because its outbox holds what it accepts.
 
 use std::{
     future::Future,
     net::SocketAddr,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{Arc, OnceLock},
+    time::Duration,
 };
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::get,
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use rdkafka::{admin::AdminClient, client::DefaultClientContext};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 use crate::Result;
+pub use crate::hygiene::HttpLimits;
 
-/// A readiness check: `Ok` when the dependency answers, else what is wrong.
+/// A readiness check: `Ok` when the dependency answers, else what is wrong
+/// (shown on the public `/readyz`, so never a raw database or broker error).
 pub type ReadinessCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>> + Send + Sync>;
+
+/// How often the readiness report is refreshed.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A dependency `/readyz` reports on.
+#[derive(Clone)]
+pub struct Dependency {
+    pub name: &'static str,
+    pub check: ReadinessCheck,
+    /// Whether the service is not ready without it (else merely degraded).
+    pub required: bool,
+}
+
+impl Dependency {
+    pub fn required(name: &'static str, check: ReadinessCheck) -> Self {
+        Self { name, check, required: true }
+    }
+
+    pub fn optional(name: &'static str, check: ReadinessCheck) -> Self {
+        Self { name, check, required: false }
+    }
+}
 
 /// The process-wide Prometheus recorder (installed once, shared by every
 /// service in the process).
@@ -35,51 +85,217 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// `/livez`, `/readyz` (running every check) and `/metrics`.
+/// `/livez`, `/readyz` (every check required) and `/metrics`.
 pub fn probes(checks: Vec<(&'static str, ReadinessCheck)>) -> Router {
+    probes_of(checks.into_iter().map(|(name, check)| Dependency::required(name, check)).collect())
+}
+
+/// `/livez`, `/readyz` over `dependencies` and `/metrics`. Must be called
+/// inside a Tokio runtime: it starts the task that keeps the readiness report
+/// current, which ends once the returned router (every clone) is dropped.
+pub fn probes_of(dependencies: Vec<Dependency>) -> Router {
     let metrics = metrics_handle();
+    let (report, reader) = watch::channel(None);
+    tokio::spawn(refresh_readiness(dependencies, report));
     Router::new()
         .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(readyz).with_state(Arc::new(checks)))
+        .route("/readyz", get(readyz).with_state(reader))
         .route("/metrics", get(move || std::future::ready(metrics.render())))
 }
 
-async fn readyz(State(checks): State<Arc<Vec<(&'static str, ReadinessCheck)>>>) -> impl IntoResponse {
-    let mut report = serde_json::Map::new();
-    let mut ready = true;
-    for (name, check) in checks.iter() {
-        let outcome = check().await;
-        ready &= outcome.is_ok();
-        report.insert((*name).to_owned(), serde_json::Value::String(outcome.err().unwrap_or_else(|| "ok".to_owned())));
+/// One round of checks: the status code and the JSON body `/readyz` answers.
+type Report = (StatusCode, serde_json::Value);
+
+async fn refresh_readiness(dependencies: Vec<Dependency>, report: watch::Sender<Option<Report>>) {
+    loop {
+        let mut checks = serde_json::Map::new();
+        let (mut ready, mut degraded) = (true, false);
+        for dependency in &dependencies {
+            let outcome = tokio::time::timeout(CHECK_TIMEOUT, (dependency.check)())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")));
+            let entry = match outcome {
+                Ok(()) => serde_json::json!({"status": "ok"}),
+                Err(detail) if dependency.required => {
+                    ready = false;
+                    serde_json::json!({"status": "down", "detail": detail})
+                }
+                Err(detail) => {
+                    degraded = true;
+                    serde_json::json!({"status": "degraded", "detail": detail})
+                }
+            };
+            checks.insert(dependency.name.to_owned(), entry);
+        }
+        let (status, summary) = match (ready, degraded) {
+            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            (true, true) => (StatusCode::OK, "degraded"),
+            (true, false) => (StatusCode::OK, "ready"),
+        };
+        let body = serde_json::json!({"status": summary, "checks": checks});
+        if report.send(Some((status, body))).is_err() {
+            return; // no router left to answer probes
+        }
+        tokio::select! {
+            () = report.closed() => return,
+            () = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(serde_json::Value::Object(report)))
 }
 
-/// Serve `router` on `listener` until `shutdown` is cancelled, then let
-/// in-flight requests finish.
+async fn readyz(State(report): State<watch::Receiver<Option<Report>>>) -> impl IntoResponse {
+    let current = report.borrow().clone();
+    let (status, body) = current
+        .unwrap_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "starting", "checks": {}})));
+    (status, axum::Json(body))
+}
+
+/// Serve `router` on `listener` with the default [`HttpLimits`] until
+/// `shutdown` is cancelled, then let in-flight requests finish.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<()> {
+    serve_with(listener, router, &HttpLimits::default(), shutdown).await
+}
+
+/// Serve `router` on `listener` under `limits` (see [`crate::hygiene`]) until
+/// `shutdown` is cancelled, then let in-flight requests finish.
+///
+/// HTTP/1.1 only, through hyper's own connection builder rather than
+/// `axum::serve`, because only that exposes the header-read timeout.
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: &HttpLimits,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(address = ?local, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    tracing::info!(address = ?local, ?limits, "listening");
+    let app = crate::hygiene::apply(router, limits);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout());
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    // Each connection task holds a receiver; all dropped = all finished.
+    let (finished, connection_open) = watch::channel(());
+    loop {
+        // Take a connection slot before accepting: when all are taken, new
+        // connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // E.g. out of file descriptors: wait rather than spin.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(
+            app.clone().map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new)),
+        );
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let shutdown = shutdown.clone();
+        let open = connection_open.clone();
+        tokio::spawn(async move {
+            let mut connection = pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = outcome {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop((permit, open));
+        });
+    }
+    drop(connection_open);
+    drop(listener);
+    finished.closed().await;
     Ok(())
 }
 
-/// The standard readiness checks: the database pool and the broker.
+/// The standard readiness checks, both required: the database pool and the broker.
+#[allow(clippy::needless_pass_by_value, reason = "the processor and the notifier hand over their own copy")]
 pub fn standard_checks(pool: sqlx::PgPool, kafka: crate::config::KafkaConfig) -> Vec<(&'static str, ReadinessCheck)> {
-    let database: ReadinessCheck = Arc::new(move || {
+    vec![("database", database_check(pool)), ("broker", broker_check(&kafka))]
+}
+
+/// The database answers `SELECT 1` (through the service's own pool).
+pub fn database_check(pool: sqlx::PgPool) -> ReadinessCheck {
+    Arc::new(move || {
         let pool = pool.clone();
-        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(|e| e.to_string()) })
-    });
-    let broker: ReadinessCheck = Arc::new(move || {
-        let kafka = kafka.clone();
         Box::pin(async move {
-            if crate::kafka::broker_reachable(&kafka, std::time::Duration::from_secs(2)).await {
-                Ok(())
-            } else {
-                Err(format!("broker {} unreachable", kafka.brokers))
-            }
+            sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(|error| {
+                tracing::warn!(%error, "readiness: the database does not answer");
+                "the database does not answer".to_owned()
+            })
         })
-    });
-    vec![("database", database), ("broker", broker)]
+    })
+}
+
+/// The broker answers a metadata request, asked through one Kafka client made
+/// here and kept for the life of the check.
+pub fn broker_check(kafka: &crate::config::KafkaConfig) -> ReadinessCheck {
+    let brokers = kafka.brokers.clone();
+    let client: Option<Arc<AdminClient<DefaultClientContext>>> =
+        match rdkafka::ClientConfig::new().set("bootstrap.servers", &kafka.brokers).create() {
+            Ok(client) => Some(Arc::new(client)),
+            Err(error) => {
+                tracing::error!(%error, "cannot create the readiness Kafka client");
+                None
+            }
+        };
+    Arc::new(move || {
+        let client = client.clone();
+        let unreachable = format!("broker {brokers} unreachable");
+        Box::pin(async move {
+            let client = client.ok_or_else(|| unreachable.clone())?;
+            let answered = tokio::task::spawn_blocking(move || {
+                client.inner().fetch_metadata(None, Duration::from_secs(2)).is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if answered { Ok(()) } else { Err(unreachable) }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// With every connection slot taken, a new connection is not served until
+    /// one closes; then it is.
+    #[tokio::test]
+    async fn connections_beyond_the_bound_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits { max_connections: 1, ..HttpLimits::default() };
+        let shutdown = CancellationToken::new();
+        let shutdown_server = shutdown.clone();
+        let router = Router::new().route("/livez", get(|| async { "ok" }));
+        let server = tokio::spawn(async move { serve_with(listener, router, &limits, shutdown_server).await });
+
+        let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+        waiting.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let early = tokio::time::timeout(Duration::from_millis(300), waiting.read_to_end(&mut answer)).await;
+        assert!(early.is_err(), "answered while the only slot was taken: {}", String::from_utf8_lossy(&answer));
+
+        drop(holder);
+        tokio::time::timeout(Duration::from_secs(10), waiting.read_to_end(&mut answer)).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

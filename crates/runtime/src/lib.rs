@@ -14,8 +14,10 @@
 //! - [`parking`]: records a consumer could never apply, kept for an operator
 //!   (the `parked_records` table and its admin endpoints).
 //! - [`postgres`]: connection pools and database creation.
-//! - [`http`]: the `/livez`, `/readyz` and `/metrics` probes and serving with
-//!   graceful shutdown.
+//! - [`http`]: the `/livez`, `/readyz` (cached) and `/metrics` probes and
+//!   serving with graceful shutdown.
+//! - [`hygiene`]: what every HTTP port gets: header-read and request
+//!   timeouts, connection and concurrency bounds, problem+json for every error.
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
 
@@ -25,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod failure;
 pub mod http;
+pub mod hygiene;
 pub mod kafka;
 pub mod parking;
 pub mod postgres;

@@ -29,6 +29,31 @@ impl Problem {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "missing or invalid API key")
     }
 
+    /// The generic problem of `status`, for errors that no handler typed
+    /// (a missing route, a wrong method, a rejected extractor, a timeout).
+    pub fn for_status(status: StatusCode, detail: impl Into<String>) -> Self {
+        let (slug, title) = match status {
+            StatusCode::BAD_REQUEST => ("bad-request", "Bad request"),
+            StatusCode::UNAUTHORIZED => ("unauthorized", "Unauthorized"),
+            StatusCode::FORBIDDEN => ("forbidden", "Forbidden"),
+            StatusCode::NOT_FOUND => ("not-found", "Not found"),
+            StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+            StatusCode::NOT_ACCEPTABLE => ("not-acceptable", "Not acceptable"),
+            StatusCode::REQUEST_TIMEOUT => ("request-timeout", "Request timeout"),
+            StatusCode::CONFLICT => ("conflict", "Conflict"),
+            StatusCode::LENGTH_REQUIRED => ("length-required", "Length required"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "Payload too large"),
+            StatusCode::URI_TOO_LONG => ("uri-too-long", "URI too long"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "Unsupported media type"),
+            StatusCode::UNPROCESSABLE_ENTITY => ("unprocessable-content", "Unprocessable content"),
+            StatusCode::TOO_MANY_REQUESTS => ("too-many-requests", "Too many requests"),
+            StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "Service unavailable"),
+            s if s.is_client_error() => ("client-error", "Client error"),
+            _ => ("internal", "Internal error"),
+        };
+        Self::new(status, slug, title, detail)
+    }
+
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after_secs = Some(seconds);
         self

@@ -7,7 +7,7 @@ use axum::Router;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::Result;
+use crate::{Result, hygiene::HttpLimits};
 
 /// A running service. Its tasks stop when the shutdown token given at start is
 /// cancelled; [`Running::wait`] returns once all of them have.
@@ -18,18 +18,30 @@ pub struct Running {
 }
 
 impl Running {
-    /// Bind `listen` (port 0 picks a free port), serve `router` there until
-    /// `shutdown` as one more of `tasks`, and return the running service.
+    /// Bind `listen` (port 0 picks a free port), serve `router` there with the
+    /// default [`HttpLimits`] until `shutdown` as one more of `tasks`, and
+    /// return the running service.
     pub async fn with_http(
+        tasks: JoinSet<()>,
+        listen: &str,
+        router: Router,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        Self::with_http_limits(tasks, listen, router, HttpLimits::default(), shutdown).await
+    }
+
+    /// [`Running::with_http`] under the service's configured `limits`.
+    pub async fn with_http_limits(
         mut tasks: JoinSet<()>,
         listen: &str,
         router: Router,
+        limits: HttpLimits,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let http_addr = listener.local_addr()?;
         tasks.spawn(async move {
-            if let Err(error) = crate::http::serve(listener, router, shutdown).await {
+            if let Err(error) = crate::http::serve_with(listener, router, &limits, shutdown).await {
                 tracing::error!(%error, "http server failed");
             }
         });

@@ -10,7 +10,16 @@
 //! refused — including when they hide inside IPv6 (IPv4-mapped `::ffff:a.b.c.d`,
 //! IPv4-compatible, NAT64 and 6to4 forms are judged by the IPv4 address they
 //! carry) — unless an [`Allowlist`] permits the host or the address (tests and
-//! local stacks allow their own receiver on 127.0.0.1).
+//! local stacks allow their own receiver on 127.0.0.1), optionally on one port
+//! only. Cloud-metadata and link-local addresses are refused always: no
+//! allowlist entry, not even a permitted host name, lets a callback reach
+//! them, because a host name is as easily pointed at them as anything else.
+//!
+//! Before any of that, [`parse_callback_url`] checks the URL's syntax: at most
+//! [`MAX_CALLBACK_URL_LEN`] bytes, no control characters, an absolute
+//! `http`/`https` URL with a host. Its result is the *normalised* URL (as the
+//! `url` crate serialises it), which is what ingest stores and publishes, so
+//! the URL that was checked is the URL that is called.
 //!
 //! The check is made twice, because DNS answers can change between the two:
 //!
@@ -39,6 +48,10 @@ use url::{Host, Url};
 
 /// How long [`check_callback_url`] waits for DNS before giving up.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest `callback_url` accepted, in bytes, as given and once normalised
+/// (browsers and proxies commonly cap URLs near 2 KiB; a callback needs far less).
+pub const MAX_CALLBACK_URL_LEN: usize = 2048;
 
 /// Why an address may not be called back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +84,14 @@ pub enum AddressClass {
     Reserved,
 }
 
+impl AddressClass {
+    /// Classes no allowlist entry can permit: what answers there (instance
+    /// credentials, router and host services) is never a webhook receiver.
+    pub fn is_never_permitted(self) -> bool {
+        matches!(self, Self::CloudMetadata | Self::LinkLocal)
+    }
+}
+
 impl std::fmt::Display for AddressClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -93,6 +114,10 @@ impl std::fmt::Display for AddressClass {
 /// gave the URL (ingest puts them in its `422` problem's `detail`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SsrfError {
+    #[error("callback_url is longer than {MAX_CALLBACK_URL_LEN} bytes")]
+    TooLong,
+    #[error("callback_url contains a control character (at byte {0})")]
+    ControlCharacter(usize),
     #[error("callback_url is not a valid absolute URL: {0}")]
     InvalidUrl(String),
     #[error("callback_url must use http or https, not `{0}`")]
@@ -105,6 +130,13 @@ pub enum SsrfError {
         "the host `{host}` of callback_url resolves to {address}, a {class} address, which callbacks may not reach"
     )]
     Forbidden { host: String, address: IpAddr, class: AddressClass },
+    #[error("callback_url may reach `{host}` only on the ports the allowlist names, not on port {port}")]
+    PortNotPermitted { host: String, port: u16 },
+    #[error(
+        "the host `{host}` of callback_url resolves to {address}, which the allowlist permits on one port only, \
+         and then only when callback_url names the address itself"
+    )]
+    PortRestrictedAddressByName { host: String, address: IpAddr },
 }
 
 impl SsrfError {
@@ -117,24 +149,36 @@ impl SsrfError {
 
 /// A malformed allowlist entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("webhook allowlist entry `{0}` is neither an IP address, a CIDR network, a host name nor `*.domain`")]
+#[error(
+    "webhook allowlist entry `{0}` is neither an IP address, a CIDR network, a host name nor `*.domain` (each optionally with `:port`)"
+)]
 pub struct AllowlistError(pub String);
 
 /// Hosts and addresses exempt from the SSRF rules. Entries are IP addresses
 /// (`127.0.0.1`, `::1`), CIDR networks (`10.20.0.0/16`), host names
 /// (`hooks.internal`, matched exactly, case-insensitively) or `*.domain`
-/// (every name under `domain`, not `domain` itself). A permitted host name
-/// may resolve to any address; otherwise every resolved address must be
-/// public or inside a permitted network. Empty by default: production permits
-/// nothing internal.
+/// (every name under `domain`, not `domain` itself), each optionally with a
+/// port that is then the only one permitted: `127.0.0.1:8099`, `[::1]:8099`,
+/// `10.20.0.0/16:443`, `hooks.internal:8443`. A permitted host name may
+/// resolve to any address; otherwise every resolved address must be public or
+/// inside a permitted network. Cloud-metadata and link-local addresses are
+/// never permitted, whatever the entries say. Empty by default: production
+/// permits nothing internal.
+///
+/// The connection-time [`SsrfResolver`] does not see the port, so an address
+/// entry with a port permits that address only when the URL names it
+/// (`http://127.0.0.1:8099/hook`), never through a host name resolving to it
+/// (`http://localhost:8099/hook` is refused, at submission already); allowlist
+/// the host name itself (`localhost:8099`) for that.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Allowlist {
     entries: Vec<String>,
-    networks: Vec<IpNet>,
-    hosts: Vec<String>,
+    /// Networks, with the one port each permits (`None`: every port).
+    networks: Vec<(IpNet, Option<u16>)>,
+    hosts: Vec<(String, Option<u16>)>,
     /// `*.domain` entries, kept as `.domain`.
-    suffixes: Vec<String>,
+    suffixes: Vec<(String, Option<u16>)>,
 }
 
 impl Allowlist {
@@ -147,44 +191,73 @@ impl Allowlist {
         let mut list = Self::default();
         for entry in entries {
             let entry = entry.as_ref().trim().to_ascii_lowercase();
-            if let Ok(address) = entry.parse::<IpAddr>() {
-                list.networks.push(IpNet::from(address));
-            } else if let Ok(network) = entry.parse::<IpNet>() {
-                list.networks.push(network.trunc());
-            } else if let Some(domain) = entry.strip_prefix("*.") {
-                let domain = domain.trim_end_matches('.');
-                if !is_host_name(domain) {
-                    return Err(AllowlistError(entry));
-                }
-                list.suffixes.push(format!(".{domain}"));
-            } else {
-                let host = entry.trim_end_matches('.');
-                if !is_host_name(host) {
-                    return Err(AllowlistError(entry));
-                }
-                list.hosts.push(host.to_owned());
-            }
+            list.add(&entry).ok_or_else(|| AllowlistError(entry.clone()))?;
             list.entries.push(entry);
         }
         Ok(list)
+    }
+
+    /// Add one lower-cased entry; `None` if it is malformed.
+    fn add(&mut self, entry: &str) -> Option<()> {
+        if let Some(network) = parse_network(entry) {
+            self.networks.push((network, None));
+            return Some(());
+        }
+        if let Ok(socket) = entry.parse::<SocketAddr>() {
+            (socket.port() != 0).then_some(())?;
+            self.networks.push((IpNet::from(socket.ip()), Some(socket.port())));
+            return Some(());
+        }
+        let (target, port) = match entry.rsplit_once(':') {
+            Some((target, port)) => (target, Some(port.parse::<u16>().ok().filter(|p| *p != 0)?)),
+            None => (entry, None),
+        };
+        if let Some(network) = port.and_then(|_| parse_network(target)) {
+            self.networks.push((network, port));
+        } else if let Some(domain) = target.strip_prefix("*.") {
+            let domain = domain.trim_end_matches('.');
+            is_host_name(domain).then_some(())?;
+            self.suffixes.push((format!(".{domain}"), port));
+        } else {
+            let host = target.trim_end_matches('.');
+            is_host_name(host).then_some(())?;
+            self.hosts.push((host.to_owned(), port));
+        }
+        Some(())
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// Whether the host name `host` (any case, trailing dot or not) is permitted.
-    pub fn permits_host(&self, host: &str) -> bool {
+    /// Whether the host name `host` (any case, trailing dot or not) is
+    /// permitted on `port`, or, for `None`, on at least one port.
+    pub fn permits_host(&self, host: &str, port: Option<u16>) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.contains(&host) || self.suffixes.iter().any(|suffix| host.ends_with(suffix.as_str()))
+        let port_ok = |allowed: &Option<u16>| port.is_none() || allowed.is_none() || *allowed == port;
+        self.hosts.iter().any(|(name, allowed)| *name == host && port_ok(allowed))
+            || self.suffixes.iter().any(|(suffix, allowed)| host.ends_with(suffix.as_str()) && port_ok(allowed))
     }
 
     /// Whether `address` (or the IPv4 address an IPv4-mapped one carries) is
-    /// inside a permitted network.
-    pub fn permits_address(&self, address: IpAddr) -> bool {
-        let canonical = address.to_canonical();
-        self.networks.iter().any(|network| network.contains(&address) || network.contains(&canonical))
+    /// inside a network permitted on `port`, or, for `None`, on every port.
+    pub fn permits_address(&self, address: IpAddr, port: Option<u16>) -> bool {
+        self.networks_containing(address).any(|allowed| allowed.is_none() || allowed == port)
     }
+
+    fn networks_containing(&self, address: IpAddr) -> impl Iterator<Item = Option<u16>> + '_ {
+        let canonical = address.to_canonical();
+        self.networks
+            .iter()
+            .filter(move |(network, _)| network.contains(&address) || network.contains(&canonical))
+            .map(|(_, port)| *port)
+    }
+}
+
+/// An IP address (as a one-address network) or a CIDR network.
+fn parse_network(text: &str) -> Option<IpNet> {
+    let bare = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
+    bare.parse::<IpAddr>().map(IpNet::from).or_else(|_| bare.parse::<IpNet>().map(|n| n.trunc())).ok()
 }
 
 impl TryFrom<Vec<String>> for Allowlist {
@@ -208,9 +281,33 @@ fn is_host_name(name: &str) -> bool {
         })
 }
 
-/// Check that `url` may be called back: an absolute `http`/`https` URL whose
-/// host is permitted by `allowlist`, or resolves (now, within
-/// [`RESOLVE_TIMEOUT`]) only to addresses that are public or permitted.
+/// Check the syntax of a client's `callback_url` and return it normalised:
+/// at most [`MAX_CALLBACK_URL_LEN`] bytes (as given and once normalised), no
+/// control characters (NUL, CR, LF, DEL, C1 …, which the URL parser would
+/// otherwise drop or encode silently), an absolute `http`/`https` URL with a
+/// host. Makes no network request; [`check_url`] does the SSRF check.
+pub fn parse_callback_url(raw: &str) -> Result<Url, SsrfError> {
+    if raw.len() > MAX_CALLBACK_URL_LEN {
+        return Err(SsrfError::TooLong);
+    }
+    if let Some((at, _)) = raw.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(SsrfError::ControlCharacter(at));
+    }
+    let parsed = Url::parse(raw).map_err(|e| SsrfError::InvalidUrl(e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(SsrfError::UnsupportedScheme(parsed.scheme().to_owned()));
+    }
+    if parsed.host().is_none() {
+        return Err(SsrfError::MissingHost);
+    }
+    if parsed.as_str().len() > MAX_CALLBACK_URL_LEN {
+        return Err(SsrfError::TooLong);
+    }
+    Ok(parsed)
+}
+
+/// Check that `url` may be called back: [`parse_callback_url`], then
+/// [`check_url`]. Returns the normalised URL that was checked.
 ///
 /// Ingest calls it when a command is submitted and answers `422` with the
 /// error's `Display` text; the notifier calls it again before every delivery
@@ -228,33 +325,59 @@ fn is_host_name(name: &str) -> bool {
 /// ));
 /// # }
 /// ```
-pub async fn check_callback_url(url: &str, allowlist: &Allowlist) -> Result<(), SsrfError> {
-    let parsed = Url::parse(url).map_err(|e| SsrfError::InvalidUrl(e.to_string()))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(SsrfError::UnsupportedScheme(parsed.scheme().to_owned()));
+pub async fn check_callback_url(url: &str, allowlist: &Allowlist) -> Result<Url, SsrfError> {
+    let parsed = parse_callback_url(url)?;
+    check_url(&parsed, allowlist).await?;
+    Ok(parsed)
+}
+
+/// The SSRF check of a parsed callback URL: its host is permitted by
+/// `allowlist` on the URL's port, or resolves (now, within
+/// [`RESOLVE_TIMEOUT`]) only to addresses that are public or permitted on
+/// that port; never to a cloud-metadata or link-local address.
+pub async fn check_url(url: &Url, allowlist: &Allowlist) -> Result<(), SsrfError> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(SsrfError::UnsupportedScheme(url.scheme().to_owned()));
     }
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    match parsed.host().ok_or(SsrfError::MissingHost)? {
-        Host::Ipv4(address) => check_address(&address.to_string(), IpAddr::V4(address), allowlist),
-        Host::Ipv6(address) => check_address(&address.to_string(), IpAddr::V6(address), allowlist),
-        Host::Domain(name) => resolve_checked(name, port, allowlist).await.map(drop),
+    let port = url.port_or_known_default().unwrap_or(443);
+    match url.host().ok_or(SsrfError::MissingHost)? {
+        Host::Ipv4(address) => check_address(&address.to_string(), IpAddr::V4(address), Some(port), allowlist),
+        Host::Ipv6(address) => check_address(&address.to_string(), IpAddr::V6(address), Some(port), allowlist),
+        Host::Domain(name) => resolve_checked(name, port, Some(port), allowlist).await.map(drop),
     }
 }
 
-/// Check one resolved `address` of `host` against the rules and `allowlist`.
-pub fn check_address(host: &str, address: IpAddr, allowlist: &Allowlist) -> Result<(), SsrfError> {
-    match classify(address) {
-        Some(class) if !allowlist.permits_address(address) => {
-            Err(SsrfError::Forbidden { host: host.to_owned(), address, class })
+/// Check one resolved `address` of `host` against the rules and `allowlist`,
+/// for a connection to `port` (`None`: a port not known, so only entries
+/// without a port can permit it).
+pub fn check_address(host: &str, address: IpAddr, port: Option<u16>, allowlist: &Allowlist) -> Result<(), SsrfError> {
+    let Some(class) = classify(address) else { return Ok(()) };
+    let forbidden = || SsrfError::Forbidden { host: host.to_owned(), address, class };
+    if class.is_never_permitted() {
+        return Err(forbidden());
+    }
+    if allowlist.permits_address(address, port) {
+        return Ok(());
+    }
+    match port {
+        Some(port) if allowlist.networks_containing(address).next().is_some() => {
+            Err(SsrfError::PortNotPermitted { host: host.to_owned(), port })
         }
-        _ => Ok(()),
+        _ => Err(forbidden()),
     }
 }
 
-/// Resolve `host` and check every address; the addresses, if all pass.
-async fn resolve_checked(host: &str, port: u16, allowlist: &Allowlist) -> Result<Vec<SocketAddr>, SsrfError> {
+/// Resolve `host` (looking up `lookup_port`, which ends up in the returned
+/// addresses) and check every address for a connection to `port` (see
+/// [`check_address`]); the addresses, if all pass.
+async fn resolve_checked(
+    host: &str,
+    lookup_port: u16,
+    port: Option<u16>,
+    allowlist: &Allowlist,
+) -> Result<Vec<SocketAddr>, SsrfError> {
     let unresolvable = |reason: String| SsrfError::Unresolvable { host: host.to_owned(), reason };
-    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, lookup_port)))
         .await
         .map_err(|_| unresolvable(format!("no answer within {RESOLVE_TIMEOUT:?}")))?
         .map_err(|e| unresolvable(e.to_string()))?;
@@ -262,12 +385,39 @@ async fn resolve_checked(host: &str, port: u16, allowlist: &Allowlist) -> Result
     if addresses.is_empty() {
         return Err(unresolvable("no addresses".to_owned()));
     }
-    if !allowlist.permits_host(host) {
-        for address in &addresses {
-            check_address(host, address.ip(), allowlist)?;
+    check_resolved(host, &addresses, port, allowlist)?;
+    Ok(addresses)
+}
+
+/// The rule for the `addresses` a host name resolved to: none may be
+/// cloud-metadata or link-local; unless the name is permitted on `port`,
+/// every one must pass [`check_address`].
+fn check_resolved(
+    host: &str,
+    addresses: &[SocketAddr],
+    port: Option<u16>,
+    allowlist: &Allowlist,
+) -> Result<(), SsrfError> {
+    let host_permitted = allowlist.permits_host(host, port);
+    for address in addresses {
+        let never = classify(address.ip()).filter(|class| class.is_never_permitted());
+        if let Some(class) = never {
+            return Err(SsrfError::Forbidden { host: host.to_owned(), address: address.ip(), class });
+        }
+        if !host_permitted {
+            // A name reaches an address only through entries without a port:
+            // the connection-time resolver cannot see the port, and the
+            // submission check must not accept what delivery will refuse.
+            check_address(host, address.ip(), None, allowlist).map_err(|error| {
+                if allowlist.networks_containing(address.ip()).next().is_some() {
+                    SsrfError::PortRestrictedAddressByName { host: host.to_owned(), address: address.ip() }
+                } else {
+                    error
+                }
+            })?;
         }
     }
-    Ok(addresses)
+    Ok(())
 }
 
 /// Why `address` is not a public unicast address, or `None` if it is.
@@ -399,8 +549,11 @@ impl reqwest::dns::Resolve for SsrfResolver {
         let allowlist = Arc::clone(&self.allowlist);
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            // Port 0: reqwest puts the URL's port in.
-            let addresses = resolve_checked(&host, 0, &allowlist).await?;
+            // Port 0: reqwest puts the URL's port in. The port is unknown
+            // here, so only port-less address entries permit an address
+            // (check_callback_url, run before each delivery, checked the
+            // URL's port against the entries).
+            let addresses = resolve_checked(&host, 0, None, &allowlist).await?;
             Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -510,13 +663,13 @@ mod tests {
         for url in ["http://127.0.0.2/", "http://10.21.0.1/", "http://169.254.169.254/"] {
             refused(url, &list).await;
         }
-        assert!(list.permits_address("10.20.255.1".parse().unwrap()));
+        assert!(list.permits_address("10.20.255.1".parse().unwrap(), Some(80)));
         let names = Allowlist::new(["hooks.internal", "*.corp.example"]).unwrap();
-        assert!(names.permits_host("HOOKS.internal."));
-        assert!(names.permits_host("a.b.corp.example"));
-        assert!(!names.permits_host("corp.example"));
-        assert!(!names.permits_host("evilcorp.example"));
-        assert!(!names.permits_host("hooks.internal.evil.example"));
+        assert!(names.permits_host("HOOKS.internal.", Some(80)));
+        assert!(names.permits_host("a.b.corp.example", None));
+        assert!(!names.permits_host("corp.example", Some(80)));
+        assert!(!names.permits_host("evilcorp.example", Some(80)));
+        assert!(!names.permits_host("hooks.internal.evil.example", Some(80)));
     }
 
     #[tokio::test]
@@ -553,6 +706,91 @@ mod tests {
         let list: Allowlist = serde_json::from_str(r#"["127.0.0.1", "*.Example.com", "fd00::/8"]"#).unwrap();
         assert_eq!(serde_json::to_string(&list).unwrap(), r#"["127.0.0.1","*.example.com","fd00::/8"]"#);
         assert!(serde_json::from_str::<Allowlist>(r#"["http://x"]"#).is_err());
+        for bad in ["127.0.0.1:0", "127.0.0.1:65536", "host:port", "[::1]:x", ":80"] {
+            assert!(Allowlist::new([bad]).is_err(), "{bad}");
+        }
+        let ported: Allowlist =
+            serde_json::from_str(r#"["127.0.0.1:8099", "[::1]:8099", "10.0.0.0/8:443", "Hooks.internal:8443"]"#)
+                .unwrap();
+        assert_eq!(
+            serde_json::to_string(&ported).unwrap(),
+            r#"["127.0.0.1:8099","[::1]:8099","10.0.0.0/8:443","hooks.internal:8443"]"#
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entry_with_a_port_permits_that_port_only() {
+        let list = Allowlist::new(["127.0.0.1:8099", "[::1]:8099", "10.0.0.0/8:443", "localhost:7000"]).unwrap();
+        for url in ["http://127.0.0.1:8099/hook", "http://[::1]:8099/", "https://10.1.2.3/x", "http://localhost:7000/h"]
+        {
+            check_callback_url(url, &list).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        for (url, port) in
+            [("http://127.0.0.1:8098/hook", 8098), ("http://127.0.0.1/hook", 80), ("http://10.1.2.3:5432/", 5432)]
+        {
+            let error = check_callback_url(url, &list).await.unwrap_err();
+            assert!(matches!(error, SsrfError::PortNotPermitted { port: p, .. } if p == port), "{url}: {error:?}");
+        }
+        // `localhost` on another port is judged by its addresses, which only
+        // entries with a port permit: not through a name.
+        for url in ["http://localhost:5432/", "http://localhost:8099/"] {
+            let error = check_callback_url(url, &list).await.unwrap_err();
+            assert!(matches!(error, SsrfError::PortRestrictedAddressByName { .. }), "{url}: {error:?}");
+        }
+        // The connection-time resolver knows no port: an address entry with a
+        // port permits nothing there, a host-name entry still does.
+        assert!(!list.permits_address("127.0.0.1".parse().unwrap(), None));
+        assert!(list.permits_host("localhost", None));
+    }
+
+    #[test]
+    fn metadata_and_link_local_addresses_are_never_permitted() {
+        let list = Allowlist::new(["169.254.0.0/16", "fd00::/8", "fe80::/10", "metadata.internal", "*.corp"]).unwrap();
+        for address in ["169.254.169.254", "169.254.1.1", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254"] {
+            let ip: IpAddr = address.parse().unwrap();
+            assert!(
+                matches!(check_address(address, ip, Some(80), &list), Err(SsrfError::Forbidden { .. })),
+                "{address}"
+            );
+            for host in ["metadata.internal", "a.corp"] {
+                let resolved = [SocketAddr::new(ip, 80), SocketAddr::new("8.8.8.8".parse().unwrap(), 80)];
+                let error = check_resolved(host, &resolved, Some(80), &list).unwrap_err();
+                assert!(matches!(error, SsrfError::Forbidden { class, .. } if class.is_never_permitted()), "{host}");
+                assert!(check_resolved(host, &resolved, None, &list).is_err(), "{host} at connection time");
+            }
+        }
+        // Other internal addresses behind a permitted name still pass.
+        let loopback = [SocketAddr::new("127.0.0.1".parse().unwrap(), 80)];
+        check_resolved("metadata.internal", &loopback, Some(80), &list).unwrap();
+    }
+
+    #[tokio::test]
+    async fn callback_urls_are_bounded_free_of_control_characters_and_normalised() {
+        for (raw, control_at) in [
+            ("http://127.0.0.1:9/h\u{0}x", 20),
+            ("http://127.0.0.1:9/h\r\nx", 20),
+            ("http://example.com/\tx", 19),
+            ("http://example.com/\u{7f}", 19),
+            ("http://example.com/\u{85}", 19),
+            ("\nhttp://example.com/", 0),
+        ] {
+            assert_eq!(parse_callback_url(raw), Err(SsrfError::ControlCharacter(control_at)), "{raw:?}");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_CALLBACK_URL_LEN));
+        assert_eq!(parse_callback_url(&long), Err(SsrfError::TooLong));
+        // Short enough as given, too long once non-ASCII is percent-encoded.
+        let grows = format!("https://example.com/{}", "é".repeat(MAX_CALLBACK_URL_LEN / 2 - 20));
+        assert!(grows.len() <= MAX_CALLBACK_URL_LEN);
+        assert_eq!(parse_callback_url(&grows), Err(SsrfError::TooLong));
+        assert!(
+            matches!(parse_callback_url("javascript:alert(1)"), Err(SsrfError::UnsupportedScheme(s)) if s == "javascript")
+        );
+        assert!(matches!(parse_callback_url("/relative/path"), Err(SsrfError::InvalidUrl(_))));
+        assert!(matches!(parse_callback_url("https://"), Err(SsrfError::InvalidUrl(_) | SsrfError::MissingHost)));
+        let normalised = parse_callback_url("HTTP://Example.COM:80/a/../b/ c?q=1").unwrap();
+        assert_eq!(normalised.as_str(), "http://example.com/b/%20c?q=1");
+        let checked = check_callback_url("http://127.0.0.1:80/./hook", &Allowlist::new(["127.0.0.1"]).unwrap()).await;
+        assert_eq!(checked.unwrap().as_str(), "http://127.0.0.1/hook");
     }
 
     /// The resolver refuses at connection time what the check refuses, and a

@@ -1,0 +1,277 @@
+//! The HTTP hygiene every service's port gets from [`crate::http::serve`], so
+//! that no client, slow or hostile, can hold a service or make it answer
+//! outside its contract:
+//!
+//! - connections: at most [`HttpLimits::max_connections`] open at once; when
+//!   full, the server stops accepting and new connections wait in the
+//!   kernel's accept backlog until one closes (nothing is answered, so there
+//!   is nothing to be slow about). A client must send its request head within
+//!   [`HttpLimits::header_read_timeout_ms`], and an idle keep-alive connection
+//!   is closed after the same time: a slowloris client is cut off.
+//! - requests: at most [`HttpLimits::max_concurrent_requests`] handled at
+//!   once; one more gets `503` problem+json with `Retry-After: 1` (the probes
+//!   are exempt, so overload does not look like death). A request must be
+//!   answered (response head sent) within [`HttpLimits::request_timeout_ms`],
+//!   else `408` problem+json; that includes reading its body. Response bodies
+//!   are not timed: a Server-Sent-Events stream runs as long as it likes.
+//! - errors: every `4xx`/`5xx` any layer answers without a JSON body (axum's
+//!   `404` for an unknown route, `405`, extractor rejections such as `400` for
+//!   a bad query or `413` from a body limit) is rewritten into RFC 9457
+//!   problem+json of the same status, keeping headers such as `Allow`. A `4xx`
+//!   keeps its short text as `detail`; a `5xx` says only "internal error".
+//!
+//! What hyper itself refuses before any of this (a malformed request line or
+//! header, a request head over 400 KiB) gets hyper's bare `400`/`431`, and a
+//! header-read timeout closes the connection without an answer.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use tokio::sync::Semaphore;
+
+use crate::problem::{PROBLEM_JSON, Problem};
+
+/// Bounds of a service's HTTP port. Every field has a default, so a service's
+/// configuration may leave out the whole `[http]` section or any key of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// A client must send a request's head (request line and headers) within
+    /// this long, counted from the connection's first byte or the end of its
+    /// previous response; else its connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request must be answered within this long (its body read, its
+    /// response head sent), else `408`. Streamed response bodies are not timed.
+    pub request_timeout_ms: u64,
+    /// Connections open at once (each Server-Sent-Events subscriber holds
+    /// one); beyond, new ones wait in the accept backlog. Keep it below the
+    /// process's open-file limit.
+    pub max_connections: usize,
+    /// Requests handled at once; beyond, `503` + `Retry-After: 1`.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 4096,
+            max_concurrent_requests: 512,
+        }
+    }
+}
+
+impl HttpLimits {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// Paths never shed: an orchestrator must tell "busy" from "dead".
+const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/metrics"];
+
+/// The largest error body kept as a problem's `detail`.
+const MAX_DETAIL_BYTES: usize = 1024;
+
+/// `router` with the request bound, the request timeout and the problem+json
+/// rewrite applied to every route and to the fallback.
+pub fn apply(router: Router, limits: &HttpLimits) -> Router {
+    let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+    router
+        .layer(middleware::from_fn_with_state(limits.request_timeout(), time_out))
+        .layer(middleware::from_fn_with_state(permits, bound_concurrency))
+        .layer(middleware::map_response(problem_for_every_error))
+}
+
+async fn time_out(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("onceflow_http_timed_out_total").increment(1);
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request timeout",
+                format!("the request was not completed within {} ms", timeout.as_millis()),
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn bound_concurrency(State(permits): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
+    if PROBE_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    // Held until the response head is ready; a streamed body does not hold it.
+    let Ok(_permit) = permits.try_acquire_owned() else {
+        metrics::counter!("onceflow_http_shed_total").increment(1);
+        return Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Service overloaded",
+            "too many requests are being handled; retry later",
+        )
+        .retry_after(1)
+        .into_response();
+    };
+    next.run(request).await
+}
+
+/// Rewrite an error response that is not JSON into problem+json.
+async fn problem_for_every_error(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let media_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|value| value.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    // Already structured (problems, the readiness report) or a stream: leave it.
+    if media_type == PROBLEM_JSON || media_type == "application/json" || media_type == "text/event-stream" {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = if status.is_client_error() && (media_type.is_empty() || media_type == "text/plain") {
+        axum::body::to_bytes(body, MAX_DETAIL_BYTES).await.ok().and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
+    } else {
+        None
+    };
+    let detail = text.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).unwrap_or_else(|| default_detail(status));
+    let mut problem = Problem::for_status(status, detail).into_response();
+    let headers = problem.headers_mut();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH && !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The request body was not read to its end: say the connection ends.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    problem
+}
+
+fn default_detail(status: StatusCode) -> String {
+    match status {
+        StatusCode::NOT_FOUND => "no such resource".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "this method is not allowed here; see the Allow header".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "the request body is larger than this endpoint accepts".to_owned(),
+        s if s.is_server_error() => "internal error".to_owned(),
+        s => s.canonical_reason().unwrap_or("error").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{
+        body::{Body, Bytes},
+        extract::{DefaultBodyLimit, Query},
+        routing::{get, post},
+    };
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn call(router: &Router, request: Request) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn router(limits: &HttpLimits) -> Router {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[allow(dead_code)]
+            n: u32,
+        }
+        let app = Router::new()
+            .route("/page", get(|Query(_): Query<Page>| async { "ok" }))
+            .route("/upload", post(|body: Bytes| async move { body.len().to_string() }))
+            .route("/slow", get(|| async { tokio::time::sleep(Duration::from_secs(60)).await }))
+            .route("/livez", get(|| async { "ok" }))
+            .layer(DefaultBodyLimit::max(16));
+        apply(app, limits)
+    }
+
+    fn problem_type(slug: &str) -> String {
+        Problem::type_uri(slug)
+    }
+
+    #[tokio::test]
+    async fn every_layer_error_is_problem_json() {
+        let app = router(&HttpLimits::default());
+        let get_request = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+
+        let (status, headers, body) = call(&app, get_request("/nowhere")).await;
+        assert_eq!((status, body["type"].as_str()), (StatusCode::NOT_FOUND, Some(&*problem_type("not-found"))));
+        assert_eq!(headers[header::CONTENT_TYPE], PROBLEM_JSON);
+
+        let (status, headers, body) = call(&app, Request::delete("/page").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(body["type"], problem_type("method-not-allowed"));
+        assert_eq!(headers[header::ALLOW], "GET,HEAD");
+
+        let (status, _, body) = call(&app, get_request("/page?n=minus-one")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["type"], problem_type("bad-request"));
+        assert!(body["detail"].as_str().unwrap().contains("query"), "{body}");
+
+        let upload = Request::post("/upload").body(Body::from(vec![b'x'; 17])).unwrap();
+        let (status, headers, body) = call(&app, upload).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["type"], problem_type("payload-too-large"));
+        assert_eq!(body["status"], 413);
+        assert_eq!(headers[header::CONTENT_TYPE], PROBLEM_JSON);
+
+        let (status, _, _) = call(&app, Request::post("/upload").body(Body::from("small")).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "a success is left alone");
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_times_out_with_a_problem() {
+        let app = router(&HttpLimits { request_timeout_ms: 50, ..HttpLimits::default() });
+        let (status, _, body) = call(&app, Request::get("/slow").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(body["type"], problem_type("request-timeout"));
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_bound_are_shed_but_probes_are_not() {
+        let app = router(&HttpLimits { max_concurrent_requests: 1, ..HttpLimits::default() });
+        let slow = tokio::spawn({
+            let app = app.clone();
+            async move { app.oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await }
+        });
+        // The slow request holds the only permit once it is being handled.
+        let shed = loop {
+            let (status, headers, body) = call(&app, Request::get("/page?n=1").body(Body::empty()).unwrap()).await;
+            if status != StatusCode::OK {
+                break (status, headers, body);
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(shed.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shed.1[header::RETRY_AFTER], "1");
+        assert_eq!(shed.2["type"], problem_type("overloaded"));
+        let (status, _, _) = call(&app, Request::get("/livez").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "probes are never shed");
+        slow.abort();
+    }
+}
