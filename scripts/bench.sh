@@ -28,8 +28,12 @@ fanout_events=$([ "$quick" = 1 ] && echo 200 || echo 1000)
 out="$STACK_DIR/bench"
 mkdir -p "$out"
 rm -f "$out"/*.json
-# 20,000 subscribers need as many descriptors in the notifier and the client.
-ulimit -n 65536
+# Idle subscribers need as many descriptors in the notifier and the client:
+# raise the soft limit to the hard one, and stay 1,000 below it (this
+# machine's hard limit is 20,000, so the full run measures 19,000).
+ulimit -n "$(ulimit -Hn)"
+max_subscribers=$(( $(ulimit -n) - 1000 ))
+(( idle_subscribers > max_subscribers )) && idle_subscribers=$max_subscribers
 
 ensure_postgres
 say "building the release binaries"
