@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use onceflow_runtime::{
+    admin::AdminConfig,
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
@@ -38,6 +39,9 @@ pub struct IngestConfig {
     pub results_group_id: String,
     /// API keys, stored as SHA-256 hex digests, and the tenant each belongs to.
     pub tenants: Vec<TenantKey>,
+    /// The operator's endpoints (parked result records).
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// How `callback_url` is checked at submission.

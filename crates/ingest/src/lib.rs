@@ -32,7 +32,7 @@ use axum::{
 };
 use onceflow_contracts::topics::Topics;
 use onceflow_outbox::{Relay, RelayConfig};
-use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running};
+use onceflow_runtime::{auth::ApiKeys, http, kafka, parking::Parking, postgres, service::Running};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -51,9 +51,9 @@ pub struct AppState {
     pub outbox_backlog: Arc<AtomicI64>,
 }
 
-/// The service's migrations: its own, then the outbox's.
+/// The service's migrations: its own, then the outbox's and the parked records'.
 pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
-    vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator()]
+    vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator(), onceflow_runtime::parking::migrator()]
 }
 
 /// The HTTP API.
@@ -117,8 +117,11 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
             tracing::error!(%error, "cannot subscribe to the results topic; job status will not advance");
             return;
         }
-        kafka::consume_each(&consumer, &projection_shutdown, |message| projection::apply(&projection_pool, message))
-            .await;
+        let parking = Parking::new(projection_pool.clone(), projection::PARKING_CONSUMER);
+        kafka::consume_parking(&consumer, &projection_shutdown, &parking, |message| {
+            projection::apply(&projection_pool, message)
+        })
+        .await;
     });
 
     let state = AppState {
@@ -128,6 +131,9 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         config: Arc::new(config.clone()),
         outbox_backlog,
     };
-    let router = router(state, readiness(pool, &config.kafka));
+    let mut router = router(state, readiness(pool.clone(), &config.kafka));
+    if let Some(admin) = projection::admin_router(pool, &config.admin.token) {
+        router = router.merge(admin);
+    }
     Running::with_http_limits(tasks, &config.listen, router, config.http.clone(), shutdown).await
 }

@@ -3,8 +3,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use onceflow_runtime::{
+    admin::AdminConfig,
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
+    http::HttpLimits,
 };
 use onceflow_webhook::{Allowlist, RetryPolicy, Secret};
 
@@ -23,14 +25,9 @@ pub struct NotifierConfig {
     pub webhooks: WebhooksConfig,
     #[serde(default)]
     pub admin: AdminConfig,
-}
-
-/// The operator's admin endpoints (parked records: list and redrive).
-#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
-pub struct AdminConfig {
-    /// Bearer token of `/admin/*`; empty (the default) serves no admin endpoint.
+    /// Timeouts and bounds of the HTTP port (see `onceflow_runtime::hygiene`).
     #[serde(default)]
-    pub token: String,
+    pub http: HttpLimits,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

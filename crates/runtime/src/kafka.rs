@@ -1,5 +1,5 @@
 //! Kafka set-up shared by the services: producers, consumers, topic creation,
-//! envelope headers on records, and [`consume_each`] / [`consume_parking`],
+//! envelope headers on records, and [`consume_parking`],
 //! the one loop every consumer of a topic runs its records through.
 //!
 //! Producers are idempotent (`enable.idempotence`), so a retry inside
@@ -25,7 +25,7 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{Consumer as _, StreamConsumer},
     message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, Producer as _},
+    producer::FutureProducer,
     types::RDKafkaErrorCode,
 };
 use tokio_util::sync::CancellationToken;
@@ -135,13 +135,6 @@ pub fn header_pairs(message: &impl Message) -> Result<Vec<(String, Option<Vec<u8
     })
 }
 
-/// Whether the broker answers a metadata request within `timeout`.
-pub async fn broker_reachable(config: &KafkaConfig, timeout: Duration) -> bool {
-    let client: std::result::Result<rdkafka::producer::BaseProducer, _> = base(config).create();
-    let Ok(client) = client else { return false };
-    tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
-}
-
 /// The next message of `consumer`, or `None` once `shutdown` is cancelled.
 ///
 /// Consumer errors (the broker unreachable, a rebalance in progress) are
@@ -206,30 +199,6 @@ pub async fn consume_parking<F, Fut>(
     consumer: &StreamConsumer,
     shutdown: &CancellationToken,
     parking: &Parking,
-    handle: F,
-) where
-    F: FnMut(OwnedMessage) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
-{
-    consume(consumer, shutdown, Some(parking), handle).await;
-}
-
-/// [`consume_parking`] for a consumer whose database has no parking table
-/// yet: a record that can never be applied is refused (logged with its
-/// position and counted in `onceflow_records_refused_total`) instead of
-/// parked. Outages are waited out the same way.
-pub async fn consume_each<F, Fut>(consumer: &StreamConsumer, shutdown: &CancellationToken, handle: F)
-where
-    F: FnMut(OwnedMessage) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
-{
-    consume(consumer, shutdown, None, handle).await;
-}
-
-async fn consume<F, Fut>(
-    consumer: &StreamConsumer,
-    shutdown: &CancellationToken,
-    parking: Option<&Parking>,
     mut handle: F,
 ) where
     F: FnMut(OwnedMessage) -> Fut,
@@ -265,20 +234,15 @@ async fn consume<F, Fut>(
     }
 }
 
-/// End a record that can never be applied: park it, or refuse it without a
-/// parking table. `false` if `shutdown` came while parking waited on an outage.
+/// End a record that can never be applied: park it. `false` if `shutdown`
+/// came while parking waited on an outage.
 async fn end_record(
     message: &OwnedMessage,
     error: &RecordError,
-    parking: Option<&Parking>,
+    parking: &Parking,
     shutdown: &CancellationToken,
 ) -> bool {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    let Some(parking) = parking else {
-        tracing::error!(error = %error.reason, topic, partition, offset, "record can never be applied; refused");
-        metrics::counter!("onceflow_records_refused_total", "topic" => topic.to_owned()).increment(1);
-        return true;
-    };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match parking.park(message, &error.reason).await {

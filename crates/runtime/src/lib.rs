@@ -1,6 +1,7 @@
 //! Runtime plumbing every onceflow service shares, so each service's crate
 //! holds only its own logic:
 //!
+//! - [`admin`]: the `admin.token` setting and the bearer check of `/admin/*`.
 //! - [`auth`]: API keys (stored as digests) → tenants.
 //! - [`cli`]: the command line of every service binary (`serve`, `migrate`).
 //! - [`config`]: layered configuration (embedded defaults → TOML file →
@@ -21,6 +22,7 @@
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
