@@ -164,14 +164,7 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     let command = validate_command(&submitted.command_type, &submitted.payload)
         .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     let callback_url = match &submitted.callback_url {
-        // Refused here, so the client learns now rather than never getting a
-        // webhook; what is stored and published is the URL as checked.
-        Some(url) => Some(
-            onceflow_webhook::check_callback_url(url, &state.config.webhooks.allowlist)
-                .await
-                .map_err(|e| ApiError::InvalidCommand(e.to_string()))?
-                .to_string(),
-        ),
+        Some(url) => Some(checked_callback_url(url, &state.config.webhooks.allowlist).await?),
         None => None,
     };
     shed_if_overloaded(&state)?;
@@ -282,6 +275,28 @@ async fn read_body(state: &AppState, parts: &Parts, body: Body) -> Result<Bytes,
         }
         other => ApiError::UnreadableBody(other.body_text()),
     })
+}
+
+/// `callback_url` as it is stored and published: parsed and normalised, and
+/// refused (`422`) when it is malformed or reaches where callbacks may not go,
+/// so the client learns now rather than never getting a webhook.
+///
+/// A host that does not resolve right now is accepted: DNS may be down for a
+/// moment, and the notifier checks the URL again before every delivery (a
+/// lookup that keeps failing is retried on the delivery's schedule, an
+/// address refused then fails the delivery), so a DNS hiccup at submission
+/// must not refuse the command.
+async fn checked_callback_url(url: &str, allowlist: &onceflow_webhook::Allowlist) -> Result<String, ApiError> {
+    let invalid = |error: onceflow_webhook::SsrfError| ApiError::InvalidCommand(error.to_string());
+    let parsed = onceflow_webhook::parse_callback_url(url).map_err(invalid)?;
+    match onceflow_webhook::check_url(&parsed, allowlist).await {
+        Ok(()) => Ok(parsed.to_string()),
+        Err(error) if error.is_transient() => {
+            tracing::info!(%error, "callback host does not resolve now; the notifier checks it again at delivery");
+            Ok(parsed.to_string())
+        }
+        Err(error) => Err(invalid(error)),
+    }
 }
 
 /// Refuse new work while the outbox backlog is past its bound: Kafka is down

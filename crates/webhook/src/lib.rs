@@ -21,4 +21,6 @@ pub mod ssrf;
 
 pub use retry::{RetryPolicy, Verdict};
 pub use signing::{Secret, SecretError};
-pub use ssrf::{AddressClass, Allowlist, AllowlistError, SsrfError, SsrfResolver, check_callback_url};
+pub use ssrf::{
+    AddressClass, Allowlist, AllowlistError, SsrfError, SsrfResolver, check_callback_url, check_url, parse_callback_url,
+};
