@@ -469,7 +469,6 @@ async fn a_shutdown_during_retries_leaves_the_command_for_redelivery() {
     let mut env = TestEnv::new();
     // Retries that outlast the test's patience: the shutdown comes mid-retry.
     let patient = |config: &mut onceflow_processor::ProcessorConfig| {
-        config.retry.max_attempts = 100_000;
         config.retry.base_delay_ms = 20;
         config.retry.max_delay_ms = 100;
     };
@@ -964,7 +963,6 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     let mut env = TestEnv::new();
     let processor = env
         .start_processor_with(|config| {
-            config.retry.max_attempts = 3;
             config.retry.base_delay_ms = 10;
             config.retry.max_delay_ms = 50;
             config.admin.token = ADMIN_TOKEN.to_owned();
@@ -979,10 +977,11 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     send(&producer, &topics.commands, &open, None).await;
     wait_handled(&db, &[open.job_id], OUTCOME_TIMEOUT).await;
 
-    // A database fault the processor takes for transient: the deposit exhausts its retries.
+    // Data the database refuses (a constraint an operator will fix): the
+    // deposit is dead-lettered at once.
     sqlx::raw_sql(
         "CREATE FUNCTION fail_posting() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'serialization_failure'; END $$;
+         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'check_violation'; END $$;
          CREATE TRIGGER fail_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION fail_posting();",
     )
     .execute(&db)
@@ -1008,7 +1007,8 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     let letters = listed["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{listed}");
     assert_eq!(letters[0]["message_id"], deposit.id());
-    assert_eq!(letters[0]["error"]["code"], "retries_exhausted");
+    assert_eq!(letters[0]["error"]["code"], "invalid_data");
+    assert!(letters[0]["error"]["message"].as_str().unwrap().contains("injected fault"), "the operator sees why");
     assert_eq!(letters[0]["original_topic"], topics.commands);
     assert_eq!(letters[0]["key"], account);
     assert_eq!(letters[0]["redrive_count"], 0);
@@ -1050,8 +1050,14 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
 
     // Its job ended dead_lettered, then succeeded once after the redrive.
     let results = published_results(&env, &db).await;
-    let statuses: Vec<JobStatus> = results_of(&results, &deposit.id()).iter().map(|e| e.status).collect();
+    let events = results_of(&results, &deposit.id());
+    let statuses: Vec<JobStatus> = events.iter().map(|e| e.status).collect();
     assert_eq!(statuses, [JobStatus::DeadLettered, JobStatus::Succeeded]);
+    // The client sees a code and no database text.
+    let error = events[0].error.as_ref().expect("the dead letter's error");
+    assert_eq!(error.code, "invalid_data");
+    assert!(!error.message.contains("injected fault"), "database text leaked to the job: {}", error.message);
+    assert!(events[1].occurred_at >= events[0].occurred_at, "the redriven outcome is the later one");
     let redriven = read_topic_to_end(&env.kafka, &topics.commands, OUTCOME_TIMEOUT)
         .await
         .into_iter()
@@ -1070,8 +1076,7 @@ async fn a_retrying_command_holds_up_only_its_own_partition() {
     let processor = env
         .start_processor_with(|config| {
             config.lanes = 4;
-            config.retry.max_attempts = 100_000;
-            config.retry.base_delay_ms = 20;
+                config.retry.base_delay_ms = 20;
             config.retry.max_delay_ms = 100;
         })
         .await;
