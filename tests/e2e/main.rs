@@ -2,6 +2,7 @@
 //! real broker, reached over the network.
 
 mod flow;
+mod hostile_processor;
 mod ingest;
 mod notifier;
 mod processor;

@@ -1,0 +1,240 @@
+//! Hostile input to the processor, through the whole stack (guarantee G8):
+//! records put straight on the commands topic, as a misbehaving producer
+//! would, and amounts that overflow a balance. Each must end at once
+//! (applied, refused, or dead-lettered), never halt its lane, and never stall
+//! another tenant: every test ends with a canary command of another tenant
+//! that completes within seconds.
+//!
+//! - a NUL or invalid UTF-8 in a record's key, envelope or other headers, and
+//!   a result too large for one Kafka record: dead-lettered, kept losslessly
+//!   in the `dead_letters` table, and the command behind it on the same
+//!   partition applies;
+//! - two deposits of nearly `i64::MAX` into one account, and a deposit that
+//!   would take `world:<CUR>` below `i64::MIN`: `failed` with
+//!   `amount_out_of_range`, nothing changed, and the currency stays usable.
+
+use std::time::Duration;
+
+use onceflow_contracts::{Command, JobStatus, catalogue::MAX_AMOUNT};
+use onceflow_runtime::kafka::headers;
+use onceflow_tests::{CANARY_TIMEOUT, OUTCOME_TIMEOUT, TestEnv, eventually, kafka_producer};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use serde_json::{Value, json};
+use sqlx::Row as _;
+
+use crate::processor::{
+    CommandMessage, balance, inbox, processor_db, published_results, results_of, send, wait_handled,
+};
+
+/// Put `message` on `topic`'s partition 0 with `key` and `headers` exactly as given.
+async fn produce_raw(producer: &FutureProducer, topic: &str, key: &[u8], headers: OwnedHeaders, payload: &[u8]) {
+    producer
+        .send(FutureRecord::to(topic).partition(0).key(key).headers(headers).payload(payload), Duration::from_secs(30))
+        .await
+        .map_err(|(error, _)| error)
+        .expect("the broker takes the record");
+}
+
+/// `message` with its command body changed by `change`.
+fn with_command(message: CommandMessage, change: impl FnOnce(&mut Command)) -> CommandMessage {
+    let mut command = Command::decode(&message.envelope.schema_id, &message.payload).expect("a command");
+    change(&mut command);
+    CommandMessage { payload: command.encode().expect("encode the command"), ..message }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane_goes_on() {
+    let mut env = TestEnv::new();
+    let stack = env.start_stack().await;
+    let topic = env.kafka.topics().commands;
+    let producer = kafka_producer(&env.kafka);
+    let db = processor_db(&env).await;
+    let account = "hana";
+
+    // Everything on partition 0, so one lane, in this order.
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topic, &open, Some(0)).await;
+
+    // 1. A NUL in the tenant (of the body, which the processor goes by, and
+    //    of the envelope): no text column takes it.
+    let nul_tenant =
+        with_command(CommandMessage::deposit(account, 1), |command| command.tenant = "dev\0evil".to_owned());
+    let mut envelope = nul_tenant.envelope.clone();
+    envelope.tenant = "dev\0evil".to_owned();
+    produce_raw(&producer, &topic, b"hana\0\xff", headers(&envelope), &nul_tenant.payload).await;
+
+    // 2. A NUL in the correlation id, which the result's headers would carry.
+    let mut nul_correlation = CommandMessage::deposit(account, 2);
+    nul_correlation.envelope.correlation_id = "corr\0x".to_owned();
+    send(&producer, &topic, &nul_correlation, Some(0)).await;
+
+    // 3. A type without a handler, with a key and extra headers of NUL and
+    //    invalid UTF-8: kept byte for byte.
+    let unknown = CommandMessage::new("ledger.mint", account, &json!({"account_id": account, "amount": 1}));
+    let odd_key: &[u8] = b"\xff\xfe\0key";
+    let odd_headers = headers(&unknown.envelope)
+        .insert(Header { key: "x-nul", value: Some(b"a\0b".as_slice()) })
+        .insert(Header { key: "x-binary", value: Some(b"\xff\x00\xfe".as_slice()) });
+    produce_raw(&producer, &topic, odd_key, odd_headers, &unknown.payload).await;
+
+    // 4. An account opening whose result cannot fit in one Kafka record (its
+    //    callback URL alone is 950,000 bytes): nothing is opened.
+    let oversized = with_command(CommandMessage::open_account("huge"), |command| {
+        command.callback_url = Some(format!("https://example.com/{}", "x".repeat(950_000)));
+    });
+    send(&producer, &topic, &oversized, Some(0)).await;
+
+    // Behind all of them on the same partition: applies.
+    let behind = CommandMessage::deposit(account, 42);
+    send(&producer, &topic, &behind, Some(0)).await;
+    wait_handled(&db, &[behind.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, account).await, 42, "only the deposit behind the hostile records moved money");
+
+    let outcomes = inbox(&db).await;
+    for (message, what) in [
+        (&nul_tenant, "NUL in the tenant"),
+        (&nul_correlation, "NUL in the correlation id"),
+        (&unknown, "odd key and headers"),
+        (&oversized, "oversized result"),
+    ] {
+        assert_eq!(outcomes.get(&message.job_id).map(String::as_str), Some("dead_lettered"), "{what}");
+    }
+    assert_eq!(outcomes.get(&behind.job_id).map(String::as_str), Some("succeeded"));
+    let opened: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM accounts WHERE account_id = 'huge'").fetch_one(&db).await.unwrap();
+    assert_eq!(opened, 0, "a command whose result cannot be published leaves nothing behind");
+
+    // Each is parked for an operator, its bytes kept.
+    let letters = sqlx::query("SELECT message_id, tenant, message_key, headers, error_code FROM dead_letters")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    let letter = |id: uuid::Uuid| {
+        letters
+            .iter()
+            .find(|row| row.get::<uuid::Uuid, _>("message_id") == id)
+            .unwrap_or_else(|| panic!("no dead letter {id}"))
+    };
+    let tenant_letter = letter(nul_tenant.job_id);
+    assert_eq!(tenant_letter.get::<String, _>("error_code"), "invalid_data");
+    assert_eq!(tenant_letter.get::<Option<Vec<u8>>, _>("message_key").as_deref(), Some(b"hana\0\xff".as_slice()));
+    assert_eq!(tenant_letter.get::<String, _>("tenant"), "dev\u{FFFD}evil");
+    assert_eq!(letter(nul_correlation.job_id).get::<String, _>("error_code"), "invalid_data");
+    let unknown_letter = letter(unknown.job_id);
+    assert_eq!(unknown_letter.get::<String, _>("error_code"), "unknown_command_type");
+    assert_eq!(unknown_letter.get::<Option<Vec<u8>>, _>("message_key").as_deref(), Some(odd_key));
+    let stored: Value = unknown_letter.get("headers");
+    assert!(stored.as_array().unwrap().contains(&json!({"name": "tenant-id", "value": "dev"})), "{stored}");
+    for (name, bytes) in [("x-nul", b"a\0b".as_slice()), ("x-binary", b"\xff\x00\xfe".as_slice())] {
+        let kept: Vec<u8> = sqlx::query_scalar(
+            "SELECT decode(h ->> 'base64', 'base64') FROM dead_letters, jsonb_array_elements(headers) h
+             WHERE message_id = $1 AND h ->> 'name' = $2",
+        )
+        .bind(unknown.job_id)
+        .bind(name)
+        .fetch_one(&db)
+        .await
+        .unwrap_or_else(|e| panic!("header {name} kept: {e}; {stored}"));
+        assert_eq!(kept, bytes, "header {name} kept byte for byte");
+    }
+    assert_eq!(letter(oversized.job_id).get::<String, _>("error_code"), "result_too_large");
+
+    // The jobs that can be told end dead_lettered, with a code and no database text.
+    let results = published_results(&env, &db).await;
+    for message in [&nul_tenant, &nul_correlation, &unknown] {
+        let events = results_of(&results, &message.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].status, JobStatus::DeadLettered);
+        let error = events[0].error.as_ref().unwrap();
+        assert!(!error.message.contains("invalid byte sequence"), "database text leaked: {}", error.message);
+    }
+
+    stack.canary_completes(CANARY_TIMEOUT).await;
+    db.close().await;
+    drop(stack);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overflowing_amounts_are_refused_and_the_currency_stays_usable() {
+    let mut env = TestEnv::new();
+    let stack = env.start_stack().await;
+    let topic = env.kafka.topics().commands;
+    let producer = kafka_producer(&env.kafka);
+    let db = processor_db(&env).await;
+
+    // At the door: an amount above the bound is a 422.
+    let too_much = json!({"type": "ledger.deposit", "payload": {"account_id": "olga", "amount": MAX_AMOUNT + 1}});
+    let refused = stack.dev().submit("too-much", &too_much).await;
+    assert_eq!(refused.status, 422, "{}", String::from_utf8_lossy(&refused.body));
+
+    // Past the door (straight on the topic): two deposits of nearly i64::MAX.
+    // (A number of at most 17 significant digits: canonical JSON writes
+    // numbers as IEEE doubles, which hold every amount up to MAX_AMOUNT but
+    // not every 19-digit one.)
+    let near_max: i64 = 9_200_000_000_000_000_000;
+    let open = CommandMessage::open_account("olga");
+    let first = CommandMessage::deposit("olga", near_max);
+    let second = CommandMessage::deposit("olga", near_max);
+    for message in [&open, &first, &second] {
+        send(&producer, &topic, message, Some(0)).await;
+    }
+    wait_handled(&db, &[open.job_id, first.job_id, second.job_id], OUTCOME_TIMEOUT).await;
+
+    // Through ingest, another account in the currency.
+    let submit = |key: &'static str, body: Value| {
+        let api = stack.dev();
+        async move {
+            let accepted = api.submit(key, &body).await;
+            assert_eq!(accepted.status, 202, "{}", String::from_utf8_lossy(&accepted.body));
+            let job_id = accepted.json()["job_id"].as_str().unwrap().to_owned();
+            eventually("the job to end", OUTCOME_TIMEOUT, || async {
+                let job = api.job(&job_id).await.json();
+                ["succeeded", "failed", "dead_lettered"].contains(&job["status"].as_str()?).then_some(job)
+            })
+            .await
+        }
+    };
+    let deposit = |amount: i64| json!({"type": "ledger.deposit", "payload": {"account_id": "pia", "amount": amount}});
+    let opened =
+        submit("open-pia", json!({"type": "ledger.open_account", "payload": {"account_id": "pia", "currency": "EUR"}}))
+            .await;
+    assert_eq!(opened["status"], "succeeded", "{opened}");
+
+    // Past the door again: a deposit that would take world:EUR below i64::MIN.
+    let below_min = CommandMessage::deposit("pia", near_max);
+    send(&producer, &topic, &below_min, Some(0)).await;
+    wait_handled(&db, &[below_min.job_id], OUTCOME_TIMEOUT).await;
+
+    let outcomes = inbox(&db).await;
+    assert_eq!(outcomes.get(&first.job_id).map(String::as_str), Some("succeeded"));
+    for (message, what) in [(&second, "past i64::MAX"), (&below_min, "world below i64::MIN")] {
+        assert_eq!(outcomes.get(&message.job_id).map(String::as_str), Some("failed"), "{what}: refused");
+    }
+    let results = published_results(&env, &db).await;
+    for message in [&second, &below_min] {
+        let events = results_of(&results, &message.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].status, JobStatus::Failed);
+        assert_eq!(events[0].error.as_ref().unwrap().code, "amount_out_of_range");
+    }
+
+    // The currency stays usable: small deposits still work.
+    for key in ["small-1", "small-2"] {
+        let job = submit(key, deposit(5)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    assert_eq!(balance(&db, "olga").await, near_max);
+    assert_eq!(balance(&db, "pia").await, 10);
+    assert_eq!(balance(&db, "world:EUR").await, -near_max - 10);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(&db).await.unwrap();
+    assert_eq!(dead, 0, "an overflow is never dead-lettered");
+
+    stack.canary_completes(CANARY_TIMEOUT).await;
+    db.close().await;
+    drop(stack);
+    env.teardown().await;
+}
