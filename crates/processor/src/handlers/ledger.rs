@@ -28,7 +28,7 @@ pub fn register(registry: &mut Registry) {
 }
 
 /// Entries read per page of a statement.
-pub const STATEMENT_PAGE_SIZE: i64 = 500;
+pub const STATEMENT_PAGE_SIZE: i64 = 50;
 /// A statement lists at most this many entries, the most recent ones; its
 /// count and opening and closing balances always cover every entry, and
 /// `truncated` says whether older ones were left out. Bounded so that the
