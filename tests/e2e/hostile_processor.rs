@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use onceflow_contracts::{Command, JobStatus, catalogue::MAX_AMOUNT};
+use onceflow_contracts::{JobStatus, catalogue::MAX_AMOUNT};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{CANARY_TIMEOUT, OUTCOME_TIMEOUT, TestEnv, eventually, kafka_producer};
 use rdkafka::{
@@ -38,13 +38,6 @@ async fn produce_raw(producer: &FutureProducer, topic: &str, key: &[u8], headers
         .expect("the broker takes the record");
 }
 
-/// `message` with its command body changed by `change`.
-fn with_command(message: CommandMessage, change: impl FnOnce(&mut Command)) -> CommandMessage {
-    let mut command = Command::decode(&message.envelope.schema_id, &message.payload).expect("a command");
-    change(&mut command);
-    CommandMessage { payload: command.encode().expect("encode the command"), ..message }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane_goes_on() {
     let mut env = TestEnv::new();
@@ -61,7 +54,7 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
     // 1. A NUL in the tenant (of the body, which the processor goes by, and
     //    of the envelope): no text column takes it.
     let nul_tenant =
-        with_command(CommandMessage::deposit(account, 1), |command| command.tenant = "dev\0evil".to_owned());
+        CommandMessage::deposit(account, 1).with_command(|command| command.tenant = "dev\0evil".to_owned());
     let mut envelope = nul_tenant.envelope.clone();
     envelope.tenant = "dev\0evil".to_owned();
     produce_raw(&producer, &topic, b"hana\0\xff", headers(&envelope), &nul_tenant.payload).await;
@@ -82,9 +75,8 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
 
     // 4. An account opening whose result cannot fit in one Kafka record (its
     //    callback URL alone is 950,000 bytes): nothing is opened.
-    let oversized = with_command(CommandMessage::open_account("huge"), |command| {
-        command.callback_url = Some(format!("https://example.com/{}", "x".repeat(950_000)));
-    });
+    let oversized = CommandMessage::open_account("huge")
+        .with_command(|command| command.callback_url = Some(format!("https://example.com/{}", "x".repeat(950_000))));
     send(&producer, &topic, &oversized, Some(0)).await;
 
     // Behind all of them on the same partition: applies.

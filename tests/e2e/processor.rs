@@ -83,6 +83,13 @@ impl CommandMessage {
         Self::new("ledger.transfer", from, &json!({"from": from, "to": to, "amount": amount}))
     }
 
+    /// The same record with its command body changed by `change`.
+    pub(crate) fn with_command(self, change: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::decode(&self.envelope.schema_id, &self.payload).expect("a command");
+        change(&mut command);
+        Self { payload: command.encode().expect("encode the command"), ..self }
+    }
+
     pub(crate) fn id(&self) -> String {
         self.job_id.to_string()
     }
@@ -992,7 +999,9 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     .execute(&db)
     .await
     .expect("inject the fault");
-    let deposit = CommandMessage::deposit(account, 700);
+    let callback_url = "https://example.com/hooks/remy";
+    let deposit = CommandMessage::deposit(account, 700)
+        .with_command(|command| command.callback_url = Some(callback_url.to_owned()));
     send(&producer, &topics.commands, &deposit, None).await;
     wait_handled(&db, &[deposit.job_id], OUTCOME_TIMEOUT).await;
     assert_eq!(outcome_of(&db, deposit.job_id).await.as_deref(), Some("dead_lettered"));
@@ -1062,7 +1071,10 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     let error = events[0].error.as_ref().expect("the dead letter's error");
     assert_eq!(error.code, "invalid_data");
     assert!(!error.message.contains("injected fault"), "database text leaked to the job: {}", error.message);
-    assert!(events[1].occurred_at >= events[0].occurred_at, "the redriven outcome is the later one");
+    assert!(events[1].occurred_at > events[0].occurred_at, "the redriven outcome is the later one");
+    for event in &events {
+        assert_eq!(event.callback_url.as_deref(), Some(callback_url), "each outcome goes to the job's webhook");
+    }
     let redriven = read_topic_to_end(&env.kafka, &topics.commands, OUTCOME_TIMEOUT)
         .await
         .into_iter()
