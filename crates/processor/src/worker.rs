@@ -150,12 +150,23 @@ enum Failed {
 }
 
 impl Failed {
-    fn kind(&self) -> Failure {
+    /// Sorts it for [`Worker::through_outages`].
+    fn into_poison(self) -> Result<Poison, Self> {
         match self {
-            Self::Poison(_) => Failure::Data,
-            Self::Outage(_) => Failure::Outage,
+            Self::Poison(poison) => Ok(poison),
+            outage @ Self::Outage(_) => Err(outage),
         }
     }
+}
+
+/// Sorts a database error for [`Worker::through_outages`] with [`Failure::of_database`].
+fn database_data(error: sqlx::Error) -> Result<sqlx::Error, sqlx::Error> {
+    if Failure::of_database(&error).is_data() { Ok(error) } else { Err(error) }
+}
+
+/// Sorts a Kafka error for [`Worker::through_outages`] with [`Failure::of_kafka`].
+fn kafka_data(error: KafkaError) -> Result<KafkaError, KafkaError> {
+    if Failure::of_kafka(&error).is_data() { Ok(error) } else { Err(error) }
 }
 
 impl std::fmt::Display for Failed {
@@ -381,7 +392,7 @@ impl Worker {
                 return self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
             }
         };
-        match self.through_outages("apply", shutdown, Failed::kind, || self.apply(&envelope, &parsed)).await {
+        match self.through_outages("apply", shutdown, Failed::into_poison, || self.apply(&envelope, &parsed)).await {
             None => Handled::Abandoned,
             Some(Ok(Outcome::Applied(status))) => {
                 metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
@@ -393,27 +404,22 @@ impl Worker {
                 tracing::info!("duplicate delivery; already applied");
                 Handled::Done
             }
-            Some(Err(Failed::Poison(poison))) => {
-                self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await
-            }
-            // `through_outages` returns only once the failure is not an outage.
-            Some(Err(Failed::Outage(error))) => {
-                tracing::error!(%error, "an outage ended the wait; the message will be redelivered");
-                Handled::Abandoned
-            }
+            Some(Err(poison)) => self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await,
         }
     }
 
     /// Run `attempt` until it ends in anything but an outage, waiting out
     /// each outage with the configured backoff and no bound on the number of
-    /// tries (an outage must not end a record). `None` if shutdown came first.
-    async fn through_outages<T, E, Fut>(
+    /// tries (an outage must not end a record). `data` sorts an error: `Ok`
+    /// with the data error that ends the record, or `Err` with the outage to
+    /// wait out. `None` if shutdown came first.
+    async fn through_outages<T, E, D, Fut>(
         &self,
         stage: &'static str,
         shutdown: &CancellationToken,
-        kind: impl Fn(&E) -> Failure,
+        data: impl Fn(E) -> Result<D, E>,
         mut attempt: impl FnMut() -> Fut,
-    ) -> Option<Result<T, E>>
+    ) -> Option<Result<T, D>>
     where
         E: std::fmt::Display,
         Fut: Future<Output = Result<T, E>>,
@@ -422,15 +428,18 @@ impl Worker {
         let mut waits = 0u64;
         loop {
             match attempt().await {
-                Err(error) if kind(&error) == Failure::Outage => {
-                    waits += 1;
-                    metrics::counter!("onceflow_outage_waits_total", "stage" => stage).increment(1);
-                    tracing::warn!(%error, stage, waits, "outage; the message waits and is tried again");
-                    if !backoff.wait(shutdown).await {
-                        return None;
+                Ok(value) => return Some(Ok(value)),
+                Err(error) => match data(error) {
+                    Ok(data_error) => return Some(Err(data_error)),
+                    Err(outage) => {
+                        waits += 1;
+                        metrics::counter!("onceflow_outage_waits_total", "stage" => stage).increment(1);
+                        tracing::warn!(error = %outage, stage, waits, "outage; the message waits and is tried again");
+                        if !backoff.wait(shutdown).await {
+                            return None;
+                        }
                     }
-                }
-                other => return Some(other),
+                },
             }
         }
     }
@@ -559,7 +568,7 @@ impl Worker {
         // A redriven message that fails again is dead-lettered again.
         if let Some((envelope, _)) = job {
             let check = || already_handled(&self.pool, envelope.message_id);
-            match self.through_outages("dead_letter", shutdown, Failure::of_database, check).await {
+            match self.through_outages("dead_letter", shutdown, database_data, check).await {
                 None => return Handled::Abandoned,
                 Some(Ok(true)) => {
                     metrics::counter!("onceflow_commands_duplicate_total").increment(1);
@@ -573,7 +582,7 @@ impl Worker {
         }
 
         let send = || self.send_to_dead_letter_topic(message, poison);
-        let topic_error = match self.through_outages("dead_letter", shutdown, Failure::of_kafka, send).await {
+        let topic_error = match self.through_outages("dead_letter", shutdown, kafka_data, send).await {
             None => return Handled::Abandoned,
             Some(Ok(())) => None,
             Some(Err(error)) => {
@@ -588,7 +597,7 @@ impl Worker {
         if let Some((envelope, job)) = job {
             let (envelope, job) = (cleaned_envelope(envelope), job.cleaned());
             let park = || self.park(message, &envelope, &job, poison, topic_error.as_deref());
-            match self.through_outages("dead_letter", shutdown, Failure::of_database, park).await {
+            match self.through_outages("dead_letter", shutdown, database_data, park).await {
                 None => return Handled::Abandoned,
                 Some(Ok(Outcome::Applied(_))) => {}
                 Some(Ok(Outcome::Duplicate)) => {
