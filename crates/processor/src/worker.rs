@@ -838,3 +838,32 @@ async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: J
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_kept_as_text_or_as_base64_bytes() {
+        assert_eq!(stored_header("tenant-id", Some(b"dev")), serde_json::json!({"name": "tenant-id", "value": "dev"}));
+        assert_eq!(stored_header("x-nul", Some(b"a\0b")), serde_json::json!({"name": "x-nul", "base64": "YQBi"}));
+        assert_eq!(stored_header("x-bin", Some(b"\xff\xfe")), serde_json::json!({"name": "x-bin", "base64": "//4="}));
+        assert_eq!(stored_header("x-none", None), serde_json::json!({"name": "x-none"}));
+    }
+
+    #[test]
+    fn only_nul_is_replaced_for_a_text_column() {
+        assert!(matches!(clean("dev"), Cow::Borrowed("dev")));
+        assert_eq!(clean("de\0v\0"), "de\u{FFFD}v\u{FFFD}");
+    }
+
+    #[test]
+    fn a_data_error_tells_the_client_its_sqlstate_but_no_database_text() {
+        let error = sqlx::Error::Encode("invalid byte sequence for encoding \"UTF8\": 0x00".into());
+        let poison = Poison::invalid_data(&error);
+        let job_error = poison.job_error();
+        assert_eq!(job_error.code, INVALID_DATA);
+        assert!(!job_error.message.contains("0x00"), "{}", job_error.message);
+        assert!(poison.detail.contains("0x00"), "the operator still sees it: {}", poison.detail);
+    }
+}
