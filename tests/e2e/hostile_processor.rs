@@ -5,10 +5,11 @@
 //! another tenant: every test ends with a canary command of another tenant
 //! that completes within seconds.
 //!
-//! - a NUL or invalid UTF-8 in a record's key, envelope or other headers, and
-//!   a result too large for one Kafka record: dead-lettered, kept losslessly
-//!   in the `dead_letters` table, and the command behind it on the same
-//!   partition applies;
+//! - a NUL or invalid UTF-8 in a record's key, envelope or other headers, a
+//!   result too large for one Kafka record, and a record too large for the
+//!   dead-letter topic: dead-lettered, kept losslessly in the `dead_letters`
+//!   table (the last one there only, with why), and the command behind them
+//!   on the same partition applies;
 //! - two deposits of nearly `i64::MAX` into one account, and a deposit that
 //!   would take `world:<CUR>` below `i64::MIN`: `failed` with
 //!   `amount_out_of_range`, nothing changed, and the currency stays usable.
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use onceflow_contracts::{JobStatus, catalogue::MAX_AMOUNT};
 use onceflow_runtime::kafka::headers;
-use onceflow_tests::{CANARY_TIMEOUT, OUTCOME_TIMEOUT, TestEnv, eventually, kafka_producer};
+use onceflow_tests::{CANARY_TIMEOUT, OUTCOME_TIMEOUT, TestEnv, eventually, kafka_producer, read_topic_to_end};
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -79,6 +80,15 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
         .with_command(|command| command.callback_url = Some(format!("https://example.com/{}", "x".repeat(950_000))));
     send(&producer, &topic, &oversized, Some(0)).await;
 
+    // 5. A record the dead-letter topic cannot take: near the producer's
+    //    1,000,000-byte limit already, and over it once the error headers
+    //    (which name its 30,000-character type) are added. Kept in the
+    //    table only, with why.
+    let long_type = format!("ledger.{}", "m".repeat(30_000));
+    let too_large_for_the_dlq =
+        CommandMessage::new(&long_type, account, &json!({"account_id": account, "filler": "f".repeat(924_000)}));
+    send(&producer, &topic, &too_large_for_the_dlq, Some(0)).await;
+
     // Behind all of them on the same partition: applies.
     let behind = CommandMessage::deposit(account, 42);
     send(&producer, &topic, &behind, Some(0)).await;
@@ -91,6 +101,7 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
         (&nul_correlation, "NUL in the correlation id"),
         (&unknown, "odd key and headers"),
         (&oversized, "oversized result"),
+        (&too_large_for_the_dlq, "too large for the dead-letter topic"),
     ] {
         assert_eq!(outcomes.get(&message.job_id).map(String::as_str), Some("dead_lettered"), "{what}");
     }
@@ -100,10 +111,11 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
     assert_eq!(opened, 0, "a command whose result cannot be published leaves nothing behind");
 
     // Each is parked for an operator, its bytes kept.
-    let letters = sqlx::query("SELECT message_id, tenant, message_key, headers, error_code FROM dead_letters")
-        .fetch_all(&db)
-        .await
-        .unwrap();
+    let letters =
+        sqlx::query("SELECT message_id, tenant, message_key, headers, error_code, topic_error FROM dead_letters")
+            .fetch_all(&db)
+            .await
+            .unwrap();
     let letter = |id: uuid::Uuid| {
         letters
             .iter()
@@ -133,6 +145,18 @@ async fn nul_and_invalid_utf8_in_keys_and_headers_are_dead_lettered_and_the_lane
         assert_eq!(kept, bytes, "header {name} kept byte for byte");
     }
     assert_eq!(letter(oversized.job_id).get::<String, _>("error_code"), "result_too_large");
+    let off_topic = letter(too_large_for_the_dlq.job_id);
+    assert_eq!(off_topic.get::<String, _>("error_code"), "unknown_command_type");
+    let topic_error: Option<String> = off_topic.get("topic_error");
+    assert!(topic_error.is_some_and(|error| error.contains("too large")), "why it is not on the topic");
+    assert!(letter(unknown.job_id).get::<Option<String>, _>("topic_error").is_none(), "the others are on the topic");
+    let on_topic: Vec<String> = read_topic_to_end(&env.kafka, &env.kafka.topics().dead_letter, OUTCOME_TIMEOUT)
+        .await
+        .into_iter()
+        .filter_map(|r| r.record.headers.get("message-id").cloned())
+        .collect();
+    assert!(on_topic.contains(&unknown.id()), "{on_topic:?}");
+    assert!(!on_topic.contains(&too_large_for_the_dlq.id()), "{on_topic:?}");
 
     // The jobs that can be told end dead_lettered, with a code and no database text.
     let results = published_results(&env, &db).await;
