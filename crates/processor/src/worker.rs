@@ -38,6 +38,10 @@
 //! ([`crate::admin`]); a redriven message is applied once more, and only
 //! once, because the pending redrive is consumed in the effect's transaction.
 //!
+//! A panic while handling one message (rdkafka panics on reading a header
+//! whose name is not UTF-8) ends that message, dead-lettered without its
+//! headers, never its lane.
+//!
 //! Assigned partitions are spread over `lanes` tasks (partition % lanes), each
 //! applying its partitions' messages one at a time: a key's commands stay in
 //! order (one key, one partition), and a slow or waiting command holds up
@@ -339,7 +343,7 @@ impl Worker {
         shutdown: CancellationToken,
     ) {
         while let Some(message) = queue.recv().await {
-            if shutdown.is_cancelled() || self.handle(&message, &shutdown).await == Handled::Abandoned {
+            if shutdown.is_cancelled() || self.handle_guarded(message.clone(), &shutdown).await == Handled::Abandoned {
                 // Storing this offset would skip a command that has not taken
                 // effect; left unstored, the partition's next owner gets it.
                 tracing::info!(
@@ -351,6 +355,40 @@ impl Worker {
             }
             if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
                 tracing::warn!(%error, "cannot store offset; the message may be redelivered");
+            }
+        }
+    }
+
+    /// [`Self::handle`] in a task of its own, so that a panic handling one
+    /// message ends that message, not the lane. The one known panic is
+    /// rdkafka's on reading a header whose *name* is not UTF-8 (which the
+    /// protocol allows): such a record is dead-lettered without its headers,
+    /// the only part of it that cannot be read.
+    async fn handle_guarded(&self, message: OwnedMessage, shutdown: &CancellationToken) -> Handled {
+        let message = Arc::new(message);
+        let task = {
+            let (worker, message, shutdown) = (self.clone(), message.clone(), shutdown.clone());
+            tokio::spawn(async move { worker.handle(&message, &shutdown).await })
+        };
+        match task.await {
+            Ok(handled) => handled,
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "handling the message panicked; dead-lettering it without its headers"
+                );
+                let poison = Poison::new("unreadable_headers", format!("handling the record panicked: {error}"));
+                let send = || self.send_to_dead_letter_topic(&message, &poison, false);
+                match self.through_outages("dead_letter", shutdown, kafka_data, send).await {
+                    None => Handled::Abandoned,
+                    Some(Ok(())) => Handled::Done,
+                    Some(Err(error)) => {
+                        tracing::error!(%error, "the dead-letter topic refused the record too; it is dropped");
+                        Handled::Done
+                    }
+                }
             }
         }
     }
@@ -581,7 +619,7 @@ impl Worker {
             }
         }
 
-        let send = || self.send_to_dead_letter_topic(message, poison);
+        let send = || self.send_to_dead_letter_topic(message, poison, true);
         let topic_error = match self.through_outages("dead_letter", shutdown, kafka_data, send).await {
             None => return Handled::Abandoned,
             Some(Ok(())) => None,
@@ -617,10 +655,16 @@ impl Worker {
         Handled::Done
     }
 
-    /// The original record, its headers and the error's, on the dead-letter topic.
-    async fn send_to_dead_letter_topic(&self, message: &OwnedMessage, poison: &Poison) -> Result<(), KafkaError> {
+    /// The original record, its headers (unless `with_headers` is false) and
+    /// the error's, on the dead-letter topic.
+    async fn send_to_dead_letter_topic(
+        &self,
+        message: &OwnedMessage,
+        poison: &Poison,
+        with_headers: bool,
+    ) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
+        if with_headers && let Some(original) = message.headers() {
             for header in original.iter() {
                 headers = headers.insert(Header { key: header.key, value: header.value });
             }
