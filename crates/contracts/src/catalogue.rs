@@ -25,6 +25,8 @@ pub struct ValidatedCommand {
 /// no realistic number of commands brings a balance near the 64-bit limit;
 /// the processor still checks every balance it computes and refuses an
 /// overflow as `amount_out_of_range` (a command that bypassed the door).
+/// It is also below 2^53, so the canonical JSON of a payload (RFC 8785 writes
+/// numbers as IEEE doubles) holds every accepted amount exactly.
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
 /// Ledger payloads. Amounts are integers in minor units (cents), 1 to [`MAX_AMOUNT`].
@@ -179,5 +181,12 @@ mod tests {
         }
         let error = validate_command("ledger.mint", &json!({})).unwrap_err();
         assert!(matches!(error, ContractError::UnknownCommandType(_)));
+    }
+
+    #[test]
+    fn the_largest_amount_survives_canonical_json_exactly() {
+        let v = validate_command("ledger.deposit", &json!({"account_id": "a", "amount": MAX_AMOUNT})).unwrap();
+        let payload: ledger::Deposit = serde_json::from_str(&v.payload_json).unwrap();
+        assert_eq!(payload.amount, MAX_AMOUNT);
     }
 }
