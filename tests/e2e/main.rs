@@ -4,6 +4,7 @@
 mod chaos;
 mod flow;
 mod hostile_ingest;
+mod hostile_processor;
 mod hostile_results;
 mod http;
 mod ingest;

@@ -33,20 +33,20 @@ use sqlx::{PgPool, Row as _};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const TENANT: &str = "dev";
+pub(crate) const TENANT: &str = "dev";
 const PROCESSOR_BINARY: &str = "onceflow-processor";
 
 /// A command record as ingest's relay puts it on the commands topic.
 #[derive(Debug, Clone)]
-struct CommandMessage {
-    job_id: Uuid,
-    key: String,
-    envelope: Envelope,
-    payload: Vec<u8>,
+pub(crate) struct CommandMessage {
+    pub(crate) job_id: Uuid,
+    pub(crate) key: String,
+    pub(crate) envelope: Envelope,
+    pub(crate) payload: Vec<u8>,
 }
 
 impl CommandMessage {
-    fn new(command_type: &str, key: &str, payload: &Value) -> Self {
+    pub(crate) fn new(command_type: &str, key: &str, payload: &Value) -> Self {
         // As ingest does: the job id is the message id.
         let job_id = Uuid::now_v7();
         let command = Command {
@@ -70,11 +70,11 @@ impl CommandMessage {
         Self { job_id, key: key.to_owned(), envelope, payload: command.encode().expect("encode command") }
     }
 
-    fn open_account(account: &str) -> Self {
+    pub(crate) fn open_account(account: &str) -> Self {
         Self::new("ledger.open_account", account, &json!({"account_id": account, "currency": "EUR"}))
     }
 
-    fn deposit(account: &str, amount: i64) -> Self {
+    pub(crate) fn deposit(account: &str, amount: i64) -> Self {
         Self::new("ledger.deposit", account, &json!({"account_id": account, "amount": amount}))
     }
 
@@ -83,7 +83,14 @@ impl CommandMessage {
         Self::new("ledger.transfer", from, &json!({"from": from, "to": to, "amount": amount}))
     }
 
-    fn id(&self) -> String {
+    /// The same record with its command body changed by `change`.
+    pub(crate) fn with_command(self, change: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::decode(&self.envelope.schema_id, &self.payload).expect("a command");
+        change(&mut command);
+        Self { payload: command.encode().expect("encode the command"), ..self }
+    }
+
+    pub(crate) fn id(&self) -> String {
         self.job_id.to_string()
     }
 }
@@ -95,12 +102,12 @@ fn now_ms() -> i64 {
 
 /// Where the broker put a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Placed {
-    partition: i32,
-    offset: i64,
+pub(crate) struct Placed {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
 }
 
-async fn produce(
+pub(crate) async fn produce(
     producer: &FutureProducer,
     topic: &str,
     key: Option<&str>,
@@ -128,12 +135,17 @@ async fn produce(
 
 /// Put `message` on `topic` with its envelope headers, on the partition of its
 /// key unless `partition` is given.
-async fn send(producer: &FutureProducer, topic: &str, message: &CommandMessage, partition: Option<i32>) -> Placed {
+pub(crate) async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    message: &CommandMessage,
+    partition: Option<i32>,
+) -> Placed {
     produce(producer, topic, Some(&message.key), Some(headers(&message.envelope)), &message.payload, partition).await
 }
 
 /// The processor database of `env`, once its service created and migrated it.
-async fn processor_db(env: &TestEnv) -> PgPool {
+pub(crate) async fn processor_db(env: &TestEnv) -> PgPool {
     let url = env.database_url("processor");
     eventually("the processor's database to be migrated", OUTCOME_TIMEOUT, || async {
         let pool = PgPool::connect(&url).await.ok()?;
@@ -154,7 +166,7 @@ async fn processor_db(env: &TestEnv) -> PgPool {
 }
 
 /// The inbox: outcome by message id.
-async fn inbox(db: &PgPool) -> HashMap<Uuid, String> {
+pub(crate) async fn inbox(db: &PgPool) -> HashMap<Uuid, String> {
     sqlx::query("SELECT message_id, outcome FROM inbox")
         .fetch_all(db)
         .await
@@ -164,11 +176,11 @@ async fn inbox(db: &PgPool) -> HashMap<Uuid, String> {
         .collect()
 }
 
-async fn count(db: &PgPool, sql: &str) -> i64 {
+pub(crate) async fn count(db: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-async fn balance(db: &PgPool, account: &str) -> i64 {
+pub(crate) async fn balance(db: &PgPool, account: &str) -> i64 {
     sqlx::query_scalar("SELECT balance FROM accounts WHERE tenant = $1 AND account_id = $2")
         .bind(TENANT)
         .bind(account)
@@ -178,7 +190,7 @@ async fn balance(db: &PgPool, account: &str) -> i64 {
 }
 
 /// Wait until every message of `ids` has its inbox row.
-async fn wait_handled(db: &PgPool, ids: &[Uuid], timeout: Duration) {
+pub(crate) async fn wait_handled(db: &PgPool, ids: &[Uuid], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = ANY($1)")
@@ -200,7 +212,7 @@ async fn wait_handled(db: &PgPool, ids: &[Uuid], timeout: Duration) {
 
 /// Every result event on the results topic, once the processor's outbox is
 /// drained (so everything committed so far has been published).
-async fn published_results(env: &TestEnv, db: &PgPool) -> Vec<(Record, ResultEvent)> {
+pub(crate) async fn published_results(env: &TestEnv, db: &PgPool) -> Vec<(Record, ResultEvent)> {
     eventually("the outbox relay to publish every result", OUTCOME_TIMEOUT, || async {
         let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM onceflow_outbox").fetch_one(db).await.ok()?;
         (waiting == 0).then_some(())
@@ -218,7 +230,7 @@ async fn published_results(env: &TestEnv, db: &PgPool) -> Vec<(Record, ResultEve
 }
 
 /// The results of one job.
-fn results_of<'a>(results: &'a [(Record, ResultEvent)], job_id: &str) -> Vec<&'a ResultEvent> {
+pub(crate) fn results_of<'a>(results: &'a [(Record, ResultEvent)], job_id: &str) -> Vec<&'a ResultEvent> {
     results.iter().filter(|(_, event)| event.job_id == job_id).map(|(_, event)| event).collect()
 }
 
@@ -469,7 +481,6 @@ async fn a_shutdown_during_retries_leaves_the_command_for_redelivery() {
     let mut env = TestEnv::new();
     // Retries that outlast the test's patience: the shutdown comes mid-retry.
     let patient = |config: &mut onceflow_processor::ProcessorConfig| {
-        config.retry.max_attempts = 100_000;
         config.retry.base_delay_ms = 20;
         config.retry.max_delay_ms = 100;
     };
@@ -964,7 +975,6 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     let mut env = TestEnv::new();
     let processor = env
         .start_processor_with(|config| {
-            config.retry.max_attempts = 3;
             config.retry.base_delay_ms = 10;
             config.retry.max_delay_ms = 50;
             config.admin.token = ADMIN_TOKEN.to_owned();
@@ -979,16 +989,19 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     send(&producer, &topics.commands, &open, None).await;
     wait_handled(&db, &[open.job_id], OUTCOME_TIMEOUT).await;
 
-    // A database fault the processor takes for transient: the deposit exhausts its retries.
+    // Data the database refuses (a constraint an operator will fix): the
+    // deposit is dead-lettered at once.
     sqlx::raw_sql(
         "CREATE FUNCTION fail_posting() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'serialization_failure'; END $$;
+         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'check_violation'; END $$;
          CREATE TRIGGER fail_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION fail_posting();",
     )
     .execute(&db)
     .await
     .expect("inject the fault");
-    let deposit = CommandMessage::deposit(account, 700);
+    let callback_url = "https://example.com/hooks/remy";
+    let deposit = CommandMessage::deposit(account, 700)
+        .with_command(|command| command.callback_url = Some(callback_url.to_owned()));
     send(&producer, &topics.commands, &deposit, None).await;
     wait_handled(&db, &[deposit.job_id], OUTCOME_TIMEOUT).await;
     assert_eq!(outcome_of(&db, deposit.job_id).await.as_deref(), Some("dead_lettered"));
@@ -1008,7 +1021,8 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     let letters = listed["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{listed}");
     assert_eq!(letters[0]["message_id"], deposit.id());
-    assert_eq!(letters[0]["error"]["code"], "retries_exhausted");
+    assert_eq!(letters[0]["error"]["code"], "invalid_data");
+    assert!(letters[0]["error"]["message"].as_str().unwrap().contains("injected fault"), "the operator sees why");
     assert_eq!(letters[0]["original_topic"], topics.commands);
     assert_eq!(letters[0]["key"], account);
     assert_eq!(letters[0]["redrive_count"], 0);
@@ -1050,8 +1064,17 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
 
     // Its job ended dead_lettered, then succeeded once after the redrive.
     let results = published_results(&env, &db).await;
-    let statuses: Vec<JobStatus> = results_of(&results, &deposit.id()).iter().map(|e| e.status).collect();
+    let events = results_of(&results, &deposit.id());
+    let statuses: Vec<JobStatus> = events.iter().map(|e| e.status).collect();
     assert_eq!(statuses, [JobStatus::DeadLettered, JobStatus::Succeeded]);
+    // The client sees a code and no database text.
+    let error = events[0].error.as_ref().expect("the dead letter's error");
+    assert_eq!(error.code, "invalid_data");
+    assert!(!error.message.contains("injected fault"), "database text leaked to the job: {}", error.message);
+    assert!(events[1].occurred_at > events[0].occurred_at, "the redriven outcome is the later one");
+    for event in &events {
+        assert_eq!(event.callback_url.as_deref(), Some(callback_url), "each outcome goes to the job's webhook");
+    }
     let redriven = read_topic_to_end(&env.kafka, &topics.commands, OUTCOME_TIMEOUT)
         .await
         .into_iter()
@@ -1070,7 +1093,6 @@ async fn a_retrying_command_holds_up_only_its_own_partition() {
     let processor = env
         .start_processor_with(|config| {
             config.lanes = 4;
-            config.retry.max_attempts = 100_000;
             config.retry.base_delay_ms = 20;
             config.retry.max_delay_ms = 100;
         })
@@ -1117,5 +1139,86 @@ async fn a_retrying_command_holds_up_only_its_own_partition() {
     assert_eq!(balance(&db, "stuck").await, 100);
     processor.stop().await;
     db.close().await;
+    env.teardown().await;
+}
+
+// ---------------------------------------------------------------------------
+// A database outage.
+// ---------------------------------------------------------------------------
+
+/// How long the outage lasts: longer than the old bound on retries (five
+/// attempts, each up to the pool's 5 s acquire timeout, about 30 s), after
+/// which the head command of every lane used to be dead-lettered.
+const OUTAGE: Duration = Duration::from_secs(35);
+
+/// Refuse (or allow again) every connection to `database`, from a session
+/// on another database: ALLOW_CONNECTIONS binds superusers too, which a
+/// CONNECTION LIMIT does not.
+async fn allow_connections(admin: &PgPool, database: &str, allow: bool) {
+    sqlx::query(&format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allow}"))
+        .execute(admin)
+        .await
+        .expect("alter the database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_dead_letters_nothing_and_every_command_applies_once() {
+    let mut env = TestEnv::new();
+    let processor = env.start_processor().await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let db = processor_db(&env).await;
+    let url = env.database_url("processor");
+    let (server, database) = url.rsplit_once('/').expect("a database url");
+    let admin = PgPool::connect(&format!("{server}/postgres")).await.expect("the server's admin database");
+
+    let accounts = ["ola", "oskar"];
+    let opens: Vec<CommandMessage> = accounts.iter().map(|a| CommandMessage::open_account(a)).collect();
+    for (partition, open) in (0..).zip(&opens) {
+        send(&producer, &topics.commands, open, Some(partition)).await;
+    }
+    wait_handled(&db, &opens.iter().map(|m| m.job_id).collect::<Vec<_>>(), OUTCOME_TIMEOUT).await;
+
+    // The database goes away: no new session, every session of the processor cut.
+    allow_connections(&admin, database, false).await;
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE datname = $1 AND pid <> pg_backend_pid()) AS t",
+    )
+    .bind(database)
+    .fetch_one(&admin)
+    .await
+    .expect("cut the processor's sessions");
+    eprintln!("outage: {cut} sessions cut");
+    db.close().await;
+
+    // Commands arrive on both partitions during the outage.
+    let deposits: Vec<CommandMessage> =
+        (0..10).map(|i| CommandMessage::deposit(accounts[i % 2], i64::try_from(i).unwrap() + 1)).collect();
+    for (i, deposit) in deposits.iter().enumerate() {
+        send(&producer, &topics.commands, deposit, Some(i32::try_from(i % 2).unwrap())).await;
+    }
+    tokio::time::sleep(OUTAGE).await;
+    allow_connections(&admin, database, true).await;
+
+    // Back: every command applies, once, and nothing was dead-lettered.
+    let db = processor_db(&env).await;
+    wait_handled(&db, &deposits.iter().map(|m| m.job_id).collect::<Vec<_>>(), OUTCOME_TIMEOUT).await;
+    let outcomes = inbox(&db).await;
+    assert!(outcomes.values().all(|outcome| outcome == "succeeded"), "{outcomes:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0, "an outage dead-letters nothing");
+    assert_eq!(balance(&db, "ola").await, 1 + 3 + 5 + 7 + 9);
+    assert_eq!(balance(&db, "oskar").await, 2 + 4 + 6 + 8 + 10);
+    assert_eq!(count(&db, "SELECT count(*) FROM postings").await, 10, "each deposit applied once");
+    let results = published_results(&env, &db).await;
+    for deposit in &deposits {
+        let events = results_of(&results, &deposit.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].status, JobStatus::Succeeded);
+    }
+
+    processor.stop().await;
+    db.close().await;
+    admin.close().await;
     env.teardown().await;
 }

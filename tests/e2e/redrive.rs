@@ -26,7 +26,6 @@ async fn a_redriven_command_s_success_shows_in_its_job_its_stream_and_its_webhoo
     let ingest = env.start_ingest().await;
     let processor = env
         .start_processor_with(|config| {
-            config.retry.max_attempts = 2;
             config.retry.base_delay_ms = 10;
             config.retry.max_delay_ms = 50;
             config.admin.token = ADMIN_TOKEN.to_owned();

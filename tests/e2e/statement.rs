@@ -197,3 +197,68 @@ async fn seed(
         .map_err(|(error, _)| error)
         .expect("seed a command");
 }
+
+/// Entries of the long account: far more than a statement lists, and far
+/// more than one Kafka record could carry.
+const LONG_ENTRIES: i64 = 50_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_of_fifty_thousand_entries_completes_with_a_bounded_result() {
+    let mut env = TestEnv::new();
+    let account = "lena";
+    let processor = env.start_processor().await;
+    let db = eventually("the processor's database to be migrated", OUTCOME_TIMEOUT, || async {
+        let pool = sqlx::PgPool::connect(&env.database_url("processor")).await.ok()?;
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('dead_letters') IS NOT NULL").fetch_one(&pool).await.ok()?;
+        migrated.then_some(pool)
+    })
+    .await;
+
+    // The history written straight into the ledger, as LONG_ENTRIES deposits
+    // of 1 would have written it: each posting's entries sum to zero and
+    // the balances are their sums.
+    sqlx::raw_sql(&format!(
+        "INSERT INTO accounts (tenant, account_id, currency, balance)
+             VALUES ('dev', '{account}', 'EUR', {LONG_ENTRIES}), ('dev', 'world:EUR', 'EUR', -{LONG_ENTRIES});
+         CREATE TEMP TABLE seeded AS SELECT gen_random_uuid() AS posting_id FROM generate_series(1, {LONG_ENTRIES});
+         INSERT INTO postings (posting_id, tenant, kind) SELECT posting_id, 'dev', 'deposit' FROM seeded;
+         INSERT INTO entries (posting_id, tenant, account_id, amount)
+             SELECT posting_id, 'dev', '{account}', 1 FROM seeded
+             UNION ALL SELECT posting_id, 'dev', 'world:EUR', -1 FROM seeded;"
+    ))
+    .execute(&db)
+    .await
+    .expect("seed the ledger");
+
+    let ingest = env.start_ingest().await;
+    let notifier = env.start_notifier().await;
+    let api = IngestClient::new(&ingest);
+    let statement = json!({"type": "ledger.statement", "payload": {"account_id": account}});
+    let accepted = api.submit("statement-lena", &statement).await;
+    assert_eq!(accepted.status, 202, "{}", String::from_utf8_lossy(&accepted.body));
+    let job_id = accepted.json()["job_id"].as_str().unwrap().to_owned();
+
+    let job = eventually("the statement job to end", OUTCOME_TIMEOUT, || async {
+        let job = api.job(&job_id).await.json();
+        ["succeeded", "failed", "dead_lettered"].contains(&job["status"].as_str()?).then_some(job)
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{}", job["error"]);
+    let result = &job["result"];
+    assert_eq!(result["entry_count"], LONG_ENTRIES);
+    assert_eq!(result["closing_balance"], LONG_ENTRIES);
+    assert_eq!(result["truncated"], true);
+    let entries = result["entries"].as_array().unwrap();
+    let listed = i64::try_from(entries.len()).unwrap();
+    assert!((1..LONG_ENTRIES).contains(&listed), "a bounded number of entries: {listed}");
+    assert_eq!(result["opening_balance"], LONG_ENTRIES - listed, "the balance before the first entry listed");
+    assert_eq!(entries.last().unwrap()["balance_after"], LONG_ENTRIES, "the most recent entries are listed");
+    let size = result.to_string().len();
+    assert!(size < onceflow_outbox::MAX_MESSAGE_BYTES / 2, "the result is {size} bytes");
+    eprintln!("statement of {LONG_ENTRIES} entries: {listed} listed, {size} bytes");
+
+    db.close().await;
+    drop((ingest, processor, notifier));
+    env.teardown().await;
+}

@@ -20,7 +20,16 @@ pub struct ValidatedCommand {
     pub ordering_key: String,
 }
 
-/// Ledger payloads. Amounts are integers in minor units (cents).
+/// The largest amount one command may move, in minor units: 10^15 (ten
+/// trillion in a currency with cents). Refused at the door above it, so that
+/// no realistic number of commands brings a balance near the 64-bit limit;
+/// the processor still checks every balance it computes and refuses an
+/// overflow as `amount_out_of_range` (a command that bypassed the door).
+/// It is also below 2^53, so the canonical JSON of a payload (RFC 8785 writes
+/// numbers as IEEE doubles) holds every accepted amount exactly.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+
+/// Ledger payloads. Amounts are integers in minor units (cents), 1 to [`MAX_AMOUNT`].
 pub mod ledger {
     pub const OPEN_ACCOUNT: &str = "ledger.open_account";
     pub const DEPOSIT: &str = "ledger.deposit";
@@ -123,7 +132,11 @@ fn check_account_id(id: &str) -> std::result::Result<(), String> {
 }
 
 fn check_amount(amount: i64) -> std::result::Result<(), String> {
-    if amount > 0 { Ok(()) } else { Err(format!("amount must be a positive integer in minor units, got {amount}")) }
+    if (1..=MAX_AMOUNT).contains(&amount) {
+        Ok(())
+    } else {
+        Err(format!("amount must be an integer in minor units from 1 to {MAX_AMOUNT}, got {amount}"))
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +152,7 @@ mod tests {
         assert_eq!(v.ordering_key, "a");
         validate_command("ledger.open_account", &json!({"account_id": "a", "currency": "EUR"})).unwrap();
         validate_command("ledger.deposit", &json!({"account_id": "a", "amount": 1})).unwrap();
+        validate_command("ledger.deposit", &json!({"account_id": "a", "amount": MAX_AMOUNT})).unwrap();
         let statement = validate_command("ledger.statement", &json!({"account_id": "acc-1"})).unwrap();
         assert_eq!(statement.ordering_key, "acc-1", "a statement is ordered by its account");
         assert_eq!(statement.payload_json, r#"{"account_id":"acc-1"}"#);
@@ -148,6 +162,9 @@ mod tests {
     fn refuses_bad_payloads_with_a_reason() {
         let cases = [
             ("ledger.deposit", json!({"account_id": "a", "amount": 0})),
+            ("ledger.deposit", json!({"account_id": "a", "amount": MAX_AMOUNT + 1})),
+            ("ledger.deposit", json!({"account_id": "a", "amount": i64::MAX})),
+            ("ledger.transfer", json!({"from": "a", "to": "b", "amount": MAX_AMOUNT + 1})),
             ("ledger.deposit", json!({"account_id": "a", "amount": "5"})),
             ("ledger.deposit", json!({"account_id": "a", "amount": 5, "extra": true})),
             ("ledger.open_account", json!({"account_id": "a", "currency": "eur"})),
@@ -164,5 +181,12 @@ mod tests {
         }
         let error = validate_command("ledger.mint", &json!({})).unwrap_err();
         assert!(matches!(error, ContractError::UnknownCommandType(_)));
+    }
+
+    #[test]
+    fn the_largest_amount_survives_canonical_json_exactly() {
+        let v = validate_command("ledger.deposit", &json!({"account_id": "a", "amount": MAX_AMOUNT})).unwrap();
+        let payload: ledger::Deposit = serde_json::from_str(&v.payload_json).unwrap();
+        assert_eq!(payload.amount, MAX_AMOUNT);
     }
 }

@@ -60,11 +60,14 @@ impl Envelope {
     }
 
     /// Read an envelope back from Kafka headers given as (name, value) pairs.
-    /// Unknown headers are ignored so producers can add more without breaking readers.
+    /// Unknown headers are ignored, whatever their bytes, so producers can add
+    /// more without breaking readers; the envelope's own must be UTF-8.
     pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Result<Self> {
         let mut found = std::collections::HashMap::new();
         for (name, value) in headers {
-            if let Some(value) = value {
+            if let Some(value) = value
+                && header_name(name) != "unknown"
+            {
                 let text = std::str::from_utf8(value).map_err(|_| ContractError::InvalidHeader {
                     name: header_name(name),
                     reason: "not UTF-8".to_owned(),
@@ -139,6 +142,28 @@ mod tests {
         let without_tenant = headers.iter().filter(|(k, _)| *k != TENANT_ID).map(|(k, v)| (*k, Some(v.as_bytes())));
         let error = Envelope::from_headers(without_tenant).unwrap_err();
         assert!(matches!(error, ContractError::MissingHeader(TENANT_ID)), "{error}");
+    }
+
+    #[test]
+    fn unknown_headers_are_ignored_whatever_their_bytes() {
+        let envelope = sample();
+        let mut headers: Vec<(&str, Vec<u8>)> =
+            envelope.to_headers().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        headers.push(("x-binary", b"\xff\x00\xfe".to_vec()));
+        let read = Envelope::from_headers(headers.iter().map(|(k, v)| (*k, Some(v.as_slice())))).unwrap();
+        assert_eq!(read, envelope);
+    }
+
+    #[test]
+    fn an_envelope_header_that_is_not_utf8_is_refused() {
+        let envelope = sample();
+        let headers: Vec<(&str, Vec<u8>)> = envelope
+            .to_headers()
+            .into_iter()
+            .map(|(k, v)| (k, if k == TENANT_ID { b"\xffdev".to_vec() } else { v.into_bytes() }))
+            .collect();
+        let error = Envelope::from_headers(headers.iter().map(|(k, v)| (*k, Some(v.as_slice())))).unwrap_err();
+        assert!(matches!(error, ContractError::InvalidHeader { name: TENANT_ID, .. }), "{error}");
     }
 
     #[test]

@@ -16,6 +16,13 @@
 //! applied after a redrive; an id that is not a dead letter is `404`. Only
 //! dead letters with an envelope (a message id) are kept and redrivable; a
 //! record without headers is only on the dead-letter topic.
+//!
+//! A dead letter is listed as kept (see migration 0003): its key as text, or
+//! as `key_base64` when it is not UTF-8; its headers as `{"name", "value"}` or
+//! `{"name", "base64"}`; `on_topic` false with `topic_error` when the broker
+//! refused it on the dead-letter topic. A record whose key or envelope cannot
+//! go back on the commands topic as it was (not UTF-8 text without NUL) is
+//! not redriven (`409 not-redrivable`).
 
 use std::sync::Arc;
 
@@ -26,9 +33,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use onceflow_contracts::{Envelope, topics::Topics};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::problem::Problem;
+use onceflow_runtime::{failure::Failure, problem::Problem};
 use sqlx::{PgPool, Row as _};
 use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
@@ -78,6 +86,30 @@ fn internal(error: impl std::fmt::Display) -> Response {
     problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is unavailable; try again")
 }
 
+/// A header as the `dead_letters` table keeps it (see migration 0003).
+#[derive(Debug, serde::Deserialize)]
+struct StoredHeader {
+    name: String,
+    value: Option<String>,
+    base64: Option<String>,
+}
+
+impl StoredHeader {
+    fn into_pair(self) -> Result<(String, Option<Vec<u8>>), base64::DecodeError> {
+        let value = match (self.value, self.base64) {
+            (Some(text), _) => Some(text.into_bytes()),
+            (None, Some(encoded)) => Some(BASE64.decode(encoded)?),
+            (None, None) => None,
+        };
+        Ok((self.name, value))
+    }
+}
+
+/// A dead letter whose record cannot go back on the commands topic as it was.
+fn not_redrivable(message_id: Uuid, why: &str) -> Response {
+    problem(StatusCode::CONFLICT, "not-redrivable", format!("{message_id} cannot be redriven: {why}"))
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct ListQuery {
     limit: Option<i64>,
@@ -102,6 +134,8 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
     let items: Result<Vec<serde_json::Value>, sqlx::Error> = rows
         .iter()
         .map(|row| {
+            let key: Option<Vec<u8>> = row.try_get("message_key")?;
+            let topic_error: Option<String> = row.try_get("topic_error")?;
             Ok(serde_json::json!({
                 "message_id": row.try_get::<Uuid, _>("message_id")?,
                 "job_id": row.try_get::<String, _>("job_id")?,
@@ -110,8 +144,11 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
                 "original_topic": row.try_get::<String, _>("original_topic")?,
                 "original_partition": row.try_get::<i32, _>("original_partition")?,
                 "original_offset": row.try_get::<i64, _>("original_offset")?,
-                "key": row.try_get::<Option<String>, _>("message_key")?,
+                "key": key.as_deref().and_then(|key| std::str::from_utf8(key).ok()),
+                "key_base64": key.as_deref().filter(|key| std::str::from_utf8(key).is_err()).map(|key| BASE64.encode(key)),
                 "headers": row.try_get::<serde_json::Value, _>("headers")?,
+                "on_topic": topic_error.is_none(),
+                "topic_error": topic_error,
                 "payload_size": row.try_get::<Vec<u8>, _>("payload")?.len(),
                 "error": {
                     "code": row.try_get::<String, _>("error_code")?,
@@ -174,14 +211,23 @@ async fn try_redrive(state: &AdminState, message_id: Uuid) -> anyhow::Result<Res
             format!("a redrive of {message_id} is already on its way"),
         ));
     }
-    let headers: Vec<(String, String)> = serde_json::from_value(row.try_get("headers")?)?;
-    let envelope = Envelope::from_headers(headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_bytes()))))?;
-    let message = OutboxMessage {
-        topic: state.topics.commands.clone(),
-        key: row.try_get("message_key")?,
-        payload: row.try_get("payload")?,
-        envelope,
+    let headers: Vec<StoredHeader> = serde_json::from_value(row.try_get("headers")?)?;
+    let headers: Vec<(String, Option<Vec<u8>>)> =
+        headers.into_iter().map(StoredHeader::into_pair).collect::<Result<_, _>>()?;
+    let Ok(envelope) = Envelope::from_headers(headers.iter().map(|(name, value)| (name.as_str(), value.as_deref())))
+    else {
+        return Ok(not_redrivable(message_id, "its envelope headers are not valid"));
     };
+    // The outbox keeps a key as text: a key that is not UTF-8 text without
+    // NUL cannot be put back as it was.
+    let key: Option<Vec<u8>> = row.try_get("message_key")?;
+    let key = match key.map(String::from_utf8) {
+        None => None,
+        Some(Ok(key)) if !key.contains('\0') => Some(key),
+        Some(_) => return Ok(not_redrivable(message_id, "its key is not UTF-8 text without NUL")),
+    };
+    let message =
+        OutboxMessage { topic: state.topics.commands.clone(), key, payload: row.try_get("payload")?, envelope };
     let count: i32 = sqlx::query_scalar(
         "UPDATE dead_letters SET redrive_pending = true, redrive_count = redrive_count + 1, last_redriven_at = now()
          WHERE message_id = $1 RETURNING redrive_count",
@@ -189,7 +235,17 @@ async fn try_redrive(state: &AdminState, message_id: Uuid) -> anyhow::Result<Res
     .bind(message_id)
     .fetch_one(&mut *tx)
     .await?;
-    onceflow_outbox::enqueue(&mut tx, &message).await?;
+    match onceflow_outbox::enqueue(&mut tx, &message).await {
+        Ok(()) => {}
+        Err(onceflow_outbox::Error::Database(error)) if Failure::of_database(&error).is_data() => {
+            tracing::warn!(%message_id, %error, "a dead letter cannot be redriven as it is");
+            return Ok(not_redrivable(message_id, "its record cannot be put back on the commands topic as it is"));
+        }
+        Err(onceflow_outbox::Error::TooLarge { .. }) => {
+            return Ok(not_redrivable(message_id, "its record is too large for the commands topic"));
+        }
+        Err(error) => return Err(error.into()),
+    }
     tx.commit().await?;
     tracing::info!(%message_id, redrive_count = count, "dead letter redriven");
     metrics::counter!("onceflow_dead_letters_redriven_total").increment(1);

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use onceflow_runtime::config::{DatabaseConfig, KafkaConfig, TelemetryConfig};
+use onceflow_runtime::{
+    config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
+    failure::Backoff,
+};
 
 /// The defaults, which also document every setting.
 pub const DEFAULTS: &str = include_str!("../config/defaults.toml");
@@ -14,7 +17,7 @@ pub struct ProcessorConfig {
     pub group_id: String,
     /// Concurrency: assigned partitions are spread over this many lanes; each
     /// lane applies its partitions' commands one at a time, in order, so a
-    /// slow or retrying command holds up only its own lane.
+    /// slow command, or one waiting out an outage, holds up only its own lane.
     pub lanes: usize,
     pub retry: RetryConfig,
     #[serde(default)]
@@ -32,21 +35,19 @@ pub struct AdminConfig {
     pub token: String,
 }
 
-/// Bounded retries of transient failures.
+/// The waits of a command whose database or broker is down: exponential
+/// with jitter from `base_delay_ms` up to `max_delay_ms`, and no bound on
+/// their number, because an outage must never dead-letter a command.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct RetryConfig {
-    pub max_attempts: u32,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
 }
 
 impl RetryConfig {
-    /// Full-jitter backoff before attempt `attempt + 1` (AWS architecture blog's
-    /// "full jitter": spreads retries of many failing messages apart).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling =
-            self.base_delay_ms.saturating_mul(1u64.checked_shl(attempt).unwrap_or(u64::MAX)).min(self.max_delay_ms);
-        Duration::from_millis(rand::random_range(0..=ceiling))
+    /// A fresh backoff for one record's outage.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(Duration::from_millis(self.base_delay_ms), Duration::from_millis(self.max_delay_ms))
     }
 }
 
@@ -56,18 +57,5 @@ impl onceflow_runtime::cli::ServiceConfig for ProcessorConfig {
     }
     fn database(&self) -> &DatabaseConfig {
         &self.database
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_bounded_by_the_cap() {
-        let retry = RetryConfig { max_attempts: 5, base_delay_ms: 50, max_delay_ms: 2000 };
-        for attempt in 0..80 {
-            assert!(retry.delay(attempt) <= Duration::from_millis(2000));
-        }
     }
 }

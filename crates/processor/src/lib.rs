@@ -1,7 +1,7 @@
 //! onceflow-processor: applies commands exactly once.
 //!
-//! - [`worker`]: the consume → {inbox, effect, outbox} → store-offset loop,
-//!   with retries and the dead-letter topic.
+//! - [`worker`]: the consume → {inbox, effect, outbox} → store-offset loop;
+//!   each command ends applied, refused or dead-lettered, or waits out an outage.
 //! - [`handlers`]: the handler registry and the shipped ledger.
 //! - [`admin`]: the operator's endpoints to list and redrive dead letters.
 //! - [`config`]: settings and their defaults.

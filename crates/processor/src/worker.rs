@@ -8,34 +8,59 @@
 //! inbox row and does nothing. Effects are therefore exactly once even though
 //! Kafka delivers at least once.
 //!
-//! Failures are classified: a business refusal is a `failed` result; a
-//! transient error is retried with full-jitter backoff up to a bound; a poison
-//! message (no valid envelope, undecodable body, unknown type, payload that
-//! does not fit its type) or one that exhausted its retries goes to the
-//! dead-letter topic and, when its job is known, ends with a `dead_lettered`
-//! result. The worker never stops on a message. A dead letter with an envelope
-//! is also kept in the `dead_letters` table, from which an operator redrives
-//! it ([`crate::admin`]); a redriven message is applied once more, and only
+//! Every message ends in one of three ways, or waits (guarantee G8):
+//!
+//! - **applied**: the effect and a `succeeded` result;
+//! - **refused**: a `failed` result with a code and nothing of the effect
+//!   (a business refusal such as `insufficient_funds` or
+//!   `amount_out_of_range`, or `result_too_large` when the result would not
+//!   fit in one Kafka record);
+//! - **dead-lettered** (parked for an operator): a message that can never
+//!   succeed as it is (no valid envelope, undecodable body, unknown type,
+//!   payload that does not fit its type, or data the database refuses,
+//!   PostgreSQL classes 22 and 23) goes to the dead-letter topic at once and,
+//!   when its job is known, ends with a `dead_lettered` result whose error is
+//!   a code and a message without database text (the full error is in the
+//!   logs, the dead-letter headers and the `dead_letters` table);
+//! - **waits**: an outage (lost connection, pool timeout, serialization
+//!   failure, deadlock, server shutdown, broker unreachable), as sorted by
+//!   [`Failure`], is waited out with [`onceflow_runtime::failure::Backoff`]
+//!   and tried again, with no bound on the number of tries. An outage never
+//!   dead-letters anything, and only the lane it hit waits.
+//!
+//! The dead-letter path follows the same rule: the record is kept
+//! losslessly (its key as bytes, header values that are not UTF-8 text
+//! base64-encoded, text cleaned of NUL where a text column needs it), so no
+//! byte of it can make parking fail; a record the broker refuses on the
+//! dead-letter topic as data (too large) is kept in the table only, with the
+//! reason; only an outage makes it wait. A dead letter with an envelope is
+//! kept in the `dead_letters` table, from which an operator redrives it
+//! ([`crate::admin`]); a redriven message is applied once more, and only
 //! once, because the pending redrive is consumed in the effect's transaction.
+//!
+//! A panic while handling one message (rdkafka panics on reading a header
+//! whose name is not UTF-8) ends that message, dead-lettered without its
+//! headers, never its lane.
 //!
 //! Assigned partitions are spread over `lanes` tasks (partition % lanes), each
 //! applying its partitions' messages one at a time: a key's commands stay in
-//! order (one key, one partition), and a slow or retrying command holds up
+//! order (one key, one partition), and a slow or waiting command holds up
 //! only its own lane.
 //!
 //! A message's offset is stored only once the message reached one of those
-//! ends. A message abandoned half-way (shutdown during a retry's backoff, or
-//! while the dead-letter topic is unreachable) keeps its offset unstored, so
-//! the next owner of its partition gets it again.
+//! ends. A message abandoned half-way (shutdown while it waits out an outage)
+//! keeps its offset unstored, so the next owner of its partition gets it again.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
 
+use base64::Engine as _;
 use onceflow_contracts::{Command, Envelope, JobError, JobStatus, ResultEvent, schema, topics::Topics};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{kafka, telemetry};
+use onceflow_runtime::{failure::Failure, kafka, telemetry};
 use rdkafka::{
     Message as _,
     consumer::{Consumer as _, StreamConsumer},
+    error::KafkaError,
     message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -57,6 +82,11 @@ pub const DLQ_ORIGINAL_TOPIC: &str = "dlq-original-topic";
 pub const DLQ_ORIGINAL_PARTITION: &str = "dlq-original-partition";
 pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
 
+/// The job error code of a command whose data the database refused.
+pub const INVALID_DATA: &str = "invalid_data";
+/// The job error code of a command whose result does not fit in one Kafka record.
+pub const RESULT_TOO_LARGE: &str = "result_too_large";
+
 /// Everything the worker needs.
 #[derive(Clone)]
 pub struct Worker {
@@ -64,6 +94,7 @@ pub struct Worker {
     pub producer: FutureProducer,
     pub registry: Registry,
     pub topics: Topics,
+    /// The waits of a message whose database or broker is down.
     pub retry: RetryConfig,
     /// How many partitions-in-order lanes run in parallel.
     pub lanes: usize,
@@ -71,17 +102,112 @@ pub struct Worker {
 
 /// Messages queued per lane before the dispatcher waits for room.
 const LANE_CAPACITY: usize = 64;
+/// How long one send to the dead-letter topic may wait for the broker before
+/// it counts as an outage and is tried again.
+const DEAD_LETTER_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a message goes to the dead-letter topic.
 #[derive(Debug)]
 struct Poison {
     code: &'static str,
-    message: String,
+    /// The whole reason, for the logs, the dead-letter headers and the
+    /// `dead_letters` table (operators' eyes only).
+    detail: String,
+    /// What the job's error tells the client, when the detail may carry text
+    /// the client must not see (a database's error message).
+    public: Option<String>,
 }
 
 impl Poison {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+    fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self { code, detail: detail.into(), public: None }
+    }
+
+    /// Data the database refused (a PostgreSQL class 22 or 23 error).
+    fn invalid_data(error: &sqlx::Error) -> Self {
+        let sqlstate = match error {
+            sqlx::Error::Database(database) => database.code().map(|code| format!(" (SQLSTATE {code})")),
+            _ => None,
+        };
+        Self {
+            code: INVALID_DATA,
+            detail: error.to_string(),
+            public: Some(format!("the database refused the command's data{}", sqlstate.unwrap_or_default())),
+        }
+    }
+
+    fn job_error(&self) -> JobError {
+        JobError {
+            code: self.code.to_owned(),
+            message: clean(self.public.as_ref().unwrap_or(&self.detail)).into_owned(),
+        }
+    }
+}
+
+/// Why applying a message stopped short of an end.
+#[derive(Debug)]
+enum Failed {
+    /// It can never succeed as it is: dead-letter it.
+    Poison(Poison),
+    /// Something it needs is down: wait and try again.
+    Outage(String),
+}
+
+impl Failed {
+    /// Sorts it for [`Worker::through_outages`].
+    fn into_poison(self) -> Result<Poison, Self> {
+        match self {
+            Self::Poison(poison) => Ok(poison),
+            outage @ Self::Outage(_) => Err(outage),
+        }
+    }
+}
+
+/// Sorts a database error for [`Worker::through_outages`] with [`Failure::of_database`].
+fn database_data(error: sqlx::Error) -> Result<sqlx::Error, sqlx::Error> {
+    if Failure::of_database(&error).is_data() { Ok(error) } else { Err(error) }
+}
+
+/// Sorts a Kafka error for [`Worker::through_outages`] with [`Failure::of_kafka`].
+fn kafka_data(error: KafkaError) -> Result<KafkaError, KafkaError> {
+    if Failure::of_kafka(&error).is_data() { Ok(error) } else { Err(error) }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Poison(poison) => write!(f, "{}: {}", poison.code, poison.detail),
+            Self::Outage(error) => f.write_str(error),
+        }
+    }
+}
+
+impl From<Poison> for Failed {
+    fn from(poison: Poison) -> Self {
+        Self::Poison(poison)
+    }
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(error: sqlx::Error) -> Self {
+        match Failure::of_database(&error) {
+            Failure::Data => Self::Poison(Poison::invalid_data(&error)),
+            Failure::Outage => Self::Outage(error.to_string()),
+        }
+    }
+}
+
+impl From<onceflow_outbox::Error> for Failed {
+    fn from(error: onceflow_outbox::Error) -> Self {
+        match error {
+            onceflow_outbox::Error::Database(error) => error.into(),
+            // Refused before anything was written: no retry makes it fit.
+            too_large @ onceflow_outbox::Error::TooLarge { .. } => {
+                Self::Poison(Poison::new(RESULT_TOO_LARGE, too_large.to_string()))
+            }
+            // Only the relay reports undelivered messages; enqueue never does.
+            undelivered @ onceflow_outbox::Error::Undelivered { .. } => Self::Outage(undelivered.to_string()),
+        }
     }
 }
 
@@ -114,6 +240,38 @@ impl JobRef {
             command_type: envelope.message_type.clone(),
             callback_url: None,
         }
+    }
+
+    /// The same job with every text fit for a text column (see [`clean`]).
+    fn cleaned(&self) -> Self {
+        Self {
+            job_id: clean(&self.job_id).into_owned(),
+            tenant: clean(&self.tenant).into_owned(),
+            command_type: clean(&self.command_type).into_owned(),
+            callback_url: self.callback_url.as_deref().map(|url| clean(url).into_owned()),
+        }
+    }
+}
+
+/// `text` without NUL, which no PostgreSQL text or JSON value can hold: each
+/// becomes U+FFFD. Used where a dead letter's text goes into a column; the
+/// record's exact bytes are kept beside it (key, headers, payload).
+fn clean(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') { Cow::Owned(text.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(text) }
+}
+
+/// `envelope` with every text fit for a text column (see [`clean`]).
+fn cleaned_envelope(envelope: &Envelope) -> Envelope {
+    let owned = |text: &str| clean(text).into_owned();
+    Envelope {
+        message_id: envelope.message_id,
+        correlation_id: owned(&envelope.correlation_id),
+        causation_id: envelope.causation_id.as_deref().map(owned),
+        tenant: owned(&envelope.tenant),
+        message_type: owned(&envelope.message_type),
+        schema_id: owned(&envelope.schema_id),
+        traceparent: envelope.traceparent.as_deref().map(owned),
+        tracestate: envelope.tracestate.as_deref().map(owned),
     }
 }
 
@@ -185,7 +343,7 @@ impl Worker {
         shutdown: CancellationToken,
     ) {
         while let Some(message) = queue.recv().await {
-            if shutdown.is_cancelled() || self.handle(&message, &shutdown).await == Handled::Abandoned {
+            if shutdown.is_cancelled() || self.handle_guarded(message.clone(), &shutdown).await == Handled::Abandoned {
                 // Storing this offset would skip a command that has not taken
                 // effect; left unstored, the partition's next owner gets it.
                 tracing::info!(
@@ -201,8 +359,42 @@ impl Worker {
         }
     }
 
-    /// Handle one message to its end: applied, duplicate, or dead-lettered
-    /// (or abandoned on shutdown).
+    /// [`Self::handle`] in a task of its own, so that a panic handling one
+    /// message ends that message, not the lane. The one known panic is
+    /// rdkafka's on reading a header whose *name* is not UTF-8 (which the
+    /// protocol allows): such a record is dead-lettered without its headers,
+    /// the only part of it that cannot be read.
+    async fn handle_guarded(&self, message: OwnedMessage, shutdown: &CancellationToken) -> Handled {
+        let message = Arc::new(message);
+        let task = {
+            let (worker, message, shutdown) = (self.clone(), message.clone(), shutdown.clone());
+            tokio::spawn(async move { worker.handle(&message, &shutdown).await })
+        };
+        match task.await {
+            Ok(handled) => handled,
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "handling the message panicked; dead-lettering it without its headers"
+                );
+                let poison = Poison::new("unreadable_headers", format!("handling the record panicked: {error}"));
+                let send = || self.send_to_dead_letter_topic(&message, &poison, false);
+                match self.through_outages("dead_letter", shutdown, kafka_data, send).await {
+                    None => Handled::Abandoned,
+                    Some(Ok(())) => Handled::Done,
+                    Some(Err(error)) => {
+                        tracing::error!(%error, "the dead-letter topic refused the record too; it is dropped");
+                        Handled::Done
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle one message to its end: applied, refused, duplicate, or
+    /// dead-lettered (or abandoned on shutdown while it waits out an outage).
     async fn handle(&self, message: &OwnedMessage, shutdown: &CancellationToken) -> Handled {
         let envelope = match kafka::envelope_of(message) {
             Ok(envelope) => envelope,
@@ -238,36 +430,54 @@ impl Worker {
                 return self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
             }
         };
-        let mut attempt = 0;
+        match self.through_outages("apply", shutdown, Failed::into_poison, || self.apply(&envelope, &parsed)).await {
+            None => Handled::Abandoned,
+            Some(Ok(Outcome::Applied(status))) => {
+                metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
+                tracing::info!(status = status.as_str(), "command applied");
+                Handled::Done
+            }
+            Some(Ok(Outcome::Duplicate)) => {
+                metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                tracing::info!("duplicate delivery; already applied");
+                Handled::Done
+            }
+            Some(Err(poison)) => self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await,
+        }
+    }
+
+    /// Run `attempt` until it ends in anything but an outage, waiting out
+    /// each outage with the configured backoff and no bound on the number of
+    /// tries (an outage must not end a record). `data` sorts an error: `Ok`
+    /// with the data error that ends the record, or `Err` with the outage to
+    /// wait out. `None` if shutdown came first.
+    async fn through_outages<T, E, D, Fut>(
+        &self,
+        stage: &'static str,
+        shutdown: &CancellationToken,
+        data: impl Fn(E) -> Result<D, E>,
+        mut attempt: impl FnMut() -> Fut,
+    ) -> Option<Result<T, D>>
+    where
+        E: std::fmt::Display,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut backoff = self.retry.backoff();
+        let mut waits = 0u64;
         loop {
-            attempt += 1;
-            match self.apply(&envelope, &parsed).await {
-                Ok(Outcome::Applied(status)) => {
-                    metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
-                    tracing::info!(status = status.as_str(), attempt, "command applied");
-                    return Handled::Done;
-                }
-                Ok(Outcome::Duplicate) => {
-                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
-                    tracing::info!("duplicate delivery; already applied");
-                    return Handled::Done;
-                }
-                Err(HandlerError::Poison(reason)) => {
-                    let poison = Poison::new("invalid_payload", reason);
-                    return self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
-                }
-                Err(error) if attempt >= self.retry.max_attempts => {
-                    let poison = Poison::new("retries_exhausted", format!("after {attempt} attempts: {error}"));
-                    return self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
-                }
-                Err(error) => {
-                    let delay = self.retry.delay(attempt);
-                    tracing::warn!(%error, attempt, ?delay, "transient failure; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Handled::Abandoned,
-                        () = tokio::time::sleep(delay) => {}
+            match attempt().await {
+                Ok(value) => return Some(Ok(value)),
+                Err(error) => match data(error) {
+                    Ok(data_error) => return Some(Err(data_error)),
+                    Err(outage) => {
+                        waits += 1;
+                        metrics::counter!("onceflow_outage_waits_total", "stage" => stage).increment(1);
+                        tracing::warn!(error = %outage, stage, waits, "outage; the message waits and is tried again");
+                        if !backoff.wait(shutdown).await {
+                            return None;
+                        }
                     }
-                }
+                },
             }
         }
     }
@@ -290,33 +500,62 @@ impl Worker {
     }
 
     /// The one transaction: inbox row, effect, result in the outbox.
-    async fn apply(&self, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, HandlerError> {
+    ///
+    /// A result too large for one Kafka record ends the job `failed` with
+    /// [`RESULT_TOO_LARGE`] and the effect rolled back: for a ledger, a
+    /// `failed` job must mean that nothing moved, or a client retrying the
+    /// "failed" deposit under a new key would apply it twice.
+    async fn apply(&self, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, Failed> {
         let mut tx = self.pool.begin().await?;
         if !claim_inbox(&mut tx, envelope.message_id, &parsed.job).await? {
             return Ok(Outcome::Duplicate);
         }
         let Some(handler) = self.registry.get(&parsed.job.command_type) else {
-            return Err(HandlerError::Poison(format!("no handler for `{}`", parsed.job.command_type)));
+            let reason = format!("no handler for `{}`", parsed.job.command_type);
+            return Err(Failed::Poison(Poison::new("unknown_command_type", reason)));
         };
         // The effect runs on a savepoint so a refusal leaves nothing behind but
         // the inbox row and the failed result.
         let mut context = parsed.context.clone();
         context.progress = self.progress_sink(envelope, &parsed.job);
         let mut effect = sqlx::Connection::begin(&mut *tx).await?;
-        let (status, result_json, error) = match handler(&mut effect, &context).await {
+        let error = match handler(&mut effect, &context).await {
             Ok(result) => {
-                effect.commit().await?;
-                (JobStatus::Succeeded, Some(result.to_string()), None)
+                let event =
+                    self.result_event(envelope, &parsed.job, JobStatus::Succeeded, Some(result.to_string()), None);
+                match onceflow_outbox::enqueue(&mut effect, &self.result_message(envelope, &event)?).await {
+                    Ok(()) => {
+                        effect.commit().await?;
+                        None
+                    }
+                    Err(onceflow_outbox::Error::TooLarge { size, limit }) => {
+                        effect.rollback().await?;
+                        tracing::warn!(size, limit, "the result does not fit in one record; effect rolled back");
+                        metrics::counter!("onceflow_results_too_large_total").increment(1);
+                        Some(JobError {
+                            code: RESULT_TOO_LARGE.to_owned(),
+                            message: format!(
+                                "the result would take {size} bytes, more than the {limit} one message carries; \
+                                 nothing was changed"
+                            ),
+                        })
+                    }
+                    Err(other) => return Err(other.into()),
+                }
             }
             Err(HandlerError::Refused { code, message }) => {
                 effect.rollback().await?;
-                (JobStatus::Failed, None, Some(JobError { code: code.to_owned(), message }))
+                Some(JobError { code: code.to_owned(), message })
             }
-            Err(other) => return Err(other),
+            Err(HandlerError::Poison(reason)) => return Err(Failed::Poison(Poison::new("invalid_payload", reason))),
+            Err(HandlerError::Database(error)) => return Err(error.into()),
         };
+        let status = if error.is_some() { JobStatus::Failed } else { JobStatus::Succeeded };
         record_outcome(&mut tx, envelope.message_id, status).await?;
-        let event = self.result_event(envelope, &parsed.job, status, result_json, error);
-        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await.map_err(outbox_error)?;
+        if let Some(error) = error {
+            let event = self.result_event(envelope, &parsed.job, status, None, Some(error));
+            onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
+        }
         tx.commit().await?;
         Ok(Outcome::Applied(status))
     }
@@ -333,9 +572,12 @@ impl Worker {
             Box::pin(async move {
                 let mut event = worker.result_event(&envelope, &job, JobStatus::Processing, None, None);
                 event.progress_percent = Some(percent);
-                let message = worker.result_message(&envelope, &event)?;
+                let message = worker.result_message(&envelope, &event).map_err(|e| HandlerError::Poison(e.detail))?;
                 let mut tx = worker.pool.begin().await?;
-                onceflow_outbox::enqueue(&mut tx, &message).await.map_err(outbox_error)?;
+                onceflow_outbox::enqueue(&mut tx, &message).await.map_err(|error| match error {
+                    onceflow_outbox::Error::Database(error) => HandlerError::Database(error),
+                    other => HandlerError::Poison(other.to_string()),
+                })?;
                 tx.commit().await?;
                 metrics::counter!("onceflow_progress_events_total").increment(1);
                 Ok(())
@@ -343,11 +585,12 @@ impl Worker {
         }))
     }
 
-    /// Send the original record, with its headers and the error, to the
-    /// dead-letter topic; then end its job with a `dead_lettered` result when
-    /// the job is known. Keeps trying while the broker or database is down,
-    /// because storing the offset before this succeeds would lose the command;
-    /// gives up only on shutdown, leaving the offset unstored.
+    /// Park the message: the original record, with its headers and the
+    /// error, on the dead-letter topic; then, when its job is known, its
+    /// inbox row, its `dead_letters` row and a `dead_lettered` result, in one
+    /// transaction. Each step waits out outages (storing the offset before
+    /// the message is parked would lose the command) and gives up only on
+    /// shutdown, leaving the offset unstored; no data error makes it loop.
     async fn dead_letter(
         &self,
         message: &OwnedMessage,
@@ -355,23 +598,56 @@ impl Worker {
         poison: &Poison,
         shutdown: &CancellationToken,
     ) -> Handled {
-        tracing::warn!(code = poison.code, reason = %poison.message, "dead-lettering command");
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.try_dead_letter(message, job, poison).await {
-                Ok(Outcome::Applied(_)) => break,
-                Ok(Outcome::Duplicate) => {
+        tracing::warn!(code = poison.code, reason = %poison.detail, "dead-lettering command");
+        // A redelivery of a message already handled (dead-lettered, or even
+        // applied) adds nothing: no second dead letter, no second result. Only
+        // a crash between the send below and the inbox commit can duplicate
+        // the dead letter (with the same `message-id`).
+        // A redriven message that fails again is dead-lettered again.
+        if let Some((envelope, _)) = job {
+            let check = || already_handled(&self.pool, envelope.message_id);
+            match self.through_outages("dead_letter", shutdown, database_data, check).await {
+                None => return Handled::Abandoned,
+                Some(Ok(true)) => {
                     metrics::counter!("onceflow_commands_duplicate_total").increment(1);
                     tracing::info!("duplicate delivery; already handled");
                     return Handled::Done;
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "dead-lettering failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Handled::Abandoned,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                Some(Ok(false)) => {}
+                // Only a message id is bound: not reachable, and not a reason to stop.
+                Some(Err(error)) => tracing::warn!(%error, "cannot tell whether the message was handled"),
+            }
+        }
+
+        let send = || self.send_to_dead_letter_topic(message, poison, true);
+        let topic_error = match self.through_outages("dead_letter", shutdown, kafka_data, send).await {
+            None => return Handled::Abandoned,
+            Some(Ok(())) => None,
+            Some(Err(error)) => {
+                // The broker will never take it (too large once the error
+                // headers are added): the table keeps it, with why.
+                tracing::error!(%error, "the dead-letter topic refused the record; it is kept in the table only");
+                metrics::counter!("onceflow_dead_letters_off_topic_total").increment(1);
+                Some(error.to_string())
+            }
+        };
+
+        if let Some((envelope, job)) = job {
+            let (envelope, job) = (cleaned_envelope(envelope), job.cleaned());
+            let park = || self.park(message, &envelope, &job, poison, topic_error.as_deref());
+            match self.through_outages("dead_letter", shutdown, database_data, park).await {
+                None => return Handled::Abandoned,
+                Some(Ok(Outcome::Applied(_))) => {}
+                Some(Ok(Outcome::Duplicate)) => {
+                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                    tracing::info!("duplicate delivery; already handled");
+                    return Handled::Done;
+                }
+                Some(Err(error)) => {
+                    // Every text is cleaned and every byte kept as bytes, so
+                    // this is not expected; looping on it would halt the lane.
+                    tracing::error!(%error, on_topic = topic_error.is_none(), "cannot record the dead letter");
+                    metrics::counter!("onceflow_dead_letters_unrecorded_total").increment(1);
                 }
             }
         }
@@ -379,24 +655,16 @@ impl Worker {
         Handled::Done
     }
 
-    async fn try_dead_letter(
+    /// The original record, its headers (unless `with_headers` is false) and
+    /// the error's, on the dead-letter topic.
+    async fn send_to_dead_letter_topic(
         &self,
         message: &OwnedMessage,
-        job: Option<(&Envelope, &JobRef)>,
         poison: &Poison,
-    ) -> anyhow::Result<Outcome> {
-        // A redelivery of a message already handled (dead-lettered, or even
-        // applied) adds nothing: no second dead letter, no second result. Only
-        // a crash between the send below and the inbox commit can duplicate
-        // the dead letter (with the same `message-id`).
-        // A redriven message that fails again is dead-lettered again.
-        if let Some((envelope, _)) = job
-            && already_handled(&self.pool, envelope.message_id).await?
-        {
-            return Ok(Outcome::Duplicate);
-        }
+        with_headers: bool,
+    ) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
+        if with_headers && let Some(original) = message.headers() {
             for header in original.iter() {
                 headers = headers.insert(Header { key: header.key, value: header.value });
             }
@@ -405,7 +673,7 @@ impl Worker {
         let offset = message.offset().to_string();
         for (key, value) in [
             (DLQ_ERROR_CODE, poison.code),
-            (DLQ_ERROR_MESSAGE, poison.message.as_str()),
+            (DLQ_ERROR_MESSAGE, poison.detail.as_str()),
             (DLQ_ORIGINAL_TOPIC, message.topic()),
             (DLQ_ORIGINAL_PARTITION, partition.as_str()),
             (DLQ_ORIGINAL_OFFSET, offset.as_str()),
@@ -419,18 +687,37 @@ impl Worker {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        self.producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error)?;
+        self.producer.send(record, DEAD_LETTER_SEND_TIMEOUT).await.map(|_| ()).map_err(|(error, _)| error)
+    }
 
-        let Some((envelope, job)) = job else { return Ok(Outcome::Applied(JobStatus::DeadLettered)) };
+    /// The dead letter's inbox row, `dead_letters` row and `dead_lettered`
+    /// result, in one transaction; `envelope` and `job` cleaned for text
+    /// columns. A result that would not fit in one record is left out (only a
+    /// record no ingest made can carry such texts): the dead letter is kept
+    /// and listed all the same.
+    async fn park(
+        &self,
+        message: &OwnedMessage,
+        envelope: &Envelope,
+        job: &JobRef,
+        poison: &Poison,
+        topic_error: Option<&str>,
+    ) -> Result<Outcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         if !claim_inbox(&mut tx, envelope.message_id, job).await? {
             return Ok(Outcome::Duplicate);
         }
         record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
-        record_dead_letter(&mut tx, message, envelope, job, poison).await?;
-        let error = JobError { code: poison.code.to_owned(), message: poison.message.clone() };
-        let event = self.result_event(envelope, job, JobStatus::DeadLettered, None, Some(error));
-        onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
+        record_dead_letter(&mut tx, message, envelope, job, poison, topic_error).await?;
+        let event = self.result_event(envelope, job, JobStatus::DeadLettered, None, Some(poison.job_error()));
+        match self.result_message(envelope, &event) {
+            Ok(result) => match onceflow_outbox::enqueue(&mut tx, &result).await {
+                Ok(()) => {}
+                Err(onceflow_outbox::Error::Database(error)) => return Err(error),
+                Err(error) => tracing::error!(%error, "the dead_lettered result is left out"),
+            },
+            Err(poison) => tracing::error!(reason = %poison.detail, "the dead_lettered result is left out"),
+        }
         tx.commit().await?;
         Ok(Outcome::Applied(JobStatus::DeadLettered))
     }
@@ -458,8 +745,8 @@ impl Worker {
         }
     }
 
-    fn result_message(&self, cause: &Envelope, event: &ResultEvent) -> Result<OutboxMessage, HandlerError> {
-        let payload = event.encode().map_err(|e| HandlerError::Poison(e.to_string()))?;
+    fn result_message(&self, cause: &Envelope, event: &ResultEvent) -> Result<OutboxMessage, Poison> {
+        let payload = event.encode().map_err(|e| Poison::new("unencodable_result", e.to_string()))?;
         let (traceparent, tracestate) = telemetry::current_trace_context();
         Ok(OutboxMessage {
             topic: self.topics.results.clone(),
@@ -528,47 +815,63 @@ async fn already_handled(pool: &PgPool, message_id: Uuid) -> Result<bool, sqlx::
 }
 
 /// Keep the dead-lettered record, as it arrived, for listing and redrive (a
-/// message dead-lettered again after a redrive gets its row refreshed).
+/// message dead-lettered again after a redrive gets its row refreshed). Its
+/// bytes are kept losslessly: the key as bytes, each header value as text when
+/// it is UTF-8 without NUL and base64 otherwise; `envelope` and `job` are
+/// already cleaned for text columns, and so is the error's text here.
 async fn record_dead_letter(
     tx: &mut sqlx::PgConnection,
     message: &OwnedMessage,
     envelope: &Envelope,
     job: &JobRef,
     poison: &Poison,
+    topic_error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let headers: Vec<serde_json::Value> = message
         .headers()
-        .map(|headers| {
-            headers
-                .iter()
-                .filter_map(|h| Some(serde_json::json!([h.key, std::str::from_utf8(h.value?).ok()?])))
-                .collect()
-        })
+        .map(|headers| headers.iter().map(|header| stored_header(header.key, header.value)).collect())
         .unwrap_or_default();
     sqlx::query(
         "INSERT INTO dead_letters (message_id, tenant, command_type, job_id, original_topic, original_partition,
-                                   original_offset, message_key, headers, payload, error_code, error_message)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                   original_offset, message_key, headers, payload, error_code, error_message,
+                                   topic_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (message_id) DO UPDATE SET
              original_topic = EXCLUDED.original_topic, original_partition = EXCLUDED.original_partition,
              original_offset = EXCLUDED.original_offset, error_code = EXCLUDED.error_code,
-             error_message = EXCLUDED.error_message, dead_lettered_at = now(), reapplied_at = NULL",
+             error_message = EXCLUDED.error_message, topic_error = EXCLUDED.topic_error,
+             dead_lettered_at = now(), reapplied_at = NULL",
     )
     .bind(envelope.message_id)
     .bind(&job.tenant)
     .bind(&job.command_type)
     .bind(&job.job_id)
-    .bind(message.topic())
+    .bind(clean(message.topic()))
     .bind(message.partition())
     .bind(message.offset())
-    .bind(message.key().map(|key| String::from_utf8_lossy(key).into_owned()))
+    .bind(message.key())
     .bind(serde_json::Value::Array(headers))
     .bind(message.payload().unwrap_or_default())
     .bind(poison.code)
-    .bind(&poison.message)
+    .bind(clean(&poison.detail))
+    .bind(topic_error.map(clean))
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// One header as the `dead_letters` table keeps it: `{"name", "value"}` for a
+/// value that is UTF-8 text without NUL, `{"name", "base64"}` for any other
+/// bytes, `{"name"}` for a header without a value (see migration 0003).
+fn stored_header(name: &str, value: Option<&[u8]>) -> serde_json::Value {
+    let name = clean(name);
+    match value {
+        None => serde_json::json!({"name": name}),
+        Some(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) if !text.contains('\0') => serde_json::json!({"name": name, "value": text}),
+            _ => serde_json::json!({"name": name, "base64": base64::engine::general_purpose::STANDARD.encode(bytes)}),
+        },
+    }
 }
 
 async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: JobStatus) -> Result<(), sqlx::Error> {
@@ -580,9 +883,31 @@ async fn record_outcome(tx: &mut sqlx::PgConnection, message_id: Uuid, status: J
     Ok(())
 }
 
-fn outbox_error(error: onceflow_outbox::Error) -> HandlerError {
-    match error {
-        onceflow_outbox::Error::Database(error) => HandlerError::Transient(error),
-        other => HandlerError::Poison(other.to_string()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_kept_as_text_or_as_base64_bytes() {
+        assert_eq!(stored_header("tenant-id", Some(b"dev")), serde_json::json!({"name": "tenant-id", "value": "dev"}));
+        assert_eq!(stored_header("x-nul", Some(b"a\0b")), serde_json::json!({"name": "x-nul", "base64": "YQBi"}));
+        assert_eq!(stored_header("x-bin", Some(b"\xff\xfe")), serde_json::json!({"name": "x-bin", "base64": "//4="}));
+        assert_eq!(stored_header("x-none", None), serde_json::json!({"name": "x-none"}));
+    }
+
+    #[test]
+    fn only_nul_is_replaced_for_a_text_column() {
+        assert!(matches!(clean("dev"), Cow::Borrowed("dev")));
+        assert_eq!(clean("de\0v\0"), "de\u{FFFD}v\u{FFFD}");
+    }
+
+    #[test]
+    fn a_data_error_tells_the_client_its_sqlstate_but_no_database_text() {
+        let error = sqlx::Error::Encode("invalid byte sequence for encoding \"UTF8\": 0x00".into());
+        let poison = Poison::invalid_data(&error);
+        let job_error = poison.job_error();
+        assert_eq!(job_error.code, INVALID_DATA);
+        assert!(!job_error.message.contains("0x00"), "{}", job_error.message);
+        assert!(poison.detail.contains("0x00"), "the operator still sees it: {}", poison.detail);
     }
 }

@@ -5,6 +5,14 @@
 //! Every posting writes entries that sum to zero. Money enters through the
 //! system account `world:<CUR>` of its currency, the only account allowed to go
 //! below zero.
+//!
+//! Every balance a posting would produce is computed with checked arithmetic
+//! on the locked rows before anything is written: one that would leave the
+//! 64-bit range (many deposits adding past `i64::MAX`, the `world:<CUR>`
+//! account going below `i64::MIN`) refuses the command as
+//! `amount_out_of_range`, with nothing changed, so every account stays usable.
+//! Ingest bounds each amount ([`catalogue::MAX_AMOUNT`]), which keeps this out
+//! of reach of ordinary use; the check covers whatever bypassed the door.
 
 use onceflow_contracts::catalogue::{self, ledger};
 use serde::de::DeserializeOwned;
@@ -21,10 +29,14 @@ pub fn register(registry: &mut Registry) {
 
 /// Entries read per page of a statement.
 pub const STATEMENT_PAGE_SIZE: i64 = 50;
-/// A statement lists at most this many entries, the most recent ones (about
-/// 150 bytes each, so the result stays well below the 4 MiB a consumer decodes);
-/// its count and closing balance always cover every entry.
-pub const STATEMENT_MAX_ENTRIES: usize = 10_000;
+/// A statement lists at most this many entries, the most recent ones; its
+/// count and opening and closing balances always cover every entry, and
+/// `truncated` says whether older ones were left out. Bounded so that the
+/// result of an account of any length fits in one Kafka record with room to
+/// spare (see the test `a_full_statement_fits_well_within_one_record`).
+pub const STATEMENT_MAX_ENTRIES: usize = 1_000;
+/// The error code of a posting that would take a balance out of the 64-bit range.
+pub const AMOUNT_OUT_OF_RANGE: &str = "amount_out_of_range";
 /// A statement reports progress each time it crosses a multiple of this percent.
 pub const STATEMENT_PROGRESS_STEP: i64 = 25;
 
@@ -53,6 +65,7 @@ fn open_account<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Ha
 fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: ledger::Deposit = payload(command)?;
+        check_positive(p.amount)?;
         let account = lock_account(tx, &command.tenant, &p.account_id).await?;
         let world = format!("world:{}", account.currency);
         sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
@@ -61,14 +74,19 @@ fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handler
             .bind(&account.currency)
             .execute(&mut *tx)
             .await?;
-        post(tx, command, "deposit", &world, &p.account_id, p.amount).await?;
-        Ok(serde_json::json!({"account_id": p.account_id, "balance": account.balance + p.amount}))
+        // Locked after the customer's account, as every deposit does.
+        let world = lock_account(tx, &command.tenant, &world).await?;
+        let balance = in_range(account.balance.checked_add(p.amount), &account, p.amount)?;
+        in_range(world.balance.checked_sub(p.amount), &world, p.amount)?;
+        post(tx, command, "deposit", &world.id, &p.account_id, p.amount).await?;
+        Ok(serde_json::json!({"account_id": p.account_id, "balance": balance}))
     })
 }
 
 fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: ledger::Transfer = payload(command)?;
+        check_positive(p.amount)?;
         // Lock in a fixed order so two opposite transfers cannot deadlock.
         let (first, second) = if p.from < p.to { (&p.from, &p.to) } else { (&p.to, &p.from) };
         let first = lock_account(tx, &command.tenant, first).await?;
@@ -86,10 +104,12 @@ fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handle
                 format!("{} holds {}, the transfer needs {}", from.id, from.balance, p.amount),
             ));
         }
+        let from_balance = in_range(from.balance.checked_sub(p.amount), &from, p.amount)?;
+        let to_balance = in_range(to.balance.checked_add(p.amount), &to, p.amount)?;
         post(tx, command, "transfer", &from.id, &to.id, p.amount).await?;
         Ok(serde_json::json!({
-            "from": {"account_id": from.id, "balance": from.balance - p.amount},
-            "to": {"account_id": to.id, "balance": to.balance + p.amount},
+            "from": {"account_id": from.id, "balance": from_balance},
+            "to": {"account_id": to.id, "balance": to_balance},
         }))
     })
 }
@@ -99,8 +119,11 @@ fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handle
 /// so time-ordered), reporting progress every 25 % before the result. The
 /// account row is share-locked for the statement's transaction, so no posting
 /// to the account (each locks it for update) can slip in between pages: the
-/// entries and the closing balance are one consistent picture. At most
-/// [`STATEMENT_MAX_ENTRIES`] (the most recent) are listed.
+/// entries and the closing balance are one consistent picture. The result is
+/// a bounded summary of an account of any length: the entry count, the
+/// opening balance (before the first entry listed) and the closing balance,
+/// and at most [`STATEMENT_MAX_ENTRIES`] entries, the most recent, with
+/// `truncated` when older ones were left out.
 fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: ledger::Statement = payload(command)?;
@@ -122,9 +145,11 @@ fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handl
             .await?;
         command.progress.report(0).await?;
 
-        let mut entries = std::collections::VecDeque::new();
+        let mut entries: std::collections::VecDeque<serde_json::Value> = std::collections::VecDeque::new();
         let mut seen = 0i64;
         let mut running = 0i64;
+        // The balance before the first entry listed: 0 unless older entries were left out.
+        let mut opening = 0i64;
         let mut cursor = uuid::Uuid::nil();
         let mut reported = 0i64;
         loop {
@@ -143,11 +168,19 @@ fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handl
             cursor = last.try_get("posting_id")?;
             for row in &page {
                 let amount: i64 = row.try_get("amount")?;
-                running += amount;
+                // Every posting was checked, so only a ledger edited by hand overflows here.
+                running = running.checked_add(amount).ok_or_else(|| {
+                    HandlerError::refused(
+                        "ledger_inconsistent",
+                        format!("the entries of {} add up past the 64-bit range", p.account_id),
+                    )
+                })?;
                 let posted_at: chrono::DateTime<chrono::Utc> = row.try_get("created_at")?;
                 seen += 1;
-                if entries.len() == STATEMENT_MAX_ENTRIES {
-                    entries.pop_front();
+                if entries.len() == STATEMENT_MAX_ENTRIES
+                    && let Some(oldest) = entries.pop_front()
+                {
+                    opening = oldest["balance_after"].as_i64().unwrap_or(opening);
                 }
                 entries.push_back(serde_json::json!({
                     "posting_id": row.try_get::<uuid::Uuid, _>("posting_id")?,
@@ -175,10 +208,6 @@ fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handl
                 format!("entries of {} sum to {running} but its balance is {balance}", p.account_id),
             ));
         }
-        // The balance before the first entry listed: 0 unless older entries were left out.
-        let opening = entries.front().map_or(running, |first| {
-            first["balance_after"].as_i64().unwrap_or(0) - first["amount"].as_i64().unwrap_or(0)
-        });
         Ok(serde_json::json!({
             "account_id": p.account_id,
             "currency": currency,
@@ -195,6 +224,27 @@ struct Account {
     id: String,
     currency: String,
     balance: i64,
+}
+
+/// An amount moves money one way only; a record that bypassed the door's
+/// validation may carry zero or less.
+fn check_positive(amount: i64) -> Result<(), HandlerError> {
+    if amount > 0 {
+        Ok(())
+    } else {
+        Err(HandlerError::refused(AMOUNT_OUT_OF_RANGE, format!("amount must be positive, got {amount}")))
+    }
+}
+
+/// The balance `account` would have after moving `amount`, or the refusal
+/// when it leaves the 64-bit range.
+fn in_range(balance: Option<i64>, account: &Account, amount: i64) -> Result<i64, HandlerError> {
+    balance.ok_or_else(|| {
+        HandlerError::refused(
+            AMOUNT_OUT_OF_RANGE,
+            format!("moving {amount} would take the balance of {} out of range", account.id),
+        )
+    })
 }
 
 async fn lock_account(tx: &mut PgConnection, tenant: &str, account_id: &str) -> Result<Account, HandlerError> {
@@ -244,4 +294,32 @@ async fn post(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_statement_fits_well_within_one_record() {
+        // The widest entry there can be: the longest kind, 20-digit numbers.
+        let entry = serde_json::json!({
+            "posting_id": uuid::Uuid::max(),
+            "kind": "transfer",
+            "amount": i64::MIN,
+            "balance_after": i64::MIN,
+            "posted_at": chrono::DateTime::<chrono::Utc>::MAX_UTC.to_rfc3339(),
+        });
+        let result = serde_json::json!({
+            "account_id": "a".repeat(64),
+            "currency": "EUR",
+            "opening_balance": i64::MIN,
+            "closing_balance": i64::MIN,
+            "entry_count": i64::MAX,
+            "truncated": true,
+            "entries": vec![entry; STATEMENT_MAX_ENTRIES],
+        });
+        let size = result.to_string().len();
+        assert!(size < onceflow_outbox::MAX_MESSAGE_BYTES / 2, "{size} bytes");
+    }
 }

@@ -64,17 +64,21 @@ impl Progress {
 /// How a handler can fail; the processor's reaction depends on which.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// A business refusal (unknown account, insufficient funds): the job ends
-    /// `failed` with this code. Never retried.
+    /// A business refusal (unknown account, insufficient funds, a balance
+    /// that would leave the 64-bit range): the job ends `failed` with this
+    /// code and nothing of the effect stays. Never retried.
     #[error("{code}: {message}")]
     Refused { code: &'static str, message: String },
     /// The command can never succeed as written (payload does not fit its
-    /// type): dead-lettered at once.
+    /// type, a result that cannot be encoded): dead-lettered at once.
     #[error("poison: {0}")]
     Poison(String),
-    /// Might work on a later attempt (lost connection, serialization failure).
-    #[error("transient: {0}")]
-    Transient(#[from] sqlx::Error),
+    /// A database error, sorted where it is handled by
+    /// [`onceflow_runtime::failure::Failure::of_database`]: a data error
+    /// dead-letters the command at once, an outage makes its lane wait and
+    /// try again, without bound.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
 }
 
 impl HandlerError {
