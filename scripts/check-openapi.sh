@@ -48,9 +48,10 @@ ingest_pid=$!
 wait_for_port "127.0.0.1:$port" 60 || { cat "$log" >&2; exit 1; }
 
 say "schemathesis $SCHEMATHESIS_VERSION, every check, against ingest on :$port"
-"$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
+# A fresh Idempotency-Key for every generated first request (see the hooks file).
+ONCEFLOW_SCHEMATHESIS_API_KEY=dev-onceflow-key SCHEMATHESIS_HOOKS=schemathesis_hooks PYTHONPATH="$ROOT/scripts" \
+  "$venv/bin/schemathesis" --config-file "$ROOT/scripts/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
   --checks all \
-  --header "Authorization: Bearer dev-onceflow-key" \
   --max-examples "${ONCEFLOW_SCHEMATHESIS_EXAMPLES:-100}" \
   --seed 1 \
   "$@" || { echo "--- ingest log ---" >&2; tail -n 50 "$log" >&2; exit 1; }

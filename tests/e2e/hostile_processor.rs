@@ -248,6 +248,12 @@ async fn overflowing_amounts_are_refused_and_the_currency_stays_usable() {
         let job = submit(key, deposit(5)).await;
         assert_eq!(job["status"], "succeeded", "{job}");
     }
+    // A transfer to the same account is a business refusal, not a 422: the
+    // API document cannot say that two fields differ.
+    let to_itself = json!({"type": "ledger.transfer", "payload": {"from": "pia", "to": "pia", "amount": 1}});
+    let refused = submit("to-itself", to_itself).await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["error"]["code"], "same_account", "{refused}");
     assert_eq!(balance(&db, "olga").await, near_max);
     assert_eq!(balance(&db, "pia").await, 10);
     assert_eq!(balance(&db, "world:EUR").await, -near_max - 10);

@@ -73,6 +73,12 @@ pub const COMMAND_TYPES: &[&str] = &[ledger::OPEN_ACCOUNT, ledger::DEPOSIT, ledg
 /// Check `payload` against the shape of `command_type`.
 pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Result<ValidatedCommand> {
     let invalid = |reason: String| ContractError::InvalidPayload { command_type: command_type.to_owned(), reason };
+    // Judged as the processor will read it: its canonical JSON, where a
+    // number with no fraction (`500.0`, which JSON Schema counts as an
+    // integer too) is written as the integer `500`.
+    let payload_json = canonical_json(payload);
+    let canonical: serde_json::Value = serde_json::from_str(&payload_json).map_err(|e| invalid(e.to_string()))?;
+    let payload = &canonical;
     let ordering_key = match command_type {
         ledger::OPEN_ACCOUNT => {
             let p: ledger::OpenAccount = parse(command_type, payload)?;
@@ -93,9 +99,10 @@ pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Resu
             check_account_id(&p.from).map_err(invalid)?;
             check_account_id(&p.to).map_err(invalid)?;
             check_amount(p.amount).map_err(invalid)?;
-            if p.from == p.to {
-                return Err(invalid("from and to must differ".to_owned()));
-            }
+            // `from == to` is the processor's business refusal
+            // (`same_account`), not a malformed command: no JSON Schema can
+            // say two properties differ, and the API document describes
+            // exactly what this door accepts.
             // Transfers are ordered by their source account: that is the
             // balance a transfer can overdraw.
             p.from
@@ -109,7 +116,7 @@ pub fn validate_command(command_type: &str, payload: &serde_json::Value) -> Resu
         }
         other => return Err(ContractError::UnknownCommandType(other.to_owned())),
     };
-    Ok(ValidatedCommand { command_type: command_type.to_owned(), payload_json: canonical_json(payload), ordering_key })
+    Ok(ValidatedCommand { command_type: command_type.to_owned(), payload_json, ordering_key })
 }
 
 /// Parse a payload into its typed form (used by the processor too).
@@ -153,6 +160,8 @@ mod tests {
         validate_command("ledger.open_account", &json!({"account_id": "a", "currency": "EUR"})).unwrap();
         validate_command("ledger.deposit", &json!({"account_id": "a", "amount": 1})).unwrap();
         validate_command("ledger.deposit", &json!({"account_id": "a", "amount": MAX_AMOUNT})).unwrap();
+        let whole = validate_command("ledger.deposit", &json!({"account_id": "a", "amount": 500.0})).unwrap();
+        assert_eq!(whole.payload_json, r#"{"account_id":"a","amount":500}"#, "500.0 is the integer 500");
         let statement = validate_command("ledger.statement", &json!({"account_id": "acc-1"})).unwrap();
         assert_eq!(statement.ordering_key, "acc-1", "a statement is ordered by its account");
         assert_eq!(statement.payload_json, r#"{"account_id":"acc-1"}"#);
@@ -169,7 +178,6 @@ mod tests {
             ("ledger.deposit", json!({"account_id": "a", "amount": 5, "extra": true})),
             ("ledger.open_account", json!({"account_id": "a", "currency": "eur"})),
             ("ledger.open_account", json!({"account_id": "a b", "currency": "EUR"})),
-            ("ledger.transfer", json!({"from": "a", "to": "a", "amount": 5})),
             ("ledger.transfer", json!([1, 2])),
             ("ledger.statement", json!({})),
             ("ledger.statement", json!({"account_id": ""})),

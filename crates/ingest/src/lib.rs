@@ -135,5 +135,5 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     if let Some(admin) = projection::admin_router(pool, &config.admin.token) {
         router = router.merge(admin);
     }
-    Running::with_http_limits(tasks, &config.listen, router, config.http.clone(), shutdown).await
+    Running::with_http(tasks, &config.listen, router, config.http.clone(), shutdown).await
 }

@@ -20,6 +20,21 @@ pub struct ProblemDocument {
     detail: String,
 }
 
+/// Where the signed result is POSTed when the job ends. The pattern gives the
+/// URLs this document promises to accept anywhere: http(s) to a host name (not
+/// an address literal, which the SSRF rules may refuse) with an optional port
+/// and a path of visible ASCII, well below the limit of 2048 bytes. Ingest accepts more (address literals, query
+/// strings) as far as `webhooks.allowlist` and the SSRF rules allow, and
+/// refuses (`422`) a host name that resolves to an address they forbid.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[schema(
+    value_type = String,
+    pattern = "^https?://([a-z0-9-]{1,20}[.]){1,8}[a-z]{2,20}(:[1-9][0-9]{0,3})?(/[!-~]{0,1000})?$",
+    example = "https://hooks.example.com/onceflow"
+)]
+#[allow(dead_code)] // Describes the field; the handler parses it itself.
+pub struct CallbackUrl(String);
+
 /// The body of `POST /v1/commands`: one command type, told apart by `type`,
 /// with the payload that type requires, and optionally `callback_url`: an
 /// absolute `http`/`https` URL of at most 2048 bytes without control
@@ -31,32 +46,16 @@ pub struct ProblemDocument {
 pub enum CommandRequest {
     /// Open an account in a currency.
     #[serde(rename = "ledger.open_account")]
-    OpenAccount {
-        payload: OpenAccountPayload,
-        #[schema(max_length = 2048, example = "https://hooks.example.com/onceflow")]
-        callback_url: Option<String>,
-    },
+    OpenAccount { payload: OpenAccountPayload, callback_url: Option<CallbackUrl> },
     /// Credit an account.
     #[serde(rename = "ledger.deposit")]
-    Deposit {
-        payload: DepositPayload,
-        #[schema(max_length = 2048, example = "https://hooks.example.com/onceflow")]
-        callback_url: Option<String>,
-    },
+    Deposit { payload: DepositPayload, callback_url: Option<CallbackUrl> },
     /// Move money between two accounts of the same currency.
     #[serde(rename = "ledger.transfer")]
-    Transfer {
-        payload: TransferPayload,
-        #[schema(max_length = 2048, example = "https://hooks.example.com/onceflow")]
-        callback_url: Option<String>,
-    },
+    Transfer { payload: TransferPayload, callback_url: Option<CallbackUrl> },
     /// A statement of an account's entries (long-running, reports progress).
     #[serde(rename = "ledger.statement")]
-    Statement {
-        payload: StatementPayload,
-        #[schema(max_length = 2048, example = "https://hooks.example.com/onceflow")]
-        callback_url: Option<String>,
-    },
+    Statement { payload: StatementPayload, callback_url: Option<CallbackUrl> },
 }
 
 /// `ledger.open_account`.
@@ -78,8 +77,8 @@ pub struct OpenAccountPayload {
 pub struct DepositPayload {
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
     account_id: String,
-    /// Minor units (cents).
-    #[schema(minimum = 1, example = 500)]
+    /// Minor units (cents), at most `MAX_AMOUNT` (10^15).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 500)]
     amount: i64,
 }
 
@@ -90,11 +89,11 @@ pub struct DepositPayload {
 pub struct TransferPayload {
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
     from: String,
-    /// Must differ from `from`.
+    /// A transfer to `from` itself ends the job `failed` with `same_account`.
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "bob")]
     to: String,
-    /// Minor units (cents).
-    #[schema(minimum = 1, example = 250)]
+    /// Minor units (cents), at most `MAX_AMOUNT` (10^15).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 250)]
     amount: i64,
 }
 
@@ -127,7 +126,7 @@ pub struct StatementPayload {
     ),
     paths(crate::commands::submit, crate::jobs::get),
     components(schemas(ProblemDocument)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ClosedCommandBranches),
     tags((name = "commands", description = "Asynchronous, idempotent commands and their jobs"))
 )]
 pub struct ApiDoc;
@@ -143,6 +142,27 @@ impl Modify for BearerAuth {
                 HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("A tenant's API key")).build(),
             ),
         );
+    }
+}
+
+/// Closes every branch of `CommandRequest` (`additionalProperties: false`),
+/// as the handler refuses unknown fields (`deny_unknown_fields`); utoipa
+/// closes the payload structs but not an enum's variants.
+struct ClosedCommandBranches;
+
+impl Modify for ClosedCommandBranches {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{
+            RefOr,
+            schema::{AdditionalProperties, Schema},
+        };
+        let Some(components) = openapi.components.as_mut() else { return };
+        let Some(RefOr::T(Schema::OneOf(request))) = components.schemas.get_mut("CommandRequest") else { return };
+        for branch in &mut request.items {
+            if let RefOr::T(Schema::Object(branch)) = branch {
+                branch.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+            }
+        }
     }
 }
 
@@ -168,6 +188,7 @@ mod tests {
                 branch["required"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
             assert!(required.contains(&"type") && required.contains(&"payload"), "{branch}");
             assert!(!required.contains(&"callback_url"), "{branch}");
+            assert_eq!(branch["additionalProperties"], false, "{branch}");
             let payload = branch["properties"]["payload"]["$ref"].as_str().expect("a payload schema");
             let payload = &schemas[payload.rsplit('/').next().unwrap()];
             assert_eq!(payload["additionalProperties"], false, "{payload}");

@@ -139,5 +139,5 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     if let Some(admin) = parking::router(results_parking, &config.admin.token, redrive_handler(pool)) {
         router = router.merge(admin);
     }
-    Running::with_http_limits(tasks, &config.listen, router, config.http.clone(), shutdown).await
+    Running::with_http(tasks, &config.listen, router, config.http.clone(), shutdown).await
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -38,7 +38,6 @@ use onceflow_contracts::{Envelope, topics::Topics};
 use onceflow_outbox::OutboxMessage;
 use onceflow_runtime::{failure::Failure, problem::Problem};
 use sqlx::{PgPool, Row as _};
-use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
 #[derive(Clone)]
@@ -68,13 +67,7 @@ fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) ->
 
 /// Whether the request carries the admin token.
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    // Constant time, so response timing does not reveal how much of a guess matched.
-    bool::from(given.as_bytes().ct_eq(state.token.as_bytes()))
+    onceflow_runtime::admin::bearer_matches(headers, &state.token)
 }
 
 fn unauthorized() -> Response {

@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use onceflow_runtime::{
+    admin::AdminConfig,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     failure::Backoff,
+    http::HttpLimits,
 };
 
 /// The defaults, which also document every setting.
@@ -20,19 +22,15 @@ pub struct ProcessorConfig {
     /// slow command, or one waiting out an outage, holds up only its own lane.
     pub lanes: usize,
     pub retry: RetryConfig,
+    /// The operator's endpoints (dead letters: list and redrive).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Timeouts and bounds of the HTTP port (see `onceflow_runtime::hygiene`).
+    #[serde(default)]
+    pub http: HttpLimits,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
-}
-
-/// The operator's admin endpoints (dead letters: list and redrive).
-#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
-pub struct AdminConfig {
-    /// Bearer token of `/admin/*`; empty (the default) serves no admin endpoint.
-    #[serde(default)]
-    pub token: String,
 }
 
 /// The waits of a command whose database or broker is down: exponential

@@ -53,5 +53,5 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);
     }
-    Running::with_http(tasks, &config.listen, router, shutdown).await
+    Running::with_http(tasks, &config.listen, router, config.http.clone(), shutdown).await
 }

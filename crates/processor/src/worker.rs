@@ -205,8 +205,10 @@ impl From<onceflow_outbox::Error> for Failed {
             too_large @ onceflow_outbox::Error::TooLarge { .. } => {
                 Self::Poison(Poison::new(RESULT_TOO_LARGE, too_large.to_string()))
             }
-            // Only the relay reports undelivered messages; enqueue never does.
-            undelivered @ onceflow_outbox::Error::Undelivered { .. } => Self::Outage(undelivered.to_string()),
+            // Only the relay reports these; enqueue never does.
+            relay @ (onceflow_outbox::Error::Undelivered { .. } | onceflow_outbox::Error::LeaseLost(_)) => {
+                Self::Outage(relay.to_string())
+            }
         }
     }
 }

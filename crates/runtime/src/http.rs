@@ -150,18 +150,12 @@ async fn readyz(State(report): State<watch::Receiver<Option<Report>>>) -> impl I
     (status, axum::Json(body))
 }
 
-/// Serve `router` on `listener` with the default [`HttpLimits`] until
-/// `shutdown` is cancelled, then let in-flight requests finish.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Result<()> {
-    serve_with(listener, router, &HttpLimits::default(), shutdown).await
-}
-
 /// Serve `router` on `listener` under `limits` (see [`crate::hygiene`]) until
 /// `shutdown` is cancelled, then let in-flight requests finish.
 ///
 /// HTTP/1.1 only, through hyper's own connection builder rather than
 /// `axum::serve`, because only that exposes the header-read timeout.
-pub async fn serve_with(
+pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &HttpLimits,
@@ -283,7 +277,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let shutdown_server = shutdown.clone();
         let router = Router::new().route("/livez", get(|| async { "ok" }));
-        let server = tokio::spawn(async move { serve_with(listener, router, &limits, shutdown_server).await });
+        let server = tokio::spawn(async move { serve(listener, router, &limits, shutdown_server).await });
 
         let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();

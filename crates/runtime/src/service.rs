@@ -18,20 +18,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Bind `listen` (port 0 picks a free port), serve `router` there with the
-    /// default [`HttpLimits`] until `shutdown` as one more of `tasks`, and
+    /// Bind `listen` (port 0 picks a free port), serve `router` there under
+    /// the service's `limits` until `shutdown` as one more of `tasks`, and
     /// return the running service.
     pub async fn with_http(
-        tasks: JoinSet<()>,
-        listen: &str,
-        router: Router,
-        shutdown: CancellationToken,
-    ) -> Result<Self> {
-        Self::with_http_limits(tasks, listen, router, HttpLimits::default(), shutdown).await
-    }
-
-    /// [`Running::with_http`] under the service's configured `limits`.
-    pub async fn with_http_limits(
         mut tasks: JoinSet<()>,
         listen: &str,
         router: Router,
@@ -41,7 +31,7 @@ impl Running {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let http_addr = listener.local_addr()?;
         tasks.spawn(async move {
-            if let Err(error) = crate::http::serve_with(listener, router, &limits, shutdown).await {
+            if let Err(error) = crate::http::serve(listener, router, &limits, shutdown).await {
                 tracing::error!(%error, "http server failed");
             }
         });

@@ -87,6 +87,9 @@ fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handle
     Box::pin(async move {
         let p: ledger::Transfer = payload(command)?;
         check_positive(p.amount)?;
+        if p.from == p.to {
+            return Err(HandlerError::refused("same_account", format!("{} cannot transfer to itself", p.from)));
+        }
         // Lock in a fixed order so two opposite transfers cannot deadlock.
         let (first, second) = if p.from < p.to { (&p.from, &p.to) } else { (&p.to, &p.from) };
         let first = lock_account(tx, &command.tenant, first).await?;
