@@ -36,7 +36,7 @@ use axum::{
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use onceflow_contracts::{Envelope, topics::Topics};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{failure::Failure, problem::Problem};
+use onceflow_runtime::{admin, failure::Failure, problem::Problem};
 use sqlx::{PgPool, Row as _};
 use uuid::Uuid;
 
@@ -67,11 +67,7 @@ fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) ->
 
 /// Whether the request carries the admin token.
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
-    onceflow_runtime::admin::bearer_matches(headers, &state.token)
-}
-
-fn unauthorized() -> Response {
-    problem(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin token is required")
+    admin::bearer_matches(headers, &state.token)
 }
 
 fn internal(error: impl std::fmt::Display) -> Response {
@@ -103,16 +99,11 @@ fn not_redrivable(message_id: Uuid, why: &str) -> Response {
     problem(StatusCode::CONFLICT, "not-redrivable", format!("{message_id} cannot be redriven: {why}"))
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct ListQuery {
-    limit: Option<i64>,
-}
-
-async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<ListQuery>) -> Response {
+async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<admin::ListQuery>) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized();
+        return admin::unauthorized();
     }
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = query.limit();
     let rows = match sqlx::query(
         "SELECT d.*, i.outcome FROM dead_letters d JOIN inbox i USING (message_id)
          ORDER BY d.dead_lettered_at DESC, d.message_id DESC LIMIT $1",
@@ -164,7 +155,7 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
 
 async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(message_id): Path<String>) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized();
+        return admin::unauthorized();
     }
     let Ok(message_id) = Uuid::parse_str(&message_id) else {
         return problem(StatusCode::NOT_FOUND, "not-a-dead-letter", format!("{message_id} is not a message id"));

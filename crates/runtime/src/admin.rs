@@ -2,8 +2,13 @@
 //! one bearer check of every `/admin/*` endpoint (dead letters on the
 //! processor, parked records on ingest and the notifier).
 
-use axum::http::{HeaderMap, header};
+use axum::{
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse as _, Response},
+};
 use subtle::ConstantTimeEq as _;
+
+use crate::problem::Problem;
 
 /// `[admin]` of a service's configuration.
 #[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
@@ -24,6 +29,25 @@ pub fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// `401` problem+json for a request without the admin token.
+pub fn unauthorized() -> Response {
+    Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "a valid admin token is required")
+        .into_response()
+}
+
+/// `?limit=N` of an admin listing.
+#[derive(Debug, serde::Deserialize)]
+pub struct ListQuery {
+    limit: Option<i64>,
+}
+
+impl ListQuery {
+    /// The rows to list: 100 unless asked, at least 1, at most 1,000.
+    pub fn limit(&self) -> i64 {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
 }
 
 #[cfg(test)]

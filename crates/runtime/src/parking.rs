@@ -38,6 +38,7 @@ use rdkafka::{
 use sqlx::{PgPool, Row as _, migrate::Migrator, postgres::PgRow, types::chrono};
 
 use crate::{
+    admin,
     failure::Failure,
     kafka::{self, RecordError},
     problem::Problem,
@@ -301,12 +302,7 @@ pub fn router(parking: Parking, token: &str, handler: Handler) -> Option<Router>
 }
 
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
-    crate::admin::bearer_matches(headers, &state.token)
-}
-
-fn unauthorized() -> Response {
-    Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "a valid admin token is required")
-        .into_response()
+    admin::bearer_matches(headers, &state.token)
 }
 
 fn unavailable(error: impl std::fmt::Display) -> Response {
@@ -316,16 +312,11 @@ fn unavailable(error: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct ListQuery {
-    limit: Option<i64>,
-}
-
-async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<ListQuery>) -> Response {
+async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<admin::ListQuery>) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized();
+        return admin::unauthorized();
     }
-    match state.parking.list(query.limit.unwrap_or(100).clamp(1, 1000)).await {
+    match state.parking.list(query.limit()).await {
         Ok(records) => {
             let records: Vec<serde_json::Value> = records.iter().map(ParkedRecord::to_json).collect();
             Json(serde_json::json!({"parked": records})).into_response()
@@ -336,7 +327,7 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
 
 async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized();
+        return admin::unauthorized();
     }
     let not_found = |id: &str| {
         Problem::new(StatusCode::NOT_FOUND, "not-parked", "Not parked", format!("no parked record {id}"))
