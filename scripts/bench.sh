@@ -23,7 +23,7 @@ quick="${ONCEFLOW_BENCH_QUICK:-0}"
 seconds=$([ "$quick" = 1 ] && echo 5 || echo 15)
 backlog=$([ "$quick" = 1 ] && echo 1000 || echo 5000)
 idle_subscribers=$([ "$quick" = 1 ] && echo 2000 || echo 20000)
-fanout_subscribers=$([ "$quick" = 1 ] && echo 200 || echo 1000)
+fanout_subscribers=$([ "$quick" = 1 ] && echo 200 || echo 2000)
 fanout_events=$([ "$quick" = 1 ] && echo 200 || echo 1000)
 out="$STACK_DIR/bench"
 mkdir -p "$out"

@@ -258,6 +258,7 @@ impl Bench {
                 }
             })
         };
+        let settle = self.settle(&delivered_at).await?;
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut submissions = JoinSet::new();
@@ -294,12 +295,37 @@ impl Bench {
         }
         Ok(json!({"latency": {
             "rate_per_sec": rate,
+            "settled_after_secs": settle.as_secs_f64(),
             "accepted": submitted,
             "missing": missing,
             "p50_ms": millis(&latencies, 0.5),
             "p99_ms": millis(&latencies, 0.99),
             "max_ms": latencies.max() as f64 / 1000.0,
         }}))
+    }
+
+    /// Wait until the stack is idle: a probe deposit's event must arrive within
+    /// a second of its `202` (work queued by an earlier measurement would
+    /// otherwise count as this one's latency). Returns how long that took.
+    async fn settle(&self, delivered_at: &Mutex<HashMap<String, Instant>>) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let (status, job) = self.post(&self.deposit()).await?;
+            let job = job.with_context(|| format!("a probe deposit answered {status}"))?;
+            let accepted = Instant::now();
+            let delivered = loop {
+                if let Some(at) = delivered_at.lock().expect("deliveries").get(&job) {
+                    break *at;
+                }
+                if started.elapsed() > Duration::from_secs(300) {
+                    bail!("the stack did not settle within 300 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if delivered.saturating_duration_since(accepted) < Duration::from_secs(1) {
+                return Ok(started.elapsed());
+            }
+        }
     }
 
     async fn submit(&self, count: u64, connections: usize) -> anyhow::Result<Value> {
