@@ -227,6 +227,12 @@ async fn bodies_are_read_only_after_authentication_and_only_up_to_the_limit() {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["type"], format!("{PROBLEM}method-not-allowed"));
     }
+    // Every service describes its HTTP surface.
+    for service in [&stack.ingest, &stack.processor, &stack.notifier] {
+        let document: Value = http.get(service.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+        assert!(document["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{document}");
+        assert!(!document["paths"].as_object().is_none_or(serde_json::Map::is_empty), "{document}");
+    }
     stack.canary_completes(CANARY_TIMEOUT).await;
 
     let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();

@@ -33,17 +33,13 @@ use axum::{
 };
 use onceflow_contracts::{Command, Envelope, schema, validate_command};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{auth::Tenant, telemetry};
+use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, telemetry};
 use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{
-    AppState,
-    error::ApiError,
-    openapi::{CommandRequest, ProblemDocument},
-};
+use crate::{AppState, error::ApiError, openapi::CommandRequest};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";

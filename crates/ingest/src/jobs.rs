@@ -11,7 +11,9 @@ use rand::Rng as _;
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError, openapi::ProblemDocument};
+use onceflow_runtime::openapi::ProblemDocument;
+
+use crate::{AppState, error::ApiError};
 
 /// The job as clients see it.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]

@@ -2,23 +2,8 @@
 //! handlers' annotations and types, served at `/openapi.json`.
 
 use axum::{Json, response::IntoResponse};
-use utoipa::{
-    Modify, OpenApi,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
-};
-
-/// An RFC 9457 problem, the body of every error (`application/problem+json`).
-#[derive(Debug, utoipa::ToSchema)]
-#[allow(dead_code)] // Describes the body `Problem` renders; never built here.
-pub struct ProblemDocument {
-    /// Stable URI of the kind of problem, e.g. `https://onceflow.dev/problems/idempotency-key-reused`.
-    #[schema(rename = "type")]
-    kind: String,
-    title: String,
-    status: u16,
-    /// What went wrong with this request, for a person.
-    detail: String,
-}
+use onceflow_runtime::openapi::{BearerSchemes, ProblemDocument};
+use utoipa::{Modify, OpenApi};
 
 /// Where the signed result is POSTed when the job ends. The pattern gives the
 /// URLs this document promises to accept anywhere: http(s) to a host name (not
@@ -126,24 +111,10 @@ pub struct StatementPayload {
     ),
     paths(crate::commands::submit, crate::jobs::get),
     components(schemas(ProblemDocument)),
-    modifiers(&BearerAuth, &ClosedCommandBranches),
+    modifiers(&BearerSchemes, &ClosedCommandBranches),
     tags((name = "commands", description = "Asynchronous, idempotent commands and their jobs"))
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::Http(
-                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("A tenant's API key")).build(),
-            ),
-        );
-    }
-}
 
 /// Closes every branch of `CommandRequest` (`additionalProperties: false`),
 /// as the handler refuses unknown fields (`deny_unknown_fields`); utoipa

@@ -16,6 +16,7 @@
 //! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
 //! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
 //! - [`webhooks`]: signed, retried webhook deliveries and their API.
+//! - [`openapi`]: the OpenAPI document at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
 //!
 //! With `admin.token` set, the operator's `GET /admin/parked` and
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod hub;
+pub mod openapi;
 pub mod sse;
 pub mod store;
 pub mod webhooks;
@@ -82,6 +84,7 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
         .route("/v1/jobs/{job_id}/deliveries", get(webhooks::api::job_deliveries))
         .route("/v1/deliveries/{delivery_id}", get(webhooks::api::delivery))
         .route("/v1/deliveries/{delivery_id}/redrive", post(webhooks::api::redrive))
+        .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes(readiness))
         .layer(TraceLayer::new_for_http())

@@ -35,7 +35,7 @@ use axum::{
     },
 };
 use futures::Stream;
-use onceflow_runtime::{auth::Tenant, problem::Problem};
+use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, problem::Problem};
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
@@ -46,15 +46,32 @@ use crate::{
 
 const CATCH_UP_PAGE: i64 = 500;
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// Only this job's events (from the start when no `Last-Event-ID`).
     job_id: Option<String>,
+    /// Only this correlation id's events (from the start when no `Last-Event-ID`).
     correlation_id: Option<String>,
-    /// For browsers' `EventSource`, which cannot set headers.
+    /// The API key, for browsers' `EventSource`, which cannot set headers.
     access_token: Option<String>,
+    /// Resume after this event id (as the `Last-Event-ID` header does).
     last_event_id: Option<String>,
 }
 
+/// The tenant's result events as Server-Sent Events, resumable with `Last-Event-ID`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "streams",
+    security(("api_key" = [])),
+    params(StreamQuery, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
+    responses(
+        (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 pub async fn tenant_events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -67,6 +84,24 @@ pub async fn tenant_events(
     Ok(sse(&state, event_stream(state.clone(), filter, after, false)))
 }
 
+/// One job's events as Server-Sent Events; the stream ends after the job's
+/// latest terminal event.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job_id}/events",
+    tag = "streams",
+    security(("api_key" = [])),
+    params(
+        ("job_id" = String, Path, description = "The job id (UUID)"),
+        StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 pub async fn job_events(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -36,7 +36,7 @@ use axum::{
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use onceflow_contracts::{Envelope, topics::Topics};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{admin, failure::Failure, problem::Problem};
+use onceflow_runtime::{admin, failure::Failure, openapi::ProblemDocument, problem::Problem};
 use sqlx::{PgPool, Row as _};
 use uuid::Uuid;
 
@@ -99,6 +99,19 @@ fn not_redrivable(message_id: Uuid, why: &str) -> Response {
     problem(StatusCode::CONFLICT, "not-redrivable", format!("{message_id} cannot be redriven: {why}"))
 }
 
+/// Dead-lettered commands, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/dead-letters",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(admin::ListQuery),
+    responses(
+        (status = 200, description = "`{\"dead_letters\": [...]}`: each with its message id, tenant, type, job, original position, key (or `key_base64`), headers, error, `on_topic`/`topic_error` and redrive state", body = Object),
+        (status = 401, description = "No or wrong admin token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<admin::ListQuery>) -> Response {
     if !authorized(&state, &headers) {
         return admin::unauthorized();
@@ -153,6 +166,22 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
     }
 }
 
+/// Put a dead-lettered command back on the commands topic; it takes effect
+/// at most once.
+#[utoipa::path(
+    post,
+    path = "/admin/dead-letters/{message_id}/redrive",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("message_id" = String, Path, description = "The command's message id (its job id)")),
+    responses(
+        (status = 202, description = "Redrive pending: the record is back in the outbox", body = Object),
+        (status = 401, description = "No or wrong admin token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "Not a dead letter", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "A redrive is pending, it was applied after a redrive, or it cannot go back as it was", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 500, description = "Internal error", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(message_id): Path<String>) -> Response {
     if !authorized(&state, &headers) {
         return admin::unauthorized();

@@ -4,6 +4,7 @@
 //!   each command ends applied, refused or dead-lettered, or waits out an outage.
 //! - [`handlers`]: the handler registry and the shipped ledger.
 //! - [`admin`]: the operator's endpoints to list and redrive dead letters.
+//! - [`openapi`]: the OpenAPI document of its port at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
 //!
 //! [`start`] runs migrations, creates the topics, and starts the worker, the
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod handlers;
+pub mod openapi;
 pub mod worker;
 
 use onceflow_outbox::{Relay, RelayConfig};
@@ -49,7 +51,8 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
     };
     tasks.spawn(worker.run(consumer, shutdown.clone()));
 
-    let mut router = http::probes(http::standard_checks(pool.clone(), config.kafka.clone()));
+    let mut router = http::probes(http::standard_checks(pool.clone(), config.kafka.clone()))
+        .route("/openapi.json", axum::routing::get(openapi::document));
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);
     }

@@ -38,8 +38,10 @@ pub fn unauthorized() -> Response {
 }
 
 /// `?limit=N` of an admin listing.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// How many to list, newest first: 100 unless given, at most 1,000.
     limit: Option<i64>,
 }
 

@@ -14,6 +14,7 @@
 //!   headers, and the consume loop that ends, parks or waits on each record.
 //! - [`parking`]: records a consumer could never apply, kept for an operator
 //!   (the `parked_records` table and its admin endpoints).
+//! - [`openapi`]: what every service's OpenAPI document shares.
 //! - [`postgres`]: connection pools and database creation.
 //! - [`http`]: the `/livez`, `/readyz` (cached) and `/metrics` probes and
 //!   serving with graceful shutdown.
@@ -31,6 +32,7 @@ pub mod failure;
 pub mod http;
 pub mod hygiene;
 pub mod kafka;
+pub mod openapi;
 pub mod parking;
 pub mod postgres;
 pub mod problem;

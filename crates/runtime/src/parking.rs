@@ -41,6 +41,7 @@ use crate::{
     admin,
     failure::Failure,
     kafka::{self, RecordError},
+    openapi::ProblemDocument,
     problem::Problem,
 };
 
@@ -280,6 +281,12 @@ struct AdminState {
     token: Arc<str>,
 }
 
+/// The OpenAPI paths of the parked-records endpoints, for a service to merge
+/// into its document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, redrive))]
+pub struct ParkingApi;
+
 /// `GET /admin/parked?limit=N` (newest first, default 100, at most 1000) and
 /// `POST /admin/parked/{id}/redrive`, behind `Authorization: Bearer <token>`;
 /// `None` (no endpoints at all) when `token` is empty.
@@ -312,6 +319,19 @@ fn unavailable(error: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
+/// The records this consumer parked, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/parked",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(admin::ListQuery),
+    responses(
+        (status = 200, description = "`{\"parked\": [...]}`: each record's id, consumer, topic, partition, offset, key, headers, payload (text when UTF-8, else `*_hex`), error and redrive count", body = Object),
+        (status = 401, description = "No or wrong admin token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<admin::ListQuery>) -> Response {
     if !authorized(&state, &headers) {
         return admin::unauthorized();
@@ -325,6 +345,22 @@ async fn list(State(state): State<AdminState>, headers: HeaderMap, Query(query):
     }
 }
 
+/// Run the consumer's handler on a parked record again; the row is deleted
+/// when it applies.
+#[utoipa::path(
+    post,
+    path = "/admin/parked/{id}/redrive",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The parked record's id")),
+    responses(
+        (status = 200, description = "`{\"id\", \"status\": \"applied\"}`: applied, no longer parked", body = Object),
+        (status = 401, description = "No or wrong admin token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such parked record (or its redrive is under way)", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "It still fails; it stays parked with the new error", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is down; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 async fn redrive(State(state): State<AdminState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if !authorized(&state, &headers) {
         return admin::unauthorized();

@@ -18,12 +18,27 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::IntoResponse,
 };
-use onceflow_runtime::{auth::Tenant, problem::Problem};
+use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, problem::Problem};
 use uuid::Uuid;
 
-use super::store::{self, Redrive};
+use super::store::{self, DeliveryView, Redrive};
 use crate::AppState;
 
+/// The job's webhook deliveries with every attempt (an empty list for a job
+/// without deliveries, or another tenant's).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job_id}/deliveries",
+    tag = "webhooks",
+    security(("api_key" = [])),
+    params(("job_id" = String, Path, description = "The job id (UUID)")),
+    responses(
+        (status = 200, description = "`{\"job_id\", \"deliveries\": [...]}`", body = JobDeliveries),
+        (status = 400, description = "Malformed id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 pub async fn job_deliveries(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -32,9 +47,24 @@ pub async fn job_deliveries(
     let tenant = authenticate(&state, &headers)?;
     let job_id = parse_id(&job_id, "job")?;
     let deliveries = store::for_job(&state.pool, &tenant.0, job_id).await.map_err(|e| unavailable(&e))?;
-    Ok(Json(serde_json::json!({"job_id": job_id, "deliveries": deliveries})))
+    Ok(Json(JobDeliveries { job_id, deliveries }))
 }
 
+/// One webhook delivery with every attempt.
+#[utoipa::path(
+    get,
+    path = "/v1/deliveries/{delivery_id}",
+    tag = "webhooks",
+    security(("api_key" = [])),
+    params(("delivery_id" = String, Path, description = "The delivery id, also its `webhook-id` header")),
+    responses(
+        (status = 200, description = "The delivery", body = DeliveryView),
+        (status = 404, description = "Not the caller's delivery", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 pub async fn delivery(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -48,6 +78,23 @@ pub async fn delivery(
     }
 }
 
+/// Make a failed delivery pending again, due now, with a fresh retry
+/// schedule and the same `webhook-id`.
+#[utoipa::path(
+    post,
+    path = "/v1/deliveries/{delivery_id}/redrive",
+    tag = "webhooks",
+    security(("api_key" = [])),
+    params(("delivery_id" = String, Path, description = "The delivery id")),
+    responses(
+        (status = 202, description = "Pending again", body = DeliveryView),
+        (status = 404, description = "Not the caller's delivery", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "Not failed (still pending, or delivered)", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
 pub async fn redrive(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -68,6 +115,13 @@ pub async fn redrive(
         )),
         Redrive::NotFound => Err(not_found(id)),
     }
+}
+
+/// A job's deliveries.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct JobDeliveries {
+    job_id: Uuid,
+    deliveries: Vec<DeliveryView>,
 }
 
 fn json_name(status: store::Status) -> String {

@@ -15,7 +15,7 @@ use uuid::Uuid;
 pub const CHANNEL: &str = "onceflow_webhooks";
 
 /// Where a delivery stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -318,7 +318,7 @@ pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error>
 }
 
 /// One attempt, as the API shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     pub attempt: i32,
     pub started_at: DateTime<Utc>,
@@ -331,7 +331,7 @@ pub struct AttemptView {
 }
 
 /// One delivery with its attempts, as the API shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     /// Also the `webhook-id` header of every attempt.
     pub id: Uuid,

@@ -1,0 +1,73 @@
+//! The OpenAPI 3.1 document of the notifier's HTTP surface, served at
+//! `/openapi.json`: the SSE streams, the webhook deliveries API and the
+//! operator's parked-records endpoints (the probes are the same on every
+//! service: `/livez`, `/readyz`, `/metrics`).
+
+use axum::{Json, response::IntoResponse};
+use onceflow_runtime::{
+    openapi::{BearerSchemes, ProblemDocument},
+    parking::ParkingApi,
+};
+use utoipa::OpenApi;
+
+use crate::{
+    sse,
+    webhooks::{
+        api,
+        store::{AttemptView, DeliveryView, Status},
+    },
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "onceflow notifier",
+        description = "How commands ended: a tenant's result events as Server-Sent Events (resumable with \
+            `Last-Event-ID`, also across restarts), and the webhook deliveries of `callback_url`s. The `data:` of \
+            every event and the body of every webhook are the result event as JSON (see asyncapi.yaml)."
+    ),
+    paths(sse::tenant_events, sse::job_events, api::job_deliveries, api::delivery, api::redrive),
+    components(schemas(ProblemDocument, DeliveryView, AttemptView, Status, api::JobDeliveries)),
+    modifiers(&BearerSchemes),
+    tags(
+        (name = "streams", description = "Server-Sent Events of result events"),
+        (name = "webhooks", description = "Webhook deliveries and their attempts"),
+        (name = "admin", description = "Parked result records (served when admin.token is set)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The whole document: the notifier's own paths and the parked-records ones.
+pub fn document_value() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    document.merge(ParkingApi::openapi());
+    document
+}
+
+/// `GET /openapi.json`.
+pub async fn document() -> impl IntoResponse {
+    Json(document_value())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_every_route_of_the_notifier() {
+        let document = serde_json::to_value(document_value()).unwrap();
+        for path in [
+            "/v1/events",
+            "/v1/jobs/{job_id}/events",
+            "/v1/jobs/{job_id}/deliveries",
+            "/v1/deliveries/{delivery_id}",
+            "/v1/deliveries/{delivery_id}/redrive",
+            "/admin/parked",
+            "/admin/parked/{id}/redrive",
+        ] {
+            assert!(document["paths"][path].is_object(), "{path} is documented");
+        }
+        let stream = &document["paths"]["/v1/events"]["get"]["responses"]["200"]["content"];
+        assert!(stream["text/event-stream"].is_object(), "{stream}");
+    }
+}
