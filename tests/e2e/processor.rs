@@ -21,8 +21,8 @@ use std::{
 use onceflow_contracts::{Command, Envelope, JobStatus, ResultEvent, catalogue::canonical_json, schema};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{
-    OUTCOME_TIMEOUT, PositionedRecord, Record, ServiceProcess, TestEnv, committed_offsets, eventually, kafka_producer,
-    read_topic_to_end,
+    OUTCOME_TIMEOUT, PositionedRecord, Record, ServiceProcess, TestEnv, allow_postings, committed_offsets, eventually,
+    kafka_producer, read_topic_to_end, refuse_postings,
 };
 use rdkafka::{
     message::OwnedHeaders,
@@ -490,19 +490,8 @@ async fn a_shutdown_during_retries_leaves_the_command_for_redelivery() {
     let db = processor_db(&env).await;
 
     // A database fault that the processor sees as transient, counted outside
-    // every transaction (a sequence does not roll back).
-    sqlx::raw_sql(
-        "CREATE SEQUENCE failed_postings;
-         CREATE FUNCTION fail_posting() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             PERFORM nextval('failed_postings');
-             RAISE EXCEPTION 'injected fault' USING ERRCODE = 'serialization_failure';
-         END $$;
-         CREATE TRIGGER fail_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION fail_posting();",
-    )
-    .execute(&db)
-    .await
-    .expect("inject the fault");
+    // every transaction.
+    refuse_postings(&db, "serialization_failure").await;
 
     let open = CommandMessage::open_account("rita");
     let deposit = CommandMessage::deposit("rita", 500);
@@ -511,7 +500,7 @@ async fn a_shutdown_during_retries_leaves_the_command_for_redelivery() {
     wait_handled(&db, &[open.job_id], OUTCOME_TIMEOUT).await;
     eventually("the deposit to be retried", OUTCOME_TIMEOUT, || async {
         let failures: i64 =
-            sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM failed_postings")
+            sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refused_postings")
                 .fetch_one(&db)
                 .await
                 .ok()?;
@@ -524,7 +513,7 @@ async fn a_shutdown_during_retries_leaves_the_command_for_redelivery() {
     assert!(!inbox(&db).await.contains_key(&deposit.job_id), "the deposit did not take effect");
 
     // The fault is repaired; the next processor of the group gets the deposit again.
-    sqlx::raw_sql("DROP TRIGGER fail_posting ON postings").execute(&db).await.expect("repair");
+    allow_postings(&db).await;
     let processor = env.start_processor_with(patient).await;
     wait_handled(&db, &[deposit.job_id], OUTCOME_TIMEOUT).await;
     assert_eq!(inbox(&db).await.get(&deposit.job_id).map(String::as_str), Some("succeeded"));
@@ -991,14 +980,7 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
 
     // Data the database refuses (a constraint an operator will fix): the
     // deposit is dead-lettered at once.
-    sqlx::raw_sql(
-        "CREATE FUNCTION fail_posting() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'injected fault' USING ERRCODE = 'check_violation'; END $$;
-         CREATE TRIGGER fail_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION fail_posting();",
-    )
-    .execute(&db)
-    .await
-    .expect("inject the fault");
+    refuse_postings(&db, "check_violation").await;
     let callback_url = "https://example.com/hooks/remy";
     let deposit = CommandMessage::deposit(account, 700)
         .with_command(|command| command.callback_url = Some(callback_url.to_owned()));
@@ -1033,7 +1015,7 @@ async fn a_redriven_dead_letter_is_applied_exactly_once() {
     assert_eq!(redrive(&processor, &Uuid::now_v7().to_string(), ADMIN_TOKEN).await.0, 404);
 
     // The cause is fixed. A plain redelivery of the dead letter still does nothing.
-    sqlx::raw_sql("DROP TRIGGER fail_posting ON postings").execute(&db).await.expect("repair");
+    allow_postings(&db).await;
     send(&producer, &topics.commands, &deposit, None).await;
     let marker = CommandMessage::deposit(account, 1);
     send(&producer, &topics.commands, &marker, None).await;

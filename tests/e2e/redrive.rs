@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use onceflow_contracts::JobStatus;
 use onceflow_tests::{
-    IngestClient, OUTCOME_TIMEOUT, SseClient, TestEnv, WebhookReceiver, committed_offsets, eventually, kafka_producer,
-    result_envelope, result_event,
+    IngestClient, OUTCOME_TIMEOUT, SseClient, TestEnv, WebhookReceiver, allow_postings, committed_offsets, eventually,
+    kafka_producer, refuse_postings, result_envelope, result_event,
 };
 use onceflow_webhook::Allowlist;
 use rdkafka::producer::FutureRecord;
@@ -58,14 +58,7 @@ async fn a_redriven_command_s_success_shows_in_its_job_its_stream_and_its_webhoo
     // dead-lettered (whether the processor takes the refusal for a poison at
     // once or retries it first).
     let processor_db = sqlx::PgPool::connect(&env.database_url("processor")).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_posting() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'postings refused for this test' USING ERRCODE = 'check_violation'; END $$;
-         CREATE TRIGGER refuse_posting BEFORE INSERT ON postings FOR EACH ROW EXECUTE FUNCTION refuse_posting();",
-    )
-    .execute(&processor_db)
-    .await
-    .expect("refuse postings");
+    refuse_postings(&processor_db, "check_violation").await;
     let deposit = client
         .submit(
             &format!("deposit-{account}"),
@@ -84,7 +77,7 @@ async fn a_redriven_command_s_success_shows_in_its_job_its_stream_and_its_webhoo
     .await;
 
     // The cause is fixed and the operator redrives the command.
-    sqlx::raw_sql("DROP TRIGGER refuse_posting ON postings").execute(&processor_db).await.expect("repair");
+    allow_postings(&processor_db).await;
     let redriven = reqwest::Client::new()
         .post(processor.url(&format!("/admin/dead-letters/{job_id}/redrive")))
         .bearer_auth(ADMIN_TOKEN)
