@@ -83,6 +83,8 @@ impl TestEnv {
             topic_prefix: format!("t{id}."),
             partitions: 2,
             session_timeout_ms: 6000,
+            consumer: Default::default(),
+            producer: Default::default(),
         };
         Self { id, kafka, shutdown: CancellationToken::new(), databases: Vec::new() }
     }

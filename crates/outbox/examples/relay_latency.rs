@@ -32,7 +32,14 @@ async fn main() -> anyhow::Result<()> {
     let brokers = std::env::var("ONCEFLOW_BENCH_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let messages: usize = std::env::var("ONCEFLOW_BENCH_MESSAGES").ok().and_then(|n| n.parse().ok()).unwrap_or(300);
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let kafka = KafkaConfig { brokers, topic_prefix: format!("bench{run}."), partitions: 1, session_timeout_ms: 6000 };
+    let kafka = KafkaConfig {
+        brokers,
+        topic_prefix: format!("bench{run}."),
+        partitions: 1,
+        session_timeout_ms: 6000,
+        consumer: Default::default(),
+        producer: Default::default(),
+    };
     let database =
         DatabaseConfig { url: format!("{server}/onceflow_bench_{run}"), max_connections: 4, acquire_timeout_ms: 5000 };
     let pool = onceflow_runtime::postgres::prepare(&database, [onceflow_outbox::migrator()]).await?;

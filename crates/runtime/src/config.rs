@@ -3,7 +3,7 @@
 //! override. Nested keys use a double underscore:
 //! `ONCEFLOW_KAFKA__BROKERS=127.0.0.1:9092` sets `kafka.brokers`.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use figment::{
     Figment,
@@ -41,6 +41,15 @@ pub struct KafkaConfig {
     /// Consumer session timeout; short enough that a crashed consumer's
     /// partitions move on quickly.
     pub session_timeout_ms: u32,
+    /// librdkafka properties of this service's consumers, applied over
+    /// onceflow's own (e.g. `"fetch.wait.max.ms" = "100"`, TLS or SASL
+    /// settings); the ones exactly-once rests on are refused at start (see
+    /// `onceflow_runtime::kafka`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties of this service's producers, likewise.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
 }
 
 impl KafkaConfig {

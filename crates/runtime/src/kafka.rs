@@ -16,7 +16,7 @@
 //! (`onceflow_contracts::schema::MAX_DECODE_ALLOCATION`, 4 MiB) is above it, so
 //! no record that fits is refused by the decoder for its size.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use onceflow_contracts::Envelope;
 use rdkafka::{
@@ -50,6 +50,35 @@ pub const MAX_PARTITION_FETCH_BYTES: usize = 1024 * 1024;
 pub const MAX_FETCH_BYTES: usize = 4 * MAX_PARTITION_FETCH_BYTES;
 const _: () = assert!(MAX_PARTITION_FETCH_BYTES >= MAX_RECORD_BYTES && MAX_FETCH_BYTES >= MAX_PARTITION_FETCH_BYTES);
 
+/// How long a consumer's fetch may wait at the broker for data
+/// (`fetch.wait.max.ms`; librdkafka's default is 500). The nisshi broker
+/// answers a fetch only when this expires, even if data arrived meanwhile, so
+/// there it is the latency of every Kafka hop (two per command: commands, then
+/// results); Apache Kafka answers as soon as data arrives, so there it only
+/// bounds how often an idle consumer asks. The cost of a small value is that
+/// polling: an idle consumer sends up to 1000 / this fetches a second.
+pub const FETCH_WAIT_MAX_MS: u32 = 20;
+
+/// Properties the guarantees rest on, which the pass-through maps
+/// (`kafka.consumer`, `kafka.producer`) may not change: offsets stored only
+/// after the effect is durable, the idempotent producer waiting for every
+/// replica, and the client's identity.
+const PROTECTED: &[&str] =
+    &["bootstrap.servers", "group.id", "enable.auto.offset.store", "enable.idempotence", "acks", "message.max.bytes"];
+
+/// Set `properties` on `client`, refusing any of [`PROTECTED`].
+fn pass_through(client: &mut ClientConfig, properties: &BTreeMap<String, String>, what: &str) -> Result<()> {
+    for (name, value) in properties {
+        if PROTECTED.contains(&name.as_str()) {
+            return Err(Error::Config(format!(
+                "kafka.{what}.\"{name}\" cannot be set: onceflow's delivery guarantees depend on it"
+            )));
+        }
+        client.set(name, value);
+    }
+    Ok(())
+}
+
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
@@ -59,20 +88,23 @@ fn base(config: &KafkaConfig) -> ClientConfig {
 /// An idempotent producer that waits for every in-sync replica and sends no
 /// request above [`MAX_RECORD_BYTES`].
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
-    Ok(base(config)
+    let mut client = base(config);
+    client
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()?)
+        .set("message.timeout.ms", "30000");
+    pass_through(&mut client, &config.producer, "producer")?;
+    Ok(client.create()?)
 }
 
 /// A consumer in `group_id` that reads from the earliest offset of a new group
 /// and commits only offsets the service stored explicitly; it fetches any
 /// record up to [`MAX_RECORD_BYTES`].
 pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> {
-    Ok(base(config)
+    let mut client = base(config);
+    client
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -84,7 +116,9 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> 
         .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
         .set("max.partition.fetch.bytes", MAX_PARTITION_FETCH_BYTES.to_string())
         .set("fetch.max.bytes", MAX_FETCH_BYTES.to_string())
-        .create()?)
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string());
+    pass_through(&mut client, &config.consumer, "consumer")?;
+    Ok(client.create()?)
 }
 
 /// Create `topics` with the configured partition count unless they exist.
@@ -289,5 +323,38 @@ pub async fn ensure_topics_eventually(config: KafkaConfig, topics: Vec<String>, 
         if !backoff.wait(&shutdown).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(consumer: &[(&str, &str)], producer: &[(&str, &str)]) -> KafkaConfig {
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        KafkaConfig {
+            brokers: "127.0.0.1:9".to_owned(),
+            topic_prefix: String::new(),
+            partitions: 1,
+            session_timeout_ms: 6000,
+            consumer: map(consumer),
+            producer: map(producer),
+        }
+    }
+
+    #[tokio::test]
+    async fn properties_pass_through_but_not_the_ones_the_guarantees_rest_on() {
+        assert!(consumer(&config(&[("fetch.wait.max.ms", "100")], &[]), "g").is_ok());
+        assert!(producer(&config(&[], &[("linger.ms", "1")])).is_ok());
+        for (name, value) in [("enable.auto.offset.store", "true"), ("group.id", "other")] {
+            let error = consumer(&config(&[(name, value)], &[]), "g").err().expect("refused");
+            assert!(matches!(&error, Error::Config(text) if text.contains(name)), "{error}");
+        }
+        for (name, value) in [("enable.idempotence", "false"), ("acks", "1")] {
+            let error = producer(&config(&[], &[(name, value)])).err().expect("refused");
+            assert!(matches!(&error, Error::Config(text) if text.contains(name)), "{error}");
+        }
+        // librdkafka itself refuses what it does not know, at start.
+        assert!(consumer(&config(&[("no.such.property", "1")], &[]), "g").is_err());
     }
 }
