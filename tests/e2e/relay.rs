@@ -19,24 +19,27 @@ async fn pool_named(url: &str, name: &str) -> PgPool {
     sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.unwrap()
 }
 
+/// A message for `topic` with `key` and `payload`, under a fresh message id.
+fn test_message(topic: &str, key: &str, payload: Vec<u8>) -> OutboxMessage {
+    let envelope = Envelope {
+        message_id: uuid::Uuid::now_v7(),
+        correlation_id: "relay-test".to_owned(),
+        causation_id: None,
+        tenant: "dev".to_owned(),
+        message_type: "test".to_owned(),
+        schema_id: "test".to_owned(),
+        traceparent: None,
+        tracestate: None,
+    };
+    OutboxMessage { topic: topic.to_owned(), key: Some(key.to_owned()), payload, envelope }
+}
+
 async fn enqueue(pool: &PgPool, topic: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     let mut tx = pool.begin().await.unwrap();
     for _ in 0..n {
-        let id = uuid::Uuid::now_v7();
-        ids.push(id.to_string());
-        let envelope = Envelope {
-            message_id: id,
-            correlation_id: "relay-test".to_owned(),
-            causation_id: None,
-            tenant: "dev".to_owned(),
-            message_type: "test".to_owned(),
-            schema_id: "test".to_owned(),
-            traceparent: None,
-            tracestate: None,
-        };
-        let message =
-            OutboxMessage { topic: topic.to_owned(), key: Some("one-key".to_owned()), payload: vec![1], envelope };
+        let message = test_message(topic, "one-key", vec![1]);
+        ids.push(message.envelope.message_id.to_string());
         onceflow_outbox::enqueue(&mut tx, &message).await.unwrap();
     }
     tx.commit().await.unwrap();
@@ -135,25 +138,9 @@ async fn enqueue_sequenced(
     for key in keys {
         let sequence = next.entry(key.clone()).or_insert(0);
         *sequence += 1;
-        let id = uuid::Uuid::now_v7();
-        let envelope = Envelope {
-            message_id: id,
-            correlation_id: "lease-test".to_owned(),
-            causation_id: None,
-            tenant: "dev".to_owned(),
-            message_type: "test".to_owned(),
-            schema_id: "test".to_owned(),
-            traceparent: None,
-            tracestate: None,
-        };
-        let message = OutboxMessage {
-            topic: topic.to_owned(),
-            key: Some(key.clone()),
-            payload: sequence.to_be_bytes().to_vec(),
-            envelope,
-        };
+        let message = test_message(topic, key, sequence.to_be_bytes().to_vec());
         onceflow_outbox::enqueue(&mut tx, &message).await.unwrap();
-        sent.push((id.to_string(), key.clone(), *sequence));
+        sent.push((message.envelope.message_id.to_string(), key.clone(), *sequence));
     }
     tx.commit().await.unwrap();
     sent
