@@ -29,31 +29,45 @@ wait_for_port() {
   return 1
 }
 
-# Install the pinned nisshi broker unless that version is already installed.
+# nisshi's features: `dynostore` for in-memory storage, `libsql` for a SQLite
+# file (the local stack's broker keeps its data across restarts).
+NISSHI_FEATURES="dynostore,libsql"
+
+# Install the pinned nisshi broker unless that version, with those features,
+# is already installed.
 ensure_nisshi() {
-  if command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+  if command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION" \
+    && grep -q "\"nisshi $NISSHI_VERSION[^\"]*\":{[^}]*\"features\":\[\"dynostore\",\"libsql\"\]" \
+      "$HOME/.cargo/.crates2.json" 2>/dev/null; then
     return 0
   fi
   say "installing the nisshi broker $NISSHI_VERSION (first run only: about 25 minutes on 2 cores)"
   # Newer nisshi releases need a newer rustc than 1.95; --locked keeps its tested dependency set.
-  cargo install nisshi --version "$NISSHI_VERSION" --locked --features dynostore
+  cargo install nisshi --version "$NISSHI_VERSION" --locked --features "$NISSHI_FEATURES"
 }
 
-# Start the broker on $BROKER_ADDR (in-memory storage) unless one is listening.
-# Sets BROKER_STARTED=1 when this call started it.
+# Start the broker on $BROKER_ADDR unless one is listening, keeping its data
+# as $1 says: `persistent` (a SQLite file in .stack/, kept across `down` and
+# `up` and across a crash; the local stack) or `memory` (lost when it stops;
+# the test run's shared broker, whose topics are all throwaway). Sets
+# BROKER_STARTED=1 when this call started it.
 ensure_broker() {
+  local storage="$1"
   BROKER_STARTED=0
   if port_open "$BROKER_ADDR"; then
     return 0
   fi
   ensure_nisshi
   mkdir -p "$STACK_DIR"
-  say "starting the broker on $BROKER_ADDR (log: .stack/broker.log)"
+  local engine="memory://nisshi/"
+  # A path relative to the broker's working directory: .stack/broker.db.
+  if [ "$storage" = persistent ]; then engine="sqlite://broker.db"; fi
+  say "starting the broker on $BROKER_ADDR ($storage storage; log: .stack/broker.log)"
   # Advertise the numeric address: clients must not resolve localhost to ::1.
-  nohup nisshi broker \
+  (cd "$STACK_DIR" && exec nohup nisshi broker \
     --listener-url "tcp://$BROKER_ADDR" \
     --advertised-listener-url "tcp://$BROKER_ADDR" \
-    --storage-engine "memory://nisshi/" >"$STACK_DIR/broker.log" 2>&1 &
+    --storage-engine "$engine" >"$STACK_DIR/broker.log" 2>&1) &
   echo $! >"$STACK_DIR/broker.pid"
   BROKER_STARTED=1
   wait_for_port "$BROKER_ADDR" 30

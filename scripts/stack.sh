@@ -89,7 +89,7 @@ start_service() {
 up() {
   mkdir -p "$STACK_DIR"
   ensure_postgres
-  ensure_broker
+  ensure_broker persistent
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
   for name in "${SERVICES[@]}"; do start_service "$name"; done

@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 ensure_postgres
-ensure_broker
+ensure_broker memory
 
 export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
 export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"

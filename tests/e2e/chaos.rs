@@ -2,7 +2,8 @@
 //! notifier run as real processes on a broker of the test's own, while a
 //! client submits deposits and retries each one with the same key until it
 //! gets its `202`. Meanwhile each service is SIGKILLed and restarted, every
-//! database connection is cut, and the broker is paused.
+//! database connection is cut, and the broker is paused, then SIGKILLed and
+//! restarted (it keeps its data in a file, as the local stack's does).
 //!
 //! Afterwards: every accepted deposit took effect exactly once (the ledger
 //! invariant), every job is terminal, a key's retries all named one job, and a
@@ -187,10 +188,10 @@ async fn cut_database_connections(admin: &sqlx::PgPool, env_id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effect_once() {
     let began = Instant::now();
-    let broker = OwnBroker::start().await;
     let mut env = TestEnv::new();
-    env.kafka.brokers = broker.addr.clone();
     let logs = env.scratch_dir();
+    let mut broker = OwnBroker::start(&logs).await;
+    env.kafka.brokers = broker.addr.clone();
     eprintln!("chaos test: logs in {}", logs.display());
     let common = |kafka: &onceflow_runtime::config::KafkaConfig, database: String| {
         vec![
@@ -207,6 +208,7 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     ingest_env.extend([
         ("ONCEFLOW_LISTEN", ingest_addr.clone()),
         ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
+        ("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", env.id)),
     ]);
     let mut processor_env = common(&kafka, env.database_config("processor").url);
     processor_env
@@ -276,7 +278,7 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     let mut round = 0;
     while fault_started.elapsed() < LOAD {
         tokio::time::sleep(pause).await;
-        let fault = match round % 5 {
+        let fault = match round % 6 {
             0 => {
                 processor.kill_and_restart().await;
                 "SIGKILL processor".to_owned()
@@ -290,11 +292,15 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
                 "SIGKILL notifier".to_owned()
             }
             3 => format!("cut {} database connections", cut_database_connections(&admin, &env.id).await),
-            _ => {
+            4 => {
                 broker.stop();
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 broker.resume();
                 "broker paused 5 s".to_owned()
+            }
+            _ => {
+                broker.kill_and_restart().await;
+                "SIGKILL broker, restarted on its data".to_owned()
             }
         };
         faults.push(fault);
@@ -302,6 +308,7 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     }
     stop_load.cancel();
     load.await.expect("the load");
+    assert!(faults.iter().any(|f| f.starts_with("SIGKILL broker")), "the broker was never restarted: {faults:?}");
     for service in [&mut ingest, &mut processor, &mut notifier] {
         service.assert_alive();
     }

@@ -366,8 +366,8 @@ async fn serves_an_openapi_document_of_the_idempotency_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_accepted_while_the_broker_is_down_are_processed_when_it_returns() {
-    let broker = OwnBroker::start().await;
     let mut env = TestEnv::new();
+    let broker = OwnBroker::start(&env.scratch_dir()).await;
     env.kafka.brokers = broker.addr.clone();
     let ingest = env.start_ingest().await;
     let _processor = env.start_processor().await;

@@ -1,6 +1,8 @@
 //! End-to-end tests: the three services against the real PostgreSQL and the
 //! real broker, reached over the network.
 
+mod backpressure;
+mod batching;
 mod chaos;
 mod flow;
 mod hostile_ingest;

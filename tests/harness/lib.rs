@@ -113,6 +113,8 @@ impl TestEnv {
         config.database = self.database("ingest");
         config.kafka = self.kafka.clone();
         config.results_group_id = format!("ingest-{}", self.id);
+        // Backpressure watches the processor of this test.
+        config.shed.processor_group = format!("processor-{}", self.id);
         // The tests' webhook receivers listen on loopback.
         config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1"]).expect("allowlist");
         customize(&mut config);
@@ -634,35 +636,65 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// A broker of the test's own (the pinned nisshi, in-memory storage) that the
-/// test may stop (SIGSTOP: the process stands still, every connection hangs)
-/// and start again (SIGCONT) with its data intact, as a broker that was down
-/// for a while. (Killing and restarting it would lose the in-memory topics,
-/// which a real Kafka does not; see the note on issue 3.)
+/// A broker of the test's own (the pinned nisshi) that keeps its data in a
+/// SQLite file of the test's scratch directory, as the local stack's broker
+/// does: the test may stop it (SIGSTOP: the process stands still, every
+/// connection hangs) and start it again (SIGCONT), or SIGKILL it and start a
+/// new process on the same port and file, as a broker that crashed and came
+/// back with its topics, records and consumer offsets.
 #[derive(Debug)]
 pub struct OwnBroker {
     pub addr: String,
+    /// Where its SQLite file lives (its working directory).
+    dir: std::path::PathBuf,
     child: std::process::Child,
 }
 
 impl OwnBroker {
-    /// Start a broker on a free loopback port.
-    pub async fn start() -> Self {
+    /// Start a broker on a free loopback port, its data in `dir`.
+    pub async fn start(dir: &std::path::Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let addr = format!("127.0.0.1:{port}");
+        let dir = dir.to_owned();
+        let child = Self::spawn(&addr, &dir);
+        let broker = Self { addr, dir, child };
+        broker.wait_listening().await;
+        broker
+    }
+
+    fn spawn(addr: &str, dir: &std::path::Path) -> std::process::Child {
         let url = format!("tcp://{addr}");
-        let child = std::process::Command::new("nisshi")
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("broker.log"))
+            .expect("broker log file");
+        std::process::Command::new("nisshi")
+            .current_dir(dir)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://nisshi/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // A path relative to the working directory (see scripts/lib.sh).
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
             .spawn()
-            .expect("nisshi on PATH (scripts/test.sh installs it)");
+            .expect("nisshi on PATH (scripts/test.sh installs it)")
+    }
+
+    async fn wait_listening(&self) {
+        let addr = self.addr.clone();
         eventually("the broker to listen", Duration::from_secs(30), || async {
             tokio::net::TcpStream::connect(&addr).await.ok().map(drop)
         })
         .await;
-        Self { addr, child }
+    }
+
+    /// SIGKILL the broker (nothing of it runs on), then start it again on the
+    /// same port with the same data.
+    pub async fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.addr, &self.dir);
+        self.wait_listening().await;
     }
 
     /// Stop the broker process where it stands.

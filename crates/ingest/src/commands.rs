@@ -295,15 +295,25 @@ async fn checked_callback_url(url: &str, allowlist: &onceflow_webhook::Allowlist
     }
 }
 
-/// Refuse new work while the outbox backlog is past its bound: Kafka is down
-/// or slow, and accepting more would only grow the queue.
+/// Refuse new work while the outbox backlog is past its bound (Kafka is down
+/// or slow, and accepting more would only grow the queue), or while the
+/// processor's backlog would take too long to drain (see
+/// [`crate::backpressure`]).
 fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
+    let shed = &state.config.shed;
     let backlog = state.outbox_backlog.load(std::sync::atomic::Ordering::Relaxed);
-    if backlog > state.config.shed.max_outbox_backlog {
+    if backlog > shed.max_outbox_backlog {
         metrics::counter!("onceflow_ingest_shed_total", "reason" => "outbox_backlog").increment(1);
         return Err(ApiError::Overloaded {
             reason: format!("{backlog} commands are waiting to be published; retry later"),
-            retry_after_secs: state.config.shed.retry_after_secs,
+            retry_after_secs: shed.retry_after_secs,
+        });
+    }
+    if let Some((lag, retry_after_secs)) = state.processor_pressure.retry_after(shed) {
+        metrics::counter!("onceflow_ingest_shed_total", "reason" => "processor_lag").increment(1);
+        return Err(ApiError::Overloaded {
+            reason: format!("{lag} commands are waiting for the processor; retry later"),
+            retry_after_secs,
         });
     }
     Ok(())

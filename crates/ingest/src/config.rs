@@ -62,6 +62,15 @@ pub struct ShedConfig {
     pub max_outbox_backlog: i64,
     /// The `Retry-After` of a shed request, in seconds.
     pub retry_after_secs: u64,
+    /// The processor's consumer group, whose lag on the commands topic
+    /// drives backpressure (see `crate::backpressure`).
+    pub processor_group: String,
+    /// The longest the processor's backlog may take to drain at its measured
+    /// rate before new commands are refused: about the most an accepted
+    /// command waits for the processor under sustained overload.
+    pub max_queue_delay_ms: u64,
+    /// Lags up to this many commands are never shed for.
+    pub min_lag: i64,
 }
 
 impl IngestConfig {

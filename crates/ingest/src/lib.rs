@@ -5,6 +5,8 @@
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
 //! - [`projection`]: consumes the results topic into that projection.
 //! - [`maintenance`]: the idempotency-key sweeper and the outbox backlog gauge.
+//! - [`backpressure`]: refusing commands while the processor's backlog would
+//!   take too long to drain.
 //! - [`error`]: every HTTP error as RFC 9457 problem+json.
 //! - [`openapi`]: the OpenAPI 3.1 document at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
@@ -12,6 +14,7 @@
 //! [`start`] wires it together: migrations, topics, the outbox relay that
 //! publishes accepted commands, the projection consumer and the HTTP server.
 
+pub mod backpressure;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -49,6 +52,8 @@ pub struct AppState {
     pub config: Arc<IngestConfig>,
     /// Unpublished outbox rows, kept current by [`maintenance::watch_outbox_backlog`].
     pub outbox_backlog: Arc<AtomicI64>,
+    /// The processor's lag and drain rate, kept current by [`backpressure::watch`].
+    pub processor_pressure: Arc<backpressure::ProcessorPressure>,
 }
 
 /// The service's migrations: its own, then the outbox's and the parked records'.
@@ -98,6 +103,10 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         shutdown.clone(),
     ));
 
+    let processor_pressure = Arc::new(backpressure::ProcessorPressure::default());
+    let probe = kafka::LagProbe::new(&config.kafka, &config.shed.processor_group, &topics.commands)?;
+    tasks.spawn(backpressure::watch(probe, processor_pressure.clone(), shutdown.clone()));
+
     let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
     tasks.spawn(relay.run(shutdown.clone()));
 
@@ -130,6 +139,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         topics: Arc::new(topics),
         config: Arc::new(config.clone()),
         outbox_backlog,
+        processor_pressure,
     };
     let mut router = router(state, readiness(pool.clone(), &config.kafka));
     if let Some(admin) = projection::admin_router(pool, &config.admin.token) {

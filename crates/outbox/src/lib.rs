@@ -79,20 +79,45 @@ impl OutboxMessage {
 /// larger than [`MAX_MESSAGE_BYTES`] is refused with [`Error::TooLarge`] and
 /// nothing is written.
 pub async fn enqueue(tx: &mut PgConnection, message: &OutboxMessage) -> Result<()> {
-    let size = message.size();
-    if size > MAX_MESSAGE_BYTES {
+    enqueue_all(tx, std::slice::from_ref(message)).await
+}
+
+/// Add `messages` to the outbox, in order, inside the caller's transaction,
+/// in one statement; if any is larger than [`MAX_MESSAGE_BYTES`], none is
+/// written and [`Error::TooLarge`] tells the first such size.
+pub async fn enqueue_all(tx: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
+    if let Some(size) = messages.iter().map(OutboxMessage::size).find(|size| *size > MAX_MESSAGE_BYTES) {
         return Err(Error::TooLarge { size, limit: MAX_MESSAGE_BYTES });
     }
-    let headers = serde_json::Value::Array(
-        message.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value])).collect(),
-    );
-    sqlx::query("INSERT INTO onceflow_outbox (topic, message_key, payload, headers) VALUES ($1, $2, $3, $4)")
-        .bind(&message.topic)
-        .bind(&message.key)
-        .bind(&message.payload)
-        .bind(headers)
-        .execute(&mut *tx)
-        .await?;
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    let keys: Vec<Option<&str>> = messages.iter().map(|m| m.key.as_deref()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    let headers: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            serde_json::Value::Array(
+                m.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value])).collect(),
+            )
+        })
+        .collect();
+    // Ordered by position, so the ids (and the relay's publishing order)
+    // follow the order of `messages`.
+    sqlx::query(
+        "INSERT INTO onceflow_outbox (topic, message_key, payload, headers)
+         SELECT topic, message_key, payload, headers
+         FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[]) WITH ORDINALITY
+             AS batch(topic, message_key, payload, headers, position)
+         ORDER BY position",
+    )
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&headers)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

@@ -21,6 +21,9 @@ pub struct ProcessorConfig {
     /// lane applies its partitions' commands one at a time, in order, so a
     /// slow command, or one waiting out an outage, holds up only its own lane.
     pub lanes: usize,
+    /// The most commands a lane applies in one transaction: the ones waiting
+    /// in its queue when it is free (it never waits to fill a batch).
+    pub max_batch: usize,
     pub retry: RetryConfig,
     /// The operator's endpoints (dead letters: list and redrive).
     #[serde(default)]

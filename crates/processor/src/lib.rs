@@ -48,6 +48,7 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
         topics: topics.clone(),
         retry: config.retry.clone(),
         lanes: config.lanes,
+        max_batch: config.max_batch,
     };
     tasks.spawn(worker.run(consumer, shutdown.clone()));
 

@@ -43,13 +43,17 @@
 //! headers, never its lane.
 //!
 //! Assigned partitions are spread over `lanes` tasks (partition % lanes), each
-//! applying its partitions' messages one at a time: a key's commands stay in
+//! applying its partitions' messages in order: a key's commands stay in
 //! order (one key, one partition), and a slow or waiting command holds up
-//! only its own lane.
+//! only its own lane. Under load a lane applies the messages it has waiting
+//! as one batch, in one transaction ([`batch`]); anything out of the ordinary
+//! sends the batch back through the one-message path described here.
 //!
 //! A message's offset is stored only once the message reached one of those
 //! ends. A message abandoned half-way (shutdown while it waits out an outage)
 //! keeps its offset unstored, so the next owner of its partition gets it again.
+
+mod batch;
 
 use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
 
@@ -98,6 +102,8 @@ pub struct Worker {
     pub retry: RetryConfig,
     /// How many partitions-in-order lanes run in parallel.
     pub lanes: usize,
+    /// The most commands a lane applies in one transaction.
+    pub max_batch: usize,
 }
 
 /// Messages queued per lane before the dispatcher waits for room.
@@ -334,9 +340,12 @@ impl Worker {
         }
     }
 
-    /// One lane: its messages one at a time, each offset stored once the
-    /// message reached its end. A message of a partition this instance lost in
-    /// a rebalance may still be handled here; its new owner gets it too, and
+    /// One lane: its messages in order, each offset stored once the message
+    /// reached its end. The messages waiting in the queue when the lane is
+    /// free are taken together, up to `max_batch`, and applied as one batch
+    /// (see [`batch`]); a lane never waits to fill a batch, so a lone command
+    /// costs no latency. A message of a partition this instance lost in a
+    /// rebalance may still be handled here; its new owner gets it too, and
     /// the inbox makes the second handling a no-op.
     async fn lane(
         self,
@@ -344,8 +353,23 @@ impl Worker {
         consumer: Arc<StreamConsumer>,
         shutdown: CancellationToken,
     ) {
+        let max_batch = self.max_batch.max(1);
+        let mut batch = Vec::with_capacity(max_batch);
         while let Some(message) = queue.recv().await {
-            if shutdown.is_cancelled() || self.handle_guarded(message.clone(), &shutdown).await == Handled::Abandoned {
+            batch.push(message);
+            while batch.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
+                }
+            }
+            let done = self.handle_batch(&batch, &shutdown).await;
+            for message in &batch[..done] {
+                if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
+                    tracing::warn!(%error, "cannot store offset; the message may be redelivered");
+                }
+            }
+            if let Some(message) = batch.get(done) {
                 // Storing this offset would skip a command that has not taken
                 // effect; left unstored, the partition's next owner gets it.
                 tracing::info!(
@@ -355,9 +379,7 @@ impl Worker {
                 );
                 return;
             }
-            if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
-                tracing::warn!(%error, "cannot store offset; the message may be redelivered");
-            }
+            batch.clear();
         }
     }
 
@@ -405,14 +427,7 @@ impl Worker {
                 return self.dead_letter(message, None, &poison, shutdown).await;
             }
         };
-        let span = tracing::info_span!(
-            "process_command",
-            correlation_id = %envelope.correlation_id,
-            message_id = %envelope.message_id,
-            tenant = %envelope.tenant,
-            command_type = %envelope.message_type,
-        );
-        telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
+        let span = command_span(&envelope);
         self.handle_enveloped(message, envelope, shutdown).instrument(span).await
     }
 
@@ -768,13 +783,23 @@ impl Worker {
     }
 }
 
+/// The span of one command's handling, a child of the trace its envelope carries.
+fn command_span(envelope: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process_command",
+        correlation_id = %envelope.correlation_id,
+        message_id = %envelope.message_id,
+        tenant = %envelope.tenant,
+        command_type = %envelope.message_type,
+    );
+    telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
+    span
+}
+
 /// Insert the inbox row; `false` if the message was already handled.
 ///
 /// The one exception: a message whose inbox outcome is `dead_lettered` and
-/// that an operator redrove (see [`crate::admin`]) is claimed once more. The
-/// pending redrive is consumed here, in the caller's transaction, so it is
-/// used up exactly when the effect commits; a concurrent second delivery
-/// blocks on the dead letter's row and then finds nothing pending.
+/// that an operator redrove is claimed once more (see [`claim_redrive`]).
 async fn claim_inbox(tx: &mut sqlx::PgConnection, message_id: Uuid, job: &JobRef) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO inbox (message_id, tenant, command_type, outcome) VALUES ($1, $2, $3, 'succeeded')
@@ -788,6 +813,16 @@ async fn claim_inbox(tx: &mut sqlx::PgConnection, message_id: Uuid, job: &JobRef
     if inserted.rows_affected() == 1 {
         return Ok(true);
     }
+    claim_redrive(tx, message_id).await
+}
+
+/// Claim a message that already has its inbox row: `true` only if its
+/// outcome is `dead_lettered` and an operator redrove it (see
+/// [`crate::admin`]). The pending redrive is consumed here, in the caller's
+/// transaction, so it is used up exactly when the effect commits; a
+/// concurrent second delivery blocks on the dead letter's row and then finds
+/// nothing pending.
+async fn claim_redrive(tx: &mut sqlx::PgConnection, message_id: Uuid) -> Result<bool, sqlx::Error> {
     let redriven = sqlx::query(
         "UPDATE dead_letters d SET redrive_pending = false, reapplied_at = now()
          FROM inbox i

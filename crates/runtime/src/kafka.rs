@@ -358,3 +358,61 @@ mod tests {
         assert!(consumer(&config(&[("no.such.property", "1")], &[]), "g").is_err());
     }
 }
+
+/// How far a consumer group is behind on a topic, summed over its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLag {
+    /// Records on the topic that the group has not committed yet.
+    pub lag: i64,
+    /// Records the group has committed, counted from each partition's start:
+    /// its increase over time is the group's drain rate.
+    pub committed: i64,
+}
+
+/// Reads another consumer group's progress on a topic: a consumer that
+/// carries the group's id but never subscribes, so it reads the group's
+/// committed offsets (as `kafka-consumer-groups --describe` does) without
+/// joining the group or taking part in its rebalances, and never commits.
+pub struct LagProbe {
+    consumer: rdkafka::consumer::BaseConsumer,
+    topic: String,
+}
+
+impl LagProbe {
+    pub fn new(config: &KafkaConfig, group_id: &str, topic: &str) -> Result<Self> {
+        let mut client = base(config);
+        client.set("group.id", group_id).set("enable.auto.commit", "false");
+        pass_through(&mut client, &config.consumer, "consumer")?;
+        Ok(Self { consumer: client.create()?, topic: topic.to_owned() })
+    }
+
+    /// The group's lag now. Blocking (several broker round trips, each at
+    /// most `timeout`): call it from `spawn_blocking`. A partition the group
+    /// never committed counts from its first record.
+    pub fn measure(&self, timeout: Duration) -> Result<GroupLag> {
+        use rdkafka::{Offset, TopicPartitionList};
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|topic| topic.name() == self.topic)
+            .flat_map(|topic| topic.partitions().iter().map(|partition| partition.id()))
+            .collect();
+        let mut wanted = TopicPartitionList::new();
+        for partition in &partitions {
+            wanted.add_partition(&self.topic, *partition);
+        }
+        let committed = self.consumer.committed_offsets(wanted, timeout)?;
+        let mut lag = GroupLag { lag: 0, committed: 0 };
+        for partition in partitions {
+            let (low, high) = self.consumer.fetch_watermarks(&self.topic, partition, timeout)?;
+            let position = match committed.find_partition(&self.topic, partition).map(|p| p.offset()) {
+                Some(Offset::Offset(offset)) => offset.clamp(low, high),
+                _ => low,
+            };
+            lag.lag += high - position;
+            lag.committed += position;
+        }
+        Ok(lag)
+    }
+}

@@ -1,0 +1,166 @@
+//! Backpressure that follows the processor's capacity.
+//!
+//! A `202` promises that the command will be applied; accepting commands
+//! faster than the processor applies them only grows the queue in front of
+//! it, and with it the time every accepted command waits. So ingest watches
+//! the processor's consumer group on the commands topic ([`LagProbe`]):
+//! once a second, its lag (commands published, not yet applied) and its
+//! drain rate (commands applied per second, smoothed). When the lag would
+//! take longer than `shed.max_queue_delay_ms` to drain at that rate, and is
+//! above `shed.min_lag` (so a burst on an idle system, whose drain rate is
+//! not known yet, is not refused), new commands get `503` with a
+//! `Retry-After` of the time the excess takes to drain: the queue, and so
+//! the latency of accepted work, stays bounded at about the configured delay
+//! whatever the load.
+//!
+//! When the lag cannot be measured (the broker is down), nothing is shed for
+//! it: commands wait in the outbox, bounded by `shed.max_outbox_backlog`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use onceflow_runtime::kafka::{GroupLag, LagProbe};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ShedConfig;
+
+/// How often the lag is measured.
+const INTERVAL: Duration = Duration::from_secs(1);
+/// How long one measurement may wait for the broker per request.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// The weight of the newest sample in the smoothed drain rate.
+const SMOOTHING: f64 = 0.3;
+/// The most a `Retry-After` asks a client to wait, in seconds.
+const MAX_RETRY_AFTER_SECS: u64 = 60;
+
+/// The processor's last measured lag and drain rate, read by every request.
+#[derive(Debug)]
+pub struct ProcessorPressure {
+    /// Commands not yet applied; negative while unknown.
+    lag: AtomicI64,
+    /// Commands applied per second, smoothed, as `f64` bits.
+    drain_per_sec: AtomicU64,
+}
+
+impl Default for ProcessorPressure {
+    fn default() -> Self {
+        Self { lag: AtomicI64::new(-1), drain_per_sec: AtomicU64::new(0f64.to_bits()) }
+    }
+}
+
+impl ProcessorPressure {
+    /// `Some(seconds to wait)` when a new command should be refused now.
+    pub fn retry_after(&self, shed: &ShedConfig) -> Option<(i64, u64)> {
+        let lag = self.lag.load(Ordering::Relaxed);
+        let drain = f64::from_bits(self.drain_per_sec.load(Ordering::Relaxed));
+        retry_after(lag, drain, shed).map(|seconds| (lag, seconds))
+    }
+
+    fn record(&self, lag: i64, drain_per_sec: f64) {
+        self.lag.store(lag, Ordering::Relaxed);
+        self.drain_per_sec.store(drain_per_sec.to_bits(), Ordering::Relaxed);
+        metrics::gauge!("onceflow_processor_lag_messages").set(lag as f64);
+        metrics::gauge!("onceflow_processor_drain_per_second").set(drain_per_sec);
+    }
+
+    fn forget(&self) {
+        self.lag.store(-1, Ordering::Relaxed);
+    }
+}
+
+/// The rule: refuse when `lag` is above `min_lag` and would take longer than
+/// `max_queue_delay_ms` to drain at `drain_per_sec`; wait for the excess to
+/// drain (at least 1 s, at most [`MAX_RETRY_AFTER_SECS`]; the configured
+/// `retry_after_secs` while nothing drains).
+fn retry_after(lag: i64, drain_per_sec: f64, shed: &ShedConfig) -> Option<u64> {
+    if lag <= shed.min_lag {
+        return None;
+    }
+    let drainable = drain_per_sec * shed.max_queue_delay_ms as f64 / 1000.0;
+    let excess = lag as f64 - drainable;
+    if excess <= 0.0 {
+        return None;
+    }
+    let seconds = if drain_per_sec > 0.0 { (excess / drain_per_sec).ceil() as u64 } else { shed.retry_after_secs };
+    Some(seconds.clamp(1, MAX_RETRY_AFTER_SECS))
+}
+
+/// Measure the processor group's lag every [`INTERVAL`] into `pressure` until
+/// `shutdown`.
+pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: CancellationToken) {
+    let probe = Arc::new(probe);
+    let mut previous: Option<(Instant, GroupLag)> = None;
+    let mut drain_per_sec = 0.0;
+    loop {
+        let measuring = probe.clone();
+        match tokio::task::spawn_blocking(move || measuring.measure(TIMEOUT)).await {
+            Ok(Ok(now)) => {
+                let at = Instant::now();
+                if let Some((then, before)) = previous {
+                    let seconds = at.duration_since(then).as_secs_f64();
+                    // Committed offsets only grow; a drop means the topic was recreated.
+                    let drained = (now.committed - before.committed).max(0) as f64;
+                    if seconds > 0.0 {
+                        drain_per_sec = SMOOTHING * drained / seconds + (1.0 - SMOOTHING) * drain_per_sec;
+                    }
+                }
+                pressure.record(now.lag, drain_per_sec);
+                previous = Some((at, now));
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot measure the processor's lag");
+                pressure.forget();
+                previous = None;
+            }
+            Err(error) => tracing::warn!(%error, "the lag measurement failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(INTERVAL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shed() -> ShedConfig {
+        ShedConfig {
+            max_outbox_backlog: 100_000,
+            retry_after_secs: 2,
+            processor_group: "onceflow-processor".to_owned(),
+            max_queue_delay_ms: 10_000,
+            min_lag: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_lag_that_drains_within_the_delay_is_accepted() {
+        // 5,000 behind at 1,000/s: 5 s, within 10 s.
+        assert_eq!(retry_after(5_000, 1_000.0, &shed()), None);
+        // Unknown or small lags never shed.
+        assert_eq!(retry_after(-1, 0.0, &shed()), None);
+        assert_eq!(retry_after(1_000, 0.0, &shed()), None);
+    }
+
+    #[test]
+    fn a_lag_past_the_delay_waits_for_the_excess_to_drain() {
+        // 25,000 behind at 1,000/s: 15 s past the 10 s bound.
+        assert_eq!(retry_after(25_000, 1_000.0, &shed()), Some(15));
+        // Barely past: at least a second.
+        assert_eq!(retry_after(10_001, 1_000.0, &shed()), Some(1));
+        // Far past: at most a minute.
+        assert_eq!(retry_after(1_000_000, 100.0, &shed()), Some(MAX_RETRY_AFTER_SECS));
+    }
+
+    #[test]
+    fn nothing_draining_sheds_past_the_minimum_with_the_configured_wait() {
+        assert_eq!(retry_after(1_001, 0.0, &shed()), Some(2));
+    }
+}

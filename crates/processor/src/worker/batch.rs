@@ -1,0 +1,281 @@
+//! Batches: the commands a lane has waiting, applied in one transaction.
+//!
+//! Applying each command in a transaction of its own costs a commit, and so
+//! a WAL flush, per command; and every deposit of a currency holds the one
+//! `world:<CUR>` row locked until its commit, so commands of a currency
+//! queue up behind each other's flushes. A batch pays for one commit:
+//!
+//! ```text
+//! BEGIN
+//!   inbox rows of every message (one statement; the ones already there are duplicates)
+//!   per claimed command: SAVEPOINT, effect, RELEASE (or ROLLBACK TO it on a refusal)
+//!   every result in the outbox (one statement)
+//!   outcome `failed` of the refused ones (one statement)
+//! COMMIT, then every offset is stored
+//! ```
+//!
+//! Order is kept: the batch applies its messages in the order the lane
+//! received them, so a key's commands stay in order.
+//!
+//! The batch takes only the ordinary case: every message has a readable
+//! envelope and command, and each one ends applied, refused (a business
+//! refusal) or as a duplicate. Anything else rolls the whole batch back, and
+//! its messages go one at a time through the one-message path, which knows
+//! every end of guarantee G8: a message to dead-letter, a data error the
+//! database raises, a result too large for one record, an outage (a lost
+//! connection, a deadlock between two lanes' batches) or a panic. The batch
+//! adds no retry loop of its own: an outage met here is waited out by the
+//! one-message path; a message that can never succeed is dead-lettered by it.
+//! A rolled-back batch changed nothing but the progress events a long
+//! command may have committed on the way (advisory and at least once, see
+//! [`crate::handlers::Progress`]).
+
+use std::collections::HashSet;
+
+use onceflow_contracts::{Envelope, JobError, JobStatus};
+use onceflow_outbox::OutboxMessage;
+use onceflow_runtime::{failure::Failure, kafka};
+use rdkafka::message::OwnedMessage;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use super::{Handled, Outcome, Parsed, Worker, claim_redrive, command_span};
+use crate::handlers::HandlerError;
+
+/// Why a batch was rolled back (a metric label and a log line), and which
+/// of its messages caused it when one did.
+#[derive(Debug)]
+struct Fallback {
+    reason: &'static str,
+    /// The position of the message that cannot go in a batch; `None` when
+    /// the batch as a whole met an outage (a lost connection, a deadlock).
+    culprit: Option<usize>,
+}
+
+impl Fallback {
+    fn at(culprit: usize, reason: &'static str) -> Self {
+        Self { reason, culprit: Some(culprit) }
+    }
+
+    fn noting(self, error: &dyn std::fmt::Display) -> Self {
+        tracing::debug!(%error, reason = self.reason, "batch rolled back");
+        self
+    }
+}
+
+impl From<sqlx::Error> for Fallback {
+    fn from(error: sqlx::Error) -> Self {
+        Self { reason: "database_error", culprit: None }.noting(&error)
+    }
+}
+
+/// One command of a batch that got past the door.
+#[derive(Clone, Copy)]
+struct Claimed<'a> {
+    /// Its position in the batch.
+    position: usize,
+    envelope: &'a Envelope,
+    parsed: &'a Parsed,
+}
+
+impl Worker {
+    /// Handle `batch` to its end, in order; returns how many of its messages,
+    /// from the first, reached their end (fewer than all only on shutdown).
+    ///
+    /// When one message cannot go in a batch (it is to be dead-lettered, the
+    /// database refuses its data, its result is too large), the messages
+    /// before it are applied as a batch of their own, it goes alone through
+    /// the one-message path, and the messages after it are batched again; an
+    /// outage sends the rest of the batch through the one-message path,
+    /// which waits it out.
+    pub(super) async fn handle_batch(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> usize {
+        let mut done = 0;
+        while done < batch.len() {
+            let rest = &batch[done..];
+            if rest.len() == 1 || shutdown.is_cancelled() {
+                return done + self.one_at_a_time(rest, shutdown).await;
+            }
+            let fallback = match self.apply_batch(rest).await {
+                Ok(()) => return batch.len(),
+                Err(fallback) => fallback,
+            };
+            metrics::counter!("onceflow_command_batch_fallbacks_total", "reason" => fallback.reason).increment(1);
+            tracing::info!(reason = fallback.reason, size = rest.len(), "batch rolled back");
+            let Some(culprit) = fallback.culprit else {
+                return done + self.one_at_a_time(rest, shutdown).await;
+            };
+            // The commands before the culprit met nothing wrong.
+            let before = &rest[..culprit];
+            let applied = if before.len() > 1 && self.apply_batch(before).await.is_ok() {
+                before.len()
+            } else {
+                self.one_at_a_time(before, shutdown).await
+            };
+            done += applied;
+            if applied < before.len() {
+                return done;
+            }
+            let alone = self.one_at_a_time(&rest[culprit..=culprit], shutdown).await;
+            done += alone;
+            if alone == 0 {
+                return done;
+            }
+        }
+        done
+    }
+
+    /// `messages` through the one-message path, in order; how many reached
+    /// their end (fewer than all only on shutdown).
+    async fn one_at_a_time(&self, messages: &[OwnedMessage], shutdown: &CancellationToken) -> usize {
+        for (done, message) in messages.iter().enumerate() {
+            if shutdown.is_cancelled() || self.handle_guarded(message.clone(), shutdown).await == Handled::Abandoned {
+                return done;
+            }
+        }
+        messages.len()
+    }
+
+    /// The batch in one transaction, or nothing at all.
+    async fn apply_batch(&self, batch: &[OwnedMessage]) -> Result<(), Fallback> {
+        let commands = batch
+            .iter()
+            .enumerate()
+            .map(|(position, message)| {
+                let envelope = kafka::envelope_of(message).map_err(|_| Fallback::at(position, "unreadable_message"))?;
+                let parsed =
+                    self.parse(message, &envelope).map_err(|_| Fallback::at(position, "unreadable_message"))?;
+                Ok((envelope, parsed))
+            })
+            .collect::<Result<Vec<_>, Fallback>>()?;
+
+        let mut tx = self.pool.begin().await?;
+        let claimed = claim_inbox_batch(&mut tx, &commands).await?;
+        let mut results = Vec::with_capacity(commands.len());
+        let mut refused = Vec::new();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for (position, ((envelope, parsed), claimed)) in commands.iter().zip(claimed).enumerate() {
+            if !claimed {
+                outcomes.push((envelope, Outcome::Duplicate));
+                continue;
+            }
+            let command = Claimed { position, envelope, parsed };
+            let (status, result) = self.apply_one(&mut tx, &command).instrument(command_span(envelope)).await?;
+            if status == JobStatus::Failed {
+                refused.push(envelope.message_id);
+            }
+            results.push(result);
+            outcomes.push((envelope, Outcome::Applied(status)));
+        }
+        onceflow_outbox::enqueue_all(&mut tx, &results).await.map_err(|error| match error {
+            onceflow_outbox::Error::Database(error) => Fallback::from(error),
+            // Each result's size was checked in `apply_one`.
+            other => Fallback { reason: "outbox", culprit: None }.noting(&other),
+        })?;
+        if !refused.is_empty() {
+            sqlx::query("UPDATE inbox SET outcome = 'failed' WHERE message_id = ANY($1)")
+                .bind(&refused)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        metrics::histogram!("onceflow_command_batch_size").record(commands.len() as f64);
+        for (envelope, outcome) in outcomes {
+            let _span = command_span(envelope).entered();
+            match outcome {
+                Outcome::Applied(status) => {
+                    metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
+                    tracing::info!(status = status.as_str(), "command applied");
+                }
+                Outcome::Duplicate => {
+                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                    tracing::info!("duplicate delivery; already applied");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One claimed command's effect on a savepoint, and its result: applied
+    /// (`succeeded`) or refused (`failed`, the effect rolled back).
+    async fn apply_one(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        command: &Claimed<'_>,
+    ) -> Result<(JobStatus, OutboxMessage), Fallback> {
+        let Claimed { position, envelope, parsed } = *command;
+        let handler = self
+            .registry
+            .get(&parsed.job.command_type)
+            .ok_or_else(|| Fallback::at(position, "unknown_command_type"))?;
+        let mut context = parsed.context.clone();
+        context.progress = self.progress_sink(envelope, &parsed.job);
+        let mut effect = sqlx::Connection::begin(&mut *tx).await?;
+        let (status, result, error) = match handler(&mut effect, &context).await {
+            Ok(result) => {
+                effect.commit().await?;
+                (JobStatus::Succeeded, Some(result.to_string()), None)
+            }
+            Err(HandlerError::Refused { code, message }) => {
+                effect.rollback().await?;
+                (JobStatus::Failed, None, Some(JobError { code: code.to_owned(), message }))
+            }
+            Err(HandlerError::Poison(_)) => return Err(Fallback::at(position, "invalid_payload")),
+            Err(HandlerError::Database(error)) => {
+                return Err(match Failure::of_database(&error) {
+                    Failure::Data => Fallback::at(position, "invalid_data"),
+                    Failure::Outage => Fallback::from(error),
+                });
+            }
+        };
+        let event = self.result_event(envelope, &parsed.job, status, result, error);
+        let message =
+            self.result_message(envelope, &event).map_err(|_| Fallback::at(position, "unencodable_result"))?;
+        if message.size() > onceflow_outbox::MAX_MESSAGE_BYTES {
+            return Err(Fallback::at(position, "result_too_large"));
+        }
+        Ok((status, message))
+    }
+}
+
+/// The inbox rows of every command of the batch in one statement; for each
+/// command, whether it is claimed (`false`: already handled, a duplicate).
+/// A message whose row was already there is claimed only if an operator
+/// redrove it ([`claim_redrive`]); a message twice in one batch is claimed
+/// once.
+async fn claim_inbox_batch(
+    tx: &mut sqlx::PgConnection,
+    commands: &[(Envelope, Parsed)],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let ids: Vec<Uuid> = commands.iter().map(|(envelope, _)| envelope.message_id).collect();
+    let tenants: Vec<&str> = commands.iter().map(|(_, parsed)| parsed.job.tenant.as_str()).collect();
+    let types: Vec<&str> = commands.iter().map(|(_, parsed)| parsed.job.command_type.as_str()).collect();
+    let mut inserted: HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO inbox (message_id, tenant, command_type, outcome)
+         SELECT id, tenant, command_type, 'succeeded' FROM unnest($1::uuid[], $2::text[], $3::text[])
+             AS batch(id, tenant, command_type)
+         ON CONFLICT (message_id) DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&types)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let mut claimed = Vec::with_capacity(ids.len());
+    let mut seen = HashSet::with_capacity(ids.len());
+    for id in ids {
+        let first = seen.insert(id);
+        claimed.push(if inserted.remove(&id) {
+            true
+        } else if first {
+            claim_redrive(tx, id).await?
+        } else {
+            false
+        });
+    }
+    Ok(claimed)
+}

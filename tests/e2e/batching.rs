@@ -1,0 +1,118 @@
+//! The processor's batches against the real PostgreSQL and the real broker:
+//! commands that pile up on one partition while no processor runs are then
+//! applied many per transaction, and still each exactly once, in order, with
+//! refusals, a duplicate and poison among them ending as they would alone.
+
+use onceflow_contracts::JobStatus;
+use onceflow_tests::{OUTCOME_TIMEOUT, TestEnv, kafka_producer};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::processor::{
+    CommandMessage, TENANT, balance, count, inbox, processor_db, published_results, results_of, send, wait_handled,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_is_applied_in_batches_each_command_once_and_in_order() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let account = "batched";
+
+    // Everything keyed by the account, so one partition, one lane, in this order.
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topics.commands, &open, None).await;
+    let mut deposits = Vec::new();
+    let mut refusals = Vec::new();
+    let mut poison = None;
+    for round in 1..=3_i64 {
+        for amount in 1..=15 {
+            let deposit = CommandMessage::deposit(account, round * 100 + amount);
+            send(&producer, &topics.commands, &deposit, None).await;
+            deposits.push(deposit);
+        }
+        // A refusal in the middle of a batch: its effect rolls back, the
+        // commands around it apply.
+        let refused =
+            CommandMessage::new("ledger.transfer", account, &json!({"from": account, "to": "nobody", "amount": 1}));
+        send(&producer, &topics.commands, &refused, None).await;
+        refusals.push(refused);
+        // A copy of a deposit of this round, as a relay that died between
+        // publishing and deleting would publish it.
+        send(&producer, &topics.commands, &deposits[deposits.len() - 5], None).await;
+        if round == 2 {
+            // Poison in the middle of a backlog: its batch goes back to one
+            // message at a time, which dead-letters it.
+            let garbage = CommandMessage { payload: b"not avro".to_vec(), ..CommandMessage::deposit(account, 1) };
+            send(&producer, &topics.commands, &garbage, None).await;
+            poison = Some(garbage);
+        }
+    }
+    let poison = poison.expect("the poison was sent");
+
+    let processor = env.start_processor().await;
+    let db = processor_db(&env).await;
+    let mut all: Vec<Uuid> = deposits.iter().chain(&refusals).map(|c| c.job_id).collect();
+    all.extend([open.job_id, poison.job_id]);
+    wait_handled(&db, &all, OUTCOME_TIMEOUT).await;
+
+    // Each deposit once, in order: every result's balance is the running sum.
+    let deposited: i64 = deposits.iter().map(amount_of).sum();
+    assert_eq!(balance(&db, account).await, deposited, "every deposit applied once");
+    assert_eq!(balance(&db, "world:EUR").await, -deposited, "the books balance");
+    assert_eq!(count(&db, "SELECT count(*) FROM postings").await, deposits.len() as i64, "one posting each");
+    let inbox = inbox(&db).await;
+    assert_eq!(inbox.len(), all.len(), "one inbox row per distinct command: {inbox:?}");
+    for refused in &refusals {
+        assert_eq!(inbox[&refused.job_id], "failed");
+    }
+    assert_eq!(inbox[&poison.job_id], "dead_lettered");
+
+    let results = published_results(&env, &db).await;
+    let mut running = 0;
+    for deposit in &deposits {
+        running += amount_of(deposit);
+        let events = results_of(&results, &deposit.id());
+        assert_eq!(events.len(), 1, "one result per deposit, duplicates add none: {events:?}");
+        assert_eq!(events[0].status, JobStatus::Succeeded);
+        let result: Value = serde_json::from_str(events[0].result_json.as_deref().unwrap()).unwrap();
+        assert_eq!(result["balance"], running, "applied in the order sent");
+    }
+    for refused in &refusals {
+        let events = results_of(&results, &refused.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].status, JobStatus::Failed);
+        assert_eq!(events[0].error.as_ref().map(|e| e.code.as_str()), Some("unknown_account"));
+    }
+    let dead = results_of(&results, &poison.id());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].status, JobStatus::DeadLettered);
+    assert_eq!(results.len(), all.len(), "one result per distinct command");
+
+    // Batched: the inbox rows were written by fewer transactions than there
+    // are commands (rows of one transaction share its id, `xmin`).
+    let transactions = count(
+        &db,
+        &format!(
+            "SELECT count(DISTINCT xmin::text) FROM inbox WHERE tenant = '{TENANT}' AND outcome <> 'dead_lettered'"
+        ),
+    )
+    .await;
+    assert!(
+        transactions < (all.len() as i64 - 1) / 2,
+        "{transactions} transactions for {} commands: the backlog was not batched",
+        all.len() - 1
+    );
+
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
+}
+
+fn amount_of(command: &CommandMessage) -> i64 {
+    let decoded =
+        onceflow_contracts::Command::decode(&command.envelope.schema_id, &command.payload).expect("a command");
+    let payload: Value = serde_json::from_str(&decoded.payload_json).expect("a payload");
+    payload["amount"].as_i64().expect("an amount")
+}
