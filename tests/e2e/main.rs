@@ -10,6 +10,7 @@ mod hostile_processor;
 mod hostile_results;
 mod http;
 mod ingest;
+mod metrics;
 mod notifier;
 mod processor;
 mod redrive;

@@ -104,12 +104,12 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
                 if let Some((then, before)) = previous {
                     let seconds = at.duration_since(then).as_secs_f64();
                     // Committed offsets only grow; a drop means the topic was recreated.
-                    let drained = (now.committed - before.committed).max(0) as f64;
+                    let drained = (now.committed() - before.committed()).max(0) as f64;
                     if seconds > 0.0 {
                         drain_per_sec = SMOOTHING * drained / seconds + (1.0 - SMOOTHING) * drain_per_sec;
                     }
                 }
-                pressure.record(now.lag, drain_per_sec);
+                pressure.record(now.lag(), drain_per_sec);
                 previous = Some((at, now));
             }
             Ok(Err(error)) => {

@@ -4,7 +4,7 @@
 //!   after the command and its outbox row are committed).
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
 //! - [`projection`]: consumes the results topic into that projection.
-//! - [`maintenance`]: the idempotency-key sweeper and the outbox backlog gauge.
+//! - [`maintenance`]: the idempotency-key sweeper.
 //! - [`backpressure`]: refusing commands while the processor's backlog would
 //!   take too long to drain.
 //! - [`error`]: every HTTP error as RFC 9457 problem+json.
@@ -50,7 +50,7 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub topics: Arc<Topics>,
     pub config: Arc<IngestConfig>,
-    /// Unpublished outbox rows, kept current by [`maintenance::watch_outbox_backlog`].
+    /// Unpublished outbox rows, kept current by [`onceflow_outbox::watch_backlog`].
     pub outbox_backlog: Arc<AtomicI64>,
     /// The processor's lag and drain rate, kept current by [`backpressure::watch`].
     pub processor_pressure: Arc<backpressure::ProcessorPressure>,
@@ -96,13 +96,21 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         shutdown.clone(),
     ));
     let outbox_backlog = Arc::new(AtomicI64::new(0));
-    tasks.spawn(maintenance::watch_outbox_backlog(
+    tasks.spawn(onceflow_outbox::watch_backlog(
         pool.clone(),
         outbox_backlog.clone(),
         Duration::from_millis(500),
         shutdown.clone(),
     ));
 
+    onceflow_runtime::instruments::watch_service(
+        &mut tasks,
+        &pool,
+        &config.kafka,
+        &config.results_group_id,
+        &[&topics.results],
+        &shutdown,
+    );
     let processor_pressure = Arc::new(backpressure::ProcessorPressure::default());
     let probe = kafka::LagProbe::new(&config.kafka, &config.shed.processor_group, &topics.commands)?;
     tasks.spawn(backpressure::watch(probe, processor_pressure.clone(), shutdown.clone()));

@@ -1,13 +1,6 @@
-//! Ingest's background upkeep: the idempotency-key sweeper and the outbox
-//! backlog gauge that load shedding reads.
+//! Ingest's background upkeep: the idempotency-key sweeper.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -37,27 +30,4 @@ pub async fn sweep_once(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
     .execute(pool)
     .await?;
     Ok(deleted.rows_affected())
-}
-
-/// Keep `backlog` equal to the number of unpublished outbox rows, refreshed
-/// every `interval`: requests read the number instead of counting rows.
-pub async fn watch_outbox_backlog(
-    pool: PgPool,
-    backlog: Arc<AtomicI64>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match onceflow_outbox::backlog(&pool).await {
-            Ok(rows) => {
-                backlog.store(rows, Ordering::Relaxed);
-                metrics::gauge!("onceflow_outbox_backlog").set(rows as f64);
-            }
-            Err(error) => tracing::warn!(%error, "cannot read the outbox backlog"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
 }

@@ -101,6 +101,14 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
 
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.results])?;
+    onceflow_runtime::instruments::watch_service(
+        &mut tasks,
+        &pool,
+        &config.kafka,
+        &config.group_id,
+        &[&topics.results],
+        &shutdown,
+    );
     let record_pool = pool.clone();
     let consumer_shutdown = shutdown.clone();
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);

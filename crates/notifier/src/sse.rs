@@ -129,6 +129,8 @@ fn event_stream(
     end_on_terminal: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
+        // Counted while the stream lives: dropped with it when the client goes.
+        let _open = OpenStream::new();
         // Subscribe first: anything committed from here on reaches us live,
         // anything before is in the catch-up query.
         let mut live = state.hub.subscribe();
@@ -215,6 +217,23 @@ fn event_stream(
                 Err(RecvError::Closed) => return,
             }
         }
+    }
+}
+
+/// One open stream in the `onceflow_sse_connections` gauge, for as long as
+/// it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        metrics::gauge!("onceflow_sse_connections").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!("onceflow_sse_connections").decrement(1.0);
     }
 }
 

@@ -125,3 +125,27 @@ pub async fn enqueue_all(tx: &mut PgConnection, messages: &[OutboxMessage]) -> R
 pub async fn backlog(pool: &sqlx::PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM onceflow_outbox").fetch_one(pool).await?)
 }
+
+/// Keep `backlog` (and the `onceflow_outbox_backlog` gauge) equal to the
+/// number of unpublished outbox rows, refreshed every `interval` until
+/// `shutdown`: requests read the number instead of counting rows.
+pub async fn watch_backlog(
+    pool: sqlx::PgPool,
+    backlog: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match self::backlog(&pool).await {
+            Ok(rows) => {
+                backlog.store(rows, std::sync::atomic::Ordering::Relaxed);
+                metrics::gauge!("onceflow_outbox_backlog").set(rows as f64);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the outbox backlog"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -16,6 +16,8 @@ pub mod handlers;
 pub mod openapi;
 pub mod worker;
 
+use std::{sync::Arc, time::Duration};
+
 use onceflow_outbox::{Relay, RelayConfig};
 use onceflow_runtime::{http, kafka, postgres, service::Running};
 use rdkafka::consumer::Consumer as _;
@@ -38,6 +40,15 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
     let mut tasks = JoinSet::new();
 
     tasks.spawn(Relay::new(pool.clone(), producer.clone(), RelayConfig::default()).run(shutdown.clone()));
+    tasks.spawn(onceflow_outbox::watch_backlog(pool.clone(), Arc::default(), Duration::from_secs(1), shutdown.clone()));
+    onceflow_runtime::instruments::watch_service(
+        &mut tasks,
+        &pool,
+        &config.kafka,
+        &config.group_id,
+        &[&topics.commands],
+        &shutdown,
+    );
 
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.commands])?;

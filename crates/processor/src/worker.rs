@@ -55,7 +55,12 @@
 
 mod batch;
 
-use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use base64::Engine as _;
 use onceflow_contracts::{Command, Envelope, JobError, JobStatus, ResultEvent, schema, topics::Topics};
@@ -295,6 +300,32 @@ enum Outcome {
     Duplicate,
 }
 
+impl Outcome {
+    /// Its metrics and log line, inside the command's span; `took` is the
+    /// time from the processor taking the command to its end's commit.
+    fn report(&self, command_type: &'static str, took: Duration) {
+        match self {
+            Self::Applied(status) => {
+                metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
+                record_duration(command_type, status.as_str(), took);
+                tracing::info!(status = status.as_str(), "command applied");
+            }
+            Self::Duplicate => {
+                metrics::counter!("onceflow_commands_duplicate_total").increment(1);
+                record_duration(command_type, "duplicate", took);
+                tracing::info!("duplicate delivery; already applied");
+            }
+        }
+    }
+}
+
+/// `onceflow_command_duration_seconds`: by command type (a registered one, or
+/// `unknown`) and outcome.
+fn record_duration(command_type: &'static str, outcome: &'static str, took: Duration) {
+    metrics::histogram!("onceflow_command_duration_seconds", "type" => command_type, "outcome" => outcome)
+        .record(took.as_secs_f64());
+}
+
 /// Whether a message reached its end, so its offset may be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -437,6 +468,8 @@ impl Worker {
         envelope: Envelope,
         shutdown: &CancellationToken,
     ) -> Handled {
+        let started = Instant::now();
+        let command_type = self.registry.label(&envelope.message_type);
         let parsed = match self.parse(message, &envelope) {
             Ok(parsed) => parsed,
             Err(poison) => {
@@ -444,22 +477,24 @@ impl Worker {
                     Ok(command) => JobRef::of(&command),
                     Err(_) => JobRef::from_envelope(&envelope),
                 };
-                return self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
+                let handled = self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
+                record_duration(command_type, "dead_lettered", started.elapsed());
+                return handled;
             }
         };
-        match self.through_outages("apply", shutdown, Failed::into_poison, || self.apply(&envelope, &parsed)).await {
+        let outcome =
+            self.through_outages("apply", shutdown, Failed::into_poison, || self.apply(&envelope, &parsed)).await;
+        match outcome {
             None => Handled::Abandoned,
-            Some(Ok(Outcome::Applied(status))) => {
-                metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
-                tracing::info!(status = status.as_str(), "command applied");
+            Some(Ok(outcome)) => {
+                outcome.report(command_type, started.elapsed());
                 Handled::Done
             }
-            Some(Ok(Outcome::Duplicate)) => {
-                metrics::counter!("onceflow_commands_duplicate_total").increment(1);
-                tracing::info!("duplicate delivery; already applied");
-                Handled::Done
+            Some(Err(poison)) => {
+                let handled = self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
+                record_duration(command_type, "dead_lettered", started.elapsed());
+                handled
             }
-            Some(Err(poison)) => self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await,
         }
     }
 

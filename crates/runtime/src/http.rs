@@ -28,7 +28,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::{admin::AdminClient, client::DefaultClientContext};
 use tokio::{
     net::TcpListener,
@@ -75,11 +75,12 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = crate::instruments::recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, in which case
             // this handle still renders its own (empty) registry.
             let _ = metrics::set_global_recorder(recorder);
+            crate::instruments::describe();
             handle
         })
         .clone()

@@ -85,13 +85,15 @@ const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/metrics"];
 const MAX_DETAIL_BYTES: usize = 1024;
 
 /// `router` with the request bound, the request timeout and the problem+json
-/// rewrite applied to every route and to the fallback.
+/// rewrite applied to every route and to the fallback, all of it measured
+/// (see [`crate::instruments::record_http_request`]).
 pub fn apply(router: Router, limits: &HttpLimits) -> Router {
     let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
     router
         .layer(middleware::from_fn_with_state(limits.request_timeout(), time_out))
         .layer(middleware::from_fn_with_state(permits, bound_concurrency))
         .layer(middleware::map_response(problem_for_every_error))
+        .layer(middleware::from_fn(crate::instruments::record_http_request))
 }
 
 async fn time_out(State(timeout): State<Duration>, request: Request, next: Next) -> Response {

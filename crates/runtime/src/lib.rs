@@ -18,6 +18,8 @@
 //! - [`postgres`]: connection pools and database creation.
 //! - [`http`]: the `/livez`, `/readyz` (cached) and `/metrics` probes and
 //!   serving with graceful shutdown.
+//! - [`instruments`]: the Prometheus recorder, HELP of every metric, HTTP
+//!   RED metrics, database pool use and consumer lag.
 //! - [`hygiene`]: what every HTTP port gets: header-read and request
 //!   timeouts, connection and concurrency bounds, problem+json for every error.
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
@@ -31,6 +33,7 @@ pub mod error;
 pub mod failure;
 pub mod http;
 pub mod hygiene;
+pub mod instruments;
 pub mod kafka;
 pub mod openapi;
 pub mod parking;

@@ -114,4 +114,10 @@ impl Registry {
     pub fn get(&self, command_type: &str) -> Option<Handler> {
         self.handlers.get(command_type).copied()
     }
+
+    /// `command_type` as a metric label: its registered name, or `unknown`
+    /// for any other (a record's type must not mint metric series).
+    pub fn label(&self, command_type: &str) -> &'static str {
+        self.handlers.get_key_value(command_type).map_or("unknown", |(name, _)| name)
+    }
 }

@@ -138,6 +138,7 @@ impl Worker {
 
     /// The batch in one transaction, or nothing at all.
     async fn apply_batch(&self, batch: &[OwnedMessage]) -> Result<(), Fallback> {
+        let started = std::time::Instant::now();
         let commands = batch
             .iter()
             .enumerate()
@@ -181,18 +182,10 @@ impl Worker {
         tx.commit().await?;
 
         metrics::histogram!("onceflow_command_batch_size").record(commands.len() as f64);
+        let took = started.elapsed();
         for (envelope, outcome) in outcomes {
             let _span = command_span(envelope).entered();
-            match outcome {
-                Outcome::Applied(status) => {
-                    metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
-                    tracing::info!(status = status.as_str(), "command applied");
-                }
-                Outcome::Duplicate => {
-                    metrics::counter!("onceflow_commands_duplicate_total").increment(1);
-                    tracing::info!("duplicate delivery; already applied");
-                }
-            }
+            outcome.report(self.registry.label(&envelope.message_type), took);
         }
         Ok(())
     }
