@@ -5,6 +5,7 @@ mod backpressure;
 mod batching;
 mod chaos;
 mod flow;
+mod group_commit;
 mod hostile_ingest;
 mod hostile_processor;
 mod hostile_results;

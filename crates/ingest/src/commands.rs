@@ -39,7 +39,12 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::{AppState, error::ApiError, openapi::CommandRequest};
+use crate::{
+    AppState,
+    error::ApiError,
+    group_commit::{Acceptance, Grouped},
+    openapi::CommandRequest,
+};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -171,58 +176,6 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     let location = format!("/v1/jobs/{job_id}");
     let accepted =
         Accepted { job_id, correlation_id: correlation_id.clone(), status: "accepted", status_url: location.clone() };
-    let response = StoredResponse {
-        status: StatusCode::ACCEPTED.as_u16(),
-        body: serde_json::to_vec(&accepted).map_err(anyhow::Error::from)?,
-        location: location.clone(),
-    };
-
-    let mut tx = state.pool.begin().await?;
-    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms)).execute(&mut *tx).await?;
-    // Claims the key, or takes over one whose record expired. Waits here while
-    // another transaction holds the same key (a concurrent duplicate that the
-    // lookup above could not see yet).
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys
-             (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
-         ON CONFLICT (tenant, idempotency_key) DO UPDATE
-             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
-                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
-                 response_location = EXCLUDED.response_location, created_at = now(), expires_at = EXCLUDED.expires_at
-             WHERE idempotency_keys.expires_at < now()
-         RETURNING job_id",
-    )
-    .bind(&tenant.0)
-    .bind(key)
-    .bind(&fingerprint[..])
-    .bind(job_id)
-    .bind(response.status as i16)
-    .bind(&response.body)
-    .bind(&response.location)
-    .bind(state.config.idempotency_ttl().as_secs_f64())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(in_flight_or_internal)?;
-
-    if claimed.is_none() {
-        tx.rollback().await?;
-        // Swept between the INSERT and this lookup: the client may simply retry.
-        let recorded =
-            recorded(&state, &tenant, key).await?.ok_or(ApiError::RequestInFlight { retry_after_secs: 1 })?;
-        return recorded.answer(&fingerprint);
-    }
-
-    sqlx::query(
-        "INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status) VALUES ($1, $2, $3, $4, 'accepted')",
-    )
-    .bind(job_id)
-    .bind(&tenant.0)
-    .bind(&correlation_id)
-    .bind(&command.command_type)
-    .execute(&mut *tx)
-    .await?;
-
     let message = Command {
         job_id: job_id.to_string(),
         tenant: tenant.0.clone(),
@@ -242,16 +195,107 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
             correlation_id: correlation_id.clone(),
             causation_id: None,
             tenant: tenant.0.clone(),
-            message_type: command.command_type,
+            message_type: command.command_type.clone(),
             schema_id: schema::COMMAND.id.clone(),
             traceparent,
             tracestate,
         },
     };
-    onceflow_outbox::enqueue(&mut tx, &outbox).await?;
+    let acceptance = Acceptance {
+        tenant: tenant.0.clone(),
+        key: key.to_owned(),
+        fingerprint,
+        job_id,
+        correlation_id,
+        command_type: command.command_type,
+        response_status: StatusCode::ACCEPTED.as_u16() as i16,
+        response_body: serde_json::to_vec(&accepted).map_err(anyhow::Error::from)?,
+        response_location: location,
+        ttl_secs: state.config.idempotency_ttl().as_secs_f64(),
+        outbox,
+    };
+    let acceptance = match state.committer.commit(acceptance).await {
+        Some(Grouped::Committed(acceptance)) => {
+            tracing::info!("command accepted");
+            return Ok(acceptance.accepted_response());
+        }
+        Some(Grouped::Alone(acceptance)) => acceptance,
+        None => {
+            return Err(ApiError::Overloaded {
+                reason: "ingest is shutting down; retry with the same key".to_owned(),
+                retry_after_secs: 1,
+            });
+        }
+    };
+    commit_alone(&state, &tenant, acceptance).await
+}
+
+/// Make one acceptance durable in a transaction of its own: the path of a
+/// request that could not share a group (see [`crate::group_commit`]). Waits
+/// up to `in_flight_wait_ms` for a concurrent request with the same key, then
+/// replays what it recorded (or answers `409`).
+async fn commit_alone(state: &AppState, tenant: &Tenant, acceptance: Acceptance) -> Result<Response, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms)).execute(&mut *tx).await?;
+    // Claims the key, or takes over one whose record expired. Waits here while
+    // another transaction holds the same key (a concurrent duplicate that the
+    // lookup above could not see yet).
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys
+             (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+         ON CONFLICT (tenant, idempotency_key) DO UPDATE
+             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
+                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
+                 response_location = EXCLUDED.response_location, created_at = now(), expires_at = EXCLUDED.expires_at
+             WHERE idempotency_keys.expires_at < now()
+         RETURNING job_id",
+    )
+    .bind(&acceptance.tenant)
+    .bind(&acceptance.key)
+    .bind(&acceptance.fingerprint[..])
+    .bind(acceptance.job_id)
+    .bind(acceptance.response_status)
+    .bind(&acceptance.response_body)
+    .bind(&acceptance.response_location)
+    .bind(acceptance.ttl_secs)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(in_flight_or_internal)?;
+
+    if claimed.is_none() {
+        tx.rollback().await?;
+        // Swept between the INSERT and this lookup: the client may simply retry.
+        let recorded =
+            recorded(state, tenant, &acceptance.key).await?.ok_or(ApiError::RequestInFlight { retry_after_secs: 1 })?;
+        return recorded.answer(&acceptance.fingerprint);
+    }
+
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status) VALUES ($1, $2, $3, $4, 'accepted')",
+    )
+    .bind(acceptance.job_id)
+    .bind(&acceptance.tenant)
+    .bind(&acceptance.correlation_id)
+    .bind(&acceptance.command_type)
+    .execute(&mut *tx)
+    .await?;
+    onceflow_outbox::enqueue(&mut tx, &acceptance.outbox).await?;
     tx.commit().await?;
     tracing::info!("command accepted");
-    Ok(response.into_response(false))
+    Ok(acceptance.accepted_response())
+}
+
+impl Acceptance {
+    /// The `202` of a first request, as stored for its replays.
+    fn accepted_response(self) -> Response {
+        StoredResponse {
+            status: u16::try_from(self.response_status).unwrap_or(202),
+            body: self.response_body,
+            location: self.response_location,
+        }
+        .into_response(false)
+    }
 }
 
 /// Read the body, at most `max_body_bytes` of it: a declared length over the

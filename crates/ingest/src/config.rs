@@ -34,6 +34,7 @@ pub struct IngestConfig {
     pub sweep_interval_secs: u64,
     pub sweep_batch: i64,
     pub shed: ShedConfig,
+    pub group_commit: GroupCommitConfig,
     pub webhooks: CallbackConfig,
     /// Consumer group of the job-status projection.
     pub results_group_id: String,
@@ -52,6 +53,16 @@ pub struct CallbackConfig {
     /// by default). The same setting as the notifier's, which enforces it again
     /// at delivery time.
     pub allowlist: onceflow_webhook::Allowlist,
+}
+
+/// Group commit (see `crate::group_commit`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct GroupCommitConfig {
+    /// The most accepted commands committed in one transaction; 1 commits
+    /// each request on its own.
+    pub max_group: usize,
+    /// Groups committed at once (each holds one database connection while it commits).
+    pub committers: usize,
 }
 
 /// When ingest refuses new commands rather than queue without bound.

@@ -5,6 +5,7 @@
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
 //! - [`projection`]: consumes the results topic into that projection.
 //! - [`maintenance`]: the idempotency-key sweeper.
+//! - [`group_commit`]: accepted commands committed many per transaction.
 //! - [`backpressure`]: refusing commands while the processor's backlog would
 //!   take too long to drain.
 //! - [`error`]: every HTTP error as RFC 9457 problem+json.
@@ -18,6 +19,7 @@ pub mod backpressure;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod group_commit;
 pub mod jobs;
 pub mod maintenance;
 pub mod openapi;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub outbox_backlog: Arc<AtomicI64>,
     /// The processor's lag and drain rate, kept current by [`backpressure::watch`].
     pub processor_pressure: Arc<backpressure::ProcessorPressure>,
+    /// Where accepted commands go to be committed together.
+    pub committer: group_commit::GroupCommitter,
 }
 
 /// The service's migrations: its own, then the outbox's and the parked records'.
@@ -148,6 +152,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         config: Arc::new(config.clone()),
         outbox_backlog,
         processor_pressure,
+        committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &shutdown),
     };
     let mut router = router(state, readiness(pool.clone(), &config.kafka));
     if let Some(admin) = projection::admin_router(pool, &config.admin.token) {

@@ -31,7 +31,7 @@ pub const DB_POOL_CONNECTIONS: &str = "onceflow_db_pool_connections";
 
 /// Bucket bounds of every `_seconds` histogram: 1 ms to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-/// Bucket bounds of the processor's batch sizes (commands per transaction).
+/// Bucket bounds of every `_batch_size` histogram (commands per transaction).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 #[derive(Clone, Copy)]
@@ -195,9 +195,7 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
 pub(crate) fn recorder() -> PrometheusRecorder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
-        .and_then(|builder| {
-            builder.set_buckets_for_metric(Matcher::Full("onceflow_command_batch_size".to_owned()), BATCH_BUCKETS)
-        })
+        .and_then(|builder| builder.set_buckets_for_metric(Matcher::Suffix("_batch_size".to_owned()), BATCH_BUCKETS))
         .expect("the bucket lists are not empty")
         .build_recorder()
 }
