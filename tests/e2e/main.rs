@@ -10,6 +10,7 @@ mod http;
 mod ingest;
 mod notifier;
 mod processor;
+mod python_consumer;
 mod redrive;
 mod relay;
 mod statement;
