@@ -12,7 +12,8 @@
 //    payloads are resolved from their $ref'd .avsc files and validated too;
 //    any error-severity diagnostic fails the check (warnings are printed);
 // 2. every schemas/*.avsc is referenced by the document, every .avsc it
-//    references exists, and each is a valid Avro schema;
+//    references exists, and each is a valid Avro schema, as is every released
+//    version in schemas/history/<family>/ (which the document does not reference);
 // 3. every Avro payload really was converted (its properties match the
 //    record's fields), so a $ref that silently resolved to nothing is caught;
 // 4. every message example conforms to the message's headers and payload
@@ -95,6 +96,17 @@ const shipped = readdirSync(schemasDir)
 if (shipped.length === 0) {
   fail(`no .avsc files in ${schemasDir}`);
 }
+const historyDir = path.join(schemasDir, 'history');
+const released = readdirSync(historyDir, { withFileTypes: true })
+  .filter((entry) => entry.isDirectory())
+  .flatMap((family) =>
+    readdirSync(path.join(historyDir, family.name))
+      .filter((name) => name.endsWith('.avsc'))
+      .map((name) => path.join(historyDir, family.name, name)),
+  );
+if (released.length < shipped.length) {
+  fail(`${path.relative(repoRoot, historyDir)} holds fewer releases than schemas/ has schemas`);
+}
 for (const file of shipped) {
   if (!referenced.has(file)) {
     fail(`${path.relative(repoRoot, file)} is not referenced by ${relative}`);
@@ -104,7 +116,7 @@ for (const file of shipped) {
 // documents, so each Avro schema is validated here with the same Avro schema
 // parser (avsc underneath).
 const avroParser = AvroSchemaParser();
-for (const file of new Set([...shipped, ...referenced])) {
+for (const file of new Set([...shipped, ...referenced, ...released])) {
   const name = path.relative(repoRoot, file);
   if (!existsSync(file)) {
     fail(`${relative} references ${name}, which does not exist`);
@@ -197,5 +209,6 @@ if (failures > 0) {
 console.log(
   `${relative}: valid AsyncAPI ${document.version()} — ${document.allChannels().length} channels, ` +
     `${document.allOperations().length} operations, ${document.allMessages().length} messages, ` +
-    `${avroPayloads} Avro payloads from ${shipped.length} .avsc file(s), ${examplesChecked} example part(s) conform`,
+    `${avroPayloads} Avro payloads from ${shipped.length} .avsc file(s) (${released.length} released versions valid), ` +
+    `${examplesChecked} example part(s) conform`,
 );

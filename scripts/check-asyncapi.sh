@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates asyncapi.yaml with the official AsyncAPI parser (3.x) and its Avro
 # schema parser, so the Avro payloads $ref'd from schemas/*.avsc are resolved
-# and validated too; also checks that every schemas/*.avsc is referenced.
+# and validated too; also checks that every schemas/*.avsc is referenced and
+# that every released version in schemas/history/ is a valid Avro schema.
 #
 # The npm packages are installed once, at pinned versions, into a cache
 # directory outside the repository; later runs work offline.

@@ -14,6 +14,7 @@ mod ingest;
 mod metrics;
 mod notifier;
 mod processor;
+mod python_consumer;
 mod redrive;
 mod relay;
 mod statement;

@@ -16,12 +16,14 @@ pub struct Command {
 }
 
 impl Command {
-    /// Avro-encode with the current command schema.
+    /// Single-object encode with the current command schema.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        schema::encode(&schema::COMMAND.schema, self)
+        schema::encode(&schema::COMMAND, self)
     }
 
-    /// Decode a command written with the schema named by `schema_id`.
+    /// Decode a command written with any released command schema;
+    /// `schema_id`, the `schema-id` header, is read only for a value of the
+    /// older bare format (see [`schema::decode`]).
     pub fn decode(schema_id: &str, bytes: &[u8]) -> Result<Self> {
         schema::decode(schema_id, &schema::COMMAND.schema, bytes)
     }
@@ -55,42 +57,55 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let error = Command::decode(&schema::COMMAND.id, &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(matches!(error, ContractError::NotSingleObject(_)), "{error}");
+        let mut bytes = sample().encode().unwrap();
+        bytes.truncate(bytes.len() - 3);
+        let error = Command::decode(&schema::COMMAND.id, &bytes).unwrap_err();
         assert!(matches!(error, ContractError::Avro(_)), "{error}");
-        let error = Command::decode("io.onceflow.v1.Command@0000", &[]).unwrap_err();
-        assert!(matches!(error, ContractError::UnknownSchema(_)), "{error}");
     }
 
-    /// A later version adds a field with a default: the current reader reads what
-    /// it writes (the new field is skipped) and a reader on the new schema reads
-    /// what the current version writes (the default fills in).
+    #[test]
+    fn a_job_id_that_is_not_a_uuid_is_refused_both_ways() {
+        let command = Command { job_id: "job-1".to_owned(), ..sample() };
+        assert!(matches!(command.encode(), Err(ContractError::Avro(_))));
+        let written_by_v1 = {
+            let v1 = schema::RELEASES.iter().find(|r| r.family == "command" && r.version == 1).unwrap().parse();
+            let value = apache_avro::to_value(&command).unwrap().resolve(&v1.schema).unwrap();
+            apache_avro::to_avro_datum(&v1.schema, value).unwrap()
+        };
+        let error = Command::decode(schema::LEGACY_IDS[0].0, &written_by_v1).unwrap_err();
+        assert!(matches!(error, ContractError::Avro(_)), "{error}");
+    }
+
+    /// The rule for a later version: add a field with a default. The current
+    /// reader reads what it writes (the new field is skipped) and a reader on
+    /// the new schema reads what the current version writes (the default fills in).
     #[test]
     fn schema_evolution_works_both_ways() {
-        let mut v2: serde_json::Value = serde_json::from_str(schema::COMMAND_AVSC).unwrap();
-        v2["fields"].as_array_mut().unwrap().push(serde_json::json!(
-            {"name": "priority", "type": "int", "default": 0}
+        let mut v3: serde_json::Value = serde_json::from_str(schema::COMMAND_AVSC).unwrap();
+        v3["fields"].as_array_mut().unwrap().push(serde_json::json!(
+            {"name": "priority", "type": "int", "default": 0, "doc": "A later field."}
         ));
-        let v2 = Schema::parse(&v2).unwrap();
+        let v3 = Schema::parse(&v3).unwrap();
 
         #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-        struct CommandV2 {
+        struct CommandV3 {
             #[serde(flatten)]
-            v1: Command,
+            v2: Command,
             priority: i32,
         }
-        let old = sample();
-        let new = CommandV2 { v1: sample(), priority: 7 };
+        let current = sample();
+        let new = CommandV3 { v2: sample(), priority: 7 };
 
-        let written_by_v2 = schema::encode(&v2, &new).unwrap();
-        let read_by_v1: Command = schema::decode_with(&v2, &schema::COMMAND.schema, &written_by_v2).unwrap();
-        assert_eq!(read_by_v1, old);
+        let written_by_v3 =
+            apache_avro::to_avro_datum(&v3, apache_avro::to_value(&new).unwrap().resolve(&v3).unwrap()).unwrap();
+        let read_by_v2: Command = schema::decode_datum(&v3, &schema::COMMAND.schema, &written_by_v3).unwrap();
+        assert_eq!(read_by_v2, current);
 
-        let written_by_v1 = old.encode().unwrap();
-        let read_by_v2: serde_json::Value = {
-            let value =
-                apache_avro::from_avro_datum(&schema::COMMAND.schema, &mut &written_by_v1[..], Some(&v2)).unwrap();
-            apache_avro::from_value(&value).unwrap()
-        };
-        assert_eq!(read_by_v2["priority"], 0);
-        assert_eq!(read_by_v2["tenant"], "acme");
+        let written_by_v2 = current.encode().unwrap();
+        let read_by_v3: serde_json::Value =
+            schema::decode_datum(&schema::COMMAND.schema, &v3, &written_by_v2[10..]).unwrap();
+        assert_eq!(read_by_v3["priority"], 0);
+        assert_eq!(read_by_v3["tenant"], "acme");
     }
 }

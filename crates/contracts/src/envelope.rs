@@ -8,8 +8,8 @@
 //! | `causation-id`   | the `message-id` of the message that caused this one, if any   |
 //! | `tenant-id`      | the tenant the message belongs to                              |
 //! | `message-type`   | the command type (`ledger.deposit`) or event type (`job.succeeded`) |
-//! | `schema-id`      | which Avro schema wrote the body (see [`crate::schema`])        |
-//! | `content-type`   | always `application/avro`                                      |
+//! | `schema-id`      | which Avro schema wrote the body (also in the body; see [`crate::schema`]) |
+//! | `content-type`   | always `application/avro` (single-object encoded)              |
 //! | `traceparent`    | W3C trace context of the work that produced the message        |
 //! | `tracestate`     | W3C trace state, when there is one                             |
 

@@ -9,9 +9,14 @@ pub enum ContractError {
     /// A header is present but not what the contract says it holds.
     #[error("invalid header `{name}`: {reason}")]
     InvalidHeader { name: &'static str, reason: String },
-    /// The message names a schema this build does not know.
-    #[error("unknown schema id `{0}`")]
+    /// The value's writer schema, named by this fingerprint (hex, as on the
+    /// wire), is no released schema this build knows.
+    #[error("unknown writer schema: fingerprint `{0}`")]
     UnknownSchema(String),
+    /// The value is not Avro single-object encoded (nor a bare datum of the
+    /// older format that its `schema-id` header names).
+    #[error("not an Avro single-object encoded value: {0}")]
+    NotSingleObject(String),
     /// The bytes are not a valid Avro datum of the named schema.
     #[error("avro: {0}")]
     Avro(String),

@@ -1,11 +1,12 @@
 //! onceflow's wire contracts, shared by every service and by outside consumers.
 //!
-//! - [`schema`]: the Avro schemas from `schemas/*.avsc`, each identified on the
-//!   wire by its Rabin fingerprint so a reader knows which schema wrote a message.
+//! - [`schema`]: the Avro schemas (`schemas/*.avsc`, every released version in
+//!   `schemas/history/`) and the wire format: Avro single-object encoding, whose
+//!   fingerprint tells any Avro reader which schema wrote a value.
 //! - [`envelope`]: the metadata every Kafka message carries in its headers
 //!   (message id, correlation id, causation id, tenant, type, schema id,
 //!   `traceparent`).
-//! - [`command`] and [`result`]: the two message bodies, Avro-encoded.
+//! - [`command`] and [`result`]: the two message bodies.
 //! - [`catalogue`]: the command types ingest accepts and their payload shapes,
 //!   so a bad payload is refused at the door rather than dead-lettered later.
 //! - [`topics`]: the topic names.

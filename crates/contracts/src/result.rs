@@ -77,10 +77,14 @@ pub struct ResultEvent {
 }
 
 impl ResultEvent {
+    /// Single-object encode with the current result schema.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        schema::encode(&schema::RESULT.schema, self)
+        schema::encode(&schema::RESULT, self)
     }
 
+    /// Decode an event written with any released result schema; `schema_id`,
+    /// the `schema-id` header, is read only for a value of the older bare
+    /// format (see [`schema::decode`]).
     pub fn decode(schema_id: &str, bytes: &[u8]) -> Result<Self> {
         schema::decode(schema_id, &schema::RESULT.schema, bytes)
     }
@@ -108,11 +112,10 @@ impl ResultEvent {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips_through_avro_with_every_optional_field() {
-        let event = ResultEvent {
-            event_id: "e1".to_owned(),
-            job_id: "j1".to_owned(),
+    fn sample() -> ResultEvent {
+        ResultEvent {
+            event_id: "0190b3c4-1111-7000-8000-000000000002".to_owned(),
+            job_id: "0190b3c4-0000-7000-8000-000000000001".to_owned(),
             tenant: "acme".to_owned(),
             correlation_id: "c1".to_owned(),
             command_type: "ledger.transfer".to_owned(),
@@ -122,9 +125,32 @@ mod tests {
             error: Some(JobError { code: "insufficient_funds".to_owned(), message: "no".to_owned() }),
             callback_url: Some("https://example.com/hook".to_owned()),
             occurred_at: 1_700_000_000_000,
-        };
+        }
+    }
+
+    #[test]
+    fn round_trips_through_avro_with_every_optional_field() {
+        let event = sample();
         let bytes = event.encode().unwrap();
         assert_eq!(ResultEvent::decode(&schema::RESULT.id, &bytes).unwrap(), event);
+    }
+
+    /// A later version that adds a status: the current reader reads it as
+    /// `processing` (the enum's default) instead of refusing the event.
+    #[test]
+    fn a_status_the_reader_does_not_know_is_read_as_processing() {
+        let mut later: serde_json::Value = serde_json::from_str(schema::RESULT_AVSC).unwrap();
+        let status = later["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "status").unwrap();
+        status["type"]["symbols"].as_array_mut().unwrap().push("cancelled".into());
+        let later = apache_avro::Schema::parse(&later).unwrap();
+
+        let mut event = serde_json::to_value(sample()).unwrap();
+        event["status"] = "cancelled".into();
+        let value = apache_avro::to_value(&event).unwrap().resolve(&later).unwrap();
+        let written = apache_avro::to_avro_datum(&later, value).unwrap();
+        let read: ResultEvent = schema::decode_datum(&later, &schema::RESULT.schema, &written).unwrap();
+        assert_eq!(read.status, JobStatus::Processing);
+        assert_eq!(read.event_id, sample().event_id);
     }
 
     #[test]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The Python results-topic consumer (examples/python/results_consumer.py)
+# against the real stack: makes its virtual environment from the pinned
+# examples/python/requirements.txt (once; later runs reuse it), then runs the
+# end-to-end test in which ingest and the processor publish results and the
+# consumer decodes every one of them as onceflow's own decoder does. Starts
+# the broker if none is running (and stops it again), like scripts/test.sh.
+#
+# Environment: ONCEFLOW_PY_VENV overrides the environment's directory
+# (default: ${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+venv="${ONCEFLOW_PY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv}"
+requirements=examples/python/requirements.txt
+# A copy of the requirements the environment was made from: a change to them remakes it.
+installed="$venv/onceflow-requirements.txt"
+if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
+  say "installing $requirements into $venv"
+  command -v python3 >/dev/null || { echo "check-python-consumer: python3 is required" >&2; exit 2; }
+  python3 -m venv --clear "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$installed"
+fi
+
+ensure_postgres
+ensure_broker
+trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
+
+export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
+export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
+export ONCEFLOW_TEST_PYTHON="$venv/bin/python"
+say "cargo test: the Python consumer against the real stack"
+cargo test -p onceflow-tests --test e2e --locked python_consumer -- --ignored
