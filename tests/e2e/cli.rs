@@ -253,11 +253,21 @@ async fn submit_job_watch_and_results_through_the_cli() {
     assert_eq!(balance["balance"], 500);
     assert_eq!(result["key"], deposit.as_str());
     assert!(records.iter().all(|r| r["event"]["tenant"] == "dev" || r["event"]["tenant"] == "canary"));
+    let since = result["timestamp"].as_i64().expect("a record timestamp");
+    let since_text = chrono::DateTime::from_timestamp_millis(since).unwrap().to_rfc3339();
+    let later = cli.run(&["results", "--from-time", &since_text, "--json"]).await.exits(OK).json_lines();
+    assert!(later.iter().any(|r| r["event"]["job_id"] == deposit.as_str()), "{later:?}");
+    assert!(later.iter().all(|r| r["timestamp"].as_i64().unwrap() >= since), "{later:?}");
+    assert!(later.len() < records.len(), "the account opening came before: {later:?}");
     let none = cli.run(&["results", "--from-time", "2999-01-01T00:00:00Z"]).await.exits(OK);
     assert_eq!(none.stdout, "", "nothing after a future time");
     let human = cli.run(&["results"]).await.exits(OK);
     assert!(human.stdout.lines().any(|l| l.contains(&deposit) && l.contains("job.succeeded")), "{human:?}");
     cli.clone().with("ONCEFLOW_TOPIC_PREFIX", "no-such-prefix.").run(&["results"]).await.exits(REJECTED);
+
+    // This processor has no admin token: no admin API, and the CLI says why.
+    let no_admin = cli.clone().with("ONCEFLOW_ADMIN_TOKEN", "x").run(&["dead-letters", "list"]).await.exits(REJECTED);
+    assert!(no_admin.stderr.contains("admin.token"), "{no_admin:?}");
 
     env.teardown().await;
 }

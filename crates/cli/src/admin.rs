@@ -29,14 +29,29 @@ pub async fn dead_letters(ctx: &Context, command: DeadLetterCommand) -> Result<(
         )
     })?;
     let processor = Service::new("processor", &ctx.processor_url, Some(token));
-    let result = match command {
+    // The processor serves no admin route at all without `admin.token`.
+    dead_letter_command(ctx, &processor, command).await.map_err(|error| match error {
+        CliError::Rejected { status: 404, kind, detail, service } if kind.as_deref() != Some("not-a-dead-letter") => {
+            CliError::Rejected {
+                service,
+                status: 404,
+                kind,
+                detail: format!("{detail} (is the processor's admin.token set, e.g. ONCEFLOW_ADMIN__TOKEN?)"),
+            }
+        }
+        other => other,
+    })
+}
+
+async fn dead_letter_command(ctx: &Context, processor: &Service, command: DeadLetterCommand) -> Result<(), CliError> {
+    match command {
         DeadLetterCommand::List { limit } => {
-            let listing = get(ctx, &processor, &format!("/admin/dead-letters?limit={limit}")).await?;
+            let listing = get(ctx, processor, &format!("/admin/dead-letters?limit={limit}")).await?;
             let items = listing["dead_letters"].as_array().cloned().unwrap_or_default();
             print_list(ctx, &listing, &items, "no dead letters", dead_letter_line)
         }
         DeadLetterCommand::Redrive { message_id } => {
-            let done = post(ctx, &processor, &format!("/admin/dead-letters/{message_id}/redrive")).await?;
+            let done = post(ctx, processor, &format!("/admin/dead-letters/{message_id}/redrive")).await?;
             print_one(ctx, &done, || {
                 format!(
                     "redriven: {message_id} is back on the commands topic (redrive {})",
@@ -44,20 +59,6 @@ pub async fn dead_letters(ctx: &Context, command: DeadLetterCommand) -> Result<(
                 )
             })
         }
-    };
-    // The processor serves no admin route at all without `admin.token`.
-    match result {
-        Err(CliError::Rejected { status: 404, kind, detail, service })
-            if kind.as_deref() != Some("not-a-dead-letter") =>
-        {
-            Err(CliError::Rejected {
-                service,
-                status: 404,
-                kind,
-                detail: format!("{detail} (is the processor's admin.token set, e.g. ONCEFLOW_ADMIN__TOKEN?)"),
-            })
-        }
-        other => other,
     }
 }
 

@@ -124,7 +124,7 @@ impl Api {
                 }
                 Ok(answer) => return Err(refusal(service, &answer)),
                 Err(Failure::Unsendable(error)) => {
-                    return Err(CliError::Usage(format!("cannot make a request to {}: {error}", service.name)));
+                    return Err(CliError::Usage(format!("cannot send this request to {}: {error}", service.name)));
                 }
                 Err(Failure::Transport { reason, sent }) if sent && repeat == Repeat::OnlyIfUnsent => {
                     return Err(CliError::Unavailable {
@@ -150,7 +150,7 @@ impl Api {
         build: &impl Fn(&reqwest::Client) -> RequestBuilder,
         left: Duration,
     ) -> Result<Answer, Failure> {
-        let request = build(&self.http).timeout(left).build().map_err(|e| Failure::Unsendable(e.to_string()))?;
+        let request = build(&self.http).timeout(left).build().map_err(|e| Failure::Unsendable(describe(&e)))?;
         let mut response = self
             .http
             .execute(request)

@@ -167,8 +167,8 @@ pub struct ResultsArgs {
     /// --from-offset or --from-time).
     #[arg(long, value_name = "N", conflicts_with = "from_time")]
     pub from_offset: Option<u64>,
-    /// Start at the first record written at or after this time (RFC 3339,
-    /// e.g. 2026-12-02T10:00:00Z).
+    /// Only records written at or after this time (RFC 3339, e.g.
+    /// 2026-12-02T10:00:00Z), from the first the broker finds.
     #[arg(long, value_name = "RFC3339", value_parser = rfc3339)]
     pub from_time: Option<chrono::DateTime<chrono::Utc>>,
     /// Keep reading new records instead of stopping at the end.

@@ -4,8 +4,8 @@
 //! `ResultEvent::decode` with the schema the envelope names).
 //!
 //! The consumer joins no group and commits nothing: it assigns itself every
-//! partition at the asked position, so reading leaves no trace on the broker
-//! and needs no group join. Without `--follow` it stops at the end of the
+//! partition at the asked position, so reading needs no group join and
+//! leaves no offsets on the broker. Without `--follow` it stops at the end of the
 //! topic: once every partition has reached the high watermark it saw at the
 //! start and nothing more arrived for a moment (a broker may report a
 //! watermark short of a batch it just wrote, so the end is read "until
@@ -109,7 +109,12 @@ impl Reader {
                     if short_of_end.get(&partition).is_some_and(|&high| offset + 1 >= high) {
                         short_of_end.remove(&partition);
                     }
-                    if !self.print(&message)? {
+                    // The time lookup only says where to start: a broker
+                    // that answers it loosely (nisshi gives offset 0 when no
+                    // record is that recent) must not show older records.
+                    let stamped = message.timestamp().to_millis();
+                    let before = args.from_time.zip(stamped).is_some_and(|(at, ts)| ts < at.timestamp_millis());
+                    if !before && !self.print(&message)? {
                         undecodable += 1;
                     }
                 }
@@ -125,6 +130,10 @@ impl Reader {
         ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", "onceflow-cli")
+            // librdkafka assigns partitions only to a consumer with a group
+            // id; a fresh one, never joined (no subscribe) and never
+            // committed to, leaves nothing on the broker.
+            .set("group.id", format!("onceflow-cli-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // An offset no longer retained starts at the oldest kept.
