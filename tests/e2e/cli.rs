@@ -362,7 +362,7 @@ async fn dead_letters_and_deliveries_are_listed_and_redriven() {
     assert!(refused.stderr.contains("409 delivery-not-failed"), "{refused:?}");
 
     // A poison command (a body that is not Avro) is dead-lettered; the
-    // operator lists and redrives it; a second redrive is refused.
+    // operator lists and redrives it; an id that is no dead letter is refused.
     env.create_topics().await;
     let message_id = uuid::Uuid::now_v7();
     let envelope = onceflow_contracts::Envelope {
@@ -394,7 +394,15 @@ async fn dead_letters_and_deliveries_are_listed_and_redriven() {
     assert!(human.stdout.contains(&key), "{human:?}");
     let redriven = admin.run(&["dead-letters", "redrive", &key, "--json"]).await.exits(OK).json();
     assert_eq!(redriven["status"], "redriven");
-    admin.run(&["dead-letters", "redrive", &key]).await.exits(REJECTED);
+    assert_eq!(redriven["redrive_count"], 1);
+    let relisted = admin.run(&["dead-letters", "list", "--json"]).await.exits(OK).json();
+    let relisted =
+        relisted["dead_letters"].as_array().unwrap().iter().find(|d| d["message_id"] == key.as_str()).cloned();
+    assert_eq!(relisted.expect("still kept")["redrive_count"], 1);
+    let stranger = uuid::Uuid::new_v4().to_string();
+    let refused = admin.run(&["dead-letters", "redrive", &stranger]).await.exits(REJECTED);
+    assert!(refused.stderr.contains("404 not-a-dead-letter"), "{refused:?}");
+    assert!(!refused.stderr.contains("admin.token"), "no hint when the API answered: {refused:?}");
 
     // Without the token it is a usage error; with a wrong one, a refusal.
     cli.run(&["dead-letters", "list"]).await.exits(USAGE);
