@@ -174,6 +174,19 @@ impl Running {
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
+
+    /// Wait for the process to end: its exit code and the rest of stdout.
+    async fn finish(mut self) -> (i32, Vec<String>) {
+        let status = tokio::time::timeout(OUTCOME_TIMEOUT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the CLI did not end; stderr: {}", self.stderr()))
+            .expect("exit status");
+        let mut lines = Vec::new();
+        while let Some(line) = self.stdout.next_line().await.expect("stdout readable") {
+            lines.push(line);
+        }
+        (status.code().expect("an exit code"), lines)
+    }
 }
 
 fn open_account(account: &str) -> Value {
@@ -411,6 +424,36 @@ async fn dead_letters_and_deliveries_are_listed_and_redriven() {
 
     notifier.stop().await;
     processor.stop().await;
+    ingest.stop().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_retries_with_the_same_key_until_ingest_answers() {
+    let mut env = TestEnv::new();
+    let addr = closed_address();
+    let cli = Cli::new(&env).with("ONCEFLOW_INGEST_URL", format!("http://{addr}"));
+    let payload = open_account(&format!("late-{}", env.id)).to_string();
+    let submit = Running::spawn(&cli, &["submit", "ledger.open_account", "--payload", &payload, "--timeout", "120"]);
+    eventually("the CLI to retry", OUTCOME_TIMEOUT, || async { submit.stderr().contains("retrying").then_some(()) })
+        .await;
+
+    // Ingest comes up where the CLI keeps trying.
+    let ingest = env.start_ingest_with(|config| config.listen = addr.to_string()).await;
+    let stderr = submit.stderr.clone();
+    let (code, stdout) = submit.finish().await;
+    let stderr = stderr.lock().unwrap().clone();
+    assert_eq!(code, OK, "{stdout:?} {stderr}");
+    let key = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("Idempotency-Key: "))
+        .unwrap_or_else(|| panic!("the key on stderr: {stderr}"));
+    // The same key again: the same answer, replayed, so the retries used it too.
+    let again = cli.run(&["submit", "ledger.open_account", "--payload", &payload, "--idempotency-key", key]).await;
+    let again = again.exits(OK);
+    assert!(again.stderr.contains("replayed"), "{again:?}");
+    assert_eq!(again.stdout.lines().collect::<Vec<_>>(), stdout);
+
     ingest.stop().await;
     env.teardown().await;
 }
