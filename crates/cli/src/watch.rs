@@ -75,8 +75,10 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> Result<(), CliError> {
             Some(id) => request.header("last-event-id", id),
             None => request,
         };
-        let reason = match request.send().await {
-            Ok(response) if response.status().is_success() => {
+        // The stream itself is not timed, only the wait for its head.
+        let reason = match tokio::time::timeout(ctx.api.timeout, request.send()).await {
+            Err(_) => format!("no answer within {}s", ctx.api.timeout.as_secs_f64()),
+            Ok(Ok(response)) if response.status().is_success() => {
                 if connected_before {
                     output::note(&format!(
                         "reconnected to the notifier; resuming after event {}",
@@ -94,7 +96,7 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> Result<(), CliError> {
                     Ended::Lost(reason) => reason,
                 }
             }
-            Ok(response) => {
+            Ok(Ok(response)) => {
                 let status = response.status();
                 let retry_after = api::retry_after(response.headers());
                 let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
@@ -108,7 +110,7 @@ pub async fn run(ctx: &Context, args: WatchArgs) -> Result<(), CliError> {
                 }
                 error.to_string()
             }
-            Err(error) => api::describe(&error),
+            Ok(Err(error)) => api::describe(&error),
         };
         let since = *failing_since.get_or_insert_with(|| {
             if connected_before {
