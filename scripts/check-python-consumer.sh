@@ -25,7 +25,7 @@ if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
 fi
 
 ensure_postgres
-ensure_broker
+ensure_broker memory
 trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
 
 export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"

@@ -158,6 +158,18 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Requests answered 408 because they took too long.",
     ),
     (
+        "onceflow_ingest_commit_batch_size",
+        Kind::Histogram,
+        Some(Unit::Count),
+        "Accepted commands committed per group-commit transaction.",
+    ),
+    (
+        "onceflow_ingest_group_fallbacks_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Group commits that failed, whose requests then committed one by one.",
+    ),
+    (
         "onceflow_ingest_shed_total",
         Kind::Counter,
         Some(Unit::Count),
