@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod batching;
+mod breakers;
 mod chaos;
 mod flow;
 mod group_commit;

@@ -961,6 +961,16 @@ impl DeliveriesClient {
         self.send(self.http.post(format!("{}/v1/deliveries/{id}/redrive", self.base))).await
     }
 
+    /// `GET /v1/webhook-endpoints`.
+    pub async fn endpoints(&self) -> ApiResponse {
+        self.send(self.http.get(format!("{}/v1/webhook-endpoints", self.base))).await
+    }
+
+    /// `POST /v1/webhook-endpoints/{id}/enable`.
+    pub async fn enable_endpoint(&self, id: &str) -> ApiResponse {
+        self.send(self.http.post(format!("{}/v1/webhook-endpoints/{id}/enable", self.base))).await
+    }
+
     /// The job's only delivery once `done` says it is where the test wants it.
     pub async fn wait_for_delivery(
         &self,

@@ -6,13 +6,16 @@
 //! - [`envelope`]: the metadata every Kafka message carries in its headers
 //!   (message id, correlation id, causation id, tenant, type, schema id,
 //!   `traceparent`).
-//! - [`command`] and [`result`]: the two message bodies.
+//! - [`command`] and [`result`]: the two message bodies, Avro-encoded.
+//! - [`endpoint`]: a webhook endpoint's state (disabled after `410 Gone`,
+//!   enabled again), from the notifier to ingest.
 //! - [`catalogue`]: the command types ingest accepts and their payload shapes,
 //!   so a bad payload is refused at the door rather than dead-lettered later.
 //! - [`topics`]: the topic names.
 
 pub mod catalogue;
 pub mod command;
+pub mod endpoint;
 pub mod envelope;
 pub mod error;
 pub mod result;
@@ -21,6 +24,7 @@ pub mod topics;
 
 pub use catalogue::{ValidatedCommand, validate_command};
 pub use command::Command;
+pub use endpoint::{EndpointStatus, WebhookEndpointState};
 pub use envelope::Envelope;
 pub use error::{ContractError, Result};
 pub use result::{JobError, JobStatus, ResultEvent};

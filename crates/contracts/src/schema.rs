@@ -42,7 +42,8 @@ pub const MARKER: [u8; 2] = [0xC3, 0x01];
 /// One released writer schema, `schemas/history/<family>/v<version>.avsc`.
 #[derive(Debug)]
 pub struct Release {
-    /// The schema's file name in `schemas/` without `.avsc`: `command` or `result`.
+    /// The schema's file name in `schemas/` without `.avsc`: `command`,
+    /// `result` or `webhook-endpoint-state`.
     pub family: &'static str,
     pub version: u32,
     /// The file's text, compiled in.
@@ -73,8 +74,13 @@ macro_rules! release {
 /// Every released writer schema, oldest first within a family. Releasing a
 /// version adds its file and its line here and in
 /// `schemas/history/fingerprints.txt`; nothing is ever removed.
-pub const RELEASES: &[Release] =
-    &[release!("command", 1), release!("command", 2), release!("result", 1), release!("result", 2)];
+pub const RELEASES: &[Release] = &[
+    release!("command", 1),
+    release!("command", 2),
+    release!("result", 1),
+    release!("result", 2),
+    release!("webhook-endpoint-state", 1),
+];
 
 /// The `schema-id` headers of the values written before single-object
 /// encoding, and the release (family, version) that wrote them: bare datums

@@ -1,12 +1,14 @@
 //! Topic names. Every service takes a prefix (empty in production) so tests can
 //! run side by side on one broker without seeing each other's messages.
 
-/// The three topics of onceflow, resolved against a prefix.
+/// The topics of onceflow, resolved against a prefix.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Topics {
     pub commands: String,
     pub results: String,
     pub dead_letter: String,
+    /// Compacted: the latest state of every webhook endpoint (notifier → ingest).
+    pub webhook_endpoints: String,
 }
 
 impl Topics {
@@ -16,6 +18,7 @@ impl Topics {
             commands: format!("{prefix}onceflow.commands"),
             results: format!("{prefix}onceflow.results"),
             dead_letter: format!("{prefix}onceflow.commands.dlq"),
+            webhook_endpoints: format!("{prefix}onceflow.webhook-endpoints"),
         }
     }
 }

@@ -102,7 +102,11 @@ fn no_released_schema_changed_or_went_missing() {
 
 #[test]
 fn the_current_schemas_are_the_newest_releases() {
-    let current = [("command", schema::COMMAND_AVSC), ("result", schema::RESULT_AVSC)];
+    let current = [
+        ("command", schema::COMMAND_AVSC),
+        ("result", schema::RESULT_AVSC),
+        ("webhook-endpoint-state", onceflow_contracts::endpoint::ENDPOINT_STATE_AVSC),
+    ];
     let families: BTreeSet<&str> = RELEASES.iter().map(|r| r.family).collect();
     assert_eq!(families, current.iter().map(|(family, _)| *family).collect());
     assert_eq!(avsc_files(&schemas_dir()), families.iter().map(|f| (*f).to_owned()).collect());

@@ -13,8 +13,9 @@
 //! with that record (or `422` for another body) before anything else is
 //! judged, so a retry cannot be refused because the configuration, DNS or the
 //! load changed since the first request. Only a first request is validated
-//! (`X-Correlation-Id` `400`, the command and its `callback_url` `422`) and
-//! shed (`503`).
+//! (`X-Correlation-Id` `400`, the command and its `callback_url` `422`, a
+//! `callback_url` whose webhook endpoint the notifier disabled after a
+//! `410 Gone` `422 endpoint-disabled`) and shed (`503`).
 //!
 //! Concurrent requests with one key meet at the primary key of
 //! `idempotency_keys`: the second `INSERT` waits for the first transaction and
@@ -128,7 +129,7 @@ impl StoredResponse {
         (status = 409, description = "A request with this key is still in flight; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid command, or the key was used with another request", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid command (`invalid-command`), a `callback_url` whose webhook endpoint is disabled (`endpoint-disabled`), or the key was used with another request (`idempotency-key-reused`)", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "Shedding load (outbox backlog, database pool or too many requests at once); retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
@@ -168,6 +169,11 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
         Some(url) => Some(checked_callback_url(url, &state.config.webhooks.allowlist).await?),
         None => None,
     };
+    if let Some(url) = &callback_url
+        && let Some(endpoint_id) = crate::endpoints::disabled(&state.pool, &tenant.0, url).await?
+    {
+        return Err(ApiError::EndpointDisabled { url: url.clone(), endpoint_id });
+    }
     shed_if_overloaded(&state)?;
 
     let job_id = Uuid::now_v7();

@@ -28,6 +28,11 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     InvalidCommand(String),
+    #[error(
+        "the webhook endpoint {url} is disabled for this tenant (it answered 410 Gone); enable it with \
+         POST /v1/webhook-endpoints/{endpoint_id}/enable on the notifier, or name another callback_url"
+    )]
+    EndpointDisabled { url: String, endpoint_id: uuid::Uuid },
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still being processed; retry shortly")]
@@ -57,6 +62,9 @@ impl ApiError {
             }
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
             Self::InvalidCommand(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-command", "Invalid command"),
+            Self::EndpointDisabled { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "endpoint-disabled", "Webhook endpoint disabled")
+            }
             Self::IdempotencyKeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",

@@ -4,6 +4,8 @@
 //!   after the command and its outbox row are committed).
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
 //! - [`projection`]: consumes the results topic into that projection.
+//! - [`endpoints`]: consumes the notifier's webhook endpoint states, so
+//!   commands naming a disabled endpoint are refused.
 //! - [`maintenance`]: the idempotency-key sweeper.
 //! - [`group_commit`]: accepted commands committed many per transaction.
 //! - [`backpressure`]: refusing commands while the processor's backlog would
@@ -18,6 +20,7 @@
 pub mod backpressure;
 pub mod commands;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod group_commit;
 pub mod jobs;
@@ -128,21 +131,39 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     let kafka_config = config.kafka.clone();
     let needed_topics = vec![topics.commands.clone(), topics.results.clone()];
     let results_topic = topics.results.clone();
+    let endpoints_topic = topics.webhook_endpoints.clone();
+    // Its own group (every ingest instance shares the database, so one
+    // consumer per group suffices), named after the projection's.
+    let endpoints_consumer = kafka::consumer(&config.kafka, &format!("{}.webhook-endpoints", config.results_group_id))?;
     tasks.spawn(async move {
         // Ingest accepts commands while Kafka is down (they wait in the
         // outbox), so its topics are created whenever the broker answers, not
-        // before it starts; the projection subscribes only then, because a
+        // before it starts; the consumers subscribe only then, because a
         // subscription to a topic that does not exist yet is noticed late.
-        kafka::ensure_topics_eventually(kafka_config, needed_topics, projection_shutdown.clone()).await;
+        kafka::ensure_topics_eventually(
+            kafka_config,
+            needed_topics,
+            vec![endpoints_topic.clone()],
+            projection_shutdown.clone(),
+        )
+        .await;
         if let Err(error) = rdkafka::consumer::Consumer::subscribe(&consumer, &[&results_topic]) {
             tracing::error!(%error, "cannot subscribe to the results topic; job status will not advance");
             return;
         }
+        if let Err(error) = rdkafka::consumer::Consumer::subscribe(&endpoints_consumer, &[&endpoints_topic]) {
+            tracing::error!(%error, "cannot subscribe to the webhook endpoints topic; disabled endpoints go unseen");
+        }
         let parking = Parking::new(projection_pool.clone(), projection::PARKING_CONSUMER);
-        kafka::consume_parking(&consumer, &projection_shutdown, &parking, |message| {
-            projection::apply(&projection_pool, message)
-        })
-        .await;
+        let endpoints_parking = Parking::new(projection_pool.clone(), endpoints::PARKING_CONSUMER);
+        tokio::join!(
+            kafka::consume_parking(&consumer, &projection_shutdown, &parking, |message| {
+                projection::apply(&projection_pool, message)
+            }),
+            kafka::consume_parking(&endpoints_consumer, &projection_shutdown, &endpoints_parking, |message| {
+                endpoints::apply(&projection_pool, message)
+            }),
+        );
     });
 
     let state = AppState {

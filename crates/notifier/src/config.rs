@@ -8,7 +8,7 @@ use onceflow_runtime::{
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
 };
-use onceflow_webhook::{Allowlist, RetryPolicy, Secret};
+use onceflow_webhook::{Allowlist, BreakerPolicy, RetryPolicy, Secret};
 
 /// The defaults, which also document every setting.
 pub const DEFAULTS: &str = include_str!("../config/defaults.toml");
@@ -52,6 +52,9 @@ pub struct WebhooksConfig {
     #[serde(default)]
     pub proxy: Option<String>,
     pub retry: RetryPolicy,
+    /// When a destination's circuit breaker opens and how long it stays open.
+    #[serde(default)]
+    pub breaker: BreakerPolicy,
     /// Tenant → its active signing secrets, newest first.
     #[serde(default)]
     pub secrets: BTreeMap<String, Vec<Secret>>,
@@ -66,7 +69,8 @@ impl WebhooksConfig {
         if self.timeout_ms == 0 || self.connect_timeout_ms == 0 || self.poll_interval_ms == 0 {
             return Err("webhooks.timeout_ms, connect_timeout_ms and poll_interval_ms must be positive".to_owned());
         }
-        self.retry.validate()
+        self.retry.validate()?;
+        self.breaker.validate()
     }
 
     /// How long a claimed delivery stays reserved for its worker: longer than

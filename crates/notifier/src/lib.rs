@@ -6,6 +6,8 @@
 //!                                            │                   SSE subscribers ◀─┘
 //!                   │                        └─(terminal, callback_url)─▶ webhook_deliveries ──▶ worker ──▶ POST callback_url
 //!                   └─(never applicable)─▶ parked_records ◀── GET /admin/parked, POST /admin/parked/{id}/redrive
+//!
+//! 410 Gone / POST /v1/webhook-endpoints/{id}/enable ──tx{endpoint, outbox}──▶ relay ──▶ onceflow.webhook-endpoints
 //! ```
 //!
 //! Every results record ends as stored, or parked (`onceflow_runtime::parking`)
@@ -35,6 +37,7 @@ use axum::{
     Router,
     routing::{get, post},
 };
+use onceflow_outbox::{Relay, RelayConfig};
 use onceflow_runtime::{
     auth::ApiKeys,
     http, kafka,
@@ -61,9 +64,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
-/// The service's migrations: its own, then the parked records'.
+/// The service's migrations: its own, then the outbox's (endpoint state
+/// changes) and the parked records'.
 pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
-    vec![sqlx::migrate!("./migrations"), parking::migrator()]
+    vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator(), parking::migrator()]
 }
 
 /// The name the results consumer parks records under.
@@ -84,6 +88,9 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
         .route("/v1/jobs/{job_id}/deliveries", get(webhooks::api::job_deliveries))
         .route("/v1/deliveries/{delivery_id}", get(webhooks::api::delivery))
         .route("/v1/deliveries/{delivery_id}/redrive", post(webhooks::api::redrive))
+        .route("/v1/webhook-endpoints", get(webhooks::api::endpoints))
+        .route("/v1/webhook-endpoints/{endpoint_id}", get(webhooks::api::endpoint))
+        .route("/v1/webhook-endpoints/{endpoint_id}/enable", post(webhooks::api::enable_endpoint))
         .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes(readiness))
@@ -97,7 +104,12 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
+    kafka::ensure_compacted_topics(&config.kafka, &[&topics.webhook_endpoints]).await?;
     let mut tasks = JoinSet::new();
+
+    // Publishes endpoint state changes (webhooks::endpoints) to ingest.
+    let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
+    tasks.spawn(relay.run(shutdown.clone()));
 
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.results])?;
@@ -124,7 +136,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
             tracing::warn!(tenant = %tenant.tenant, "no webhook signing secret: this tenant's webhooks will fail");
         }
     }
-    let worker = webhooks::worker::Worker::new(pool.clone(), config.webhooks.clone())
+    let worker = webhooks::worker::Worker::new(pool.clone(), config.webhooks.clone(), &topics.webhook_endpoints)
         .map_err(onceflow_runtime::Error::Config)?;
     tasks.spawn(worker.run(shutdown.clone()));
 

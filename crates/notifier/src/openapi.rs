@@ -14,7 +14,8 @@ use crate::{
     sse,
     webhooks::{
         api,
-        store::{AttemptView, DeliveryView, Status},
+        endpoints::EndpointView,
+        store::{AttemptView, BreakerView, DeliveryView, Status},
     },
 };
 
@@ -26,8 +27,26 @@ use crate::{
             `Last-Event-ID`, also across restarts), and the webhook deliveries of `callback_url`s. The `data:` of \
             every event and the body of every webhook are the result event as JSON (see asyncapi.yaml)."
     ),
-    paths(sse::tenant_events, sse::job_events, api::job_deliveries, api::delivery, api::redrive),
-    components(schemas(ProblemDocument, DeliveryView, AttemptView, Status, api::JobDeliveries)),
+    paths(
+        sse::tenant_events,
+        sse::job_events,
+        api::job_deliveries,
+        api::delivery,
+        api::redrive,
+        api::endpoints,
+        api::endpoint,
+        api::enable_endpoint
+    ),
+    components(schemas(
+        ProblemDocument,
+        DeliveryView,
+        AttemptView,
+        BreakerView,
+        Status,
+        api::JobDeliveries,
+        EndpointView,
+        api::EndpointList
+    )),
     modifiers(&BearerSchemes),
     tags(
         (name = "streams", description = "Server-Sent Events of result events"),
@@ -62,6 +81,9 @@ mod tests {
             "/v1/jobs/{job_id}/deliveries",
             "/v1/deliveries/{delivery_id}",
             "/v1/deliveries/{delivery_id}/redrive",
+            "/v1/webhook-endpoints",
+            "/v1/webhook-endpoints/{endpoint_id}",
+            "/v1/webhook-endpoints/{endpoint_id}/enable",
             "/admin/parked",
             "/admin/parked/{id}/redrive",
         ] {

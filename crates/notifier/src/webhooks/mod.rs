@@ -13,12 +13,20 @@
 //!   instance) and the attempts log.
 //! - [`worker`]: claims due deliveries, makes one attempt each, schedules the
 //!   retry or ends the delivery.
-//! - [`api`]: `GET /v1/jobs/{job_id}/deliveries`, `GET /v1/deliveries/{id}`
-//!   and `POST /v1/deliveries/{id}/redrive`, per tenant.
+//! - [`breakers`]: a circuit breaker per destination (scheme, host, port),
+//!   in the database so every instance shares it: deliveries to a failing
+//!   destination wait without spending attempts, one probe tests it.
+//! - [`endpoints`]: a `410 Gone` disables the endpoint (callback URL) for its
+//!   tenant, published to ingest through the outbox.
+//! - [`api`]: `GET /v1/jobs/{job_id}/deliveries`, `GET /v1/deliveries/{id}`,
+//!   `POST /v1/deliveries/{id}/redrive`, `GET /v1/webhook-endpoints` and
+//!   `POST /v1/webhook-endpoints/{id}/enable`, per tenant.
 //!
 //! Signing, the retry schedule and the SSRF rules are in `onceflow-webhook`,
 //! shared with ingest (which checks `callback_url` at submission).
 
 pub mod api;
+pub mod breakers;
+pub mod endpoints;
 pub mod store;
 pub mod worker;

@@ -1,14 +1,23 @@
 //! The `webhook_deliveries` and `webhook_attempts` tables (see
-//! `migrations/0002_webhooks.sql`): creating a delivery with its event,
-//! claiming due deliveries under a lease, recording each attempt's outcome,
-//! and the per-tenant views the API serves.
+//! `migrations/0002_webhooks.sql` and `0004_breakers_and_endpoints.sql`):
+//! creating a delivery with its event, claiming due deliveries under a lease
+//! (past destinations whose circuit breaker is not closed, and one probe per
+//! destination whose cool-down is over), recording each attempt's outcome
+//! with its breaker and endpoint effects, and the per-tenant views the API
+//! serves.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
+use onceflow_webhook::{BreakerPolicy, breaker::Signal};
 use sqlx::{PgConnection, PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
+
+use super::{
+    breakers,
+    endpoints::{self, Cause, ChangeError},
+};
 
 /// The channel `NOTIFY`ed when deliveries become due without a timer
 /// (created, redriven).
@@ -21,6 +30,9 @@ pub enum Status {
     Pending,
     Succeeded,
     Failed,
+    /// Ended without an attempt: the tenant's endpoint (this callback URL) is
+    /// disabled because it answered `410 Gone`.
+    EndpointDisabled,
 }
 
 impl Status {
@@ -29,6 +41,7 @@ impl Status {
             Self::Pending => "pending",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::EndpointDisabled => "endpoint_disabled",
         }
     }
 
@@ -36,6 +49,7 @@ impl Status {
         match text {
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
+            "endpoint_disabled" => Self::EndpointDisabled,
             _ => Self::Pending,
         }
     }
@@ -88,8 +102,11 @@ fn displayable(url: &str) -> String {
 /// Record the delivery of `event` to `url`, in the transaction storing the
 /// event. The event id is unique in the table, so this is idempotent too.
 /// A `url` with a [`refusal`] gets a delivery that is `failed` from the
-/// start, with the refusal as its `last_error` and the URL escaped; it is
-/// never attempted. Returns the delivery id (the `webhook-id`).
+/// start, with the refusal as its `last_error` and the URL escaped; one whose
+/// endpoint the tenant has disabled is `endpoint_disabled` from the start.
+/// Neither is ever attempted. A delivery to a destination whose breaker is
+/// open is due when the cool-down ends. Returns the delivery id (the
+/// `webhook-id`).
 pub async fn enqueue(
     tx: &mut PgConnection,
     event: &ResultEvent,
@@ -101,6 +118,11 @@ pub async fn enqueue(
     // Serialised once: every attempt sends (and signs) the same bytes.
     let body = event.to_client_json().to_string();
     let refused = refusal(url);
+    let disabled = match refused {
+        Some(_) => None,
+        None => endpoints::disabled_id(tx, &event.tenant, url).await?,
+    };
+    let destination = reqwest::Url::parse(url).ok().as_ref().and_then(onceflow_webhook::breaker::destination);
     if let Some(reason) = &refused {
         tracing::warn!(
             correlation_id = %event.correlation_id,
@@ -111,13 +133,27 @@ pub async fn enqueue(
         );
         metrics::counter!("onceflow_webhook_deliveries_total", "outcome" => "refused").increment(1);
     }
+    if let Some(endpoint) = disabled {
+        tracing::info!(
+            correlation_id = %event.correlation_id,
+            webhook_id = %id,
+            endpoint_id = %endpoint,
+            "webhook endpoint disabled; the delivery ends unsent"
+        );
+        metrics::counter!("onceflow_webhook_deliveries_total", "outcome" => "endpoint_disabled").increment(1);
+    }
+    let (status, ended_because) = match (&refused, disabled) {
+        (Some(reason), _) => ("failed", Some(reason.clone())),
+        (None, Some(endpoint)) => (Status::EndpointDisabled.as_str(), Some(endpoints::disabled_error(endpoint))),
+        (None, None) => ("pending", None),
+    };
     sqlx::query(
         "INSERT INTO webhook_deliveries
             (id, event_id, tenant, job_id, correlation_id, event_type, url, body, traceparent, tracestate,
-             status, last_error, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                 CASE WHEN $11::text IS NULL THEN 'pending' ELSE 'failed' END, $11,
-                 CASE WHEN $11::text IS NULL THEN NULL ELSE now() END)
+             status, last_error, finished_at, destination, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                 CASE WHEN $11 = 'pending' THEN NULL ELSE now() END, $13,
+                 greatest(now(), (SELECT open_until FROM webhook_breakers WHERE destination = $13 AND state = 'open')))
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(id)
@@ -130,7 +166,9 @@ pub async fn enqueue(
     .bind(&body)
     .bind(&envelope.traceparent)
     .bind(&envelope.tracestate)
-    .bind(&refused)
+    .bind(status)
+    .bind(&ended_because)
+    .bind(&destination)
     .execute(&mut *tx)
     .await?;
     Ok(id)
@@ -157,55 +195,125 @@ pub struct Claimed {
     pub previous_abandoned: bool,
     /// Fences this worker's writes: only the lease holder may record.
     pub lease_token: Uuid,
+    /// `scheme://host:port`, the key of its circuit breaker (`None` only for
+    /// a URL without a host, which is never sent).
+    pub destination: Option<String>,
+    /// Claimed as the half-open probe of its destination's breaker.
+    pub probe: bool,
+    /// The tenant's endpoint (this URL) is disabled: end it unsent.
+    pub endpoint_disabled: Option<Uuid>,
 }
 
-/// Claim up to `limit` due deliveries for `lease`. `SKIP LOCKED` lets the
-/// workers of every instance claim at once without waiting on each other or
-/// claiming the same row; the lease (not a held transaction) keeps the row
-/// reserved while the HTTP request runs.
+/// What a claim returns of each delivery: its fields, whether the previous
+/// claim's lease ran out, and whether its endpoint is disabled.
+const CLAIMED_COLUMNS: &str = "d.id, d.tenant, d.job_id, d.correlation_id, d.url, d.body, d.traceparent,
+    d.tracestate, d.attempts, d.round_start, d.destination, expired_lease IS NOT NULL AS previous_abandoned,
+    (SELECT e.id FROM webhook_endpoints e WHERE e.tenant = d.tenant AND e.url = d.url AND e.state = 'disabled')
+        AS endpoint_disabled";
+
+/// Claim up to `limit` due deliveries for `lease`, past those whose
+/// destination's circuit breaker is open or probing (they wait, their
+/// attempts untouched). `SKIP LOCKED` lets the workers of every instance
+/// claim at once without waiting on each other or claiming the same row; the
+/// lease (not a held transaction) keeps the row reserved while the HTTP
+/// request runs.
 pub async fn claim_due(pool: &PgPool, lease: Duration, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
     let lease_token = Uuid::new_v4();
-    let rows = sqlx::query(
+    let rows = sqlx::query(&format!(
         "UPDATE webhook_deliveries d
             SET lease_token = $1,
                 lease_until = now() + make_interval(secs => $2),
                 attempts = d.attempts + 1,
                 updated_at = now()
-           FROM (SELECT id, lease_until AS expired_lease FROM webhook_deliveries
+           FROM (SELECT id, lease_until AS expired_lease FROM webhook_deliveries w
                   WHERE status = 'pending' AND next_attempt_at <= now()
                     AND (lease_until IS NULL OR lease_until < now())
+                    AND NOT EXISTS (SELECT 1 FROM webhook_breakers b
+                                     WHERE b.destination = w.destination AND b.state <> 'closed')
                   ORDER BY next_attempt_at
                   LIMIT $3
-                  FOR UPDATE SKIP LOCKED) due
+                  FOR UPDATE OF w SKIP LOCKED) due
           WHERE d.id = due.id
-      RETURNING d.id, d.tenant, d.job_id, d.correlation_id, d.url, d.body, d.traceparent, d.tracestate,
-                d.attempts, d.round_start, due.expired_lease IS NOT NULL AS previous_abandoned",
-    )
+      RETURNING {CLAIMED_COLUMNS}, false AS probe"
+    ))
     .bind(lease_token)
     .bind(lease.as_secs_f64())
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let attempt: i32 = row.try_get("attempts")?;
-            let round_start: i32 = row.try_get("round_start")?;
-            Ok(Claimed {
-                id: row.try_get("id")?,
-                tenant: row.try_get("tenant")?,
-                job_id: row.try_get("job_id")?,
-                correlation_id: row.try_get("correlation_id")?,
-                url: row.try_get("url")?,
-                body: row.try_get("body")?,
-                traceparent: row.try_get("traceparent")?,
-                tracestate: row.try_get("tracestate")?,
-                attempt,
-                attempts_in_round: u32::try_from(attempt - round_start).unwrap_or(1),
-                previous_abandoned: row.try_get("previous_abandoned")?,
-                lease_token,
-            })
-        })
-        .collect()
+    rows.iter().map(|row| claimed_from_row(row, lease_token)).collect()
+}
+
+/// Claim the half-open probe of up to `limit` destinations whose breaker's
+/// cool-down is over (or whose previous probe's lease ran out): for each,
+/// its earliest due delivery, and the breaker becomes half-open with this
+/// claim's lease, in one statement, so exactly one probe goes out per
+/// destination whatever the number of workers and instances.
+pub async fn claim_probes(pool: &PgPool, lease: Duration, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
+    let lease_token = Uuid::new_v4();
+    let rows = sqlx::query(&format!(
+        "WITH ready AS (
+             SELECT destination FROM webhook_breakers
+              WHERE (state = 'open' AND open_until <= now()) OR (state = 'half_open' AND probe_until < now())
+              ORDER BY open_until
+              LIMIT $3
+              FOR UPDATE SKIP LOCKED),
+         picked AS (
+             SELECT ready.destination, due.id, due.expired_lease FROM ready
+              CROSS JOIN LATERAL (
+                  SELECT id, lease_until AS expired_lease FROM webhook_deliveries w
+                   WHERE w.destination = ready.destination AND status = 'pending' AND next_attempt_at <= now()
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY next_attempt_at
+                   LIMIT 1
+                   FOR UPDATE SKIP LOCKED) due),
+         probing AS (
+             UPDATE webhook_breakers b
+                SET state = 'half_open', probe_token = $1, probe_until = now() + make_interval(secs => $2),
+                    updated_at = now()
+               FROM picked WHERE b.destination = picked.destination)
+         UPDATE webhook_deliveries d
+            SET lease_token = $1,
+                lease_until = now() + make_interval(secs => $2),
+                attempts = d.attempts + 1,
+                updated_at = now()
+           FROM picked
+          WHERE d.id = picked.id
+      RETURNING {CLAIMED_COLUMNS}, true AS probe"
+    ))
+    .bind(lease_token)
+    .bind(lease.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|row| claimed_from_row(row, lease_token)).collect()
+}
+
+fn claimed_from_row(row: &PgRow, lease_token: Uuid) -> Result<Claimed, sqlx::Error> {
+    let attempt: i32 = row.try_get("attempts")?;
+    let round_start: i32 = row.try_get("round_start")?;
+    let url: String = row.try_get("url")?;
+    // Deliveries from before destinations were stored get theirs now.
+    let destination = row
+        .try_get::<Option<String>, _>("destination")?
+        .or_else(|| reqwest::Url::parse(&url).ok().as_ref().and_then(onceflow_webhook::breaker::destination));
+    Ok(Claimed {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        job_id: row.try_get("job_id")?,
+        correlation_id: row.try_get("correlation_id")?,
+        url,
+        body: row.try_get("body")?,
+        traceparent: row.try_get("traceparent")?,
+        tracestate: row.try_get("tracestate")?,
+        attempt,
+        attempts_in_round: u32::try_from(attempt - round_start).unwrap_or(1),
+        previous_abandoned: row.try_get("previous_abandoned")?,
+        lease_token,
+        destination,
+        probe: row.try_get("probe")?,
+        endpoint_disabled: row.try_get("endpoint_disabled")?,
+    })
 }
 
 /// What one attempt came to.
@@ -224,30 +332,61 @@ pub enum Next {
     Succeeded,
     RetryIn(Duration),
     Failed,
+    /// `410 Gone`: failed, and its endpoint disabled for the tenant.
+    Gone,
+    /// Not sent, because its endpoint is disabled: it ends so, and the claim
+    /// does not count as an attempt.
+    EndpointDisabled,
+}
+
+/// What recording an attempt needs beyond the attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Effects<'a> {
+    /// What the attempt says about its destination (`None`: nothing).
+    pub signal: Option<Signal>,
+    pub breaker: &'a BreakerPolicy,
+    /// Where endpoint state changes are published.
+    pub endpoints_topic: &'a str,
 }
 
 /// Record `attempt` and move the delivery on to `next`, if this worker still
-/// holds its lease. Returns whether it did: `false` means the lease ran out
-/// and another worker owns the delivery now (the attempt is still logged).
+/// holds its lease, in one transaction with what the attempt means beyond
+/// the delivery: its destination's breaker records the outcome first (a
+/// retry is never due before an open breaker's cool-down ends), and a `410`
+/// disables the endpoint. Returns whether the delivery moved on: `false`
+/// means the lease ran out and another worker owns the delivery now (the
+/// attempt is still logged and still counts for the breaker).
 pub async fn finish(
     pool: &PgPool,
     claimed: &Claimed,
     attempt: &AttemptRecord,
     next: Next,
-) -> Result<bool, sqlx::Error> {
+    effects: Effects<'_>,
+) -> Result<bool, ChangeError> {
     let (status, delay) = match next {
         Next::Succeeded => (Status::Succeeded, None),
         Next::RetryIn(delay) => (Status::Pending, Some(delay.as_secs_f64())),
-        Next::Failed => (Status::Failed, None),
+        Next::Failed | Next::Gone => (Status::Failed, None),
+        Next::EndpointDisabled => (Status::EndpointDisabled, None),
     };
+    let unsent = next == Next::EndpointDisabled;
     let mut tx = pool.begin().await?;
+    // The breaker first: its row is always locked before delivery rows.
+    let hold_until = match &claimed.destination {
+        Some(destination) if effects.breaker.enabled => {
+            breakers::record(&mut tx, effects.breaker, destination, effects.signal, claimed.lease_token).await?
+        }
+        _ => None,
+    };
     let updated: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
         "UPDATE webhook_deliveries
             SET status = $3,
                 next_attempt_at = CASE WHEN $4::float8 IS NULL THEN next_attempt_at
-                                       ELSE now() + make_interval(secs => $4) END,
+                                       ELSE greatest(now() + make_interval(secs => $4), $7) END,
                 lease_token = NULL, lease_until = NULL,
-                last_status_code = $5, last_error = $6,
+                last_status_code = coalesce($5, CASE WHEN $8 THEN last_status_code END), last_error = $6,
+                attempts = attempts - CASE WHEN $8 THEN 1 ELSE 0 END,
+                destination = coalesce(destination, $9),
                 updated_at = now(),
                 finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END
           WHERE id = $1 AND lease_token = $2
@@ -259,9 +398,28 @@ pub async fn finish(
     .bind(delay)
     .bind(attempt.status_code.map(i32::from))
     .bind(&attempt.error)
+    .bind(hold_until)
+    .bind(unsent)
+    .bind(&claimed.destination)
     .fetch_optional(&mut *tx)
     .await?;
-    log_attempt(&mut tx, claimed.id, claimed.attempt, attempt, updated.flatten()).await?;
+    if !unsent {
+        log_attempt(&mut tx, claimed.id, claimed.attempt, attempt, updated.flatten()).await?;
+    }
+    if next == Next::Gone {
+        let cause =
+            Cause { correlation_id: claimed.correlation_id.clone(), causation_id: Some(claimed.id.to_string()) };
+        endpoints::disable(
+            &mut tx,
+            &claimed.tenant,
+            &claimed.url,
+            "it answered 410 Gone",
+            claimed.id,
+            &cause,
+            effects.endpoints_topic,
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(updated.is_some())
 }
@@ -305,12 +463,21 @@ async fn log_attempt(
     Ok(())
 }
 
-/// How long until the next delivery becomes claimable (due, and any lease
-/// expired), or `None` when nothing is pending.
+/// How long until the next delivery becomes claimable (due, any lease
+/// expired, and its destination's breaker closed, or ready for a probe, or
+/// its probe's lease expired), or `None` when nothing is pending. A delivery
+/// held by a probe in flight counts from the probe's lease: the probe's
+/// outcome wakes the workers sooner (`NOTIFY` when the breaker closes).
 pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+    // `greatest` ignores NULLs: a delivery without a breaker, or whose
+    // breaker is closed, is due at its own time.
     let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at))) - now())::float8
-           FROM webhook_deliveries WHERE status = 'pending'",
+        "SELECT EXTRACT(EPOCH FROM min(greatest(
+                    d.next_attempt_at, d.lease_until,
+                    CASE b.state WHEN 'open' THEN b.open_until WHEN 'half_open' THEN b.probe_until END)) - now())::float8
+           FROM webhook_deliveries d
+           LEFT JOIN webhook_breakers b ON b.destination = d.destination AND b.state <> 'closed'
+          WHERE d.status = 'pending'",
     )
     .fetch_one(pool)
     .await?;
@@ -330,6 +497,19 @@ pub struct AttemptView {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// The circuit breaker a pending delivery waits on.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct BreakerView {
+    /// `scheme://host:port`: the breaker is shared by every delivery there.
+    pub destination: String,
+    /// `open` (cooling down until `next_probe_at`) or `half_open` (one
+    /// delivery is out as the probe; the others wait for its outcome).
+    #[schema(example = "open")]
+    pub state: String,
+    /// When one delivery goes out as the probe (while `open`).
+    pub next_probe_at: Option<DateTime<Utc>>,
+}
+
 /// One delivery with its attempts, as the API shows it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
@@ -342,8 +522,13 @@ pub struct DeliveryView {
     pub url: String,
     pub status: Status,
     pub attempt_count: i32,
-    /// When the next attempt is due, while pending.
+    /// When the next attempt is due, while pending (while its destination's
+    /// breaker is open: the end of the cool-down, when the probe may go).
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Present while the delivery is pending and waits on its destination's
+    /// open circuit breaker: it is not attempted (and spends no attempts)
+    /// until a probe to the destination succeeds.
+    pub breaker: Option<BreakerView>,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -352,9 +537,16 @@ pub struct DeliveryView {
     pub attempts: Vec<AttemptView>,
 }
 
-const DELIVERY_COLUMNS: &str = "id, job_id, event_id, event_type, correlation_id, url, status, attempts,
-    CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
-    last_status_code, last_error, created_at, updated_at, finished_at";
+const DELIVERY_COLUMNS: &str =
+    "d.id, d.job_id, d.event_id, d.event_type, d.correlation_id, d.url, d.status, d.attempts,
+    CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+    d.last_status_code, d.last_error, d.created_at, d.updated_at, d.finished_at,
+    b.destination AS breaker_destination, b.state AS breaker_state,
+    CASE WHEN b.state = 'open' THEN b.open_until END AS next_probe_at";
+
+/// Deliveries with the breaker they wait on, if any.
+const DELIVERIES: &str = "webhook_deliveries d
+    LEFT JOIN webhook_breakers b ON b.destination = d.destination AND b.state <> 'closed' AND d.status = 'pending'";
 
 fn delivery_from_row(row: &PgRow) -> Result<DeliveryView, sqlx::Error> {
     Ok(DeliveryView {
@@ -372,6 +564,14 @@ fn delivery_from_row(row: &PgRow) -> Result<DeliveryView, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         finished_at: row.try_get("finished_at")?,
+        breaker: match row.try_get::<Option<String>, _>("breaker_state")? {
+            Some(state) => Some(BreakerView {
+                destination: row.try_get("breaker_destination")?,
+                state,
+                next_probe_at: row.try_get("next_probe_at")?,
+            }),
+            None => None,
+        },
         attempts: Vec::new(),
     })
 }
@@ -380,7 +580,7 @@ fn delivery_from_row(row: &PgRow) -> Result<DeliveryView, sqlx::Error> {
 /// Another tenant's job looks exactly like one without deliveries.
 pub async fn for_job(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Vec<DeliveryView>, sqlx::Error> {
     let rows = sqlx::query(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE tenant = $1 AND job_id = $2 ORDER BY created_at, id"
+        "SELECT {DELIVERY_COLUMNS} FROM {DELIVERIES} WHERE d.tenant = $1 AND d.job_id = $2 ORDER BY d.created_at, d.id"
     ))
     .bind(tenant)
     .bind(job_id)
@@ -393,7 +593,7 @@ pub async fn for_job(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Vec<De
 
 /// `tenant`'s delivery `id`, if it is theirs.
 pub async fn get(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Option<DeliveryView>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE tenant = $1 AND id = $2"))
+    let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM {DELIVERIES} WHERE d.tenant = $1 AND d.id = $2"))
         .bind(tenant)
         .bind(id)
         .fetch_optional(pool)
@@ -438,25 +638,33 @@ async fn attach_attempts(pool: &PgPool, deliveries: &mut [DeliveryView]) -> Resu
 pub enum Redrive {
     /// Pending again, due now, with a fresh retry schedule.
     Redriven(Box<DeliveryView>),
-    /// Not `failed`: still pending, or already delivered.
+    /// Not ended unsuccessfully: still pending, or already delivered.
     NotFailed(Status),
+    /// Its endpoint is disabled: enable it first.
+    EndpointDisabled(Uuid),
     NotFound,
 }
 
-/// Make `tenant`'s failed delivery `id` pending again, due now, with the
-/// whole retry schedule ahead of it. The `webhook-id` stays the same, so a
-/// receiver that did get an earlier attempt recognises the duplicate.
+/// Make `tenant`'s `failed` or `endpoint_disabled` delivery `id` pending
+/// again, due now, with the whole retry schedule ahead of it, unless its
+/// endpoint is disabled (it would end again at once). The `webhook-id` stays
+/// the same, so a receiver that did get an earlier attempt recognises the
+/// duplicate.
 pub async fn redrive(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Redrive, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE tenant = $1 AND id = $2 FOR UPDATE")
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT status, url FROM webhook_deliveries WHERE tenant = $1 AND id = $2 FOR UPDATE")
             .bind(tenant)
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(status) = status.as_deref().map(Status::parse) else { return Ok(Redrive::NotFound) };
-    if status != Status::Failed {
+    let Some((status, url)) = row else { return Ok(Redrive::NotFound) };
+    let status = Status::parse(&status);
+    if !matches!(status, Status::Failed | Status::EndpointDisabled) {
         return Ok(Redrive::NotFailed(status));
+    }
+    if let Some(endpoint) = endpoints::disabled_id(&mut tx, tenant, &url).await? {
+        return Ok(Redrive::EndpointDisabled(endpoint));
     }
     sqlx::query(
         "UPDATE webhook_deliveries

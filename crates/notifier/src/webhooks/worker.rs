@@ -8,6 +8,13 @@
 //! records the attempt: success, a retry at the next point of the schedule, or
 //! failure (`410 Gone`, schedule used up, URL refused, no secret).
 //!
+//! Each outcome also feeds the destination's circuit breaker (see
+//! [`super::breakers`]): while it is open, deliveries there are not claimed
+//! (they wait without spending attempts) and, once its cool-down is over,
+//! exactly one is claimed as the probe. A `410 Gone` disables the endpoint
+//! (see [`super::endpoints`]); a delivery claimed for a disabled endpoint
+//! ends as `endpoint_disabled` without a request.
+//!
 //! It is woken by `NOTIFY` when a delivery is created or redriven, sleeps
 //! until the next retry is due otherwise, and polls every
 //! `webhooks.poll_interval_ms` as a fallback.
@@ -25,7 +32,9 @@
 use std::{sync::Arc, time::Duration};
 
 use onceflow_webhook::{
-    SsrfResolver, check_callback_url,
+    SsrfResolver,
+    breaker::{self, Signal},
+    check_callback_url,
     retry::{self, Verdict},
     signing,
 };
@@ -35,7 +44,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::store::{self, AttemptRecord, Claimed, Next};
+use super::{
+    breakers,
+    store::{self, AttemptRecord, Claimed, Effects, Next},
+};
 use crate::config::WebhooksConfig;
 
 /// The shortest wait between two looks for due deliveries.
@@ -44,18 +56,23 @@ const MIN_SLEEP: Duration = Duration::from_millis(10);
 /// How much of a receiver's answer is kept with the attempt.
 pub const EXCERPT_BYTES: usize = 1024;
 
+/// How often the breakers' metrics are refreshed from the shared table.
+const BREAKER_METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Delivers webhooks; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Worker {
     pool: PgPool,
     client: reqwest::Client,
     config: Arc<WebhooksConfig>,
+    /// Where endpoint state changes (`410 Gone`) are published.
+    endpoints_topic: Arc<str>,
 }
 
 impl Worker {
     /// A worker with its HTTP client: no redirects, bounded time, and the
     /// SSRF rules applied to every address it connects to.
-    pub fn new(pool: PgPool, config: WebhooksConfig) -> Result<Self, String> {
+    pub fn new(pool: PgPool, config: WebhooksConfig, endpoints_topic: &str) -> Result<Self, String> {
         config.validate()?;
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -73,18 +90,31 @@ impl Worker {
             None => builder.no_proxy(),
         };
         let client = builder.build().map_err(|e| format!("webhook HTTP client: {e}"))?;
-        Ok(Self { pool, client, config: Arc::new(config) })
+        Ok(Self { pool, client, config: Arc::new(config), endpoints_topic: Arc::from(endpoints_topic) })
     }
 
-    /// Deliver until `shutdown`.
+    /// Deliver until `shutdown`, and report the breakers' states meanwhile.
     pub async fn run(self, shutdown: CancellationToken) {
+        let report = breakers::report(self.pool.clone(), BREAKER_METRICS_INTERVAL, shutdown.clone());
+        tokio::join!(self.deliver(shutdown), report);
+    }
+
+    async fn deliver(self, shutdown: CancellationToken) {
         let workers = self.config.workers;
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        if !self.config.breaker.enabled {
+            match breakers::close_all(&self.pool).await {
+                Ok(0) => {}
+                Ok(closed) => tracing::warn!(closed, "webhook circuit breakers are off: closed the open ones"),
+                Err(error) => tracing::warn!(%error, "cannot close the webhook circuit breakers"),
+            }
+        }
         let mut in_flight = JoinSet::new();
         let mut listener: Option<PgListener> = None;
         tracing::info!(
             workers,
             schedule = ?self.config.retry.schedule(),
+            breaker = ?self.config.breaker,
             allowlist = ?Vec::<String>::from(self.config.allowlist.clone()),
             "webhook worker started"
         );
@@ -98,7 +128,7 @@ impl Worker {
             while in_flight.try_join_next().is_some() {}
             let free = workers.saturating_sub(in_flight.len());
             if free > 0 {
-                match store::claim_due(&self.pool, self.config.lease(), free as i64).await {
+                match self.claim(free).await {
                     Ok(claimed) => {
                         let full = claimed.len() == free;
                         for delivery in claimed {
@@ -147,6 +177,22 @@ impl Worker {
         tracing::info!("webhook worker stopped");
     }
 
+    /// Claim up to `free` deliveries: first the probes of destinations whose
+    /// breaker's cool-down is over, then due deliveries to closed ones.
+    async fn claim(&self, free: usize) -> Result<Vec<Claimed>, sqlx::Error> {
+        let lease = self.config.lease();
+        let mut claimed = if self.config.breaker.enabled {
+            store::claim_probes(&self.pool, lease, free as i64).await?
+        } else {
+            vec![]
+        };
+        let left = free - claimed.len();
+        if left > 0 {
+            claimed.extend(store::claim_due(&self.pool, lease, left as i64).await?);
+        }
+        Ok(claimed)
+    }
+
     /// Make one attempt at `delivery` and record what came of it.
     async fn attempt(self, delivery: Claimed, shutdown: CancellationToken) {
         let span = tracing::info_span!(
@@ -155,6 +201,7 @@ impl Worker {
             job_id = %delivery.job_id,
             webhook_id = %delivery.id,
             attempt = delivery.attempt,
+            destination = delivery.destination.as_deref().unwrap_or_default(),
         );
         onceflow_runtime::telemetry::set_parent_from(
             &span,
@@ -167,15 +214,25 @@ impl Worker {
             {
                 tracing::warn!(%error, "cannot log the abandoned attempt");
             }
+            if delivery.probe {
+                tracing::info!("webhook circuit breaker half-open: this attempt is the probe");
+                metrics::counter!("onceflow_webhook_breaker_transitions_total", "to" => "half_open").increment(1);
+            }
             let started_at = chrono::Utc::now();
             let clock = tokio::time::Instant::now();
-            let outcome = tokio::select! {
-                () = shutdown.cancelled() => Outcome::Interrupted,
-                outcome = self.send(&delivery) => outcome,
+            let outcome = match delivery.endpoint_disabled {
+                Some(endpoint) => Outcome::EndpointDisabled(endpoint),
+                None => tokio::select! {
+                    () = shutdown.cancelled() => Outcome::Interrupted,
+                    outcome = self.send(&delivery) => outcome,
+                },
             };
             let latency = clock.elapsed();
             let next = self.next_step(&delivery, &outcome);
-            metrics::counter!("onceflow_webhook_attempts_total", "outcome" => outcome.label()).increment(1);
+            let signal = outcome.signal();
+            if next != Next::EndpointDisabled {
+                metrics::counter!("onceflow_webhook_attempts_total", "outcome" => outcome.label()).increment(1);
+            }
             let record = outcome.record(started_at, latency);
             metrics::histogram!("onceflow_webhook_attempt_duration_seconds").record(latency.as_secs_f64());
             match next {
@@ -185,16 +242,22 @@ impl Worker {
                     retry_in_ms = delay.as_millis(),
                     "webhook attempt failed; retrying"
                 ),
-                Next::Failed => tracing::warn!(
+                Next::Failed | Next::Gone => tracing::warn!(
                     error = record.error.as_deref().unwrap_or_default(),
                     "webhook delivery failed; it can be redriven"
                 ),
+                Next::EndpointDisabled => tracing::info!("webhook endpoint disabled; the delivery ends unsent"),
             }
-            if matches!(next, Next::Succeeded | Next::Failed) {
-                let outcome = if next == Next::Succeeded { "succeeded" } else { "failed" };
+            let ended = match next {
+                Next::Succeeded => Some("succeeded"),
+                Next::Failed | Next::Gone => Some("failed"),
+                Next::EndpointDisabled => Some("endpoint_disabled"),
+                Next::RetryIn(_) => None,
+            };
+            if let Some(outcome) = ended {
                 metrics::counter!("onceflow_webhook_deliveries_total", "outcome" => outcome).increment(1);
             }
-            self.record(&delivery, &record, next).await;
+            self.record(&delivery, &record, next, signal).await;
         }
         .instrument(span)
         .await;
@@ -203,10 +266,11 @@ impl Worker {
     /// Store the outcome, retrying a failing database briefly: the attempt
     /// happened, and losing its record would leave the delivery leased until
     /// the lease expires (then it is retried, which is still correct).
-    async fn record(&self, delivery: &Claimed, record: &AttemptRecord, next: Next) {
+    async fn record(&self, delivery: &Claimed, record: &AttemptRecord, next: Next, signal: Option<Signal>) {
+        let effects = Effects { signal, breaker: &self.config.breaker, endpoints_topic: &self.endpoints_topic };
         let mut backoff = Duration::from_millis(100);
         for _ in 0..5 {
-            match store::finish(&self.pool, delivery, record, next).await {
+            match store::finish(&self.pool, delivery, record, next, effects).await {
                 Ok(true) => return,
                 Ok(false) => {
                     tracing::warn!("the lease of this delivery ran out during the attempt; another worker owns it");
@@ -270,11 +334,12 @@ impl Worker {
         match outcome {
             Outcome::Answered { status, retry_after, .. } => match retry::classify_status(*status) {
                 Verdict::Delivered => Next::Succeeded,
-                Verdict::Gone => Next::Failed,
+                Verdict::Gone => Next::Gone,
                 Verdict::Retry => retry(*retry_after),
             },
             Outcome::Transport(_) => retry(None),
             Outcome::Refused(_) => Next::Failed,
+            Outcome::EndpointDisabled(_) => Next::EndpointDisabled,
             // Not the receiver's fault: due again at once, on the next run.
             Outcome::Interrupted => Next::RetryIn(Duration::ZERO),
         }
@@ -292,9 +357,23 @@ enum Outcome {
     Refused(String),
     /// Cut off by shutdown.
     Interrupted,
+    /// Not sent: the tenant's endpoint (this URL) is disabled.
+    EndpointDisabled(uuid::Uuid),
 }
 
 impl Outcome {
+    /// What the attempt says about its destination, for its circuit breaker:
+    /// no answer, `5xx` and `429` count against it; any other answer shows it
+    /// up (see `onceflow_webhook::breaker`); an attempt never sent or cut off
+    /// says nothing.
+    fn signal(&self) -> Option<Signal> {
+        match self {
+            Self::Answered { status, .. } => Some(breaker::signal_of_status(*status)),
+            Self::Transport(_) => Some(Signal::Unhealthy),
+            Self::Refused(_) | Self::Interrupted | Self::EndpointDisabled(_) => None,
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Self::Answered { status, .. } => match retry::classify_status(*status) {
@@ -305,6 +384,7 @@ impl Outcome {
             Self::Transport(_) => "transport_error",
             Self::Refused(_) => "refused",
             Self::Interrupted => "interrupted",
+            Self::EndpointDisabled(_) => "endpoint_disabled",
         }
     }
 
@@ -313,7 +393,9 @@ impl Outcome {
             Self::Answered { status, excerpt, .. } => {
                 let error = match retry::classify_status(status) {
                     Verdict::Delivered => None,
-                    Verdict::Gone => Some("HTTP 410 Gone: the receiver wants no more deliveries".to_owned()),
+                    Verdict::Gone => Some(
+                        "HTTP 410 Gone: the receiver wants no more deliveries; this endpoint is disabled".to_owned(),
+                    ),
                     Verdict::Retry => Some(format!("HTTP {status}")),
                 };
                 (Some(status), error, excerpt)
@@ -322,6 +404,7 @@ impl Outcome {
             Self::Interrupted => {
                 (None, Some("interrupted: the notifier shut down during the attempt".to_owned()), None)
             }
+            Self::EndpointDisabled(endpoint) => (None, Some(super::endpoints::disabled_error(endpoint)), None),
         };
         AttemptRecord { started_at, latency, status_code, error, response_excerpt }
     }
