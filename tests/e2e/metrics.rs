@@ -67,3 +67,34 @@ async fn the_operators_metrics_appear_with_bounded_labels_after_traffic() {
     drop(stream);
     env.teardown().await;
 }
+
+/// Every metric the code records is in the catalogue that gives it `# HELP`
+/// (the test above sees only the metrics its traffic makes).
+#[test]
+fn every_metric_in_the_code_is_described() {
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut sources = vec![crates];
+    let mut undescribed = BTreeSet::new();
+    while let Some(path) = sources.pop() {
+        if path.is_dir() {
+            sources.extend(std::fs::read_dir(&path).expect("a source directory").map(|e| e.expect("an entry").path()));
+            continue;
+        }
+        if path.extension().is_none_or(|ext| ext != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("a source file");
+        for macro_call in ["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("] {
+            for (at, _) in text.match_indices(macro_call) {
+                let rest = text[at + macro_call.len()..].trim_start();
+                // A literal name; a constant is checked where it is defined.
+                let Some(literal) = rest.strip_prefix('"') else { continue };
+                let name = literal.split('"').next().unwrap_or_default();
+                if !onceflow_runtime::instruments::is_described(name) {
+                    undescribed.insert(format!("{name} ({})", path.display()));
+                }
+            }
+        }
+    }
+    assert!(undescribed.is_empty(), "metrics without a description in runtime::instruments: {undescribed:?}");
+}

@@ -158,6 +158,31 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Requests answered 408 because they took too long.",
     ),
     (
+        "onceflow_webhook_breaker_state",
+        Kind::Gauge,
+        None,
+        "A webhook destination's circuit breaker: 0 closed, 1 probing, 2 open (destinations that were not closed, at most 100).",
+    ),
+    ("onceflow_webhook_breakers", Kind::Gauge, Some(Unit::Count), "Webhook destinations by breaker state."),
+    (
+        "onceflow_webhook_breaker_transitions_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Circuit breaker transitions, by the state entered.",
+    ),
+    (
+        "onceflow_webhook_deliveries_waiting",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Pending webhook deliveries held by an open breaker.",
+    ),
+    (
+        "onceflow_webhook_endpoint_changes_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Webhook endpoints disabled (410 Gone) or enabled again, by the state entered.",
+    ),
+    (
         "onceflow_ingest_commit_batch_size",
         Kind::Histogram,
         Some(Unit::Count),
@@ -210,6 +235,11 @@ pub(crate) fn recorder() -> PrometheusRecorder {
         .and_then(|builder| builder.set_buckets_for_metric(Matcher::Suffix("_batch_size".to_owned()), BATCH_BUCKETS))
         .expect("the bucket lists are not empty")
         .build_recorder()
+}
+
+/// Whether `name` is in [`CATALOGUE`], so gets its `# HELP`.
+pub fn is_described(name: &str) -> bool {
+    CATALOGUE.iter().any(|(described, ..)| *described == name)
 }
 
 /// Give every metric of [`CATALOGUE`] its `# HELP` and unit; call once the
