@@ -16,4 +16,5 @@ mod processor;
 mod redrive;
 mod relay;
 mod statement;
+mod tracing;
 mod webhooks;
