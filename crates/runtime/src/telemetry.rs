@@ -66,7 +66,7 @@ const OTLP_ENDPOINT_VARIABLES: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 /// subscriber and returns a guard of its own.
 pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<TelemetryGuard> {
     let mut builder = SdkTracerProvider::builder().with_resource(resource(service_name));
-    if let Some(endpoint) = export_endpoint(config) {
+    if let Some(endpoint) = export_endpoint(config, |name| std::env::var(name).ok()) {
         let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
         // `None`: the exporter takes the endpoint from the environment itself.
         if let Some(endpoint) = endpoint {
@@ -134,17 +134,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FreshFilterState {
 }
 
 /// Whether to export spans, and where: `Some(Some(url))` for the configured
-/// endpoint, `Some(None)` for the one the standard variables name, `None` to
-/// export nothing.
-fn export_endpoint(config: &TelemetryConfig) -> Option<Option<&str>> {
+/// endpoint, `Some(None)` for the one the standard variables (read by `env`)
+/// name, `None` to export nothing.
+fn export_endpoint(config: &TelemetryConfig, env: impl Fn(&str) -> Option<String>) -> Option<Option<&str>> {
     let configured = config.otlp_endpoint.as_deref().filter(|url| !url.trim().is_empty());
     if configured.is_some() {
         return Some(configured);
     }
-    OTLP_ENDPOINT_VARIABLES
-        .iter()
-        .any(|name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty()))
-        .then_some(None)
+    OTLP_ENDPOINT_VARIABLES.iter().any(|name| env(name).is_some_and(|value| !value.trim().is_empty())).then_some(None)
 }
 
 /// The resource every span of this process carries: the SDK's detectors
@@ -232,4 +229,35 @@ macro_rules! consumer_span {
         $crate::telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
         span
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(otlp_endpoint: Option<&str>) -> TelemetryConfig {
+        TelemetryConfig {
+            log_format: LogFormat::Json,
+            log_filter: "info".to_owned(),
+            otlp_endpoint: otlp_endpoint.map(str::to_owned),
+        }
+    }
+
+    /// An environment holding just `set`.
+    fn variables<'a>(set: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| set.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).to_owned())
+    }
+
+    #[test]
+    fn the_configured_endpoint_wins_and_a_standard_variable_alone_turns_export_on() {
+        let collector = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")];
+        let configured = config(Some("http://jaeger:4318/v1/traces"));
+        assert_eq!(export_endpoint(&configured, variables(&collector)), Some(Some("http://jaeger:4318/v1/traces")));
+        assert_eq!(export_endpoint(&config(None), variables(&collector)), Some(None));
+        let traces_only = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/v1/traces")];
+        assert_eq!(export_endpoint(&config(None), variables(&traces_only)), Some(None));
+        assert_eq!(export_endpoint(&config(None), variables(&[])), None, "nothing set: no export");
+        let blank = [("OTEL_EXPORTER_OTLP_ENDPOINT", " ")];
+        assert_eq!(export_endpoint(&config(Some("")), variables(&blank)), None, "blank values count as unset");
+    }
 }
