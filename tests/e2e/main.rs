@@ -19,4 +19,5 @@ mod python_consumer;
 mod redrive;
 mod relay;
 mod statement;
+mod tracing;
 mod webhooks;

@@ -44,7 +44,6 @@ use onceflow_runtime::{auth::ApiKeys, http, kafka, parking::Parking, postgres, s
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 
 pub use config::IngestConfig;
 
@@ -79,7 +78,6 @@ pub fn router(state: AppState, readiness: Vec<http::Dependency>) -> Router {
         .with_state(state)
         .merge(http::probes_of(readiness))
         .layer(body_limit)
-        .layer(TraceLayer::new_for_http())
 }
 
 /// Ingest is ready with its database; without the broker it is only

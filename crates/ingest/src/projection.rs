@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use onceflow_contracts::{JobStatus, ResultEvent};
+use onceflow_contracts::{Envelope, JobStatus, ResultEvent};
 use onceflow_runtime::{
     kafka::RecordError,
     parking::{self, Parking},
@@ -45,10 +45,17 @@ pub fn admin_router(pool: PgPool, token: &str) -> Option<axum::Router> {
     parking::router(Parking::new(pool, PARKING_CONSUMER), token, handler)
 }
 
-/// Apply one result event to the `jobs` table.
+/// Apply one result event to the `jobs` table, in a CONSUMER span that is a
+/// child of the event's publish.
 pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
-    let Some(event) = decode(&message)? else { return Ok(()) };
-    let span = tracing::info_span!("project_result", correlation_id = %event.correlation_id, job_id = %event.job_id);
+    let Some((envelope, event)) = decode(&message)? else { return Ok(()) };
+    let span = onceflow_runtime::consumer_span!(
+        "project_result",
+        &message,
+        &envelope,
+        job_id = %event.job_id,
+        event_type = %envelope.message_type,
+    );
     // `instrument`, not `enter`: a guard held across an `.await` corrupts the
     // span stack of whatever else runs on the thread meanwhile.
     project(pool, &event).instrument(span).await
@@ -85,13 +92,13 @@ async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), RecordError> 
     Ok(())
 }
 
-/// The event in `message`; `None` for an `accepted` event, which ingest
-/// itself wrote when it took the command. A record that is not a result event
-/// is a data error.
-fn decode(message: &OwnedMessage) -> Result<Option<ResultEvent>, RecordError> {
+/// The envelope and event in `message`; `None` for an `accepted` event, which
+/// ingest itself wrote when it took the command. A record that is not a
+/// result event is a data error.
+fn decode(message: &OwnedMessage) -> Result<Option<(Envelope, ResultEvent)>, RecordError> {
     let envelope = onceflow_runtime::kafka::envelope_of(message)
         .map_err(|error| RecordError::data(format!("result without a valid envelope: {error}")))?;
     let event = ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
         .map_err(|error| RecordError::data(format!("undecodable result: {error}")))?;
-    Ok((event.status != JobStatus::Accepted).then_some(event))
+    Ok((event.status != JobStatus::Accepted).then_some((envelope, event)))
 }

@@ -49,7 +49,6 @@ use rdkafka::consumer::Consumer as _;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 
 pub use config::NotifierConfig;
 
@@ -94,7 +93,6 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
         .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes(readiness))
-        .layer(TraceLayer::new_for_http())
 }
 
 /// Start the notifier: returns once it is serving.

@@ -35,7 +35,7 @@ use axum::{
     },
 };
 use futures::Stream;
-use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, problem::Problem};
+use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, problem::Problem, telemetry};
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
@@ -237,7 +237,20 @@ impl Drop for OpenStream {
     }
 }
 
+/// `event` as an SSE frame. Its making is a short span in the event's trace
+/// (a child of the step that stored it), so a command's trace shows each
+/// stream it reached.
 fn to_sse(event: &StoredEvent) -> Event {
+    let span = tracing::info_span!(
+        "sse_send",
+        otel.name = "sse send",
+        correlation_id = %event.correlation_id,
+        job_id = %event.job_id,
+        sse.event.id = event.seq,
+        sse.event.type = %event.event_type,
+    );
+    telemetry::set_parent_from(&span, event.traceparent.as_deref(), event.tracestate.as_deref());
+    let _in_span = span.enter();
     Event::default().id(event.seq.to_string()).event(event.event_type.as_str()).data(event.data.to_string())
 }
 

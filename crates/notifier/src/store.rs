@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
-use onceflow_runtime::kafka::RecordError;
+use onceflow_runtime::{kafka::RecordError, telemetry};
 use rdkafka::{Message as _, message::OwnedMessage};
 use sqlx::{PgPool, Row as _, postgres::PgRow};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// Serialises inserts so `seq` values commit in order ("onev").
@@ -21,6 +22,9 @@ pub struct StoredEvent {
     pub event_type: String,
     pub terminal: bool,
     pub data: serde_json::Value,
+    /// The W3C trace context of the step that stored it (see [`record`]).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 impl StoredEvent {
@@ -33,6 +37,8 @@ impl StoredEvent {
             event_type: row.try_get("event_type")?,
             terminal: row.try_get("terminal")?,
             data: row.try_get("data")?,
+            traceparent: row.try_get("traceparent")?,
+            tracestate: row.try_get("tracestate")?,
         }))
     }
 }
@@ -47,15 +53,31 @@ impl StoredEvent {
 /// A record that is not a result event (no envelope, undecodable bytes, a
 /// malformed job id) or that the database refuses (e.g. `\u0000` in the
 /// result's JSON) is a [`RecordError`] of kind data: the consumer parks it.
+///
+/// The work is a CONSUMER span, a child of the event's publish; the event is
+/// stored with that span's trace context, which its SSE sends continue.
 pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
     let (envelope, event) = decode(&message)?;
+    let span = onceflow_runtime::consumer_span!(
+        "store_result",
+        &message,
+        &envelope,
+        job_id = %event.job_id,
+        event_id = %event.event_id,
+        event_type = %envelope.message_type,
+    );
+    store(pool, &envelope, &event).instrument(span).await
+}
+
+async fn store(pool: &PgPool, envelope: &Envelope, event: &ResultEvent) -> Result<(), RecordError> {
     let job_id = Uuid::parse_str(&event.job_id)
         .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
+    let (traceparent, tracestate) = telemetry::current_trace_context();
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INSERT_LOCK).execute(&mut *tx).await?;
     let inserted = sqlx::query(
-        "INSERT INTO events (event_id, tenant, job_id, correlation_id, event_type, terminal, data)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO events (event_id, tenant, job_id, correlation_id, event_type, terminal, data, traceparent, tracestate)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(&event.event_id)
     .bind(&event.tenant)
@@ -64,13 +86,15 @@ pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordEr
     .bind(event.status.event_type())
     .bind(event.status.is_terminal())
     .bind(event.to_client_json())
+    .bind(traceparent)
+    .bind(tracestate)
     .execute(&mut *tx)
     .await?;
     let duplicate = inserted.rows_affected() == 0;
     let callback_url = event.callback_url.as_deref().filter(|url| !url.is_empty());
     let delivery = match callback_url {
         Some(url) if !duplicate && event.status.is_terminal() => {
-            Some(crate::webhooks::store::enqueue(&mut tx, &event, job_id, url, &envelope).await?)
+            Some(crate::webhooks::store::enqueue(&mut tx, event, job_id, url, envelope).await?)
         }
         _ => None,
     };
@@ -117,7 +141,7 @@ pub async fn events_after(
     limit: i64,
 ) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data FROM events
+        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data, traceparent, tracestate FROM events
          WHERE seq > $1 AND tenant = $2
            AND ($3::uuid IS NULL OR job_id = $3)
            AND ($4::text IS NULL OR correlation_id = $4)
@@ -136,7 +160,7 @@ pub async fn events_after(
 /// Every tenant's events with `seq > after` (the hub's feed).
 pub async fn all_after(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Arc<StoredEvent>>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data FROM events
+        "SELECT seq, tenant, job_id, correlation_id, event_type, terminal, data, traceparent, tracestate FROM events
          WHERE seq > $1 ORDER BY seq LIMIT $2",
     )
     .bind(after)

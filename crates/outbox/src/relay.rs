@@ -10,16 +10,25 @@
 //! and stops leading at once when it does not: at most the batch in flight
 //! when the lease was lost can also be published by the next leader, and
 //! consumers dedup it by `message-id`.
+//!
+//! Each row published is an OpenTelemetry PRODUCER span (`send <topic>`, the
+//! messaging conventions' attributes, the partition and offset once the
+//! broker acknowledged it), a child of the trace context the row was written
+//! with. The record's `traceparent` names that span, not the writer's, so
+//! whoever consumes the record becomes the publish's child.
 
 use std::time::Duration;
 
 use futures::future::join_all;
+use onceflow_contracts::envelope::{CORRELATION_ID, MESSAGE_ID, TRACEPARENT, TRACESTATE};
+use onceflow_runtime::telemetry;
 use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::{PgPool, Row as _, pool::PoolConnection, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::Result;
 
@@ -63,6 +72,49 @@ struct Row {
     payload: Vec<u8>,
     headers: Vec<(String, String)>,
     age: Duration,
+}
+
+impl Row {
+    /// The value of header `name`, as the row was written.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// The PRODUCER span of this row's publish, a child of the context the
+    /// row was written in; partition and offset are recorded on acknowledgement.
+    fn producer_span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            otel.name = %format!("send {}", self.topic),
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+            messaging.system = "kafka",
+            "messaging.operation.type" = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = %self.topic,
+            messaging.message.id = self.header(MESSAGE_ID),
+            messaging.kafka.message.key = self.key.as_deref(),
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+            correlation_id = self.header(CORRELATION_ID),
+            outbox_id = self.id,
+        );
+        telemetry::set_parent_from(&span, self.header(TRACEPARENT), self.header(TRACESTATE));
+        span
+    }
+
+    /// The headers to publish: the row's, with the trace context replaced by
+    /// `span`'s (when it has one), so the record's consumers are its children.
+    fn headers_naming(&self, span: &tracing::Span) -> Vec<(&str, String)> {
+        let mut headers: Vec<(&str, String)> =
+            self.headers.iter().map(|(key, value)| (key.as_str(), value.clone())).collect();
+        let (Some(traceparent), tracestate) = telemetry::trace_context_of(span) else { return headers };
+        headers.retain(|(key, _)| *key != TRACEPARENT && *key != TRACESTATE);
+        headers.push((TRACEPARENT, traceparent));
+        headers.extend(tracestate.map(|state| (TRACESTATE, state)));
+        headers
+    }
 }
 
 impl Relay {
@@ -136,8 +188,9 @@ impl Relay {
         }
         // Hand every record to the producer first, then wait for the
         // acknowledgements: the broker sees the batch pipelined, in order.
-        let deliveries = rows.iter().map(|row| {
-            let headers = row.headers.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+        let spans: Vec<tracing::Span> = rows.iter().map(Row::producer_span).collect();
+        let deliveries = rows.iter().zip(&spans).map(|(row, span)| {
+            let headers = row.headers_naming(span).into_iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
                 headers.insert(Header { key, value: Some(value.as_bytes()) })
             });
             let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers);
@@ -145,23 +198,31 @@ impl Relay {
                 record = record.key(key);
             }
             // Waits (up to the timeout) while librdkafka's bounded queue is full.
-            self.producer.send(record, Duration::from_secs(30))
+            self.producer.send(record, Duration::from_secs(30)).instrument(span.clone())
         });
         let outcomes = join_all(deliveries).await;
         let mut published = Vec::with_capacity(rows.len());
-        for (row, outcome) in rows.iter().zip(outcomes) {
+        for ((row, span), outcome) in rows.iter().zip(&spans).zip(outcomes) {
+            let _in_span = span.enter();
             match outcome {
-                Ok(_) => {
+                Ok(delivery) => {
+                    span.record("messaging.destination.partition.id", delivery.partition.to_string());
+                    span.record("messaging.kafka.offset", delivery.offset);
                     published.push(row.id);
                     metrics::histogram!("onceflow_outbox_commit_to_publish_seconds").record(row.age.as_secs_f64());
                 }
                 // The idempotent producer fails every later record of the same
                 // partition too, so keeping this row keeps the key's order.
                 Err((error, _)) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_message", error.to_string());
                     tracing::warn!(%error, id = row.id, topic = %row.topic, "publish failed; will retry");
                 }
             }
         }
+        // The publish spans end here, at the acknowledgement, before the rows'
+        // deletion (which is the relay's, not the publish's).
+        drop(spans);
         sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)").bind(&published).execute(&self.pool).await?;
         metrics::counter!("onceflow_outbox_published_total").increment(published.len() as u64);
         if published.len() < rows.len() {

@@ -458,7 +458,7 @@ impl Worker {
                 return self.dead_letter(message, None, &poison, shutdown).await;
             }
         };
-        let span = command_span(&envelope);
+        let span = command_span(message, &envelope);
         self.handle_enveloped(message, envelope, shutdown).instrument(span).await
     }
 
@@ -818,17 +818,17 @@ impl Worker {
     }
 }
 
-/// The span of one command's handling, a child of the trace its envelope carries.
-fn command_span(envelope: &Envelope) -> tracing::Span {
-    let span = tracing::info_span!(
+/// The span of one command's handling: a CONSUMER span, a child of the
+/// publish of `message`, whose envelope is `envelope`.
+fn command_span(message: &OwnedMessage, envelope: &Envelope) -> tracing::Span {
+    onceflow_runtime::consumer_span!(
         "process_command",
-        correlation_id = %envelope.correlation_id,
+        message,
+        envelope,
         message_id = %envelope.message_id,
         tenant = %envelope.tenant,
         command_type = %envelope.message_type,
-    );
-    telemetry::set_parent_from(&span, envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
-    span
+    )
 }
 
 /// Insert the inbox row; `false` if the message was already handled.

@@ -20,6 +20,13 @@
 //!   problem+json of the same status, keeping headers such as `Allow`. A `4xx`
 //!   keeps its short text as `detail`; a `5xx` says only "internal error".
 //!
+//! - traces: every request but the probes gets an OpenTelemetry SERVER span
+//!   (`axum-tracing-opentelemetry`, with the HTTP semantic conventions:
+//!   `http.request.method`, `http.route`, `http.response.status_code`, ...),
+//!   a child of the client's `traceparent` when it sends one, and every
+//!   answer carries a `traceparent` naming that span, so a client finds its
+//!   command's trace from the `202`.
+//!
 //! What hyper itself refuses before any of this (a malformed request line or
 //! header, a request head over 400 KiB) gets hyper's bare `400`/`431`, and a
 //! header-read timeout closes the connection without an answer.
@@ -33,6 +40,7 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
+use axum_tracing_opentelemetry::middleware::{OtelAxumLayer, OtelInResponseLayer};
 use tokio::sync::Semaphore;
 
 use crate::problem::{PROBLEM_JSON, Problem};
@@ -85,15 +93,25 @@ const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/metrics"];
 const MAX_DETAIL_BYTES: usize = 1024;
 
 /// `router` with the request bound, the request timeout and the problem+json
-/// rewrite applied to every route and to the fallback, all of it measured
-/// (see [`crate::instruments::record_http_request`]).
+/// rewrite applied to every route and to the fallback, all of it traced and
+/// measured (see [`crate::instruments::record_http_request`]): the span and
+/// the metric see the status the client gets.
 pub fn apply(router: Router, limits: &HttpLimits) -> Router {
     let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
     router
         .layer(middleware::from_fn_with_state(limits.request_timeout(), time_out))
         .layer(middleware::from_fn_with_state(permits, bound_concurrency))
         .layer(middleware::map_response(problem_for_every_error))
+        // Inside the span's layer, so the `traceparent` it answers is the span's.
+        .layer(OtelInResponseLayer)
+        .layer(OtelAxumLayer::default().filter(is_traced))
         .layer(middleware::from_fn(crate::instruments::record_http_request))
+}
+
+/// Probes are polled every few seconds by an orchestrator: spans of them
+/// would only bury the traces of real work.
+fn is_traced(path: &str) -> bool {
+    !PROBE_PATHS.contains(&path)
 }
 
 async fn time_out(State(timeout): State<Duration>, request: Request, next: Next) -> Response {

@@ -156,17 +156,20 @@ impl Worker {
         let mut refused = Vec::new();
         let mut outcomes = Vec::with_capacity(commands.len());
         for (position, ((envelope, parsed), claimed)) in commands.iter().zip(claimed).enumerate() {
+            // One span per command, from its effect to its report after the
+            // batch's commit.
+            let span = command_span(&batch[position], envelope);
             if !claimed {
-                outcomes.push((envelope, Outcome::Duplicate));
+                outcomes.push((envelope, Outcome::Duplicate, span));
                 continue;
             }
             let command = Claimed { position, envelope, parsed };
-            let (status, result) = self.apply_one(&mut tx, &command).instrument(command_span(envelope)).await?;
+            let (status, result) = self.apply_one(&mut tx, &command).instrument(span.clone()).await?;
             if status == JobStatus::Failed {
                 refused.push(envelope.message_id);
             }
             results.push(result);
-            outcomes.push((envelope, Outcome::Applied(status)));
+            outcomes.push((envelope, Outcome::Applied(status), span));
         }
         onceflow_outbox::enqueue_all(&mut tx, &results).await.map_err(|error| match error {
             onceflow_outbox::Error::Database(error) => Fallback::from(error),
@@ -183,8 +186,8 @@ impl Worker {
 
         metrics::histogram!("onceflow_command_batch_size").record(commands.len() as f64);
         let took = started.elapsed();
-        for (envelope, outcome) in outcomes {
-            let _span = command_span(envelope).entered();
+        for (envelope, outcome, span) in outcomes {
+            let _span = span.entered();
             outcome.report(self.registry.label(&envelope.message_type), took);
         }
         Ok(())
