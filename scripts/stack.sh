@@ -89,7 +89,9 @@ start_service() {
 up() {
   mkdir -p "$STACK_DIR"
   ensure_postgres
-  ensure_broker persistent
+  # ONCEFLOW_BROKER_STORAGE=memory runs the broker without its SQLite file
+  # (faster, loses everything when it stops; scripts/bench.sh uses it).
+  ensure_broker "${ONCEFLOW_BROKER_STORAGE:-persistent}"
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
   for name in "${SERVICES[@]}"; do start_service "$name"; done

@@ -587,24 +587,36 @@ pub async fn for_job(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Vec<De
     .fetch_all(pool)
     .await?;
     let mut deliveries = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, _>>()?;
-    attach_attempts(pool, &mut deliveries).await?;
+    attach_attempts(&mut *pool.acquire().await?, &mut deliveries).await?;
     Ok(deliveries)
 }
 
 /// `tenant`'s delivery `id`, if it is theirs.
 pub async fn get(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Option<DeliveryView>, sqlx::Error> {
+    get_on(&mut *pool.acquire().await?, tenant, id).await
+}
+
+/// [`get`] on `connection`, e.g. inside the transaction that changed it.
+async fn get_on(
+    connection: &mut sqlx::PgConnection,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Option<DeliveryView>, sqlx::Error> {
     let row = sqlx::query(&format!("SELECT {DELIVERY_COLUMNS} FROM {DELIVERIES} WHERE d.tenant = $1 AND d.id = $2"))
         .bind(tenant)
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *connection)
         .await?;
     let Some(row) = row else { return Ok(None) };
     let mut deliveries = vec![delivery_from_row(&row)?];
-    attach_attempts(pool, &mut deliveries).await?;
+    attach_attempts(connection, &mut deliveries).await?;
     Ok(deliveries.pop())
 }
 
-async fn attach_attempts(pool: &PgPool, deliveries: &mut [DeliveryView]) -> Result<(), sqlx::Error> {
+async fn attach_attempts(
+    connection: &mut sqlx::PgConnection,
+    deliveries: &mut [DeliveryView],
+) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = deliveries.iter().map(|d| d.id).collect();
     let rows = sqlx::query(
         "SELECT delivery_id, attempt, started_at, latency_ms, status_code, succeeded, error, response_excerpt,
@@ -612,7 +624,7 @@ async fn attach_attempts(pool: &PgPool, deliveries: &mut [DeliveryView]) -> Resu
            FROM webhook_attempts WHERE delivery_id = ANY($1) ORDER BY id",
     )
     .bind(&ids)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await?;
     for row in rows {
         let delivery_id: Uuid = row.try_get("delivery_id")?;
@@ -676,8 +688,11 @@ pub async fn redrive(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Redrive, s
     .execute(&mut *tx)
     .await?;
     sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
+    // Read in the transaction: the state the redrive made, which a worker
+    // woken by the commit may change at once.
+    let view = get_on(&mut tx, tenant, id).await?;
     tx.commit().await?;
-    Ok(get(pool, tenant, id).await?.map_or(Redrive::NotFound, |view| Redrive::Redriven(Box::new(view))))
+    Ok(view.map_or(Redrive::NotFound, |view| Redrive::Redriven(Box::new(view))))
 }
 
 #[cfg(test)]
