@@ -6,8 +6,11 @@
 #   docker build --target ingest -t onceflow-ingest . # one service per image
 #
 # The per-service targets (ingest, processor, notifier) run their binary with
-# `serve` by default (`migrate` and `config` also exist) and listen on
-# 0.0.0.0 inside the container.
+# `serve` by default (`migrate` and `config` also exist). Every image listens
+# on all interfaces (0.0.0.0), each service on its own port (ingest 8080,
+# processor 8081, notifier 8082): the binaries' built-in default is
+# 127.0.0.1, which nothing outside the container could reach. Set
+# ONCEFLOW_LISTEN to choose another address.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
@@ -61,5 +64,11 @@ CMD ["serve"]
 
 # The default target: every binary, run by name, e.g.
 #   docker run --rm onceflow onceflow-processor migrate
+#   docker run -p 8081:8081 onceflow onceflow-processor serve
+# Its entrypoint sets the listen address of whichever binary it runs (the
+# same as the per-service images') unless ONCEFLOW_LISTEN is given.
 FROM runtime AS all
+COPY --chmod=755 deploy/docker/entrypoint.sh /usr/local/bin/onceflow-entrypoint
+EXPOSE 8080 8081 8082
+ENTRYPOINT ["/usr/local/bin/onceflow-entrypoint"]
 CMD ["onceflow-ingest", "serve"]
