@@ -19,5 +19,6 @@ mod python_consumer;
 mod redrive;
 mod relay;
 mod statement;
+mod stream_tokens;
 mod tracing;
 mod webhooks;
