@@ -12,6 +12,7 @@ mod hostile_processor;
 mod hostile_results;
 mod http;
 mod ingest;
+mod live_page;
 mod metrics;
 mod notifier;
 mod processor;
