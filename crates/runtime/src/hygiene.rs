@@ -129,7 +129,7 @@ async fn hide_query(mut request: Request, next: Next) -> Response {
     if request.uri().query().is_some() {
         let original = request.uri().clone();
         let mut parts = original.clone().into_parts();
-        parts.path_and_query = PathAndQuery::from_maybe_shared(original.path().to_owned()).ok();
+        parts.path_and_query = original.path().parse::<PathAndQuery>().ok();
         if let Ok(without_query) = Uri::from_parts(parts) {
             *request.uri_mut() = without_query;
             request.extensions_mut().insert(HiddenQuery(original));
