@@ -199,15 +199,19 @@ async fn a_thousand_subscribers_each_receive_every_event_of_their_own_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browsers_authenticate_with_access_token_and_strangers_get_401() {
+async fn the_api_key_in_a_url_and_strangers_get_401() {
     let mut env = TestEnv::new();
     let notifier = env.start_notifier().await;
     let client = reqwest::Client::new();
-    let ok = client.get(notifier.url("/v1/events?access_token=dev-onceflow-key")).send().await.unwrap();
-    assert_eq!(ok.status(), 200);
-    assert_eq!(ok.headers()["content-type"], "text/event-stream");
-    drop(ok);
-    for url in ["/v1/events", "/v1/events?access_token=nope", "/v1/jobs/00000000-0000-7000-8000-000000000000/events"] {
+    // Browsers use stream tokens (tests/e2e/stream_tokens.rs); the API key
+    // itself is refused in a URL, where proxies would log it.
+    for url in [
+        "/v1/events",
+        "/v1/events?access_token=dev-onceflow-key",
+        "/v1/events?access_token=nope",
+        "/v1/jobs/00000000-0000-7000-8000-000000000000/events",
+        "/v1/jobs/00000000-0000-7000-8000-000000000000/events?access_token=dev-onceflow-key",
+    ] {
         let refused = client.get(notifier.url(url)).send().await.unwrap();
         assert_eq!(refused.status(), 401, "{url}");
         assert_eq!(refused.headers()["content-type"], "application/problem+json");

@@ -192,9 +192,19 @@ impl SseClient {
 
     /// Open `url` with `api_key`, resuming after `last_event_id` if given.
     pub async fn connect_as(url: &str, api_key: &str, last_event_id: Option<&str>) -> Self {
+        Self::open(reqwest::Client::new().get(url).bearer_auth(api_key), last_event_id).await
+    }
+
+    /// Open `url` as a browser does: no `Authorization` header, the URL's
+    /// `?token=` is the credential.
+    pub async fn connect_with_url_token(url: &str, last_event_id: Option<&str>) -> Self {
+        Self::open(reqwest::Client::new().get(url), last_event_id).await
+    }
+
+    async fn open(request: reqwest::RequestBuilder, last_event_id: Option<&str>) -> Self {
         use eventsource_stream::Eventsource as _;
         use futures::StreamExt as _;
-        let mut request = reqwest::Client::new().get(url).bearer_auth(api_key).header("accept", "text/event-stream");
+        let mut request = request.header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }
@@ -219,6 +229,19 @@ impl SseClient {
             }
         }
     }
+}
+
+/// A stream token from `notifier` for the dev tenant, asking for `body`
+/// (e.g. `{"job_id": ...}`), or the failed answer.
+pub async fn stream_token(notifier: &Service, body: &serde_json::Value) -> Result<String, ApiResponse> {
+    let answer = ApiResponse::send(
+        reqwest::Client::new().post(notifier.url("/v1/stream-tokens")).bearer_auth(DEV_API_KEY).json(body),
+    )
+    .await;
+    if answer.status != 200 {
+        return Err(answer);
+    }
+    Ok(answer.json()["token"].as_str().expect("a token").to_owned())
 }
 
 /// A plain Kafka consumer outside the services, reading a topic from the
@@ -317,6 +340,15 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
+    /// Send `request` and read the whole answer.
+    pub async fn send(request: reqwest::RequestBuilder) -> Self {
+        let response = request.send().await.expect("the service answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("response body").to_vec();
+        Self { status, headers, body }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
@@ -379,11 +411,7 @@ impl IngestClient {
     }
 
     async fn send(request: reqwest::RequestBuilder) -> ApiResponse {
-        let response = request.send().await.expect("ingest answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.expect("response body").to_vec();
-        ApiResponse { status, headers, body }
+        ApiResponse::send(request).await
     }
 }
 

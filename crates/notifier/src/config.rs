@@ -39,6 +39,45 @@ pub struct SseConfig {
     pub retention_secs: u64,
     pub prune_interval_secs: u64,
     pub prune_batch: i64,
+    /// HMAC key of stream tokens (see [`crate::tokens`]); empty: a random
+    /// one per process.
+    #[serde(default)]
+    pub token_secret: String,
+    /// Lifetime of a stream token when the request names none.
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: u64,
+    /// The longest lifetime a request may ask for.
+    #[serde(default = "default_token_max_ttl_secs")]
+    pub token_max_ttl_secs: u64,
+    /// Origins whose pages may call the streams and the token endpoint
+    /// (CORS); empty: none, `"*"`: any.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+}
+
+const MAX_TOKEN_TTL_SECS: u64 = 86_400;
+
+fn default_token_ttl_secs() -> u64 {
+    600
+}
+
+fn default_token_max_ttl_secs() -> u64 {
+    3600
+}
+
+impl SseConfig {
+    /// Refuse token and CORS settings the notifier cannot serve with.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.token_ttl_secs == 0 || self.token_ttl_secs > self.token_max_ttl_secs {
+            return Err("sse.token_ttl_secs must be positive and at most sse.token_max_ttl_secs".to_owned());
+        }
+        // Short-lived is the point: a leaked token works until it expires.
+        if self.token_max_ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(format!("sse.token_max_ttl_secs must be at most {MAX_TOKEN_TTL_SECS} (a day)"));
+        }
+        crate::tokens::StreamTokens::from_config(&self.token_secret)?;
+        crate::cors::layer(&self.cors_origins).map(drop)
+    }
 }
 
 /// Webhook delivery (see `[webhooks]` in the defaults for every setting's meaning).

@@ -17,6 +17,9 @@
 //! - [`store`]: the events table, each result once, numbered for resumption.
 //! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
 //! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
+//! - [`tokens`]: `POST /v1/stream-tokens`, short-lived stream tokens for browsers.
+//! - [`cors`]: CORS of the streams and the token endpoint (`sse.cors_origins`).
+//! - [`live`]: the live view at `GET /live`.
 //! - [`webhooks`]: signed, retried webhook deliveries and their API.
 //! - [`openapi`]: the OpenAPI document at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
@@ -25,10 +28,13 @@
 //! `POST /admin/parked/{id}/redrive` are served beside the API.
 
 pub mod config;
+pub mod cors;
 pub mod hub;
+pub mod live;
 pub mod openapi;
 pub mod sse;
 pub mod store;
+pub mod tokens;
 pub mod webhooks;
 
 use std::{sync::Arc, time::Duration};
@@ -58,6 +64,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub api_keys: ApiKeys,
     pub hub: hub::Hub,
+    pub tokens: tokens::StreamTokens,
     pub config: Arc<NotifierConfig>,
     /// Ends open streams on shutdown, so graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
@@ -81,9 +88,19 @@ fn redrive_handler(pool: PgPool) -> parking::Handler {
 }
 
 pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessCheck)>) -> Router {
-    Router::new()
+    // What a page on another origin may call (config validated at start).
+    let mut browser_facing = Router::new()
         .route("/v1/events", get(sse::tenant_events))
         .route("/v1/jobs/{job_id}/events", get(sse::job_events))
+        .route("/v1/stream-tokens", post(tokens::issue));
+    if let Ok(Some(cors)) = cors::layer(&state.config.sse.cors_origins) {
+        browser_facing = browser_facing.layer(cors);
+    }
+    Router::new()
+        .merge(browser_facing)
+        .route("/live", get(live::page))
+        .route("/live/live.js", get(live::script))
+        .route("/live/live.css", get(live::style))
         .route("/v1/jobs/{job_id}/deliveries", get(webhooks::api::job_deliveries))
         .route("/v1/deliveries/{delivery_id}", get(webhooks::api::delivery))
         .route("/v1/deliveries/{delivery_id}/redrive", post(webhooks::api::redrive))
@@ -99,6 +116,15 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
 pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
     // Refuse bad webhook settings before touching anything.
     config.webhooks.validate().map_err(onceflow_runtime::Error::Config)?;
+    config.sse.validate().map_err(onceflow_runtime::Error::Config)?;
+    let (stream_tokens, secret_configured) =
+        tokens::StreamTokens::from_config(&config.sse.token_secret).map_err(onceflow_runtime::Error::Config)?;
+    if !secret_configured {
+        tracing::warn!(
+            "sse.token_secret is not set: stream tokens are signed with a random secret of this process, so they \
+             stop working when it restarts and other instances refuse them"
+        );
+    }
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
@@ -152,6 +178,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         pool: pool.clone(),
         api_keys: ApiKeys::new(&config.tenants),
         hub,
+        tokens: stream_tokens,
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     };

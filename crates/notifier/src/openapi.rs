@@ -11,7 +11,7 @@ use onceflow_runtime::{
 use utoipa::OpenApi;
 
 use crate::{
-    sse,
+    sse, tokens,
     webhooks::{
         api,
         endpoints::EndpointView,
@@ -30,6 +30,7 @@ use crate::{
     paths(
         sse::tenant_events,
         sse::job_events,
+        tokens::issue,
         api::job_deliveries,
         api::delivery,
         api::redrive,
@@ -39,6 +40,8 @@ use crate::{
     ),
     components(schemas(
         ProblemDocument,
+        tokens::TokenRequest,
+        tokens::TokenResponse,
         DeliveryView,
         AttemptView,
         BreakerView,
@@ -78,6 +81,7 @@ mod tests {
         for path in [
             "/v1/events",
             "/v1/jobs/{job_id}/events",
+            "/v1/stream-tokens",
             "/v1/jobs/{job_id}/deliveries",
             "/v1/deliveries/{delivery_id}",
             "/v1/deliveries/{delivery_id}/redrive",

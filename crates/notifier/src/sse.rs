@@ -53,7 +53,12 @@ pub struct StreamQuery {
     job_id: Option<String>,
     /// Only this correlation id's events (from the start when no `Last-Event-ID`).
     correlation_id: Option<String>,
-    /// The API key, for browsers' `EventSource`, which cannot set headers.
+    /// A stream token (`POST /v1/stream-tokens`), for browsers'
+    /// `EventSource`, which cannot set headers.
+    token: Option<String>,
+    /// No longer accepted: the API key in a URL. Refused with a `401` that
+    /// says to use a stream token.
+    #[param(ignore)]
     access_token: Option<String>,
     /// Resume after this event id (as the `Last-Event-ID` header does).
     last_event_id: Option<String>,
@@ -64,12 +69,13 @@ pub struct StreamQuery {
     get,
     path = "/v1/events",
     tag = "streams",
-    security(("api_key" = [])),
+    security(("api_key" = []), ()),
     params(StreamQuery, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
     responses(
         (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key, an invalid or expired stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "A job-scoped stream token asking for another job", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn tenant_events(
@@ -77,9 +83,11 @@ pub async fn tenant_events(
     headers: HeaderMap,
     Query(query): Query<StreamQuery>,
 ) -> Result<impl IntoResponse, Problem> {
-    let tenant = authenticate(&state, &headers, &query)?;
+    let access = authenticate(&state, &headers, &query)?;
     let job_id = query.job_id.as_deref().map(parse_job_id).transpose()?;
-    let filter = Filter { tenant: tenant.0, job_id, correlation_id: query.correlation_id.clone() };
+    // A job-scoped token sees its job only, named or not.
+    let job_id = access.admit(job_id)?.or(access.job_id);
+    let filter = Filter { tenant: access.tenant, job_id, correlation_id: query.correlation_id.clone() };
     let after = last_event_id(&headers, &query)?;
     Ok(sse(&state, event_stream(state.clone(), filter, after, false)))
 }
@@ -90,7 +98,7 @@ pub async fn tenant_events(
     get,
     path = "/v1/jobs/{job_id}/events",
     tag = "streams",
-    security(("api_key" = [])),
+    security(("api_key" = []), ()),
     params(
         ("job_id" = String, Path, description = "The job id (UUID)"),
         StreamQuery,
@@ -99,7 +107,8 @@ pub async fn tenant_events(
     responses(
         (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key, an invalid or expired stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "A job-scoped stream token of another job", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn job_events(
@@ -108,8 +117,9 @@ pub async fn job_events(
     Path(job_id): Path<String>,
     Query(query): Query<StreamQuery>,
 ) -> Result<impl IntoResponse, Problem> {
-    let tenant = authenticate(&state, &headers, &query)?;
-    let filter = Filter { tenant: tenant.0, job_id: Some(parse_job_id(&job_id)?), correlation_id: None };
+    let access = authenticate(&state, &headers, &query)?;
+    let job_id = access.admit(Some(parse_job_id(&job_id)?))?;
+    let filter = Filter { tenant: access.tenant, job_id, correlation_id: None };
     let after = last_event_id(&headers, &query)?;
     Ok(sse(&state, event_stream(state.clone(), filter, after, true)))
 }
@@ -254,12 +264,46 @@ fn to_sse(event: &StoredEvent) -> Event {
     Event::default().id(event.seq.to_string()).event(event.event_type.as_str()).data(event.data.to_string())
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> Result<Tenant, Problem> {
-    state
-        .api_keys
-        .authenticate(headers)
-        .or_else(|| query.access_token.as_deref().and_then(|key| state.api_keys.tenant_of(key)))
-        .ok_or_else(Problem::unauthorized)
+/// Who opens a stream, and which job only, if a token says so.
+struct Access {
+    tenant: String,
+    job_id: Option<Uuid>,
+}
+
+impl Access {
+    /// `wanted` (a job the request names, if any) if this access may see it.
+    fn admit(&self, wanted: Option<Uuid>) -> Result<Option<Uuid>, Problem> {
+        match (self.job_id, wanted) {
+            (Some(scope), Some(wanted)) if scope != wanted => Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "token-scope",
+                "Outside the token's scope",
+                format!("this stream token opens only the streams of job {scope}"),
+            )),
+            _ => Ok(wanted),
+        }
+    }
+}
+
+/// The token in `?token=`, else the API key in the `Authorization` header.
+fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> Result<Access, Problem> {
+    if query.access_token.is_some() {
+        return Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            "the API key is not accepted in a URL (proxies log URLs): send it in the Authorization header, or \
+             get a short-lived stream token with POST /v1/stream-tokens and pass it as ?token=",
+        ));
+    }
+    if let Some(token) = &query.token {
+        let claims = state.tokens.verify(token, chrono::Utc::now().timestamp()).map_err(|error| {
+            Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", format!("{error}; get a new one"))
+        })?;
+        return Ok(Access { tenant: claims.tenant, job_id: claims.job_id });
+    }
+    let Tenant(tenant) = state.api_keys.authenticate(headers).ok_or_else(Problem::unauthorized)?;
+    Ok(Access { tenant, job_id: None })
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {

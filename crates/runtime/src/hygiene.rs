@@ -25,7 +25,10 @@
 //!   `http.request.method`, `http.route`, `http.response.status_code`, ...),
 //!   a child of the client's `traceparent` when it sends one, and every
 //!   answer carries a `traceparent` naming that span, so a client finds its
-//!   command's trace from the `202`.
+//!   command's trace from the `202`. The span never sees the query string
+//!   (taken off the URI before the span is made, put back before routing):
+//!   a query can carry a credential (the notifier's `?token=`), and span
+//!   attributes and the JSON log lines inside a span are exported and kept.
 //!
 //! What hyper itself refuses before any of this (a malformed request line or
 //! header, a request head over 400 KiB) gets hyper's bare `400`/`431`, and a
@@ -36,7 +39,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, Uri, header, uri::PathAndQuery},
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
@@ -102,9 +105,11 @@ pub fn apply(router: Router, limits: &HttpLimits) -> Router {
         .layer(middleware::from_fn_with_state(limits.request_timeout(), time_out))
         .layer(middleware::from_fn_with_state(permits, bound_concurrency))
         .layer(middleware::map_response(problem_for_every_error))
+        .layer(middleware::from_fn(restore_query))
         // Inside the span's layer, so the `traceparent` it answers is the span's.
         .layer(OtelInResponseLayer)
         .layer(OtelAxumLayer::default().filter(is_traced))
+        .layer(middleware::from_fn(hide_query))
         .layer(middleware::from_fn(crate::instruments::record_http_request))
 }
 
@@ -112,6 +117,33 @@ pub fn apply(router: Router, limits: &HttpLimits) -> Router {
 /// would only bury the traces of real work.
 fn is_traced(path: &str) -> bool {
     !PROBE_PATHS.contains(&path)
+}
+
+/// A request's URI with its query, while the span's layer sees it without.
+#[derive(Clone)]
+struct HiddenQuery(Uri);
+
+/// Take the query off the URI (into [`HiddenQuery`]) so that the span made
+/// next records `url.path` only.
+async fn hide_query(mut request: Request, next: Next) -> Response {
+    if request.uri().query().is_some() {
+        let original = request.uri().clone();
+        let mut parts = original.clone().into_parts();
+        parts.path_and_query = original.path().parse::<PathAndQuery>().ok();
+        if let Ok(without_query) = Uri::from_parts(parts) {
+            *request.uri_mut() = without_query;
+            request.extensions_mut().insert(HiddenQuery(original));
+        }
+    }
+    next.run(request).await
+}
+
+/// Put the query back, inside the span, for the router and its extractors.
+async fn restore_query(mut request: Request, next: Next) -> Response {
+    if let Some(HiddenQuery(original)) = request.extensions_mut().remove::<HiddenQuery>() {
+        *request.uri_mut() = original;
+    }
+    next.run(request).await
 }
 
 async fn time_out(State(timeout): State<Duration>, request: Request, next: Next) -> Response {

@@ -1,0 +1,262 @@
+//! Stream tokens: short-lived, read-only credentials for the SSE endpoints,
+//! for browsers, whose `EventSource` cannot send an `Authorization` header
+//! and so must put its credential in the URL (where proxies log it). A token
+//! names a tenant, optionally one job, and an expiry; it opens that tenant's
+//! streams (or only that job's) until it expires, and nothing else.
+//!
+//! A token is self-contained and checked without storage:
+//! `v1.<claims>.<mac>`, where `<claims>` is base64url JSON
+//! `{"tenant", "job_id", "exp"}` and `<mac>` is base64url HMAC-SHA256 of
+//! `v1.<claims>` under the notifier's secret (`sse.token_secret`). Every
+//! instance sharing that secret accepts the others' tokens; with none
+//! configured each process makes its own, so its tokens die with it.
+//!
+//! `POST /v1/stream-tokens` (API key in the `Authorization` header) issues
+//! them: only the SSE endpoints accept a token, and a token cannot get
+//! another.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::IntoResponse,
+};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac as _};
+use onceflow_runtime::{openapi::ProblemDocument, problem::Problem};
+use rand::RngCore as _;
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::AppState;
+
+const VERSION: &str = "v1";
+
+/// The shortest configured secret accepted: HMAC-SHA256's own output size.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// What a token grants.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Claims {
+    pub tenant: String,
+    /// Only this job's streams, when set.
+    pub job_id: Option<Uuid>,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the stream token is malformed")]
+    Malformed,
+    #[error("the stream token's signature does not match (issued by another notifier secret, or altered)")]
+    BadSignature,
+    #[error("the stream token expired")]
+    Expired,
+}
+
+/// Issues and checks tokens with one secret.
+#[derive(Clone)]
+pub struct StreamTokens {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for StreamTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamTokens { key: <redacted> }")
+    }
+}
+
+impl StreamTokens {
+    /// Tokens under the configured `secret`, or, when it is empty, under a
+    /// random secret of this process (`false` then: tokens do not outlive it).
+    pub fn from_config(secret: &str) -> Result<(Self, bool), String> {
+        if secret.is_empty() {
+            let mut key = vec![0; MIN_SECRET_BYTES];
+            rand::rng().fill_bytes(&mut key);
+            return Ok((Self { key }, false));
+        }
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(format!("sse.token_secret must be at least {MIN_SECRET_BYTES} bytes (or empty)"));
+        }
+        Ok((Self { key: secret.as_bytes().to_vec() }, true))
+    }
+
+    /// A token granting `claims`.
+    pub fn issue(&self, claims: &Claims) -> String {
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let signed = format!("{VERSION}.{body}");
+        let tag = URL_SAFE_NO_PAD.encode(self.mac(&signed).finalize().into_bytes());
+        format!("{signed}.{tag}")
+    }
+
+    /// The claims of `token` if this secret made it and it has not expired
+    /// at `now` (Unix seconds).
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        let (signed, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let (version, body) = signed.split_once('.').ok_or(TokenError::Malformed)?;
+        if version != VERSION {
+            return Err(TokenError::Malformed);
+        }
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+        // Constant-time comparison (hmac's verify uses `subtle`).
+        self.mac(signed).verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+        let claims: Claims = URL_SAFE_NO_PAD
+            .decode(body)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(TokenError::Malformed)?;
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    fn mac(&self, signed: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(signed.as_bytes());
+        mac
+    }
+}
+
+/// The body of `POST /v1/stream-tokens`; optional, like each field.
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Only this job's streams (a UUID); absent: every stream of the tenant.
+    pub job_id: Option<String>,
+    /// Lifetime in seconds, at most `sse.token_max_ttl_secs`; absent: `sse.token_ttl_secs`.
+    pub ttl_secs: Option<u64>,
+}
+
+/// A stream token and what it grants.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    /// Pass as `?token=` to `GET /v1/events` or `GET /v1/jobs/{job_id}/events`.
+    pub token: String,
+    pub tenant: String,
+    /// The job it is limited to, if any.
+    pub job_id: Option<Uuid>,
+    /// When it stops working (RFC 3339).
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    pub expires_in: u64,
+}
+
+/// Issue a short-lived, read-only stream token for the caller's tenant
+/// (optionally one job), for browsers' `EventSource`.
+#[utoipa::path(
+    post,
+    path = "/v1/stream-tokens",
+    tag = "streams",
+    security(("api_key" = [])),
+    request_body(content = Option<TokenRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The token", body = TokenResponse),
+        (status = 400, description = "Malformed body, job id or lifetime", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key in the Authorization header", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn issue(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Option<Json<TokenRequest>>,
+) -> Result<impl IntoResponse, Problem> {
+    let tenant = state.api_keys.authenticate(&headers).ok_or_else(Problem::unauthorized)?;
+    let request = request.map(|Json(request)| request).unwrap_or_default();
+    let sse = &state.config.sse;
+    let ttl = request.ttl_secs.unwrap_or(sse.token_ttl_secs);
+    if ttl == 0 || ttl > sse.token_max_ttl_secs {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-ttl",
+            "Invalid token lifetime",
+            format!("ttl_secs must be between 1 and {}", sse.token_max_ttl_secs),
+        ));
+    }
+    let job_id = request
+        .job_id
+        .as_deref()
+        .map(|raw| {
+            Uuid::parse_str(raw).map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-job-id",
+                    "Invalid job id",
+                    format!("`{raw}` is not a UUID"),
+                )
+            })
+        })
+        .transpose()?;
+    let expires_at = chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+    let claims = Claims { tenant: tenant.0, job_id, exp: expires_at.timestamp() };
+    let body = TokenResponse {
+        token: state.tokens.issue(&claims),
+        tenant: claims.tenant,
+        job_id,
+        expires_at,
+        expires_in: ttl,
+    };
+    // A credential: no cache may keep it.
+    Ok(([(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn tokens() -> StreamTokens {
+        StreamTokens::from_config(SECRET).unwrap().0
+    }
+
+    fn claims(job_id: Option<Uuid>) -> Claims {
+        Claims { tenant: "dev".to_owned(), job_id, exp: 1_000 }
+    }
+
+    #[test]
+    fn a_token_carries_its_claims_until_it_expires() {
+        let job = Uuid::now_v7();
+        let token = tokens().issue(&claims(Some(job)));
+        assert_eq!(tokens().verify(&token, 999), Ok(claims(Some(job))));
+        assert_eq!(tokens().verify(&token, 1_000), Err(TokenError::Expired));
+        let tenant_wide = tokens().issue(&claims(None));
+        assert_eq!(tokens().verify(&tenant_wide, 0).unwrap().job_id, None);
+    }
+
+    #[test]
+    fn an_altered_or_foreign_token_is_refused() {
+        let token = tokens().issue(&claims(None));
+        let (_, body, tag) = {
+            let mut parts = token.split('.');
+            (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+        };
+        // Another tenant, a later expiry, under the original tag.
+        let forged_claims = Claims { tenant: "other".to_owned(), job_id: None, exp: i64::MAX };
+        let forged_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap());
+        assert_eq!(tokens().verify(&format!("v1.{forged_body}.{tag}"), 0), Err(TokenError::BadSignature));
+        // One flipped character of the tag.
+        let mut flipped = tag.to_owned().into_bytes();
+        flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        assert_eq!(tokens().verify(&format!("v1.{body}.{flipped}"), 0), Err(TokenError::BadSignature));
+        // Another secret's token.
+        let (other, _) = StreamTokens::from_config("another-secret-of-32-bytes-at-least").unwrap();
+        assert_eq!(other.verify(&token, 0), Err(TokenError::BadSignature));
+        for garbage in ["", "v1", "v1.x", "v2.a.b", "v1.!!.??", "dev-onceflow-key"] {
+            assert_eq!(tokens().verify(garbage, 0), Err(TokenError::Malformed), "{garbage}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_long_enough_or_random_per_process() {
+        assert!(StreamTokens::from_config("short").is_err());
+        let (first, configured) = StreamTokens::from_config("").unwrap();
+        assert!(!configured);
+        let (second, _) = StreamTokens::from_config("").unwrap();
+        let token = first.issue(&claims(None));
+        assert!(first.verify(&token, 0).is_ok());
+        assert_eq!(second.verify(&token, 0), Err(TokenError::BadSignature), "each process has its own secret");
+    }
+}
