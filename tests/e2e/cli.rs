@@ -14,7 +14,7 @@ use std::{
 
 use onceflow_tests::{
     DEV_API_KEY, OUTCOME_TIMEOUT, ServiceProcess, Stack, TestEnv, WebhookReceiver, canary_tenant_key, eventually,
-    kafka_producer, read_topic_to_end,
+    kafka_producer, published_event_ids,
 };
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
@@ -324,12 +324,7 @@ async fn watch_resumes_after_a_notifier_restart_without_missing_an_event() {
     let seen: Vec<String> = lines.iter().map(|line| line["data"]["event_id"].as_str().unwrap().to_owned()).collect();
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "no event twice: {seen:?}");
-    let published: HashSet<String> = read_topic_to_end(&env.kafka, &env.kafka.topics().results, OUTCOME_TIMEOUT)
-        .await
-        .into_iter()
-        .filter(|r| r.record.headers.get("correlation-id") == Some(&correlation))
-        .map(|r| r.record.headers["message-id"].clone())
-        .collect();
+    let published = published_event_ids(&env.kafka, &correlation).await;
     assert_eq!(unique.into_iter().cloned().collect::<HashSet<_>>(), published, "every event of the correlation");
 
     notifier.stop().await;

@@ -11,7 +11,7 @@
 use std::{collections::HashSet, path::PathBuf, process::Stdio, time::Duration};
 
 use futures::{SinkExt as _, StreamExt as _};
-use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually, read_topic_to_end, stream_token};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually, published_event_ids, stream_token};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -207,12 +207,7 @@ async fn the_live_page_shows_events_and_resumes_after_a_notifier_restart() {
     let shown: Vec<String> = rows.iter().map(|row| row["event_id"].as_str().unwrap().to_owned()).collect();
     let unique: HashSet<String> = shown.iter().cloned().collect();
     assert_eq!(unique.len(), shown.len(), "no event twice: {shown:?}");
-    let published: HashSet<String> = read_topic_to_end(&env.kafka, &env.kafka.topics().results, OUTCOME_TIMEOUT)
-        .await
-        .into_iter()
-        .filter(|r| r.record.headers.get("correlation-id") == Some(&correlation))
-        .map(|r| r.record.headers["message-id"].clone())
-        .collect();
+    let published = published_event_ids(&env.kafka, &correlation).await;
     assert_eq!(unique, published, "every event of the correlation, none missed");
 
     drop(browser);

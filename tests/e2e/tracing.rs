@@ -7,6 +7,8 @@
 //!   context the `202` answers; each publish is a PRODUCER span and each
 //!   consumption a CONSUMER span, a child of the publish it consumed; the
 //!   SSE send of the result is in it too. The span tree is printed.
+//! - A webhook attempt is a CLIENT span of that trace, and the receiver gets
+//!   its `traceparent`.
 //! - Every JSON log line of the command's work, in every service, carries
 //!   the command's correlation id.
 
@@ -259,6 +261,65 @@ async fn every_log_line_of_a_commands_work_carries_its_correlation_id() {
         eprintln!("{service}: {naming} log lines of job {}, each with its correlation id", ran.job_id);
     }
 
+    stack.assert_alive();
+    drop(stack);
+    env.teardown().await;
+}
+
+/// A webhook attempt is a CLIENT span of the command's trace, and the POST
+/// carries its `traceparent`, so the receiver can continue the trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_attempt_is_a_client_span_whose_traceparent_the_receiver_gets() {
+    let mut env = TestEnv::new();
+    let receiver = OtlpReceiver::start().await;
+    let webhooks = onceflow_tests::WebhookReceiver::start().await;
+    let exporting = service_env(Some(&receiver));
+    let mut stack = env
+        .spawn_stack(move |service| {
+            let mut vars = exporting(service);
+            // The test's receiver listens on loopback, which SSRF protection refuses unless allowed.
+            vars.push(("ONCEFLOW_WEBHOOKS__ALLOWLIST", r#"["127.0.0.1"]"#.to_owned()));
+            vars
+        })
+        .await;
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let account = format!("hooked-{}", uuid::Uuid::new_v4().simple());
+    let body = json!({
+        "type": "ledger.open_account",
+        "payload": {"account_id": account, "currency": "EUR"},
+        "callback_url": webhooks.url("/hook"),
+    });
+    let api = IngestClient::at(&format!("http://{}", stack.ingest), DEV_API_KEY);
+    let accepted = api
+        .submit_raw(|request| {
+            request
+                .bearer_auth(DEV_API_KEY)
+                .header("idempotency-key", &account)
+                .header("traceparent", format!("00-{trace_id}-{}-01", &trace_id[..16]))
+                .json(&body)
+        })
+        .await;
+    assert_eq!(accepted.status, 202, "{}", String::from_utf8_lossy(&accepted.body));
+
+    let delivered = webhooks.wait_for(1, OUTCOME_TIMEOUT).await;
+    let traceparent = delivered[0].header("traceparent").to_owned();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "the webhook carries a traceparent: {traceparent:?}");
+    assert_eq!(parts[1], trace_id, "the webhook continues the command's trace");
+
+    let spans = eventually("the webhook's CLIENT span to be exported", EXPORT_TIMEOUT, || async {
+        let spans = receiver.trace(&trace_id);
+        spans.iter().any(|span| span.kind == "CLIENT").then_some(spans)
+    })
+    .await;
+    let client = find(&spans, |span| span.kind == "CLIENT");
+    assert_eq!(client.len(), 1, "one attempt:\n{}", span_tree(&spans));
+    let client = client[0];
+    assert_eq!(client.service, "onceflow-notifier");
+    assert_eq!(client.name, "POST");
+    assert_eq!(client.attribute("http.request.method"), Some("POST"));
+    assert_eq!(client.attribute("http.response.status_code"), Some("200"), "{client:?}");
+    assert_eq!(parts[2], client.span_id, "the receiver's parent is the attempt's span");
     stack.assert_alive();
     drop(stack);
     env.teardown().await;

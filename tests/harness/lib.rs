@@ -485,6 +485,17 @@ pub struct PositionedRecord {
 /// as reached.
 const TOPIC_QUIET: Duration = Duration::from_millis(1500);
 
+/// The `message-id` (event id) of every result of `correlation_id` on the
+/// results topic of `kafka`, read to its end.
+pub async fn published_event_ids(kafka: &KafkaConfig, correlation_id: &str) -> std::collections::HashSet<String> {
+    read_topic_to_end(kafka, &kafka.topics().results, OUTCOME_TIMEOUT)
+        .await
+        .into_iter()
+        .filter(|r| r.record.headers.get("correlation-id").map(String::as_str) == Some(correlation_id))
+        .map(|r| r.record.headers["message-id"].clone())
+        .collect()
+}
+
 /// Every record of `topic` that is on the broker when this is called,
 /// partitions interleaved, each in offset order. Panics if they cannot be read
 /// within `timeout`.

@@ -30,13 +30,14 @@ impl Command {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use apache_avro::Schema;
 
     use super::*;
     use crate::ContractError;
 
-    fn sample() -> Command {
+    /// A command for tests of this crate.
+    pub(crate) fn sample() -> Command {
         Command {
             job_id: "0190b3c4-0000-7000-8000-000000000001".to_owned(),
             tenant: "acme".to_owned(),

@@ -234,18 +234,7 @@ pub(crate) fn decode_datum<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Command, ResultEvent};
-
-    fn command() -> Command {
-        Command {
-            job_id: "0190b3c4-0000-7000-8000-000000000001".to_owned(),
-            tenant: "acme".to_owned(),
-            command_type: "ledger.deposit".to_owned(),
-            payload_json: r#"{"account_id":"a","amount":5}"#.to_owned(),
-            callback_url: None,
-            accepted_at: 1_700_000_000_000,
-        }
-    }
+    use crate::{Command, ResultEvent, command::tests::sample as command};
 
     fn result() -> ResultEvent {
         ResultEvent {

@@ -101,15 +101,20 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
         match tokio::task::spawn_blocking(move || measuring.measure(TIMEOUT)).await {
             Ok(Ok(now)) => {
                 let at = Instant::now();
+                let mut latest = 0.0;
                 if let Some((then, before)) = previous {
                     let seconds = at.duration_since(then).as_secs_f64();
                     // Committed offsets only grow; a drop means the topic was recreated.
                     let drained = (now.committed() - before.committed()).max(0) as f64;
                     if seconds > 0.0 {
-                        drain_per_sec = SMOOTHING * drained / seconds + (1.0 - SMOOTHING) * drain_per_sec;
+                        latest = drained / seconds;
+                        drain_per_sec = SMOOTHING * latest + (1.0 - SMOOTHING) * drain_per_sec;
                     }
                 }
-                pressure.record(now.lag(), drain_per_sec);
+                // The smoothed rate lags a processor that just started to work
+                // through a burst after idling; the last second's rate shows
+                // what it does now, so the higher of the two is used.
+                pressure.record(now.lag(), latest.max(drain_per_sec));
                 previous = Some((at, now));
             }
             Ok(Err(error)) => {

@@ -195,8 +195,15 @@ impl Worker {
 
     /// Make one attempt at `delivery` and record what came of it.
     async fn attempt(self, delivery: Claimed, shutdown: CancellationToken) {
+        // A CLIENT span (OpenTelemetry's HTTP client conventions); the
+        // destination, not the URL, whose path or query may carry secrets.
         let span = tracing::info_span!(
             "webhook.attempt",
+            otel.name = "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = delivery.destination.as_deref().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
             correlation_id = %delivery.correlation_id,
             job_id = %delivery.job_id,
             webhook_id = %delivery.id,
@@ -303,7 +310,7 @@ impl Worker {
         let webhook_id = delivery.id.to_string();
         let timestamp = chrono::Utc::now().timestamp();
         let signature = signing::sign(secrets, &webhook_id, timestamp, delivery.body.as_bytes());
-        let request = self
+        let mut request = self
             .client
             .post(&delivery.url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -311,9 +318,18 @@ impl Worker {
             .header(signing::HEADER_TIMESTAMP, timestamp.to_string())
             .header(signing::HEADER_SIGNATURE, signature)
             .body(delivery.body.clone());
+        // The receiver may continue the command's trace from this attempt.
+        let (traceparent, tracestate) = onceflow_runtime::telemetry::current_trace_context();
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        if let Some(tracestate) = tracestate {
+            request = request.header("tracestate", tracestate);
+        }
         match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
+                tracing::Span::current().record("http.response.status_code", status);
                 let retry_after = response
                     .headers()
                     .get(RETRY_AFTER)
