@@ -15,8 +15,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use onceflow_tests::{
-    DEV_API_KEY, IngestClient, OUTCOME_TIMEOUT, OtlpReceiver, ProcessStack, ReceivedSpan, SseClient, TestEnv,
-    eventually, span_tree,
+    ApiResponse, DEV_API_KEY, IngestClient, OUTCOME_TIMEOUT, OtlpReceiver, ProcessStack, ReceivedSpan, SseClient,
+    TestEnv, eventually, span_tree,
 };
 use serde_json::{Value, json};
 
@@ -64,6 +64,14 @@ fn service_env(receiver: Option<&OtlpReceiver>) -> impl Fn(&str) -> Vec<(&'stati
     }
 }
 
+/// Submit `body` under `key` as part of the client's trace `traceparent`.
+async fn submit_in_trace(api: &IngestClient, key: &str, body: &Value, traceparent: &str) -> ApiResponse {
+    api.submit_raw(|request| {
+        request.bearer_auth(DEV_API_KEY).header("idempotency-key", key).header("traceparent", traceparent).json(body)
+    })
+    .await
+}
+
 /// Submit one account opening in a trace of the client's own, follow it on
 /// the notifier's job stream to its terminal event, and until ingest reports
 /// it `succeeded`.
@@ -73,15 +81,7 @@ async fn run_one_command(stack: &ProcessStack) -> Ran {
     let account = format!("traced-{}", uuid::Uuid::new_v4().simple());
     let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
     let api = IngestClient::at(&format!("http://{}", stack.ingest), DEV_API_KEY);
-    let accepted = api
-        .submit_raw(|request| {
-            request
-                .bearer_auth(DEV_API_KEY)
-                .header("idempotency-key", &account)
-                .header("traceparent", format!("00-{client_trace_id}-{client_span_id}-01"))
-                .json(&body)
-        })
-        .await;
+    let accepted = submit_in_trace(&api, &account, &body, &format!("00-{client_trace_id}-{client_span_id}-01")).await;
     assert_eq!(accepted.status, 202, "{}", String::from_utf8_lossy(&accepted.body));
     let answered_traceparent = accepted.header("traceparent").expect("the 202 carries a traceparent").to_owned();
     let job_id = accepted.json()["job_id"].as_str().expect("job id").to_owned();
@@ -290,15 +290,7 @@ async fn a_webhook_attempt_is_a_client_span_whose_traceparent_the_receiver_gets(
         "callback_url": webhooks.url("/hook"),
     });
     let api = IngestClient::at(&format!("http://{}", stack.ingest), DEV_API_KEY);
-    let accepted = api
-        .submit_raw(|request| {
-            request
-                .bearer_auth(DEV_API_KEY)
-                .header("idempotency-key", &account)
-                .header("traceparent", format!("00-{trace_id}-{}-01", &trace_id[..16]))
-                .json(&body)
-        })
-        .await;
+    let accepted = submit_in_trace(&api, &account, &body, &format!("00-{trace_id}-{}-01", &trace_id[..16])).await;
     assert_eq!(accepted.status, 202, "{}", String::from_utf8_lossy(&accepted.body));
 
     let delivered = webhooks.wait_for(1, OUTCOME_TIMEOUT).await;
