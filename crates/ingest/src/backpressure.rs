@@ -124,9 +124,8 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
             }
             Err(error) => tracing::warn!(%error, "the lag measurement failed"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(INTERVAL) => {}
+        if !onceflow_runtime::shutdown::pause(INTERVAL, &shutdown).await {
+            return;
         }
     }
 }

@@ -43,7 +43,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     error::ApiError,
-    group_commit::{Acceptance, Grouped},
+    group_commit::{Acceptance, Grouped, claim_on_conflict},
     openapi::CommandRequest,
 };
 
@@ -246,17 +246,13 @@ async fn commit_alone(state: &AppState, tenant: &Tenant, acceptance: Acceptance)
     // Claims the key, or takes over one whose record expired. Waits here while
     // another transaction holds the same key (a concurrent duplicate that the
     // lookup above could not see yet).
-    let claimed = sqlx::query(
+    let claimed = sqlx::query(concat!(
         "INSERT INTO idempotency_keys
              (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
-         ON CONFLICT (tenant, idempotency_key) DO UPDATE
-             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
-                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
-                 response_location = EXCLUDED.response_location, created_at = now(), expires_at = EXCLUDED.expires_at
-             WHERE idempotency_keys.expires_at < now()
-         RETURNING job_id",
-    )
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8)) ",
+        claim_on_conflict!(),
+        " RETURNING job_id",
+    ))
     .bind(&acceptance.tenant)
     .bind(&acceptance.key)
     .bind(&acceptance.fingerprint[..])

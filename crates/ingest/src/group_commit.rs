@@ -36,6 +36,22 @@ use uuid::Uuid;
 
 use crate::config::GroupCommitConfig;
 
+/// How an `INSERT INTO idempotency_keys` claims a key: a key already
+/// recorded is taken over only when its record expired (then `RETURNING`
+/// names it), so an unexpired record is never overwritten. Shared by the
+/// group and the one-request path, which must claim alike.
+macro_rules! claim_on_conflict {
+    () => {
+        "ON CONFLICT (tenant, idempotency_key) DO UPDATE
+             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
+                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
+                 response_location = EXCLUDED.response_location, created_at = now(),
+                 expires_at = EXCLUDED.expires_at
+             WHERE idempotency_keys.expires_at < now()"
+    };
+}
+pub(crate) use claim_on_conflict;
+
 /// How long a group waits for a key another transaction holds before its
 /// requests go the one-request way (which waits `in_flight_wait_ms`).
 pub const GROUP_LOCK_TIMEOUT_MS: u64 = 50;
@@ -185,7 +201,7 @@ async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSe
     let ttls: Vec<f64> = group.iter().map(|a| a.ttl_secs).collect();
     // The keys, as the one-request path claims them (an expired record is
     // taken over), and the jobs of the keys claimed, in one statement.
-    let claimed: Vec<Uuid> = sqlx::query_scalar(
+    let claimed: Vec<Uuid> = sqlx::query_scalar(concat!(
         "WITH batch AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::int2[], $6::bytea[],
                                   $7::text[], $8::float8[], $9::text[], $10::text[])
@@ -197,20 +213,15 @@ async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSe
                   expires_at)
              SELECT tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location,
                     now() + make_interval(secs => ttl_secs)
-             FROM batch
-             ON CONFLICT (tenant, idempotency_key) DO UPDATE
-                 SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
-                     response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body,
-                     response_location = EXCLUDED.response_location, created_at = now(),
-                     expires_at = EXCLUDED.expires_at
-                 WHERE idempotency_keys.expires_at < now()
-             RETURNING job_id
+             FROM batch ",
+        claim_on_conflict!(),
+        " RETURNING job_id
          )
          INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status)
          SELECT b.job_id, b.tenant, b.correlation_id, b.command_type, 'accepted'
          FROM batch b JOIN claimed USING (job_id)
          RETURNING job_id",
-    )
+    ))
     .bind(&tenants)
     .bind(&keys)
     .bind(&fingerprints)

@@ -143,9 +143,8 @@ pub async fn watch_backlog(
             }
             Err(error) => tracing::warn!(%error, "cannot read the outbox backlog"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !onceflow_runtime::shutdown::pause(interval, &shutdown).await {
+            return;
         }
     }
 }

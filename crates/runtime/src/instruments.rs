@@ -305,9 +305,8 @@ pub async fn watch_pool(pool: sqlx::PgPool, interval: Duration, shutdown: Cancel
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((size - idle).max(0.0));
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "max").set(f64::from(pool.options().get_max_connections()));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !crate::shutdown::pause(interval, &shutdown).await {
+            return;
         }
     }
 }
@@ -352,9 +351,8 @@ pub async fn watch_consumer_lag(
                 Err(error) => tracing::warn!(%error, "the lag measurement failed"),
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !crate::shutdown::pause(interval, &shutdown).await {
+            return;
         }
     }
 }

@@ -76,9 +76,8 @@ pub async fn in_batches_periodically<F, Fut>(
         if total > 0 {
             tracing::info!(total, what, "clean-up done");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !crate::shutdown::pause(interval, &shutdown).await {
+            return;
         }
     }
 }

@@ -38,3 +38,12 @@ async fn wait_for_signal() {
         () = terminate => {}
     }
 }
+
+/// Wait `interval` between two rounds of a periodic task: `true` once it has
+/// passed, `false` as soon as `shutdown` is cancelled (the task then ends).
+pub async fn pause(interval: std::time::Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(interval) => true,
+    }
+}

@@ -219,9 +219,8 @@ pub async fn report(pool: PgPool, interval: Duration, shutdown: CancellationToke
         if let Err(error) = report_once(&pool, &mut labelled).await {
             tracing::debug!(%error, "cannot read the webhook breakers for metrics; retrying");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !onceflow_runtime::shutdown::pause(interval, &shutdown).await {
+            return;
         }
     }
 }
