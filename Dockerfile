@@ -16,11 +16,12 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
-# rdkafka builds its bundled librdkafka with configure + make; libz-sys links
-# the system zlib. (Most of these are already in the rust image; listing them
-# keeps the build honest if the base changes.)
+# rdkafka builds its bundled librdkafka with configure + make, against the
+# system zlib and OpenSSL (TLS and SASL/SCRAM to Kafka). (Most of these are
+# already in the rust image; listing them keeps the build honest if the base
+# changes.)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential python3 pkg-config zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential python3 pkg-config zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -35,9 +36,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp target/release/onceflow-ingest target/release/onceflow-processor target/release/onceflow-notifier /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
-# ca-certificates for https webhooks; curl for container health checks.
+# ca-certificates for https webhooks, OTLP and TLS to Kafka and PostgreSQL;
+# libssl3 for librdkafka's TLS; curl for container health checks.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 onceflow \
  && useradd --system --uid 10001 --gid onceflow --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin onceflow

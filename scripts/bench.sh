@@ -25,6 +25,11 @@ backlog=$([ "$quick" = 1 ] && echo 1000 || echo 5000)
 idle_subscribers=$([ "$quick" = 1 ] && echo 2000 || echo 20000)
 fanout_subscribers=$([ "$quick" = 1 ] && echo 200 || echo 2000)
 fanout_events=$([ "$quick" = 1 ] && echo 200 || echo 1000)
+# Deposits are spread over this many accounts (bench-0 ...), in the stack and
+# in the processor's baseline alike: keys spread over the partitions, so the
+# processor's lanes work in parallel as they would for many customers (every
+# deposit still updates the one world:EUR account).
+accounts=8
 out="$STACK_DIR/bench"
 mkdir -p "$out"
 rm -f "$out"/*.json
@@ -35,10 +40,12 @@ ulimit -n "$(ulimit -Hn)"
 max_subscribers=$(( $(ulimit -n) - 1000 ))
 (( idle_subscribers > max_subscribers )) && idle_subscribers=$max_subscribers
 
+ensure_build_dependencies
 ensure_postgres
 say "building the release binaries"
 cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier -p onceflow-bench
-bench="$TARGET_DIR/release/onceflow-bench"
+bench_binary="$TARGET_DIR/release/onceflow-bench"
+bench() { "$bench_binary" --accounts "$accounts" "$@"; }
 psql_admin() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 
 # --- 1. raw baselines -------------------------------------------------------
@@ -47,10 +54,10 @@ baseline() { # name service script
   psql_admin -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
   ONCEFLOW_DATABASE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db" \
     "$TARGET_DIR/release/onceflow-$service" migrate >/dev/null
-  psql_admin -d "$db" -c "INSERT INTO accounts (tenant, account_id, currency) VALUES ('dev', 'bench', 'EUR')" \
-    2>/dev/null || true
+  psql_admin -d "$db" -c "INSERT INTO accounts (tenant, account_id, currency)
+      SELECT 'dev', 'bench-' || a, 'EUR' FROM generate_series(0, $accounts - 1) a" 2>/dev/null || true
   say "pgbench: $name per-command transaction, 16 clients, ${seconds}s"
-  pgbench -h "$PG_HOST" -p "$PG_PORT" -U postgres -n -c 16 -j 2 -T "$seconds" -f "$script" "$db" \
+  pgbench -h "$PG_HOST" -p "$PG_PORT" -U postgres -n -c 16 -j 2 -T "$seconds" -D accounts="$accounts" -f "$script" "$db" \
     | tee "$out/pgbench-$name.txt" | grep -E '^tps' || true
   tps="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out/pgbench-$name.txt" | head -n 1)"
   echo "{\"baseline\": {\"name\": \"$name\", \"tps\": $tps}}" >"$out/baseline-$name.json"
@@ -68,15 +75,15 @@ export ONCEFLOW_BROKER_STORAGE="${ONCEFLOW_BROKER_STORAGE:-memory}"
 say "restarting the release stack (scripts/stack.sh, $ONCEFLOW_BROKER_STORAGE broker)"
 scripts/stack.sh down >/dev/null 2>&1 || true
 scripts/stack.sh up >/dev/null
-"$bench" setup >"$out/setup.json"
+bench setup >"$out/setup.json"
 sleep 3
 
 say "ingest: 202/s with fresh keys, 16 connections, ${seconds}s"
-"$bench" accept --connections 16 --seconds "$seconds" | tee "$out/accept.json"
+bench accept --connections 16 --seconds "$seconds" | tee "$out/accept.json"
 
 for rate in 10 100 200; do
   say "accept -> SSE latency at $rate commands/s, ${seconds}s"
-  "$bench" latency --rate "$rate" --seconds "$seconds" | tee "$out/latency-$rate.json"
+  bench latency --rate "$rate" --seconds "$seconds" | tee "$out/latency-$rate.json"
 done
 
 say "processor drain: $backlog deposits queued while it is stopped, then drained"
@@ -86,21 +93,30 @@ say "processor drain: $backlog deposits queued while it is stopped, then drained
 scripts/stack.sh stop processor
 scripts/stack.sh stop ingest
 ONCEFLOW_SHED__MIN_LAG=1000000000 scripts/stack.sh start ingest >/dev/null
-"$bench" submit --count "$backlog" >"$out/submit.json"
+bench submit --count "$backlog" >"$out/submit.json"
 scripts/stack.sh stop ingest
 scripts/stack.sh start ingest >/dev/null
-"$bench" drain --count "$backlog" >"$out/drain.json" &
+bench drain --count "$backlog" >"$out/drain.json" &
 drain_pid=$!
 sleep 2
 scripts/stack.sh start processor
 wait "$drain_pid"
 cat "$out/drain.json"
 
+# Twice what the processor drains, for long enough that its backlog would
+# take longer than shed.max_queue_delay_ms to drain: ingest must refuse
+# (503 + Retry-After) what it cannot take, and what it accepts must still
+# reach its client within a bounded time.
+overload_rate="$(python3 -c 'import json,sys; print(max(20, round(2 * json.load(open(sys.argv[1]))["drain"]["per_sec"])))' "$out/drain.json" 2>/dev/null || echo 1000)"
+overload_seconds=$([ "$quick" = 1 ] && echo 10 || echo 30)
+say "overload: accept -> SSE at twice the drain rate ($overload_rate commands/s), ${overload_seconds}s"
+bench latency --rate "$overload_rate" --seconds "$overload_seconds" | tee "$out/overload.json"
+
 say "idle SSE subscribers: $idle_subscribers"
-"$bench" idle --count "$idle_subscribers" --pid "$(cat "$STACK_DIR/notifier.pid")" | tee "$out/idle.json"
+bench idle --count "$idle_subscribers" --pid "$(cat "$STACK_DIR/notifier.pid")" | tee "$out/idle.json"
 
 say "SSE fan-out: $fanout_subscribers subscribers x $fanout_events events"
-"$bench" fanout --subscribers "$fanout_subscribers" --events "$fanout_events" | tee "$out/fanout.json"
+bench fanout --subscribers "$fanout_subscribers" --events "$fanout_events" | tee "$out/fanout.json"
 
 # --- the table ----------------------------------------------------------------
 python3 - "$out" <<'PY'
@@ -131,6 +147,13 @@ rows = [
 for rate in (10, 100, 200):
     l = f.get(f"latency-{rate}", {}).get("latency", {})
     rows.append((f"accept -> SSE at {rate}/s", f"p50 {l.get('p50_ms', 0):.1f} ms, p99 {l.get('p99_ms', 0):.1f} ms (missing {l.get('missing', '?')})", "", ""))
+over = f.get("overload", {}).get("latency", {})
+if over:
+    refused = sum(over.get("refused", {}).values())
+    offered = over.get("accepted", 0) + refused
+    rows.append((f"overload: accept -> SSE at 2x drain ({over.get('rate_per_sec')}/s)",
+                 f"accepted {over.get('accepted')}: p50 {over.get('p50_ms', 0):.0f} ms, p99 {over.get('p99_ms', 0):.0f} ms, max {over.get('max_ms', 0):.0f} ms (missing {over.get('missing', '?')}); "
+                 f"refused {refused} of {offered} ({100 * refused / max(offered, 1):.0f} %: {over.get('refused')})", "", ""))
 idle = f.get("idle", {}).get("idle", {})
 rows.append((f"idle SSE subscribers ({idle.get('subscribers', '?')})", f"{idle.get('kib_per_subscriber', 0):.1f} KiB each", "", ""))
 fan = f.get("fanout", {}).get("fanout", {})

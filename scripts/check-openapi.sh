@@ -43,7 +43,7 @@ env ONCEFLOW_LISTEN="127.0.0.1:$port" \
   ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" \
   ONCEFLOW_KAFKA__TOPIC_PREFIX="openapi-check-$$." \
   ONCEFLOW_TELEMETRY__LOG_FILTER=warn \
-  "$binary" >"$log" 2>&1 &
+  "$binary" --config "$ROOT/config/development/ingest.toml" >"$log" 2>&1 &
 ingest_pid=$!
 wait_for_port "127.0.0.1:$port" 60 || { cat "$log" >&2; exit 1; }
 

@@ -13,6 +13,35 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+as_root() {
+  if [[ $EUID -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    echo "need root (or sudo) to run: $*" >&2
+    exit 2
+  fi
+}
+
+# Installs Debian packages, refreshing the package lists only if needed.
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  say "installing $* with apt-get"
+  if ! as_root apt-get install -y -q --no-install-recommends "$@" >&2; then
+    as_root apt-get update -q >&2
+    as_root apt-get install -y -q --no-install-recommends "$@" >&2
+  fi
+}
+
+# What building the services needs beyond the Rust toolchain: OpenSSL's
+# headers and pkg-config (librdkafka's TLS and SASL/SCRAM to Kafka).
+ensure_build_dependencies() {
+  if ! { command -v pkg-config >/dev/null && pkg-config --exists openssl; }; then
+    apt_install libssl-dev pkg-config
+  fi
+}
+
 # True when something accepts TCP connections on host:port.
 port_open() {
   local host="${1%:*}" port="${1##*:}"

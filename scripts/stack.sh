@@ -74,13 +74,19 @@ start_service() {
     say "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"
     return 0
   fi
-  "$TARGET_DIR/release/onceflow-$name" migrate >>"$STACK_DIR/$name.log" 2>&1
+  # Ingest and the notifier take the development tenant `dev` (and its
+  # webhook secret) from config/development/: no tenant is built in.
+  local config=()
+  if [ -f "$ROOT/config/development/$name.toml" ]; then
+    config=(--config "$ROOT/config/development/$name.toml")
+  fi
+  "$TARGET_DIR/release/onceflow-$name" "${config[@]}" migrate >>"$STACK_DIR/$name.log" 2>&1
   # The local stack runs no webhook receiver of its own; yours, on this
   # machine, must listen on port $RECEIVER_PORT: callbacks may reach
   # 127.0.0.1 and ::1 (which SSRF protection refuses by default) on that
   # port only, so they cannot reach the services, PostgreSQL or the broker.
   ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST="[\"127.0.0.1:$RECEIVER_PORT\", \"[::1]:$RECEIVER_PORT\"]" \
-    nohup "$TARGET_DIR/release/onceflow-$name" serve \
+    nohup "$TARGET_DIR/release/onceflow-$name" "${config[@]}" serve \
     >>"$STACK_DIR/$name.log" 2>&1 &
   echo $! >"$STACK_DIR/$name.pid"
   say "started $name (pid $!, log .stack/$name.log)"
@@ -92,6 +98,7 @@ up() {
   # ONCEFLOW_BROKER_STORAGE=memory runs the broker without its SQLite file
   # (faster, loses everything when it stops; scripts/bench.sh uses it).
   ensure_broker "${ONCEFLOW_BROKER_STORAGE:-persistent}"
+  ensure_build_dependencies
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
   for name in "${SERVICES[@]}"; do start_service "$name"; done

@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
+ensure_build_dependencies
 ensure_postgres
 ensure_broker memory
 

@@ -3,17 +3,19 @@
 -- (inbox claim, effect on a savepoint, outcome, result into the outbox).
 -- The raw baseline of the processor's drain rate (scripts/bench.sh).
 \set n random(1, 9223372036854775806)
+-- One of the benchmark's accounts (pgbench -D accounts=N), as onceflow-bench spreads its deposits.
+\set a random(0, :accounts - 1)
 BEGIN;
 INSERT INTO inbox (message_id, tenant, command_type, outcome)
     VALUES (md5(:n::text)::uuid, 'dev', 'ledger.deposit', 'succeeded') ON CONFLICT (message_id) DO NOTHING;
 SAVEPOINT effect;
-SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'bench' FOR UPDATE;
+SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'bench-' || :a FOR UPDATE;
 INSERT INTO accounts (tenant, account_id, currency) VALUES ('dev', 'world:EUR', 'EUR') ON CONFLICT DO NOTHING;
 INSERT INTO postings (posting_id, tenant, kind) VALUES (md5(:n::text)::uuid, 'dev', 'deposit');
 INSERT INTO entries (posting_id, tenant, account_id, amount)
-    VALUES (md5(:n::text)::uuid, 'dev', 'world:EUR', -1), (md5(:n::text)::uuid, 'dev', 'bench', 1);
+    VALUES (md5(:n::text)::uuid, 'dev', 'world:EUR', -1), (md5(:n::text)::uuid, 'dev', 'bench-' || :a, 1);
 UPDATE accounts SET balance = balance + CASE account_id WHEN 'world:EUR' THEN -1::bigint ELSE 1::bigint END
-    WHERE tenant = 'dev' AND account_id IN ('world:EUR', 'bench');
+    WHERE tenant = 'dev' AND account_id IN ('world:EUR', 'bench-' || :a);
 RELEASE SAVEPOINT effect;
 UPDATE inbox SET outcome = 'succeeded' WHERE message_id = md5(:n::text)::uuid;
 INSERT INTO onceflow_outbox (topic, message_key, payload, headers)

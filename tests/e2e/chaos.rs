@@ -16,7 +16,9 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, ServiceProcess, TestEnv, database_server, eventually};
+use onceflow_tests::{
+    DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, ServiceProcess, TestEnv, database_server, development_config, eventually,
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -207,6 +209,7 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     let mut ingest_env = common(&kafka, env.database_config("ingest").url);
     ingest_env.extend([
         ("ONCEFLOW_LISTEN", ingest_addr.clone()),
+        ("ONCEFLOW_CONFIG", development_config("ingest").display().to_string()),
         ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
         ("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", env.id)),
     ]);
@@ -214,8 +217,11 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     processor_env
         .extend([("ONCEFLOW_LISTEN", processor_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id))]);
     let mut notifier_env = common(&kafka, env.database_config("notifier").url);
-    notifier_env
-        .extend([("ONCEFLOW_LISTEN", notifier_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id))]);
+    notifier_env.extend([
+        ("ONCEFLOW_LISTEN", notifier_addr.clone()),
+        ("ONCEFLOW_CONFIG", development_config("notifier").display().to_string()),
+        ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
+    ]);
     let mut ingest = Managed::new("onceflow-ingest", ingest_env, &logs, ingest_addr.clone());
     let mut processor = Managed::new("onceflow-processor", processor_env, &logs, processor_addr);
     let mut notifier = Managed::new("onceflow-notifier", notifier_env, &logs, notifier_addr.clone());

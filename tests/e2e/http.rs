@@ -1,5 +1,6 @@
 //! The HTTP hygiene every service shares: readiness answered from a cached
-//! report, and ingest ready (degraded) while Kafka is down.
+//! report, covering each service's consumers and vital tasks, and ingest
+//! ready (degraded) while Kafka is down.
 
 use std::time::Duration;
 
@@ -36,6 +37,34 @@ async fn ingest_stays_ready_but_degraded_while_kafka_is_down() {
         .submit("while-degraded", &json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 1}}))
         .await;
     assert_eq!(accepted.status, 202);
+    env.teardown().await;
+}
+
+/// Once consuming, every service reports its consumer's group membership and
+/// its vital tasks (lanes, relays, consumer loops, committers) as checks of
+/// their own, beside the database and the broker. (What makes those checks
+/// fail is tested where it is decided: `onceflow_runtime::kafka`'s membership
+/// and `onceflow_runtime::vitals`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_service_reports_its_consumer_and_its_tasks() {
+    let mut env = TestEnv::new();
+    let ingest = env.start_ingest().await;
+    let processor = env.start_processor().await;
+    let notifier = env.start_notifier().await;
+    for (service, url) in [
+        ("ingest", ingest.url("/readyz")),
+        ("processor", processor.url("/readyz")),
+        ("notifier", notifier.url("/readyz")),
+    ] {
+        let report = eventually(&format!("{service} to report ready"), Duration::from_secs(60), || async {
+            let (status, report) = readyz(&url).await;
+            (status == 200 && report["status"] == "ready").then_some(report)
+        })
+        .await;
+        for check in ["database", "broker", "consumer", "tasks"] {
+            assert_eq!(report["checks"][check]["status"], "ok", "{service}: {report}");
+        }
+    }
     env.teardown().await;
 }
 

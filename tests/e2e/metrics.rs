@@ -1,7 +1,7 @@
 //! The metrics an operator reads, after real traffic through all three
 //! services: RED per HTTP route, the processor's per-command durations,
 //! consumer lag per partition and group, open SSE streams, database pool use
-//! and the outbox backlog, as real histograms, each metric with `# HELP`,
+//! the outbox backlog and the webhook queue's depth, as real histograms, each metric with `# HELP`,
 //! and no label holding a tenant, job or correlation id.
 
 use std::collections::BTreeSet;
@@ -41,6 +41,7 @@ async fn the_operators_metrics_appear_with_bounded_labels_after_traffic() {
         "onceflow_sse_connections ".to_owned(),
         r#"onceflow_db_pool_connections{state="in_use"}"#.to_owned(),
         "onceflow_outbox_backlog ".to_owned(),
+        r#"onceflow_webhook_queue_depth{state="due"}"#.to_owned(),
     ];
     // The lag and pool watchers report every few seconds.
     let text = eventually("every metric to be reported", OUTCOME_TIMEOUT, || async {

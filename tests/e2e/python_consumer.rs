@@ -5,7 +5,7 @@
 //! onceflow's own decoder reads.
 //!
 //! It needs the Python environment of `examples/python/requirements.txt`, so
-//! it is ignored by a plain `cargo test`: `scripts/check-python-consumer.sh`
+//! it is ignored by a plain `cargo test`: `scripts/check-python-examples.sh`
 //! makes the environment and runs it (CI does, through `.ci/run`).
 
 use std::{path::PathBuf, process::Command};
@@ -21,7 +21,7 @@ fn consumer_script() -> PathBuf {
 /// Run the consumer with `args`; its JSON lines, or a panic with its stderr.
 async fn run_consumer(args: Vec<String>) -> Vec<Value> {
     let python = std::env::var("ONCEFLOW_TEST_PYTHON")
-        .expect("ONCEFLOW_TEST_PYTHON names the Python of examples/python (scripts/check-python-consumer.sh sets it)");
+        .expect("ONCEFLOW_TEST_PYTHON names the Python of examples/python (scripts/check-python-examples.sh sets it)");
     let output = tokio::task::spawn_blocking(move || Command::new(python).arg(consumer_script()).args(args).output())
         .await
         .expect("the consumer's thread")
@@ -34,7 +34,7 @@ async fn run_consumer(args: Vec<String>) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the Python environment of examples/python: run scripts/check-python-consumer.sh"]
+#[ignore = "needs the Python environment of examples/python: run scripts/check-python-examples.sh"]
 async fn a_python_consumer_decodes_the_results_topic_as_onceflow_does() {
     // The consumer knows every released result schema, by the fingerprints
     // onceflow writes: fastavro and apache-avro agree on each.

@@ -9,7 +9,8 @@ use std::time::Duration;
 use onceflow_contracts::JobStatus;
 use onceflow_notifier::tokens::{Claims, StreamTokens};
 use onceflow_tests::{
-    ApiResponse, DEV_API_KEY, OtlpReceiver, ServiceProcess, SseClient, TestEnv, eventually, result_event, stream_token,
+    ApiResponse, DEV_API_KEY, OtlpReceiver, ServiceProcess, SseClient, TestEnv, development_config, eventually,
+    result_event, stream_token,
 };
 use serde_json::json;
 
@@ -208,6 +209,7 @@ async fn tokens_and_query_strings_stay_out_of_spans_and_logs() {
         "onceflow-notifier",
         &[
             ("ONCEFLOW_LISTEN", addr.to_string()),
+            ("ONCEFLOW_CONFIG", development_config("notifier").display().to_string()),
             ("ONCEFLOW_DATABASE__URL", database.url.clone()),
             ("ONCEFLOW_KAFKA__BROKERS", env.kafka.brokers.clone()),
             ("ONCEFLOW_KAFKA__TOPIC_PREFIX", env.kafka.topic_prefix.clone()),

@@ -82,7 +82,9 @@ impl TestEnv {
             brokers: kafka_brokers(),
             topic_prefix: format!("t{id}."),
             partitions: 2,
+            replication_factor: 1,
             session_timeout_ms: 6000,
+            client: Default::default(),
             consumer: Default::default(),
             producer: Default::default(),
         };
@@ -108,7 +110,8 @@ impl TestEnv {
     /// Start ingest with this test's isolation settings, then `customize` applied.
     pub async fn start_ingest_with(&mut self, customize: impl FnOnce(&mut onceflow_ingest::IngestConfig)) -> Service {
         let mut config: onceflow_ingest::IngestConfig =
-            config::load(onceflow_ingest::config::DEFAULTS, None).expect("ingest defaults");
+            config::load(onceflow_ingest::config::DEFAULTS, Some(&development_config("ingest")))
+                .expect("ingest's development settings");
         config.listen = "127.0.0.1:0".to_owned();
         config.database = self.database("ingest");
         config.kafka = self.kafka.clone();
@@ -776,7 +779,8 @@ impl TestEnv {
         customize: impl FnOnce(&mut onceflow_notifier::NotifierConfig),
     ) -> Service {
         let mut config: onceflow_notifier::NotifierConfig =
-            config::load(onceflow_notifier::config::DEFAULTS, None).expect("notifier defaults");
+            config::load(onceflow_notifier::config::DEFAULTS, Some(&development_config("notifier")))
+                .expect("the notifier's development settings");
         config.listen = "127.0.0.1:0".to_owned();
         config.database = self.database("notifier");
         config.kafka = self.kafka.clone();
@@ -1345,6 +1349,13 @@ pub fn span_tree(spans: &[ReceivedSpan]) -> String {
     out
 }
 
+/// The development settings of `service` (`config/development/<service>.toml`:
+/// tenant `dev` with [`DEV_API_KEY`], and its webhook secret), which tests
+/// start ingest and the notifier with, as the local stack does.
+pub fn development_config(service: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/development/{service}.toml"))
+}
+
 /// A free loopback address for a service process to listen on.
 pub fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
@@ -1405,6 +1416,7 @@ impl TestEnv {
             ];
             let addr = match short {
                 "ingest" => {
+                    env.push(("ONCEFLOW_CONFIG", development_config(short).display().to_string()));
                     env.push(("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", self.id)));
                     env.push(("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", self.id)));
                     &ingest
@@ -1414,6 +1426,7 @@ impl TestEnv {
                     &processor
                 }
                 _ => {
+                    env.push(("ONCEFLOW_CONFIG", development_config(short).display().to_string()));
                     env.push(("ONCEFLOW_GROUP_ID", format!("notifier-{}", self.id)));
                     &notifier
                 }

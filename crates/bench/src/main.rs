@@ -5,7 +5,7 @@
 //!
 //! Each subcommand prints one JSON object on standard output:
 //!
-//! - `setup`: open the account the deposits go to.
+//! - `setup`: open the accounts the deposits go to.
 //! - `accept`: ingest's `202`s per second with fresh keys from N connections.
 //! - `latency`: accept → SSE latency (from the `202` to the `job.succeeded`
 //!   event on the tenant's stream) at a fixed submission rate.
@@ -47,16 +47,21 @@ struct Cli {
     /// The tenant's API key.
     #[arg(long, env = "ONCEFLOW_BENCH_API_KEY", default_value = "dev-onceflow-key")]
     api_key: String,
-    /// The account deposits go to.
+    /// The accounts deposits go to are named `<account>-0` ... `<account>-<N-1>`,
+    /// one after another: keys spread over the partitions, as many customers'
+    /// would.
     #[arg(long, default_value = "bench")]
     account: String,
+    /// How many accounts (N above); at least 1.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    accounts: u64,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Open the account (harmless if it exists).
+    /// Open the accounts (harmless if they exist).
     Setup,
     /// `connections` clients submit deposits with fresh keys for `seconds`.
     Accept {
@@ -135,6 +140,9 @@ struct Bench {
     notifier: String,
     api_key: String,
     account: String,
+    accounts: u64,
+    /// The next deposit's account, round robin.
+    next_account: Arc<AtomicU64>,
 }
 
 impl Bench {
@@ -146,6 +154,8 @@ impl Bench {
             notifier: cli.notifier.trim_end_matches('/').to_owned(),
             api_key: cli.api_key.clone(),
             account: cli.account.clone(),
+            accounts: cli.accounts,
+            next_account: Arc::default(),
         })
     }
 
@@ -169,17 +179,27 @@ impl Bench {
         Ok((status, job_id))
     }
 
+    fn account(&self, n: u64) -> String {
+        format!("{}-{n}", self.account)
+    }
+
     fn deposit(&self) -> Value {
-        json!({"type": "ledger.deposit", "payload": {"account_id": self.account, "amount": 1}})
+        let n = self.next_account.fetch_add(1, Ordering::Relaxed) % self.accounts;
+        json!({"type": "ledger.deposit", "payload": {"account_id": self.account(n), "amount": 1}})
     }
 
     async fn setup(&self) -> anyhow::Result<Value> {
-        let body = json!({"type": "ledger.open_account", "payload": {"account_id": self.account, "currency": "EUR"}});
-        let (status, job_id) = self.post(&body).await?;
-        if status != 202 {
-            bail!("opening the account answered {status}");
+        let mut jobs = Vec::new();
+        for n in 0..self.accounts {
+            let account = self.account(n);
+            let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
+            let (status, job_id) = self.post(&body).await?;
+            if status != 202 {
+                bail!("opening account {account} answered {status}");
+            }
+            jobs.push(job_id);
         }
-        Ok(json!({"setup": {"account": self.account, "job_id": job_id}}))
+        Ok(json!({"setup": {"accounts": self.accounts, "job_ids": jobs}}))
     }
 
     /// An open SSE stream of the tenant's events from now (`path` and query).
@@ -262,14 +282,22 @@ impl Bench {
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut submissions = JoinSet::new();
+        // What ingest answered other than 202 (503 when backpressure sheds), and failures.
+        let refused: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
         let stop = Instant::now() + duration;
         while Instant::now() < stop {
             ticker.tick().await;
-            let (bench, accepted_at) = (self.clone(), accepted_at.clone());
+            let (bench, accepted_at, refused) = (self.clone(), accepted_at.clone(), refused.clone());
             submissions.spawn(async move {
-                if let Ok((202, Some(job))) = bench.post(&bench.deposit()).await {
-                    accepted_at.lock().expect("accepted").insert(job, Instant::now());
-                }
+                let answer = match bench.post(&bench.deposit()).await {
+                    Ok((202, Some(job))) => {
+                        accepted_at.lock().expect("accepted").insert(job, Instant::now());
+                        return;
+                    }
+                    Ok((status, _)) => status.to_string(),
+                    Err(_) => "error".to_owned(),
+                };
+                *refused.lock().expect("refused").entry(answer).or_default() += 1;
             });
         }
         while submissions.join_next().await.is_some() {}
@@ -297,6 +325,7 @@ impl Bench {
             "rate_per_sec": rate,
             "settled_after_secs": settle.as_secs_f64(),
             "accepted": submitted,
+            "refused": refused.lock().expect("refused").clone(),
             "missing": missing,
             "p50_ms": millis(&latencies, 0.5),
             "p99_ms": millis(&latencies, 0.99),

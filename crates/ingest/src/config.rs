@@ -38,7 +38,9 @@ pub struct IngestConfig {
     pub webhooks: CallbackConfig,
     /// Consumer group of the job-status projection.
     pub results_group_id: String,
-    /// API keys, stored as SHA-256 hex digests, and the tenant each belongs to.
+    /// API keys, stored as SHA-256 hex digests, and the tenant each belongs
+    /// to (none by default; ingest does not start without one).
+    #[serde(default)]
     pub tenants: Vec<TenantKey>,
     /// The operator's endpoints (parked result records).
     #[serde(default)]

@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 
 use onceflow_outbox::OutboxMessage;
+use onceflow_runtime::vitals::Vitals;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -95,6 +96,7 @@ impl GroupCommitter {
         pool: &PgPool,
         config: &GroupCommitConfig,
         tasks: &mut tokio::task::JoinSet<()>,
+        vitals: &Vitals,
         shutdown: &CancellationToken,
     ) -> Self {
         if config.max_group <= 1 || config.committers == 0 {
@@ -102,8 +104,9 @@ impl GroupCommitter {
         }
         let (queue, receiver) = mpsc::channel(config.max_group * config.committers);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
-        for _ in 0..config.committers {
-            tasks.spawn(run(pool.clone(), receiver.clone(), config.max_group, shutdown.clone()));
+        for committer in 0..config.committers {
+            let task = run(pool.clone(), receiver.clone(), config.max_group, shutdown.clone());
+            tasks.spawn(vitals.watch(format!("committer {committer}"), shutdown, task));
         }
         Self { queue: Some(queue) }
     }

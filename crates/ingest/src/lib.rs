@@ -40,7 +40,7 @@ use axum::{
 };
 use onceflow_contracts::topics::Topics;
 use onceflow_outbox::{Relay, RelayConfig};
-use onceflow_runtime::{auth::ApiKeys, http, kafka, parking::Parking, postgres, service::Running};
+use onceflow_runtime::{auth::ApiKeys, http, kafka, parking::Parking, postgres, service::Running, vitals::Vitals};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -80,20 +80,30 @@ pub fn router(state: AppState, readiness: Vec<http::Dependency>) -> Router {
         .layer(body_limit)
 }
 
-/// Ingest is ready with its database; without the broker it is only
-/// degraded, because it keeps accepting into its outbox.
-fn readiness(pool: PgPool, kafka: &onceflow_runtime::config::KafkaConfig) -> Vec<http::Dependency> {
+/// Ingest is ready with its database and its tasks; without the broker, or
+/// with its projection's consumer out of its group, it is only degraded,
+/// because it keeps accepting into its outbox (job status waits).
+fn readiness(
+    pool: PgPool,
+    kafka: &onceflow_runtime::config::KafkaConfig,
+    projection: http::ReadinessCheck,
+    vitals: &Vitals,
+) -> Vec<http::Dependency> {
     vec![
         http::Dependency::required("database", http::database_check(pool)),
         http::Dependency::optional("broker", http::broker_check(kafka)),
+        http::Dependency::optional("consumer", projection),
+        http::Dependency::required("tasks", vitals.check()),
     ]
 }
 
 /// Start ingest: returns once it is serving.
 pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    let api_keys = ApiKeys::configured(&config.tenants)?;
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     let mut tasks = JoinSet::new();
+    let vitals = Vitals::default();
     tasks.spawn(maintenance::sweep_expired_keys(
         pool.clone(),
         Duration::from_secs(config.sweep_interval_secs),
@@ -121,7 +131,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     tasks.spawn(backpressure::watch(probe, processor_pressure.clone(), shutdown.clone()));
 
     let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
-    tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(vitals.watch("relay", &shutdown, relay.run(shutdown.clone())));
 
     let consumer = kafka::consumer(&config.kafka, &config.results_group_id)?;
     let projection_pool = pool.clone();
@@ -133,7 +143,8 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     // Its own group (every ingest instance shares the database, so one
     // consumer per group suffices), named after the projection's.
     let endpoints_consumer = kafka::consumer(&config.kafka, &format!("{}.webhook-endpoints", config.results_group_id))?;
-    tasks.spawn(async move {
+    let projection_check = http::consumer_check(&consumer);
+    let consume = async move {
         // Ingest accepts commands while Kafka is down (they wait in the
         // outbox), so its topics are created whenever the broker answers, not
         // before it starts; the consumers subscribe only then, because a
@@ -162,18 +173,19 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
                 endpoints::apply(&projection_pool, message)
             }),
         );
-    });
+    };
+    tasks.spawn(vitals.watch("projection", &shutdown, consume));
 
     let state = AppState {
         pool: pool.clone(),
-        api_keys: ApiKeys::new(&config.tenants),
+        api_keys,
         topics: Arc::new(topics),
         config: Arc::new(config.clone()),
         outbox_backlog,
         processor_pressure,
-        committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &shutdown),
+        committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &vitals, &shutdown),
     };
-    let mut router = router(state, readiness(pool.clone(), &config.kafka));
+    let mut router = router(state, readiness(pool.clone(), &config.kafka, projection_check, &vitals));
     if let Some(admin) = projection::admin_router(pool, &config.admin.token) {
         router = router.merge(admin);
     }

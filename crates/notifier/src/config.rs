@@ -21,6 +21,9 @@ pub struct NotifierConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    /// API keys, stored as SHA-256 hex digests, and the tenant each belongs
+    /// to (none by default; the notifier does not start without one).
+    #[serde(default)]
     pub tenants: Vec<TenantKey>,
     pub webhooks: WebhooksConfig,
     #[serde(default)]

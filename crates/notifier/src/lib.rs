@@ -50,6 +50,7 @@ use onceflow_runtime::{
     parking::{self, Parking},
     postgres,
     service::Running,
+    vitals::Vitals,
 };
 use rdkafka::consumer::Consumer as _;
 use sqlx::PgPool;
@@ -114,7 +115,8 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
 
 /// Start the notifier: returns once it is serving.
 pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
-    // Refuse bad webhook settings before touching anything.
+    // Refuse bad settings before touching anything.
+    let api_keys = ApiKeys::configured(&config.tenants)?;
     config.webhooks.validate().map_err(onceflow_runtime::Error::Config)?;
     config.sse.validate().map_err(onceflow_runtime::Error::Config)?;
     let (stream_tokens, secret_configured) =
@@ -130,10 +132,11 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
     kafka::ensure_compacted_topics(&config.kafka, &[&topics.webhook_endpoints]).await?;
     let mut tasks = JoinSet::new();
+    let vitals = Vitals::default();
 
     // Publishes endpoint state changes (webhooks::endpoints) to ingest.
     let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
-    tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(vitals.watch("relay", &shutdown, relay.run(shutdown.clone())));
 
     let consumer = kafka::consumer(&config.kafka, &config.group_id)?;
     consumer.subscribe(&[&topics.results])?;
@@ -148,12 +151,14 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     let record_pool = pool.clone();
     let consumer_shutdown = shutdown.clone();
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
-    tasks.spawn(async move {
+    let consumer_check = http::consumer_check(&consumer);
+    let consume = async move {
         kafka::consume_parking(&consumer, &consumer_shutdown, &results_parking, |message| {
             store::record(&record_pool, message)
         })
         .await;
-    });
+    };
+    tasks.spawn(vitals.watch("results consumer", &shutdown, consume));
 
     for tenant in &config.tenants {
         if config.webhooks.secrets_of(&tenant.tenant).is_empty() {
@@ -162,10 +167,10 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     }
     let worker = webhooks::worker::Worker::new(pool.clone(), config.webhooks.clone(), &topics.webhook_endpoints)
         .map_err(onceflow_runtime::Error::Config)?;
-    tasks.spawn(worker.run(shutdown.clone()));
+    tasks.spawn(vitals.watch("webhook worker", &shutdown, worker.run(shutdown.clone())));
 
     let hub = hub::Hub::new(config.sse.buffer);
-    tasks.spawn(hub.clone().run(pool.clone(), shutdown.clone()));
+    tasks.spawn(vitals.watch("stream hub", &shutdown, hub.clone().run(pool.clone(), shutdown.clone())));
     tasks.spawn(store::prune_expired(
         pool.clone(),
         Duration::from_secs(config.sse.retention_secs),
@@ -176,13 +181,15 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
 
     let state = AppState {
         pool: pool.clone(),
-        api_keys: ApiKeys::new(&config.tenants),
+        api_keys,
         hub,
         tokens: stream_tokens,
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     };
-    let mut router = router(state, http::standard_checks(pool.clone(), config.kafka.clone()));
+    let mut checks = http::standard_checks(pool.clone(), config.kafka.clone());
+    checks.extend([("consumer", consumer_check), ("tasks", vitals.check())]);
+    let mut router = router(state, checks);
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
     if let Some(admin) = parking::router(results_parking, &config.admin.token, redrive_handler(pool)) {
         router = router.merge(admin);

@@ -59,7 +59,8 @@ pub enum TokenError {
 /// Issues and checks tokens with one secret.
 #[derive(Clone)]
 pub struct StreamTokens {
-    key: Vec<u8>,
+    /// Shared by every clone (each request and open stream holds one).
+    key: std::sync::Arc<[u8]>,
 }
 
 impl std::fmt::Debug for StreamTokens {
@@ -75,12 +76,12 @@ impl StreamTokens {
         if secret.is_empty() {
             let mut key = vec![0; MIN_SECRET_BYTES];
             rand::rng().fill_bytes(&mut key);
-            return Ok((Self { key }, false));
+            return Ok((Self { key: key.into() }, false));
         }
         if secret.len() < MIN_SECRET_BYTES {
             return Err(format!("sse.token_secret must be at least {MIN_SECRET_BYTES} bytes (or empty)"));
         }
-        Ok((Self { key: secret.as_bytes().to_vec() }, true))
+        Ok((Self { key: secret.as_bytes().into() }, true))
     }
 
     /// A token granting `claims`.

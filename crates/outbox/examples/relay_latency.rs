@@ -36,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
         brokers,
         topic_prefix: format!("bench{run}."),
         partitions: 1,
+        replication_factor: 1,
         session_timeout_ms: 6000,
+        client: Default::default(),
         consumer: Default::default(),
         producer: Default::default(),
     };

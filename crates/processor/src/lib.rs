@@ -19,7 +19,7 @@ pub mod worker;
 use std::{sync::Arc, time::Duration};
 
 use onceflow_outbox::{Relay, RelayConfig};
-use onceflow_runtime::{http, kafka, postgres, service::Running};
+use onceflow_runtime::{http, kafka, postgres, service::Running, vitals::Vitals};
 use rdkafka::consumer::Consumer as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +38,10 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
     kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results, &topics.dead_letter]).await?;
     let producer = kafka::producer(&config.kafka)?;
     let mut tasks = JoinSet::new();
+    let vitals = Vitals::default();
 
-    tasks.spawn(Relay::new(pool.clone(), producer.clone(), RelayConfig::default()).run(shutdown.clone()));
+    let relay = Relay::new(pool.clone(), producer.clone(), RelayConfig::default()).run(shutdown.clone());
+    tasks.spawn(vitals.watch("relay", &shutdown, relay));
     tasks.spawn(onceflow_outbox::watch_backlog(pool.clone(), Arc::default(), Duration::from_secs(1), shutdown.clone()));
     onceflow_runtime::instruments::watch_service(
         &mut tasks,
@@ -60,11 +62,14 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
         retry: config.retry.clone(),
         lanes: config.lanes,
         max_batch: config.max_batch,
+        vitals: vitals.clone(),
     };
-    tasks.spawn(worker.run(consumer, shutdown.clone()));
+    let consumer_check = http::consumer_check(&consumer);
+    tasks.spawn(vitals.watch("worker", &shutdown, worker.run(consumer, shutdown.clone())));
 
-    let mut router = http::probes(http::standard_checks(pool.clone(), config.kafka.clone()))
-        .route("/openapi.json", axum::routing::get(openapi::document));
+    let mut checks = http::standard_checks(pool.clone(), config.kafka.clone());
+    checks.extend([("consumer", consumer_check), ("tasks", vitals.check())]);
+    let mut router = http::probes(checks).route("/openapi.json", axum::routing::get(openapi::document));
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);
     }

@@ -65,10 +65,10 @@ use std::{
 use base64::Engine as _;
 use onceflow_contracts::{Command, Envelope, JobError, JobStatus, ResultEvent, schema, topics::Topics};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{failure::Failure, kafka, telemetry};
+use onceflow_runtime::{failure::Failure, kafka, telemetry, vitals::Vitals};
 use rdkafka::{
     Message as _,
-    consumer::{Consumer as _, StreamConsumer},
+    consumer::Consumer as _,
     error::KafkaError,
     message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
@@ -109,6 +109,8 @@ pub struct Worker {
     pub lanes: usize,
     /// The most commands a lane applies in one transaction.
     pub max_batch: usize,
+    /// Where a lane that stops before shutdown is reported (`/readyz`).
+    pub vitals: Vitals,
 }
 
 /// Messages queued per lane before the dispatcher waits for room.
@@ -339,17 +341,18 @@ enum Handled {
 impl Worker {
     /// Consume until `shutdown`, then return (offsets stored so far are
     /// committed when the consumer is dropped).
-    pub async fn run(self, consumer: StreamConsumer, shutdown: CancellationToken) {
+    pub async fn run(self, consumer: kafka::Consumer, shutdown: CancellationToken) {
         let consumer = Arc::new(consumer);
         let lanes = self.lanes.max(1);
         let mut queues = Vec::with_capacity(lanes);
         let mut running = JoinSet::new();
-        for _ in 0..lanes {
+        for lane in 0..lanes {
             // Bounded: a busy lane makes the dispatcher wait, which pauses
             // consumption instead of buffering without bound.
             let (queue, receiver) = mpsc::channel::<OwnedMessage>(LANE_CAPACITY);
             queues.push(queue);
-            running.spawn(self.clone().lane(receiver, consumer.clone(), shutdown.clone()));
+            let task = self.clone().lane(receiver, consumer.clone(), shutdown.clone());
+            running.spawn(self.vitals.watch(format!("lane {lane}"), &shutdown, task));
         }
         while let Some(message) = kafka::next_message(&consumer, &shutdown).await {
             // One lane per partition keeps each partition (and so each key) in order.
@@ -381,7 +384,7 @@ impl Worker {
     async fn lane(
         self,
         mut queue: mpsc::Receiver<OwnedMessage>,
-        consumer: Arc<StreamConsumer>,
+        consumer: Arc<kafka::Consumer>,
         shutdown: CancellationToken,
     ) {
         let max_batch = self.max_batch.max(1);

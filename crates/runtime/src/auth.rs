@@ -2,7 +2,7 @@
 //! configured as SHA-256 digests, so neither the configuration nor a log line
 //! ever holds a usable key.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::http::{HeaderMap, header};
 use sha2::{Digest as _, Sha256};
@@ -19,15 +19,43 @@ pub struct TenantKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant(pub String);
 
-/// Looks API keys up by digest.
+/// Looks API keys up by digest. Cheap to clone: every request and open
+/// stream shares the one map.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
-    by_digest: HashMap<String, String>,
+    by_digest: Arc<HashMap<String, String>>,
 }
 
 impl ApiKeys {
+    /// The keys of a service's `tenants` setting, refused when there is none
+    /// (no tenant is built in: a service without one could serve nobody) or
+    /// a digest is not 64 hex digits.
+    pub fn configured(keys: &[TenantKey]) -> crate::Result<Self> {
+        if keys.is_empty() {
+            return Err(crate::Error::Config(
+                "no tenants are configured, so no request could be served: add one to the config file \
+                 ([[tenants]] tenant = \"acme\", api_key_sha256 = \"<printf '%s' \"$KEY\" | sha256sum>\") of \
+                 ingest and of the notifier (README: Adding a tenant); for local development use \
+                 --config config/development/<service>.toml"
+                    .to_owned(),
+            ));
+        }
+        if let Some(bad) = keys.iter().find(|k| k.api_key_sha256.len() != 64 || hex::decode(&k.api_key_sha256).is_err())
+        {
+            return Err(crate::Error::Config(format!(
+                "tenants: the api_key_sha256 of tenant {:?} is not a SHA-256 digest (64 hex digits)",
+                bad.tenant
+            )));
+        }
+        Ok(Self::new(keys))
+    }
+
     pub fn new(keys: &[TenantKey]) -> Self {
-        Self { by_digest: keys.iter().map(|k| (k.api_key_sha256.to_ascii_lowercase(), k.tenant.clone())).collect() }
+        Self {
+            by_digest: Arc::new(
+                keys.iter().map(|k| (k.api_key_sha256.to_ascii_lowercase(), k.tenant.clone())).collect(),
+            ),
+        }
     }
 
     /// The tenant of the `Authorization: Bearer <key>` header, if the key is known.
@@ -62,5 +90,15 @@ mod tests {
         assert_eq!(keys.authenticate(&headers), None);
         headers.insert(header::AUTHORIZATION, "Bearer dev-onceflow-key".parse().unwrap());
         assert_eq!(keys.authenticate(&headers), Some(Tenant("dev".to_owned())));
+    }
+
+    #[test]
+    fn no_tenant_or_a_malformed_digest_is_refused() {
+        let error = ApiKeys::configured(&[]).unwrap_err().to_string();
+        assert!(error.contains("no tenants are configured") && error.contains("config/development"), "{error}");
+        let short = TenantKey { tenant: "acme".to_owned(), api_key_sha256: "abc".to_owned() };
+        assert!(ApiKeys::configured(&[short]).unwrap_err().to_string().contains("\"acme\""));
+        let fine = TenantKey { tenant: "acme".to_owned(), api_key_sha256: "0".repeat(64) };
+        assert!(ApiKeys::configured(&[fine]).is_ok());
     }
 }

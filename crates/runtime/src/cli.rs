@@ -27,7 +27,7 @@ enum Command {
     Serve,
     /// Create the database if needed, apply migrations, and exit.
     Migrate,
-    /// Print the effective configuration as JSON and exit.
+    /// Print the effective configuration as JSON, secrets redacted, and exit.
     Config,
 }
 
@@ -54,7 +54,7 @@ where
     let _telemetry = crate::telemetry::init(service_name, config.telemetry())?;
     match args.command.unwrap_or(Command::Serve) {
         Command::Config => {
-            println!("{}", serde_json::to_string_pretty(&config)?);
+            println!("{}", serde_json::to_string_pretty(&config::redacted(&config)?)?);
         }
         Command::Migrate => {
             crate::postgres::prepare(config.database(), migrators()).await?;

@@ -11,7 +11,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    pin::{Pin, pin},
+    pin::Pin,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -192,11 +192,13 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             app.clone().map_request(|request: Request<hyper::body::Incoming>| request.map(Body::new)),
         );
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        // Boxed once, so the task holds a pointer to it, not the connection
+        // moved in and pinned again (two copies for the life of every
+        // connection, which for an SSE subscriber is long).
+        let mut connection = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
         let shutdown = shutdown.clone();
         let open = connection_open.clone();
         tokio::spawn(async move {
-            let mut connection = pin!(connection);
             let outcome = tokio::select! {
                 outcome = connection.as_mut() => outcome,
                 () = shutdown.cancelled() => {
@@ -240,7 +242,7 @@ pub fn database_check(pool: sqlx::PgPool) -> ReadinessCheck {
 pub fn broker_check(kafka: &crate::config::KafkaConfig) -> ReadinessCheck {
     let brokers = kafka.brokers.clone();
     let client: Option<Arc<AdminClient<DefaultClientContext>>> =
-        match rdkafka::ClientConfig::new().set("bootstrap.servers", &kafka.brokers).create() {
+        match crate::kafka::client_config(kafka).and_then(|client| Ok(client.create()?)) {
             Ok(client) => Some(Arc::new(client)),
             Err(error) => {
                 tracing::error!(%error, "cannot create the readiness Kafka client");
@@ -259,6 +261,17 @@ pub fn broker_check(kafka: &crate::config::KafkaConfig) -> ReadinessCheck {
             .unwrap_or(false);
             if answered { Ok(()) } else { Err(unreachable) }
         })
+    })
+}
+
+/// The consumer holds an assignment from its group, or has been outside it
+/// for no longer than [`crate::kafka::MEMBERSHIP_GRACE`] (see
+/// [`crate::kafka::Membership`]).
+pub fn consumer_check(consumer: &crate::kafka::Consumer) -> ReadinessCheck {
+    let membership = rdkafka::consumer::Consumer::context(consumer).clone();
+    Arc::new(move || {
+        let outcome = membership.check(std::time::Instant::now(), crate::kafka::MEMBERSHIP_GRACE);
+        Box::pin(std::future::ready(outcome))
     })
 }
 

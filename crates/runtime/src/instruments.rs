@@ -177,6 +177,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Pending webhook deliveries held by an open breaker.",
     ),
     (
+        "onceflow_webhook_queue_depth",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Pending webhook deliveries, by state: due (their attempt's time has come) or scheduled (in a retry's backoff).",
+    ),
+    (
         "onceflow_webhook_endpoint_changes_total",
         Kind::Counter,
         Some(Unit::Count),

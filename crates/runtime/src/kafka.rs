@@ -16,14 +16,18 @@
 //! (`onceflow_contracts::schema::MAX_DECODE_ALLOCATION`, 4 MiB) is above it, so
 //! no record that fits is refused by the decoder for its size.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use onceflow_contracts::Envelope;
 use rdkafka::{
     ClientConfig, Message,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
-    consumer::{Consumer as _, StreamConsumer},
+    client::{ClientContext, DefaultClientContext},
+    consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer},
     message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
     producer::FutureProducer,
     types::RDKafkaErrorCode,
@@ -79,16 +83,20 @@ fn pass_through(client: &mut ClientConfig, properties: &BTreeMap<String, String>
     Ok(())
 }
 
-fn base(config: &KafkaConfig) -> ClientConfig {
+/// The settings every Kafka client of a service starts from: the brokers and
+/// the `kafka.client` properties (TLS, SASL), which the admin clients of
+/// topic creation, readiness and lag need as much as consumers and producers.
+pub fn client_config(config: &KafkaConfig) -> Result<ClientConfig> {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
-    client
+    pass_through(&mut client, &config.client, "client")?;
+    Ok(client)
 }
 
 /// An idempotent producer that waits for every in-sync replica and sends no
 /// request above [`MAX_RECORD_BYTES`].
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
-    let mut client = base(config);
+    let mut client = client_config(config)?;
     client
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -99,11 +107,14 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer> {
     Ok(client.create()?)
 }
 
+/// Every service's consumer: its group membership is watched ([`Membership`]).
+pub type Consumer = StreamConsumer<Membership>;
+
 /// A consumer in `group_id` that reads from the earliest offset of a new group
 /// and commits only offsets the service stored explicitly; it fetches any
 /// record up to [`MAX_RECORD_BYTES`].
-pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> {
-    let mut client = base(config);
+pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<Consumer> {
+    let mut client = client_config(config)?;
     client
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
@@ -118,7 +129,70 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer> 
         .set("fetch.max.bytes", MAX_FETCH_BYTES.to_string())
         .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string());
     pass_through(&mut client, &config.consumer, "consumer")?;
-    Ok(client.create()?)
+    Ok(client.create_with_context(Membership::new(Instant::now()))?)
+}
+
+/// How long a consumer may be outside its group (joining after start, or
+/// after a revocation or a group error) before it counts as having lost its
+/// assignment: far longer than a rebalance takes, so only a consumer that
+/// stays out (the group coordinator unreachable, the consumer removed for
+/// not polling) is reported.
+pub const MEMBERSHIP_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether a consumer holds an assignment, kept current by the rebalance
+/// callbacks, for readiness (`/readyz`'s consumer checks).
+///
+/// An assignment of no partitions (more members than partitions) is a
+/// membership like any other: that consumer is a standby, not broken.
+#[derive(Debug)]
+pub struct Membership {
+    /// `Some(since)` while outside the group, `None` while a member.
+    outside_since: Mutex<Option<Instant>>,
+}
+
+impl Membership {
+    /// A consumer that has not joined its group yet, as of `now`.
+    fn new(now: Instant) -> Self {
+        Self { outside_since: Mutex::new(Some(now)) }
+    }
+
+    fn set(&self, outside: bool, now: Instant) {
+        let mut since = self.outside_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *since = match (outside, *since) {
+            (false, _) => None,
+            (true, Some(earlier)) => Some(earlier),
+            (true, None) => Some(now),
+        };
+    }
+
+    /// `Err` when the consumer has been outside its group for longer than
+    /// `grace` as of `now`.
+    pub fn check(&self, now: Instant, grace: Duration) -> std::result::Result<(), String> {
+        let since = *self.outside_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match since.map(|since| now.saturating_duration_since(since)) {
+            Some(outside) if outside > grace => {
+                Err(format!("no partition assignment from its group for {}s", outside.as_secs()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl ClientContext for Membership {}
+
+impl ConsumerContext for Membership {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let outside = match rebalance {
+            Rebalance::Assign(_) => false,
+            // Under the cooperative protocol a revocation may leave partitions assigned.
+            Rebalance::Revoke(_) => consumer.assignment().map_or(true, |assigned| assigned.count() == 0),
+            Rebalance::Error(error) => {
+                tracing::warn!(%error, "consumer group rebalance failed");
+                true
+            }
+        };
+        self.set(outside, Instant::now());
+    }
 }
 
 /// Create `topics` with the configured partition count unless they exist.
@@ -137,13 +211,14 @@ async fn create_topics(config: &KafkaConfig, topics: &[&str], settings: &[(&str,
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(config)?.create()?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {
-            settings.iter().fold(NewTopic::new(name, config.partitions, TopicReplication::Fixed(1)), |topic, (k, v)| {
-                topic.set(k, v)
-            })
+            settings.iter().fold(
+                NewTopic::new(name, config.partitions, TopicReplication::Fixed(config.replication_factor)),
+                |topic, (k, v)| topic.set(k, v),
+            )
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -194,7 +269,7 @@ pub fn header_pairs(message: &impl Message) -> Result<Vec<(String, Option<Vec<u8
 /// Consumer errors (the broker unreachable, a rebalance in progress) are
 /// logged and waited out with a backoff that grows to 5 s, so a broker outage
 /// is not a busy loop of errors.
-pub async fn next_message(consumer: &StreamConsumer, shutdown: &CancellationToken) -> Option<OwnedMessage> {
+pub async fn next_message(consumer: &Consumer, shutdown: &CancellationToken) -> Option<OwnedMessage> {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let received = tokio::select! {
@@ -250,7 +325,7 @@ impl From<sqlx::Error> for RecordError {
 /// - [`Failure::Outage`]: wait with [`Backoff`] and try the same record again,
 ///   with no count bound; nothing is parked, so an outage destroys no work.
 pub async fn consume_parking<F, Fut>(
-    consumer: &StreamConsumer,
+    consumer: &Consumer,
     shutdown: &CancellationToken,
     parking: &Parking,
     mut handle: F,
@@ -367,7 +442,9 @@ mod tests {
             brokers: "127.0.0.1:9".to_owned(),
             topic_prefix: String::new(),
             partitions: 1,
+            replication_factor: 1,
             session_timeout_ms: 6000,
+            client: BTreeMap::new(),
             consumer: map(consumer),
             producer: map(producer),
         }
@@ -387,6 +464,55 @@ mod tests {
         }
         // librdkafka itself refuses what it does not know, at start.
         assert!(consumer(&config(&[("no.such.property", "1")], &[]), "g").is_err());
+    }
+
+    /// TLS and SASL/SCRAM are compiled in and reach every client through
+    /// `kafka.client` (librdkafka refuses `SSL` at creation when built without
+    /// OpenSSL); the guarantees' properties stay protected there too.
+    #[tokio::test]
+    async fn tls_and_sasl_settings_reach_every_client() {
+        let mut secured = config(&[], &[]);
+        secured.client = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "onceflow"),
+            ("sasl.password", "secret"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert!(consumer(&secured, "g").is_ok());
+        assert!(producer(&secured).is_ok());
+        let admin: std::result::Result<AdminClient<DefaultClientContext>, _> =
+            client_config(&secured).unwrap().create();
+        assert!(admin.is_ok());
+        secured.client.insert("enable.idempotence".to_owned(), "false".to_owned());
+        assert!(matches!(producer(&secured), Err(Error::Config(text)) if text.contains("kafka.client")));
+    }
+
+    /// Outside the group for longer than the grace (never joined, or revoked
+    /// and not assigned again) is reported; a rebalance's short gap is not,
+    /// and a membership of no partitions counts as one.
+    #[test]
+    fn membership_reports_a_consumer_outside_its_group_for_longer_than_the_grace() {
+        let grace = Duration::from_secs(30);
+        let start = Instant::now();
+        let membership = Membership::new(start);
+        assert!(membership.check(start + Duration::from_secs(29), grace).is_ok(), "joining");
+        let error = membership.check(start + Duration::from_secs(31), grace).unwrap_err();
+        assert!(error.contains("31s"), "{error}");
+
+        membership.set(false, start + Duration::from_secs(32));
+        assert!(membership.check(start + Duration::from_secs(100), grace).is_ok(), "a member");
+
+        // Revoked, then revoked again (or an error): the gap runs from the first.
+        membership.set(true, start + Duration::from_secs(100));
+        membership.set(true, start + Duration::from_secs(120));
+        assert!(membership.check(start + Duration::from_secs(129), grace).is_ok(), "a rebalance");
+        assert!(membership.check(start + Duration::from_secs(131), grace).is_err(), "stayed out");
+        membership.set(false, start + Duration::from_secs(140));
+        assert!(membership.check(start + Duration::from_secs(400), grace).is_ok(), "assigned again");
     }
 }
 
@@ -431,7 +557,7 @@ pub struct LagProbe {
 
 impl LagProbe {
     pub fn new(config: &KafkaConfig, group_id: &str, topic: &str) -> Result<Self> {
-        let mut client = base(config);
+        let mut client = client_config(config)?;
         client.set("group.id", group_id).set("enable.auto.commit", "false");
         pass_through(&mut client, &config.consumer, "consumer")?;
         Ok(Self { consumer: client.create()?, topic: topic.to_owned() })

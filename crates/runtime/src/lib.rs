@@ -24,6 +24,8 @@
 //!   timeouts, connection and concurrency bounds, problem+json for every error.
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
+//! - [`vitals`]: tasks a service cannot work without, reported by `/readyz`
+//!   when one ends before shutdown.
 
 pub mod admin;
 pub mod auth;
@@ -42,5 +44,6 @@ pub mod problem;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod vitals;
 
 pub use error::{Error, Result};

@@ -65,16 +65,11 @@ const OTLP_ENDPOINT_VARIABLES: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 /// A second call in one process (tests start several services) keeps the first
 /// subscriber and returns a guard of its own.
 pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<TelemetryGuard> {
+    install_tls_provider();
     let mut builder = SdkTracerProvider::builder().with_resource(resource(service_name));
     if let Some(endpoint) = export_endpoint(config, |name| std::env::var(name).ok()) {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
-        // `None`: the exporter takes the endpoint from the environment itself.
-        if let Some(endpoint) = endpoint {
-            exporter = exporter.with_endpoint(endpoint);
-        }
-        let exporter = exporter.build().map_err(|e| Error::Telemetry(e.to_string()))?;
         // The batch processor reads the OTEL_BSP_* variables itself.
-        builder = builder.with_batch_exporter(exporter);
+        builder = builder.with_batch_exporter(span_exporter(endpoint)?);
     }
     let provider = builder.build();
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -97,6 +92,23 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<Tele
     // Already initialised in this process: keep the first subscriber.
     let _ = tracing_subscriber::registry().with(fmt.with_filter(log_filter()?)).with(otel).with(fresh).try_init();
     Ok(TelemetryGuard { provider })
+}
+
+/// The OTLP/HTTP exporter to `endpoint` (`None`: the one the standard
+/// variables name, which the exporter reads itself); `http` and `https` URLs.
+fn span_exporter(endpoint: Option<&str>) -> Result<opentelemetry_otlp::SpanExporter> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    exporter.build().map_err(|e| Error::Telemetry(e.to_string()))
+}
+
+/// The TLS provider of the process's rustls clients: the OTLP exporter's
+/// (its reqwest is built with `rustls-no-provider`, see the workspace
+/// `Cargo.toml`) takes the installed default. Installing it twice is harmless.
+fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// What the OpenTelemetry layer records.
@@ -259,5 +271,33 @@ mod tests {
         assert_eq!(export_endpoint(&config(None), variables(&[])), None, "nothing set: no export");
         let blank = [("OTEL_EXPORTER_OTLP_ENDPOINT", " ")];
         assert_eq!(export_endpoint(&config(Some("")), variables(&blank)), None, "blank values count as unset");
+    }
+
+    /// An `https` collector is reached over TLS: the first bytes the exporter
+    /// sends are a TLS handshake record (0x16), not an HTTP request and not
+    /// nothing (a build without TLS refuses the scheme without connecting).
+    #[test]
+    fn an_https_endpoint_is_exported_to_over_tls() {
+        use std::io::Read as _;
+
+        use opentelemetry::trace::{Span as _, Tracer as _};
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (first_bytes, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut first = [0_u8; 3];
+            stream.read_exact(&mut first).unwrap();
+            let _ = first_bytes.send(first);
+        });
+        install_tls_provider();
+        let exporter = span_exporter(Some(&format!("https://127.0.0.1:{port}/v1/traces"))).unwrap();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter).build();
+        // Ends (and exports) at once; the export itself fails, as no TLS server answers.
+        provider.tracer("probe").start("probe").end();
+        let first = received.recv_timeout(std::time::Duration::from_secs(10)).expect("the exporter connected");
+        assert_eq!(first[0], 0x16, "a TLS handshake record, got {first:?}");
+        assert_eq!(first[1], 0x03, "TLS record version 3.x, got {first:?}");
     }
 }

@@ -212,7 +212,10 @@ fn gauge_value(state: State) -> f64 {
 ///   [`gauge_value`]) for destinations not closed, within
 ///   [`MAX_LABELLED_DESTINATIONS`]; set back to 0 when they close;
 /// - `onceflow_webhook_deliveries_waiting`: pending deliveries held by a
-///   breaker that is not closed.
+///   breaker that is not closed;
+/// - `onceflow_webhook_queue_depth{state}`: pending deliveries, `due` (their
+///   next attempt's time has come) or `scheduled` (waiting for a retry's
+///   backoff), so a queue that grows shows before deliveries run late.
 pub async fn report(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
     let mut labelled: BTreeSet<String> = BTreeSet::new();
     loop {
@@ -257,5 +260,14 @@ async fn report_once(pool: &PgPool, labelled: &mut BTreeSet<String>) -> Result<(
     .fetch_one(pool)
     .await?;
     metrics::gauge!("onceflow_webhook_deliveries_waiting").set(waiting as f64);
+    // Counted through the partial index of pending deliveries.
+    let (due, scheduled): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE next_attempt_at <= now()), count(*) FILTER (WHERE next_attempt_at > now())
+           FROM webhook_deliveries WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics::gauge!("onceflow_webhook_queue_depth", "state" => "due").set(due as f64);
+    metrics::gauge!("onceflow_webhook_queue_depth", "state" => "scheduled").set(scheduled as f64);
     Ok(())
 }

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The Python results-topic consumer (examples/python/results_consumer.py)
-# against the real stack: makes its virtual environment from the pinned
+# The Python examples against the real stack: the results-topic consumer
+# (examples/python/results_consumer.py: confluent-kafka and fastavro) and the
+# webhook receiver (examples/python/webhook_receiver.py: the standardwebhooks
+# library). Makes their virtual environment from the pinned
 # examples/python/requirements.txt (once; later runs reuse it), then runs the
-# end-to-end test in which ingest and the processor publish results and the
-# consumer decodes every one of them as onceflow's own decoder does. Starts
-# the broker if none is running (and stops it again), like scripts/test.sh.
+# end-to-end tests in which the real services publish results and POST
+# webhooks, and the examples decode and verify them with no onceflow code.
+# Starts the broker if none is running (and stops it again), like
+# scripts/test.sh.
 #
 # Environment: ONCEFLOW_PY_VENV overrides the environment's directory
 # (default: ${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv).
@@ -18,12 +21,13 @@ requirements=examples/python/requirements.txt
 installed="$venv/onceflow-requirements.txt"
 if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
   say "installing $requirements into $venv"
-  command -v python3 >/dev/null || { echo "check-python-consumer: python3 is required" >&2; exit 2; }
+  command -v python3 >/dev/null || { echo "check-python-examples: python3 is required" >&2; exit 2; }
   python3 -m venv --clear "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$installed"
 fi
 
+ensure_build_dependencies
 ensure_postgres
 ensure_broker memory
 trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
@@ -31,5 +35,5 @@ trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; 
 export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
 export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
 export ONCEFLOW_TEST_PYTHON="$venv/bin/python"
-say "cargo test: the Python consumer against the real stack"
-cargo test -p onceflow-tests --test e2e --locked python_consumer -- --ignored
+say "cargo test: the Python examples against the real stack"
+cargo test -p onceflow-tests --test e2e --locked python_ -- --ignored
