@@ -2,7 +2,9 @@
 //! runs a command end to end with each of its connections encrypted, as
 //! this machine's PostgreSQL reports them (`pg_stat_ssl`). (Kafka's TLS and
 //! SASL and OTLP over https are checked where their clients are built:
-//! `onceflow_runtime::kafka` and `onceflow_runtime::telemetry`.)
+//! `onceflow_runtime::kafka` and `onceflow_runtime::telemetry`; the local
+//! nisshi broker cannot serve TLS: its `--cert` and `--key` flags refuse to be
+//! given together.)
 
 use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, SseClient, TestEnv, database_server, eventually};
 use serde_json::json;
