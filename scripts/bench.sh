@@ -54,8 +54,10 @@ baseline() { # name service script
   psql_admin -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
   ONCEFLOW_DATABASE__URL="postgres://postgres@$PG_HOST:$PG_PORT/$db" \
     "$TARGET_DIR/release/onceflow-$service" migrate >/dev/null
+  # The accounts, and the system account their first deposit would create.
   psql_admin -d "$db" -c "INSERT INTO accounts (tenant, account_id, currency)
-      SELECT 'dev', 'bench-' || a, 'EUR' FROM generate_series(0, $accounts - 1) a" 2>/dev/null || true
+      SELECT 'dev', 'bench-' || a, 'EUR' FROM generate_series(0, $accounts - 1) a
+      UNION ALL SELECT 'dev', 'world:EUR', 'EUR'" 2>/dev/null || true
   say "pgbench: $name per-command transaction, 16 clients, ${seconds}s"
   pgbench -h "$PG_HOST" -p "$PG_PORT" -U postgres -n -c 16 -j 2 -T "$seconds" -D accounts="$accounts" -f "$script" "$db" \
     | tee "$out/pgbench-$name.txt" | grep -E '^tps' || true

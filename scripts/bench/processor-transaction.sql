@@ -10,10 +10,14 @@ INSERT INTO inbox (message_id, tenant, command_type, outcome)
     VALUES (md5(:n::text)::uuid, 'dev', 'ledger.deposit', 'succeeded') ON CONFLICT (message_id) DO NOTHING;
 SAVEPOINT effect;
 SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'bench-' || :a FOR UPDATE;
-INSERT INTO accounts (tenant, account_id, currency) VALUES ('dev', 'world:EUR', 'EUR') ON CONFLICT DO NOTHING;
-INSERT INTO postings (posting_id, tenant, kind) VALUES (md5(:n::text)::uuid, 'dev', 'deposit');
-INSERT INTO entries (posting_id, tenant, account_id, amount)
-    VALUES (md5(:n::text)::uuid, 'dev', 'world:EUR', -1), (md5(:n::text)::uuid, 'dev', 'bench-' || :a, 1);
+SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'world:EUR' FOR UPDATE;
+WITH posting AS (
+    INSERT INTO postings (posting_id, tenant, kind) VALUES (md5(:n::text)::uuid, 'dev', 'deposit') RETURNING posting_id
+), entries AS (
+    INSERT INTO entries (posting_id, tenant, account_id, amount)
+    SELECT posting_id, 'dev', entry.account_id, entry.amount
+      FROM posting, (VALUES ('world:EUR', -1::bigint), ('bench-' || :a, 1::bigint)) AS entry (account_id, amount)
+)
 UPDATE accounts SET balance = balance + CASE account_id WHEN 'world:EUR' THEN -1::bigint ELSE 1::bigint END
     WHERE tenant = 'dev' AND account_id IN ('world:EUR', 'bench-' || :a);
 RELEASE SAVEPOINT effect;

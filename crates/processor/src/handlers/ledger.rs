@@ -67,15 +67,8 @@ fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handler
         let p: ledger::Deposit = payload(command)?;
         check_positive(p.amount)?;
         let account = lock_account(tx, &command.tenant, &p.account_id).await?;
-        let world = format!("world:{}", account.currency);
-        sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-            .bind(&command.tenant)
-            .bind(&world)
-            .bind(&account.currency)
-            .execute(&mut *tx)
-            .await?;
         // Locked after the customer's account, as every deposit does.
-        let world = lock_account(tx, &command.tenant, &world).await?;
+        let world = lock_system_account(tx, &command.tenant, &account.currency).await?;
         let balance = in_range(account.balance.checked_add(p.amount), &account, p.amount)?;
         in_range(world.balance.checked_sub(p.amount), &world, p.amount)?;
         post(tx, command, "deposit", &world.id, &p.account_id, p.amount).await?;
@@ -251,16 +244,51 @@ fn in_range(balance: Option<i64>, account: &Account, amount: i64) -> Result<i64,
 }
 
 async fn lock_account(tx: &mut PgConnection, tenant: &str, account_id: &str) -> Result<Account, HandlerError> {
+    try_lock_account(tx, tenant, account_id)
+        .await?
+        .ok_or_else(|| HandlerError::refused("unknown_account", format!("account {account_id} does not exist")))
+}
+
+/// The account, locked for update, if it exists.
+async fn try_lock_account(
+    tx: &mut PgConnection,
+    tenant: &str,
+    account_id: &str,
+) -> Result<Option<Account>, HandlerError> {
     let row = sqlx::query("SELECT currency, balance FROM accounts WHERE tenant = $1 AND account_id = $2 FOR UPDATE")
         .bind(tenant)
         .bind(account_id)
         .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| HandlerError::refused("unknown_account", format!("account {account_id} does not exist")))?;
-    Ok(Account { id: account_id.to_owned(), currency: row.try_get("currency")?, balance: row.try_get("balance")? })
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Account {
+        id: account_id.to_owned(),
+        currency: row.try_get("currency")?,
+        balance: row.try_get("balance")?,
+    }))
 }
 
-/// Move `amount` from `debit` to `credit` as one balanced posting of the job.
+/// The system account `world:<currency>`, locked for update; created by the
+/// currency's first deposit. One round trip once it exists (every deposit
+/// after the first), since each statement of a command is one round trip of
+/// the batch that holds the lock.
+async fn lock_system_account(tx: &mut PgConnection, tenant: &str, currency: &str) -> Result<Account, HandlerError> {
+    let world = format!("world:{currency}");
+    if let Some(account) = try_lock_account(tx, tenant, &world).await? {
+        return Ok(account);
+    }
+    sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(tenant)
+        .bind(&world)
+        .bind(currency)
+        .execute(&mut *tx)
+        .await?;
+    lock_account(tx, tenant, &world).await
+}
+
+/// Move `amount` from `debit` to `credit` as one balanced posting of the job:
+/// the posting, its two entries and both balances in one statement (one round
+/// trip; the entries' foreign key to the posting is checked at its end).
 async fn post(
     tx: &mut PgConnection,
     command: &CommandContext,
@@ -269,28 +297,20 @@ async fn post(
     credit: &str,
     amount: i64,
 ) -> Result<(), HandlerError> {
-    sqlx::query("INSERT INTO postings (posting_id, tenant, kind) VALUES ($1, $2, $3)")
-        .bind(command.job_id)
-        .bind(&command.tenant)
-        .bind(kind)
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(
-        "INSERT INTO entries (posting_id, tenant, account_id, amount) VALUES ($1, $2, $3, $4), ($1, $2, $5, $6)",
+        "WITH posting AS (
+             INSERT INTO postings (posting_id, tenant, kind) VALUES ($1, $2, $3) RETURNING posting_id
+         ), entries AS (
+             INSERT INTO entries (posting_id, tenant, account_id, amount)
+             SELECT posting_id, $2, entry.account_id, entry.amount
+               FROM posting, (VALUES ($4, -$6::bigint), ($5, $6::bigint)) AS entry (account_id, amount)
+         )
+         UPDATE accounts SET balance = balance + CASE account_id WHEN $4 THEN -$6::bigint ELSE $6::bigint END
+          WHERE tenant = $2 AND account_id IN ($4, $5)",
     )
     .bind(command.job_id)
     .bind(&command.tenant)
-    .bind(debit)
-    .bind(-amount)
-    .bind(credit)
-    .bind(amount)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE accounts SET balance = balance + CASE account_id WHEN $2 THEN -$4::bigint ELSE $4::bigint END
-         WHERE tenant = $1 AND account_id IN ($2, $3)",
-    )
-    .bind(&command.tenant)
+    .bind(kind)
     .bind(debit)
     .bind(credit)
     .bind(amount)
