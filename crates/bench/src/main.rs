@@ -335,11 +335,20 @@ impl Bench {
 
     /// Wait until the stack is idle: a probe deposit's event must arrive within
     /// a second of its `202` (work queued by an earlier measurement would
-    /// otherwise count as this one's latency). Returns how long that took.
+    /// otherwise count as this one's latency). A probe refused with `503`
+    /// (backpressure, while that work drains) is tried again a second later.
+    /// Returns how long that took.
     async fn settle(&self, delivered_at: &Mutex<HashMap<String, Instant>>) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the stack did not settle within 300 s");
+            }
             let (status, job) = self.post(&self.deposit()).await?;
+            if status == 503 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let job = job.with_context(|| format!("a probe deposit answered {status}"))?;
             let accepted = Instant::now();
             let delivered = loop {
