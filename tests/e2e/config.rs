@@ -3,7 +3,7 @@
 //! service's setting in a shared environment does not, and `config` prints
 //! the effective configuration with its secrets redacted.
 
-use std::{collections::BTreeSet, process::Command};
+use std::collections::BTreeSet;
 
 use onceflow_runtime::config::{self, SERVICE_SETTINGS};
 use onceflow_tests::{ProcessStack, ServiceProcess};
@@ -11,13 +11,7 @@ use serde_json::Value;
 
 /// Run `onceflow-<service> config` with exactly the `ONCEFLOW_*` variables in `env`.
 fn print_config(service: &str, env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = Command::new(ServiceProcess::binary(service));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with(config::ENV_PREFIX) {
-            command.env_remove(key);
-        }
-    }
-    command.arg("config").envs(env.iter().copied()).output().expect("the binary runs")
+    ServiceProcess::command(service).arg("config").envs(env.iter().copied()).output().expect("the binary runs")
 }
 
 /// The top-level keys of a configuration, serialized.

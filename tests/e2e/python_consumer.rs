@@ -8,21 +8,13 @@
 //! it is ignored by a plain `cargo test`: `scripts/check-python-examples.sh`
 //! makes the environment and runs it (CI does, through `.ci/run`).
 
-use std::{path::PathBuf, process::Command};
-
 use onceflow_contracts::{ResultEvent, schema};
-use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually, read_topic_to_end};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually, python_example, read_topic_to_end};
 use serde_json::{Value, json};
-
-fn consumer_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python/results_consumer.py")
-}
 
 /// Run the consumer with `args`; its JSON lines, or a panic with its stderr.
 async fn run_consumer(args: Vec<String>) -> Vec<Value> {
-    let python = std::env::var("ONCEFLOW_TEST_PYTHON")
-        .expect("ONCEFLOW_TEST_PYTHON names the Python of examples/python (scripts/check-python-examples.sh sets it)");
-    let output = tokio::task::spawn_blocking(move || Command::new(python).arg(consumer_script()).args(args).output())
+    let output = tokio::task::spawn_blocking(move || python_example("results_consumer.py").args(args).output())
         .await
         .expect("the consumer's thread")
         .expect("the consumer runs");

@@ -8,10 +8,12 @@
 //! it is ignored by a plain `cargo test`: `scripts/check-python-examples.sh`
 //! makes the environment and runs it (CI does, through `.ci/run`).
 
-use std::{path::PathBuf, process::Stdio};
+use std::process::Stdio;
 
 use onceflow_notifier::NotifierConfig;
-use onceflow_tests::{DEV_API_KEY, DeliveriesClient, IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually};
+use onceflow_tests::{
+    DEV_API_KEY, DeliveriesClient, IngestClient, OUTCOME_TIMEOUT, TestEnv, eventually, python_example,
+};
 use onceflow_webhook::{Allowlist, RetryPolicy, Secret};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -25,13 +27,8 @@ struct PythonReceiver {
 impl PythonReceiver {
     /// Start it with `secrets` (newest first) and wait until it listens.
     async fn start(secrets: &[&Secret]) -> Self {
-        let python = std::env::var("ONCEFLOW_TEST_PYTHON").expect(
-            "ONCEFLOW_TEST_PYTHON names the Python of examples/python (scripts/check-python-examples.sh sets it)",
-        );
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python/webhook_receiver.py");
         let secrets: Vec<String> = secrets.iter().map(|s| s.reveal()).collect();
-        let mut process = tokio::process::Command::new(python)
-            .arg(script)
+        let mut process = tokio::process::Command::from(python_example("webhook_receiver.py"))
             .env("WEBHOOK_SECRETS", secrets.join(" "))
             .env("RECEIVER_HOST", "127.0.0.1")
             .env("RECEIVER_PORT", "0")

@@ -631,16 +631,23 @@ impl ServiceProcess {
         path
     }
 
-    /// Start binary `name` with exactly the `ONCEFLOW_*` variables in `env`
-    /// (inherited ones are removed), appending its output to `log`.
-    pub fn spawn(name: &str, env: &[(&str, String)], log: &std::path::Path) -> Self {
-        let output = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("service log file");
+    /// A command running binary `name` without the `ONCEFLOW_*` variables
+    /// this process inherited (the caller gives the ones it wants).
+    pub fn command(name: &str) -> std::process::Command {
         let mut command = std::process::Command::new(Self::binary(name));
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with(onceflow_runtime::config::ENV_PREFIX) {
                 command.env_remove(key);
             }
         }
+        command
+    }
+
+    /// Start binary `name` with exactly the `ONCEFLOW_*` variables in `env`
+    /// (inherited ones are removed), appending its output to `log`.
+    pub fn spawn(name: &str, env: &[(&str, String)], log: &std::path::Path) -> Self {
+        let output = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("service log file");
+        let mut command = Self::command(name);
         command
             .envs(env.iter().map(|(key, value)| (key, value)))
             .stdin(std::process::Stdio::null())
@@ -1354,6 +1361,17 @@ pub fn span_tree(spans: &[ReceivedSpan]) -> String {
 /// start ingest and the notifier with, as the local stack does.
 pub fn development_config(service: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/development/{service}.toml"))
+}
+
+/// A command running `examples/python/<script>` with the Python of those
+/// examples' environment, which `ONCEFLOW_TEST_PYTHON` names
+/// (`scripts/check-python-examples.sh` makes it and sets the variable).
+pub fn python_example(script: &str) -> std::process::Command {
+    let python = std::env::var("ONCEFLOW_TEST_PYTHON")
+        .expect("ONCEFLOW_TEST_PYTHON names the Python of examples/python (scripts/check-python-examples.sh sets it)");
+    let mut command = std::process::Command::new(python);
+    command.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python").join(script));
+    command
 }
 
 /// A free loopback address for a service process to listen on.

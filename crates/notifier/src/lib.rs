@@ -151,7 +151,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     let record_pool = pool.clone();
     let consumer_shutdown = shutdown.clone();
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
-    let consumer_check = http::consumer_check(&consumer);
+    let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
     let consume = async move {
         kafka::consume_parking(&consumer, &consumer_shutdown, &results_parking, |message| {
             store::record(&record_pool, message)
@@ -187,8 +187,6 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     };
-    let mut checks = http::standard_checks(pool.clone(), config.kafka.clone());
-    checks.extend([("consumer", consumer_check), ("tasks", vitals.check())]);
     let mut router = router(state, checks);
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
     if let Some(admin) = parking::router(results_parking, &config.admin.token, redrive_handler(pool)) {

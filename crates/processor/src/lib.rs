@@ -64,11 +64,9 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
         max_batch: config.max_batch,
         vitals: vitals.clone(),
     };
-    let consumer_check = http::consumer_check(&consumer);
+    let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
     tasks.spawn(vitals.watch("worker", &shutdown, worker.run(consumer, shutdown.clone())));
 
-    let mut checks = http::standard_checks(pool.clone(), config.kafka.clone());
-    checks.extend([("consumer", consumer_check), ("tasks", vitals.check())]);
     let mut router = http::probes(checks).route("/openapi.json", axum::routing::get(openapi::document));
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);

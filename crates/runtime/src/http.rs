@@ -218,10 +218,22 @@ pub async fn serve(
     Ok(())
 }
 
-/// The standard readiness checks, both required: the database pool and the broker.
+/// The readiness checks of a service that consumes, all required: the
+/// database pool, the broker, its consumer's group membership and its vital
+/// tasks.
 #[allow(clippy::needless_pass_by_value, reason = "the processor and the notifier hand over their own copy")]
-pub fn standard_checks(pool: sqlx::PgPool, kafka: crate::config::KafkaConfig) -> Vec<(&'static str, ReadinessCheck)> {
-    vec![("database", database_check(pool)), ("broker", broker_check(&kafka))]
+pub fn standard_checks(
+    pool: sqlx::PgPool,
+    kafka: crate::config::KafkaConfig,
+    consumer: &crate::kafka::Consumer,
+    vitals: &crate::vitals::Vitals,
+) -> Vec<(&'static str, ReadinessCheck)> {
+    vec![
+        ("database", database_check(pool)),
+        ("broker", broker_check(&kafka)),
+        ("consumer", consumer_check(consumer)),
+        ("tasks", vitals.check()),
+    ]
 }
 
 /// The database answers `SELECT 1` (through the service's own pool).
