@@ -1,6 +1,7 @@
 -- pgbench: the processor's transaction for one ledger.deposit, statement for
 -- statement as crates/processor/src/worker.rs and handlers/ledger.rs issue it
--- (inbox claim, effect on a savepoint, outcome, result into the outbox).
+-- alone (inbox claim, effect on a savepoint, outcome, result into the outbox;
+-- the effect is the ledger_deposit function of the processor's migrations).
 -- The raw baseline of the processor's drain rate (scripts/bench.sh).
 \set n random(1, 9223372036854775806)
 -- One of the benchmark's accounts (pgbench -D accounts=N), as onceflow-bench spreads its deposits.
@@ -9,17 +10,7 @@ BEGIN;
 INSERT INTO inbox (message_id, tenant, command_type, outcome)
     VALUES (md5(:n::text)::uuid, 'dev', 'ledger.deposit', 'succeeded') ON CONFLICT (message_id) DO NOTHING;
 SAVEPOINT effect;
-SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'bench-' || :a FOR UPDATE;
-SELECT currency, balance FROM accounts WHERE tenant = 'dev' AND account_id = 'world:EUR' FOR UPDATE;
-WITH posting AS (
-    INSERT INTO postings (posting_id, tenant, kind) VALUES (md5(:n::text)::uuid, 'dev', 'deposit') RETURNING posting_id
-), entries AS (
-    INSERT INTO entries (posting_id, tenant, account_id, amount)
-    SELECT posting_id, 'dev', entry.account_id, entry.amount
-      FROM posting, (VALUES ('world:EUR', -1::bigint), ('bench-' || :a, 1::bigint)) AS entry (account_id, amount)
-)
-UPDATE accounts SET balance = balance + CASE account_id WHEN 'world:EUR' THEN -1::bigint ELSE 1::bigint END
-    WHERE tenant = 'dev' AND account_id IN ('world:EUR', 'bench-' || :a);
+SELECT balance, out_of_range FROM ledger_deposit('dev', 'bench-' || :a, 1, md5(:n::text)::uuid);
 RELEASE SAVEPOINT effect;
 UPDATE inbox SET outcome = 'succeeded' WHERE message_id = md5(:n::text)::uuid;
 INSERT INTO onceflow_outbox (topic, message_key, payload, headers)

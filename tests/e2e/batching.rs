@@ -1,9 +1,11 @@
 //! The processor's batches against the real PostgreSQL and the real broker:
 //! commands that pile up on one partition while no processor runs are then
 //! applied many per transaction, and still each exactly once, in order, with
-//! refusals, a duplicate and poison among them ending as they would alone.
+//! refusals, a duplicate and poison among them ending as they would alone;
+//! a handler that refuses after writing leaves nothing behind in a batch.
 
 use onceflow_contracts::JobStatus;
+use onceflow_processor::handlers::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
 use onceflow_tests::{OUTCOME_TIMEOUT, TestEnv, kafka_producer};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -109,6 +111,72 @@ async fn a_backlog_is_applied_in_batches_each_command_once_and_in_order() {
     db.close().await;
     env.teardown().await;
 }
+
+/// A test handler that opens the account of its payload and then refuses:
+/// the write must not outlive the refusal.
+fn open_then_refuse<'a>(tx: &'a mut sqlx::PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, 'EUR')")
+            .bind(&command.tenant)
+            .bind(command.payload["account_id"].as_str().unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        Err(HandlerError::refused("changed_its_mind", "wrote, then refused"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_refuses_after_writing_leaves_nothing_in_a_batch() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let account = "savepoints";
+
+    // One key, so one lane, queued before the processor starts: one batch of
+    // deposits with the refusing handler in the middle of it.
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topics.commands, &open, None).await;
+    let mut deposits = Vec::new();
+    let mut refusals = Vec::new();
+    for round in 0..3 {
+        for _ in 0..5 {
+            let deposit = CommandMessage::deposit(account, 10);
+            send(&producer, &topics.commands, &deposit, None).await;
+            deposits.push(deposit);
+        }
+        let refused = CommandMessage::new(OPEN_THEN_REFUSE, account, &json!({"account_id": format!("ghost-{round}")}));
+        send(&producer, &topics.commands, &refused, None).await;
+        refusals.push(refused);
+    }
+
+    let mut registry = Registry::with_builtin_handlers();
+    registry.register(OPEN_THEN_REFUSE, open_then_refuse, Refusals::AfterWriting);
+    let processor = env.start_processor_with_handlers(registry).await;
+    let db = processor_db(&env).await;
+    let mut all: Vec<Uuid> = deposits.iter().chain(&refusals).map(|c| c.job_id).collect();
+    all.push(open.job_id);
+    wait_handled(&db, &all, OUTCOME_TIMEOUT).await;
+
+    assert_eq!(count(&db, "SELECT count(*) FROM accounts WHERE account_id LIKE 'ghost-%'").await, 0, "rolled back");
+    assert_eq!(balance(&db, account).await, 10 * deposits.len() as i64, "the deposits around it applied");
+    let inbox = inbox(&db).await;
+    let results = published_results(&env, &db).await;
+    for refused in &refusals {
+        assert_eq!(inbox[&refused.job_id], "failed");
+        let events = results_of(&results, &refused.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].error.as_ref().map(|e| e.code.as_str()), Some("changed_its_mind"));
+    }
+    let transactions = count(&db, "SELECT count(DISTINCT xmin::text) FROM inbox").await;
+    assert!(transactions < all.len() as i64 / 2, "{transactions} transactions: not batched");
+
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
+}
+
+const OPEN_THEN_REFUSE: &str = "test.open_then_refuse";
 
 fn amount_of(command: &CommandMessage) -> i64 {
     let decoded =

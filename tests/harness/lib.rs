@@ -435,6 +435,21 @@ impl TestEnv {
         &mut self,
         customize: impl FnOnce(&mut onceflow_processor::ProcessorConfig),
     ) -> Service {
+        let config = self.processor_config(customize);
+        self.start(|token| onceflow_processor::start(config, token)).await
+    }
+
+    /// Start the processor with this test's isolation settings, serving the
+    /// command types of `registry` (a test's own handlers).
+    pub async fn start_processor_with_handlers(&mut self, registry: onceflow_processor::handlers::Registry) -> Service {
+        let config = self.processor_config(|_| {});
+        self.start(|token| onceflow_processor::start_with_handlers(config, registry, token)).await
+    }
+
+    fn processor_config(
+        &mut self,
+        customize: impl FnOnce(&mut onceflow_processor::ProcessorConfig),
+    ) -> onceflow_processor::ProcessorConfig {
         let mut config: onceflow_processor::ProcessorConfig =
             config::load(onceflow_processor::config::DEFAULTS, None).expect("processor defaults");
         config.listen = "127.0.0.1:0".to_owned();
@@ -442,7 +457,7 @@ impl TestEnv {
         config.kafka = self.kafka.clone();
         config.group_id = format!("processor-{}", self.id);
         customize(&mut config);
-        self.start(|token| onceflow_processor::start(config, token)).await
+        config
     }
 
     /// Create this test's commands, results and dead-letter topics, as the services do.

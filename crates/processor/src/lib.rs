@@ -31,8 +31,18 @@ pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
     vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator()]
 }
 
-/// Start the processor: returns once it is consuming.
+/// Start the processor with the handlers that ship with onceflow: returns
+/// once it is consuming.
 pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
+    start_with_handlers(config, handlers::Registry::with_builtin_handlers(), shutdown).await
+}
+
+/// Start the processor serving the command types of `registry`.
+pub async fn start_with_handlers(
+    config: ProcessorConfig,
+    registry: handlers::Registry,
+    shutdown: CancellationToken,
+) -> onceflow_runtime::Result<Running> {
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results, &topics.dead_letter]).await?;
@@ -57,7 +67,7 @@ pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> once
     let worker = worker::Worker {
         pool: pool.clone(),
         producer,
-        registry: handlers::Registry::with_builtin_handlers(),
+        registry,
         topics: topics.clone(),
         retry: config.retry.clone(),
         lanes: config.lanes,

@@ -81,7 +81,7 @@ use uuid::Uuid;
 
 use crate::{
     config::RetryConfig,
-    handlers::{CommandContext, HandlerError, Progress, Registry},
+    handlers::{CommandContext, HandlerError, Progress, Registered, Registry},
 };
 
 /// Headers the worker adds to a dead-lettered message.
@@ -565,7 +565,7 @@ impl Worker {
         if !claim_inbox(&mut tx, envelope.message_id, &parsed.job).await? {
             return Ok(Outcome::Duplicate);
         }
-        let Some(handler) = self.registry.get(&parsed.job.command_type) else {
+        let Some(Registered { handler, .. }) = self.registry.get(&parsed.job.command_type) else {
             let reason = format!("no handler for `{}`", parsed.job.command_type);
             return Err(Failed::Poison(Poison::new("unknown_command_type", reason)));
         };

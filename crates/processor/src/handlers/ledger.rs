@@ -13,18 +13,24 @@
 //! `amount_out_of_range`, with nothing changed, so every account stays usable.
 //! Ingest bounds each amount ([`catalogue::MAX_AMOUNT`]), which keeps this out
 //! of reach of ordinary use; the check covers whatever bypassed the door.
+//!
+//! Every handler here decides its refusals before its first write
+//! ([`Refusals::BeforeWriting`]), so a batch applies them without a savepoint
+//! each. A deposit, the hot path, is one round trip: the `ledger_deposit`
+//! function of the processor's migrations (`0005_ledger_deposit.sql`) locks,
+//! checks and posts by the rules of this module.
 
 use onceflow_contracts::catalogue::{self, ledger};
 use serde::de::DeserializeOwned;
 use sqlx::{PgConnection, Row as _};
 
-use super::{CommandContext, HandlerError, HandlerFuture, Registry};
+use super::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
 
 pub fn register(registry: &mut Registry) {
-    registry.register(ledger::OPEN_ACCOUNT, open_account);
-    registry.register(ledger::DEPOSIT, deposit);
-    registry.register(ledger::TRANSFER, transfer);
-    registry.register(ledger::STATEMENT, statement);
+    registry.register(ledger::OPEN_ACCOUNT, open_account, Refusals::BeforeWriting);
+    registry.register(ledger::DEPOSIT, deposit, Refusals::BeforeWriting);
+    registry.register(ledger::TRANSFER, transfer, Refusals::BeforeWriting);
+    registry.register(ledger::STATEMENT, statement, Refusals::BeforeWriting);
 }
 
 /// Entries read per page of a statement.
@@ -62,17 +68,28 @@ fn open_account<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Ha
     })
 }
 
+/// A deposit: money from the currency's `world:<CUR>` into the account, in
+/// one round trip (the `ledger_deposit` function of the processor's
+/// migrations, which locks, checks and posts by the same rules as
+/// [`transfer`]); deposits are the ledger's hot path.
 fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: ledger::Deposit = payload(command)?;
         check_positive(p.amount)?;
-        let account = lock_account(tx, &command.tenant, &p.account_id).await?;
-        // Locked after the customer's account, as every deposit does.
-        let world = lock_system_account(tx, &command.tenant, &account.currency).await?;
-        let balance = in_range(account.balance.checked_add(p.amount), &account, p.amount)?;
-        in_range(world.balance.checked_sub(p.amount), &world, p.amount)?;
-        post(tx, command, "deposit", &world.id, &p.account_id, p.amount).await?;
-        Ok(serde_json::json!({"account_id": p.account_id, "balance": balance}))
+        let row = sqlx::query("SELECT balance, out_of_range FROM ledger_deposit($1, $2, $3, $4)")
+            .bind(&command.tenant)
+            .bind(&p.account_id)
+            .bind(p.amount)
+            .bind(command.job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let balance: Option<i64> = row.try_get("balance")?;
+        let out_of_range: Option<String> = row.try_get("out_of_range")?;
+        match (balance, out_of_range) {
+            (Some(balance), None) => Ok(serde_json::json!({"account_id": p.account_id, "balance": balance})),
+            (_, Some(account)) => Err(out_of_range_refusal(&account, p.amount)),
+            (None, None) => Err(unknown_account(&p.account_id)),
+        }
     })
 }
 
@@ -129,9 +146,7 @@ fn statement<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handl
                 .bind(&p.account_id)
                 .fetch_optional(&mut *tx)
                 .await?
-                .ok_or_else(|| {
-                    HandlerError::refused("unknown_account", format!("account {} does not exist", p.account_id))
-                })?;
+                .ok_or_else(|| unknown_account(&p.account_id))?;
         let currency: String = account.try_get("currency")?;
         let balance: i64 = account.try_get("balance")?;
         let total: i64 = sqlx::query_scalar("SELECT count(*) FROM entries WHERE tenant = $1 AND account_id = $2")
@@ -235,55 +250,29 @@ fn check_positive(amount: i64) -> Result<(), HandlerError> {
 /// The balance `account` would have after moving `amount`, or the refusal
 /// when it leaves the 64-bit range.
 fn in_range(balance: Option<i64>, account: &Account, amount: i64) -> Result<i64, HandlerError> {
-    balance.ok_or_else(|| {
-        HandlerError::refused(
-            AMOUNT_OUT_OF_RANGE,
-            format!("moving {amount} would take the balance of {} out of range", account.id),
-        )
-    })
+    balance.ok_or_else(|| out_of_range_refusal(&account.id, amount))
 }
 
+fn out_of_range_refusal(account_id: &str, amount: i64) -> HandlerError {
+    HandlerError::refused(
+        AMOUNT_OUT_OF_RANGE,
+        format!("moving {amount} would take the balance of {account_id} out of range"),
+    )
+}
+
+fn unknown_account(account_id: &str) -> HandlerError {
+    HandlerError::refused("unknown_account", format!("account {account_id} does not exist"))
+}
+
+/// The account, locked for update.
 async fn lock_account(tx: &mut PgConnection, tenant: &str, account_id: &str) -> Result<Account, HandlerError> {
-    try_lock_account(tx, tenant, account_id)
-        .await?
-        .ok_or_else(|| HandlerError::refused("unknown_account", format!("account {account_id} does not exist")))
-}
-
-/// The account, locked for update, if it exists.
-async fn try_lock_account(
-    tx: &mut PgConnection,
-    tenant: &str,
-    account_id: &str,
-) -> Result<Option<Account>, HandlerError> {
     let row = sqlx::query("SELECT currency, balance FROM accounts WHERE tenant = $1 AND account_id = $2 FOR UPDATE")
         .bind(tenant)
         .bind(account_id)
         .fetch_optional(&mut *tx)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    Ok(Some(Account {
-        id: account_id.to_owned(),
-        currency: row.try_get("currency")?,
-        balance: row.try_get("balance")?,
-    }))
-}
-
-/// The system account `world:<currency>`, locked for update; created by the
-/// currency's first deposit. One round trip once it exists (every deposit
-/// after the first), since each statement of a command is one round trip of
-/// the batch that holds the lock.
-async fn lock_system_account(tx: &mut PgConnection, tenant: &str, currency: &str) -> Result<Account, HandlerError> {
-    let world = format!("world:{currency}");
-    if let Some(account) = try_lock_account(tx, tenant, &world).await? {
-        return Ok(account);
-    }
-    sqlx::query("INSERT INTO accounts (tenant, account_id, currency) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-        .bind(tenant)
-        .bind(&world)
-        .bind(currency)
-        .execute(&mut *tx)
-        .await?;
-    lock_account(tx, tenant, &world).await
+        .await?
+        .ok_or_else(|| unknown_account(account_id))?;
+    Ok(Account { id: account_id.to_owned(), currency: row.try_get("currency")?, balance: row.try_get("balance")? })
 }
 
 /// Move `amount` from `debit` to `credit` as one balanced posting of the job:

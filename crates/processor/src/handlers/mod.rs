@@ -2,9 +2,13 @@
 //! is served by one handler; adding a domain means adding its payload types to
 //! the contracts' catalogue and registering handlers here.
 //!
-//! A handler runs inside the processor's transaction (on a savepoint), so
-//! whatever it writes commits together with the inbox row and the result's
-//! outbox row, or not at all.
+//! A handler runs inside the processor's transaction, so whatever it writes
+//! commits together with the inbox row and the result's outbox row, or not at
+//! all. A refusal must leave nothing of the effect behind: a handler that may
+//! refuse after writing runs on a savepoint that its refusal rolls back; one
+//! registered as deciding every refusal before its first write
+//! ([`Refusals::BeforeWriting`]) runs in a batch without one, two round trips
+//! fewer per command.
 //!
 //! A long-running handler may report progress with [`Progress::report`]: each
 //! report is a `processing` result event committed to the outbox in its own
@@ -93,10 +97,30 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<serde_json::Valu
 /// A command handler.
 pub type Handler = for<'a> fn(&'a mut PgConnection, &'a CommandContext) -> HandlerFuture<'a>;
 
+/// When a handler may refuse, which decides whether a batch must give it a
+/// savepoint of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusals {
+    /// Every refusal is decided before the handler's first write (and a write
+    /// that fails is a database error, which rolls the whole batch back):
+    /// a refusal leaves nothing to undo, so no savepoint is needed.
+    BeforeWriting,
+    /// A refusal may come after a write: the handler runs on a savepoint that
+    /// a refusal rolls back.
+    AfterWriting,
+}
+
+/// A registered handler and when it may refuse.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    pub handler: Handler,
+    pub refusals: Refusals,
+}
+
 /// Handlers by command type.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<&'static str, Handler>,
+    handlers: HashMap<&'static str, Registered>,
 }
 
 impl Registry {
@@ -107,11 +131,13 @@ impl Registry {
         registry
     }
 
-    pub fn register(&mut self, command_type: &'static str, handler: Handler) {
-        self.handlers.insert(command_type, handler);
+    /// Serve `command_type` with `handler`; `refusals` says when it may
+    /// refuse ([`Refusals::AfterWriting`] is always safe).
+    pub fn register(&mut self, command_type: &'static str, handler: Handler, refusals: Refusals) {
+        self.handlers.insert(command_type, Registered { handler, refusals });
     }
 
-    pub fn get(&self, command_type: &str) -> Option<Handler> {
+    pub fn get(&self, command_type: &str) -> Option<Registered> {
         self.handlers.get(command_type).copied()
     }
 

@@ -8,7 +8,8 @@
 //! ```text
 //! BEGIN
 //!   inbox rows of every message (one statement; the ones already there are duplicates)
-//!   per claimed command: SAVEPOINT, effect, RELEASE (or ROLLBACK TO it on a refusal)
+//!   per claimed command: its effect (on a savepoint only if its handler may
+//!   refuse after writing: SAVEPOINT, effect, RELEASE or ROLLBACK TO it)
 //!   every result in the outbox (one statement)
 //!   outcome `failed` of the refused ones (one statement)
 //! COMMIT, then every offset is stored
@@ -41,7 +42,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Handled, Outcome, Parsed, Worker, claim_redrive, command_span};
-use crate::handlers::HandlerError;
+use crate::handlers::{HandlerError, Refusals, Registered};
 
 /// Why a batch was rolled back (a metric label and a log line), and which
 /// of its messages caused it when one did.
@@ -193,28 +194,37 @@ impl Worker {
         Ok(())
     }
 
-    /// One claimed command's effect on a savepoint, and its result: applied
-    /// (`succeeded`) or refused (`failed`, the effect rolled back).
+    /// One claimed command's effect, and its result: applied (`succeeded`) or
+    /// refused (`failed`, nothing of the effect kept: on a savepoint that the
+    /// refusal rolls back, unless the handler refuses only before writing).
     async fn apply_one(
         &self,
         tx: &mut sqlx::PgConnection,
         command: &Claimed<'_>,
     ) -> Result<(JobStatus, OutboxMessage), Fallback> {
         let Claimed { position, envelope, parsed } = *command;
-        let handler = self
+        let Registered { handler, refusals } = self
             .registry
             .get(&parsed.job.command_type)
             .ok_or_else(|| Fallback::at(position, "unknown_command_type"))?;
         let mut context = parsed.context.clone();
         context.progress = self.progress_sink(envelope, &parsed.job);
-        let mut effect = sqlx::Connection::begin(&mut *tx).await?;
-        let (status, result, error) = match handler(&mut effect, &context).await {
-            Ok(result) => {
-                effect.commit().await?;
-                (JobStatus::Succeeded, Some(result.to_string()), None)
+        let outcome = match refusals {
+            Refusals::BeforeWriting => handler(&mut *tx, &context).await,
+            Refusals::AfterWriting => {
+                let mut effect = sqlx::Connection::begin(&mut *tx).await?;
+                let outcome = handler(&mut effect, &context).await;
+                if outcome.is_ok() {
+                    effect.commit().await?;
+                } else {
+                    effect.rollback().await?;
+                }
+                outcome
             }
+        };
+        let (status, result, error) = match outcome {
+            Ok(result) => (JobStatus::Succeeded, Some(result.to_string()), None),
             Err(HandlerError::Refused { code, message }) => {
-                effect.rollback().await?;
                 (JobStatus::Failed, None, Some(JobError { code: code.to_owned(), message }))
             }
             Err(HandlerError::Poison(_)) => return Err(Fallback::at(position, "invalid_payload")),
