@@ -1,7 +1,8 @@
 //! Hostile records on the results topic (guarantee G8): whatever lands there,
 //! the notifier and ingest's projection end each record at once (stored,
 //! stored with a failed webhook, or parked for an operator) and every tenant's
-//! results keep flowing; a database outage parks nothing.
+//! results keep flowing; a database outage parks nothing. A backlog is stored
+//! in batches, and a hostile record among it is parked alone.
 
 use std::time::Duration;
 
@@ -219,5 +220,60 @@ async fn a_database_outage_parks_nothing_and_every_event_is_stored_once() {
     assert_eq!(ids, expected, "every event once");
     assert!(parked(&notifier).await.is_empty(), "an outage parks nothing");
     observer.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_results_is_stored_in_batches_and_a_hostile_one_among_them_is_parked_alone() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    // One key, so one partition, queued before the notifier starts: it finds
+    // them all ready and stores them in batches.
+    let mut events = Vec::new();
+    let mut hostile = None;
+    for n in 0..40 {
+        let mut event = result_event(JobStatus::Succeeded, None);
+        if n == 20 {
+            // `\u0000` in the result's JSON: jsonb refuses it, so its batch fails.
+            event.result_json = Some(r#"{"note": "a\u0000b"}"#.to_owned());
+            hostile = Some(event.clone());
+        } else {
+            events.push(event.clone());
+        }
+        let headers = onceflow_runtime::kafka::headers(&result_envelope(&event));
+        publish_raw(&env, "backlog", &event.encode().expect("encodable"), Some(headers.clone())).await;
+        if n == 10 {
+            // A redelivery within the backlog stores nothing twice.
+            publish_raw(&env, "backlog", &event.encode().expect("encodable"), Some(headers)).await;
+        }
+    }
+    let hostile = hostile.expect("the hostile event was published");
+
+    let notifier = env.start_notifier_with(|config| config.admin.token = ADMIN_TOKEN.to_owned()).await;
+    let db = sqlx::PgPool::connect(&env.database_url("notifier")).await.unwrap();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&db).await.unwrap() }
+    };
+    eventually("every ordinary event stored", OUTCOME_TIMEOUT, || async {
+        (count("SELECT count(*) FROM events").await >= events.len() as i64).then_some(())
+    })
+    .await;
+    let records = eventually("the hostile record parked", OUTCOME_TIMEOUT, || async {
+        let records = parked(&notifier).await;
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0]["payload_hex"].as_str().is_some_and(|p| p == hex::encode(hostile.encode().unwrap())));
+
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM events ORDER BY seq").fetch_all(&db).await.unwrap();
+    let expected: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(stored, expected, "each once, in the order published");
+    let transactions = count("SELECT count(DISTINCT xmin::text) FROM events").await;
+    assert!(transactions < events.len() as i64 / 2, "{transactions} transactions for {} events", events.len());
+
+    db.close().await;
     env.teardown().await;
 }

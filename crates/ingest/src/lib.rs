@@ -166,9 +166,14 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         let parking = Parking::new(projection_pool.clone(), projection::PARKING_CONSUMER);
         let endpoints_parking = Parking::new(projection_pool.clone(), endpoints::PARKING_CONSUMER);
         tokio::join!(
-            kafka::consume_parking(&consumer, &projection_shutdown, &parking, |message| {
-                projection::apply(&projection_pool, message)
-            }),
+            kafka::consume_parking_batched(
+                &consumer,
+                &projection_shutdown,
+                &parking,
+                projection::BATCH,
+                |messages| projection::apply_batch(&projection_pool, messages),
+                |message| projection::apply(&projection_pool, message),
+            ),
             kafka::consume_parking(&endpoints_consumer, &projection_shutdown, &endpoints_parking, |message| {
                 endpoints::apply(&projection_pool, message)
             }),

@@ -23,12 +23,16 @@ use std::sync::Arc;
 
 use onceflow_contracts::{Envelope, JobStatus, ResultEvent};
 use onceflow_runtime::{
-    kafka::RecordError,
+    kafka::{BatchError, RecordError},
     parking::{self, Parking},
 };
 use rdkafka::{Message as _, message::OwnedMessage};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tracing::Instrument as _;
+
+/// The most result events projected in one transaction: a backlog of
+/// results costs one commit per batch instead of one per event.
+pub const BATCH: usize = 256;
 
 /// The name this projection parks records under.
 pub const PARKING_CONSUMER: &str = "ingest.projection";
@@ -49,19 +53,44 @@ pub fn admin_router(pool: PgPool, token: &str) -> Option<axum::Router> {
 /// child of the event's publish.
 pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
     let Some((envelope, event)) = decode(&message)? else { return Ok(()) };
-    let span = onceflow_runtime::consumer_span!(
-        "project_result",
-        &message,
-        &envelope,
-        job_id = %event.job_id,
-        event_type = %envelope.message_type,
-    );
     // `instrument`, not `enter`: a guard held across an `.await` corrupts the
     // span stack of whatever else runs on the thread meanwhile.
-    project(pool, &event).instrument(span).await
+    let mut connection = pool.acquire().await?;
+    project(&mut connection, &event).instrument(project_span(&message, &envelope, &event)).await
 }
 
-async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), RecordError> {
+/// [`apply`] of every message, in order, in one transaction (one commit, not
+/// one per event): all projected, or nothing and an error, on which the
+/// consumer takes them one at a time through [`apply`] (see
+/// `onceflow_runtime::kafka::consume_parking_batched`).
+pub async fn apply_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<(), BatchError> {
+    let at = |position| move |error: RecordError| BatchError { position, error };
+    let mut decoded = Vec::with_capacity(messages.len());
+    for (position, message) in messages.iter().enumerate() {
+        decoded.push(decode(message).map_err(at(position))?);
+    }
+    let whole = |error: sqlx::Error| BatchError { position: 0, error: error.into() };
+    let mut tx = pool.begin().await.map_err(whole)?;
+    for (position, (message, decoded)) in messages.iter().zip(&decoded).enumerate() {
+        if let Some((envelope, event)) = decoded {
+            project(&mut tx, event).instrument(project_span(message, envelope, event)).await.map_err(at(position))?;
+        }
+    }
+    tx.commit().await.map_err(whole)?;
+    Ok(())
+}
+
+fn project_span(message: &OwnedMessage, envelope: &Envelope, event: &ResultEvent) -> tracing::Span {
+    onceflow_runtime::consumer_span!(
+        "project_result",
+        message,
+        envelope,
+        job_id = %event.job_id,
+        event_type = %envelope.message_type,
+    )
+}
+
+async fn project(connection: &mut PgConnection, event: &ResultEvent) -> Result<(), RecordError> {
     let job_id = uuid::Uuid::parse_str(&event.job_id)
         .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
     let result: Option<serde_json::Value> =
@@ -86,7 +115,7 @@ async fn project(pool: &PgPool, event: &ResultEvent) -> Result<(), RecordError> 
     .bind(error)
     .bind(i32::from(event.status.rank()))
     .bind(event.occurred_at)
-    .execute(pool)
+    .execute(&mut *connection)
     .await?;
     tracing::debug!(status = event.status.as_str(), moved = updated.rows_affected() == 1, "job status projected");
     Ok(())

@@ -77,6 +77,11 @@ pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
     vec![sqlx::migrate!("./migrations"), onceflow_outbox::migrator(), parking::migrator()]
 }
 
+/// The most result events stored in one transaction: a backlog of results
+/// (after an outage, or a processor draining a burst) costs one commit per
+/// batch instead of one per event.
+const RESULTS_BATCH: usize = 256;
+
 /// The name the results consumer parks records under.
 pub const RESULTS_CONSUMER: &str = "notifier.results";
 
@@ -153,9 +158,14 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     let results_parking = Parking::new(pool.clone(), RESULTS_CONSUMER);
     let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
     let consume = async move {
-        kafka::consume_parking(&consumer, &consumer_shutdown, &results_parking, |message| {
-            store::record(&record_pool, message)
-        })
+        kafka::consume_parking_batched(
+            &consumer,
+            &consumer_shutdown,
+            &results_parking,
+            RESULTS_BATCH,
+            |messages| store::record_batch(&record_pool, messages),
+            |message| store::record(&record_pool, message),
+        )
         .await;
     };
     tasks.spawn(vitals.watch("results consumer", &shutdown, consume));

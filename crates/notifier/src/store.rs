@@ -3,9 +3,12 @@
 use std::sync::Arc;
 
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
-use onceflow_runtime::{kafka::RecordError, telemetry};
+use onceflow_runtime::{
+    kafka::{BatchError, RecordError},
+    telemetry,
+};
 use rdkafka::{Message as _, message::OwnedMessage};
-use sqlx::{PgPool, Row as _, postgres::PgRow};
+use sqlx::{PgConnection, PgPool, Row as _, postgres::PgRow};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -57,24 +60,71 @@ impl StoredEvent {
 /// The work is a CONSUMER span, a child of the event's publish; the event is
 /// stored with that span's trace context, which its SSE sends continue.
 pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
-    let (envelope, event) = decode(&message)?;
-    let span = onceflow_runtime::consumer_span!(
+    let (envelope, event, job_id) = decode(&message)?;
+    let span = store_span(&message, &envelope, &event);
+    async {
+        let mut tx = pool.begin().await?;
+        lock_inserts(&mut tx).await?;
+        store(&mut tx, &envelope, &event, job_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// [`record`] of every message, in order, in one transaction (one commit,
+/// not one per event): all stored, or nothing and an error, on which the
+/// consumer takes them one at a time through [`record`] (see
+/// `onceflow_runtime::kafka::consume_parking_batched`).
+pub async fn record_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<(), BatchError> {
+    let at = |position| move |error: RecordError| BatchError { position, error };
+    let mut decoded = Vec::with_capacity(messages.len());
+    for (position, message) in messages.iter().enumerate() {
+        decoded.push(decode(message).map_err(at(position))?);
+    }
+    let whole = |error: sqlx::Error| BatchError { position: 0, error: error.into() };
+    let mut tx = pool.begin().await.map_err(whole)?;
+    lock_inserts(&mut tx).await.map_err(whole)?;
+    for (position, (message, (envelope, event, job_id))) in messages.iter().zip(&decoded).enumerate() {
+        store(&mut tx, envelope, event, *job_id)
+            .instrument(store_span(message, envelope, event))
+            .await
+            .map_err(at(position))?;
+    }
+    tx.commit().await.map_err(whole)?;
+    Ok(())
+}
+
+/// The CONSUMER span of storing one result, a child of the event's publish.
+fn store_span(message: &OwnedMessage, envelope: &Envelope, event: &ResultEvent) -> tracing::Span {
+    onceflow_runtime::consumer_span!(
         "store_result",
-        &message,
-        &envelope,
+        message,
+        envelope,
         job_id = %event.job_id,
         event_id = %event.event_id,
         event_type = %envelope.message_type,
-    );
-    store(pool, &envelope, &event).instrument(span).await
+    )
 }
 
-async fn store(pool: &PgPool, envelope: &Envelope, event: &ResultEvent) -> Result<(), RecordError> {
-    let job_id = Uuid::parse_str(&event.job_id)
-        .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
-    let (traceparent, tracestate) = telemetry::current_trace_context();
-    let mut tx = pool.begin().await?;
+/// Taken by every transaction that inserts events, so `seq` values commit in
+/// the order they were drawn and the hub, reading past the last `seq` it
+/// saw, never skips one that commits late.
+async fn lock_inserts(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INSERT_LOCK).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// Insert `event` (and its webhook delivery) in the caller's transaction,
+/// which holds [`lock_inserts`]; stored with the current span's trace context.
+async fn store(
+    tx: &mut PgConnection,
+    envelope: &Envelope,
+    event: &ResultEvent,
+    job_id: Uuid,
+) -> Result<(), RecordError> {
+    let (traceparent, tracestate) = telemetry::current_trace_context();
     let inserted = sqlx::query(
         "INSERT INTO events (event_id, tenant, job_id, correlation_id, event_type, terminal, data, traceparent, tracestate)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
@@ -94,11 +144,10 @@ async fn store(pool: &PgPool, envelope: &Envelope, event: &ResultEvent) -> Resul
     let callback_url = event.callback_url.as_deref().filter(|url| !url.is_empty());
     let delivery = match callback_url {
         Some(url) if !duplicate && event.status.is_terminal() => {
-            Some(crate::webhooks::store::enqueue(&mut tx, event, job_id, url, envelope).await?)
+            Some(crate::webhooks::store::enqueue(&mut *tx, event, job_id, url, envelope).await?)
         }
         _ => None,
     };
-    tx.commit().await?;
     tracing::debug!(
         correlation_id = %event.correlation_id,
         event_id = %event.event_id,
@@ -109,12 +158,16 @@ async fn store(pool: &PgPool, envelope: &Envelope, event: &ResultEvent) -> Resul
     Ok(())
 }
 
-fn decode(message: &OwnedMessage) -> Result<(Envelope, ResultEvent), RecordError> {
+/// The envelope, the event and its job id in `message`; a record that is
+/// not a result event is a data error.
+fn decode(message: &OwnedMessage) -> Result<(Envelope, ResultEvent, Uuid), RecordError> {
     let envelope = onceflow_runtime::kafka::envelope_of(message)
         .map_err(|error| RecordError::data(format!("result without a valid envelope: {error}")))?;
     let event = ResultEvent::decode(&envelope.schema_id, message.payload().unwrap_or_default())
         .map_err(|error| RecordError::data(format!("undecodable result: {error}")))?;
-    Ok((envelope, event))
+    let job_id = Uuid::parse_str(&event.job_id)
+        .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
+    Ok((envelope, event, job_id))
 }
 
 /// Which events a stream wants.

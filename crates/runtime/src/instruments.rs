@@ -138,6 +138,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Time from an outbox row's commit to the broker's acknowledgement.",
     ),
     (
+        "onceflow_record_batch_fallbacks_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Batches of a results consumer (notifier.results, ingest.projection) not applied and split up, by consumer.",
+    ),
+    (
         "onceflow_records_parked_total",
         Kind::Counter,
         Some(Unit::Count),

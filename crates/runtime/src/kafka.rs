@@ -334,32 +334,136 @@ pub async fn consume_parking<F, Fut>(
     Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
 {
     while let Some(message) = next_message(consumer, shutdown).await {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            let error = match handle(message.clone()).await {
-                Ok(()) => break,
-                Err(error) => error,
+        if !end_one(&message, shutdown, parking, &mut handle).await {
+            return;
+        }
+        store_offset(consumer, &message);
+    }
+}
+
+/// Why a batch was not applied: the error, and the position of the message
+/// it came from.
+#[derive(Debug)]
+pub struct BatchError {
+    pub position: usize,
+    pub error: RecordError,
+}
+
+/// [`consume_parking`] in batches, for a consumer whose records cost a
+/// commit each: the messages ready when the consumer is free (up to
+/// `max_batch`; it never waits to fill a batch, so a lone record costs no
+/// latency) go to `handle_batch` together, which applies all of them in one
+/// transaction or none. A batch that fails on a data error of one message is
+/// split there: the messages before it are batched again, it goes alone
+/// through `handle`, which ends it by the rule of [`consume_parking`]
+/// (parked), and the rest are batched again; any other failure (an outage)
+/// sends the rest one at a time through `handle`, which waits it out. A
+/// batch changes how fast records end, never how.
+pub async fn consume_parking_batched<B, BFut, F, Fut>(
+    consumer: &Consumer,
+    shutdown: &CancellationToken,
+    parking: &Parking,
+    max_batch: usize,
+    mut handle_batch: B,
+    mut handle: F,
+) where
+    B: FnMut(Vec<OwnedMessage>) -> BFut,
+    BFut: std::future::Future<Output = std::result::Result<(), BatchError>>,
+    F: FnMut(OwnedMessage) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
+{
+    let max_batch = max_batch.max(1);
+    while let Some(first) = next_message(consumer, shutdown).await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            // Only what librdkafka already holds: polled once, never awaited.
+            match futures::FutureExt::now_or_never(consumer.recv()) {
+                Some(Ok(message)) => batch.push(message.detach()),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "consumer error while taking a batch");
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut rest = batch.as_slice();
+        while !rest.is_empty() {
+            let alone = if rest.len() == 1 {
+                rest.len()
+            } else {
+                match handle_batch(rest.to_vec()).await {
+                    Ok(()) => {
+                        rest.iter().for_each(|message| store_offset(consumer, message));
+                        break;
+                    }
+                    Err(BatchError { position, error }) => {
+                        tracing::info!(error = %error.reason, size = rest.len(), position, "batch not applied");
+                        metrics::counter!("onceflow_record_batch_fallbacks_total", "consumer" => parking.consumer())
+                            .increment(1);
+                        if !error.failure.is_data() || position >= rest.len() {
+                            rest.len()
+                        } else {
+                            // The messages before the culprit met nothing wrong.
+                            let before = &rest[..position];
+                            if before.len() > 1 && handle_batch(before.to_vec()).await.is_ok() {
+                                before.iter().for_each(|message| store_offset(consumer, message));
+                                rest = &rest[position..];
+                                1
+                            } else {
+                                position + 1
+                            }
+                        }
+                    }
+                }
             };
-            if error.failure.is_data() {
-                if !end_record(&message, &error, parking, shutdown).await {
+            for message in &rest[..alone] {
+                if !end_one(message, shutdown, parking, &mut handle).await {
                     return;
                 }
-                break;
+                store_offset(consumer, message);
             }
-            tracing::warn!(
-                error = %error.reason,
-                topic = message.topic(),
-                partition = message.partition(),
-                offset = message.offset(),
-                "cannot handle the record while a dependency is down; waiting"
-            );
-            if !backoff.wait(shutdown).await {
-                return;
-            }
+            rest = &rest[alone..];
         }
-        if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
-            tracing::warn!(%error, "cannot store offset; the message may be redelivered");
+    }
+}
+
+/// Bring `message` to its end with `handle` (applied, or parked), waiting out
+/// outages; `false` if `shutdown` came first (its offset must not be stored).
+async fn end_one<F, Fut>(
+    message: &OwnedMessage,
+    shutdown: &CancellationToken,
+    parking: &Parking,
+    handle: &mut F,
+) -> bool
+where
+    F: FnMut(OwnedMessage) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), RecordError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let error = match handle(message.clone()).await {
+            Ok(()) => return true,
+            Err(error) => error,
+        };
+        if error.failure.is_data() {
+            return end_record(message, &error, parking, shutdown).await;
         }
+        tracing::warn!(
+            error = %error.reason,
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            "cannot handle the record while a dependency is down; waiting"
+        );
+        if !backoff.wait(shutdown).await {
+            return false;
+        }
+    }
+}
+
+fn store_offset(consumer: &Consumer, message: &OwnedMessage) {
+    if let Err(error) = consumer.store_offset(message.topic(), message.partition(), message.offset()) {
+        tracing::warn!(%error, "cannot store offset; the message may be redelivered");
     }
 }
 
