@@ -114,9 +114,16 @@ async fn a_redriven_command_s_success_shows_in_its_job_its_stream_and_its_webhoo
     .await;
     assert_eq!(outcomes, ["job.dead_lettered", "job.succeeded"], "the stream ended after the latest outcome");
 
-    // Each outcome is a webhook of its own.
+    // Each outcome is a webhook of its own. Deliveries run concurrently, so
+    // they may arrive in either order (the two results may even be stored in
+    // one batch); the receiver orders them by the event's `occurred_at`.
     let received = receiver.wait_for(2, OUTCOME_TIMEOUT).await;
-    let types: Vec<Value> = received.iter().map(|r| r.json()["type"].clone()).collect();
+    let mut outcomes: Vec<(i64, Value)> = received
+        .iter()
+        .map(|r| (r.json()["occurred_at"].as_i64().expect("occurred_at"), r.json()["type"].clone()))
+        .collect();
+    outcomes.sort_by_key(|(occurred_at, _)| *occurred_at);
+    let types: Vec<&Value> = outcomes.iter().map(|(_, event_type)| event_type).collect();
     assert_eq!(types, ["job.dead_lettered", "job.succeeded"]);
     assert_ne!(received[0].header("webhook-id"), received[1].header("webhook-id"), "two deliveries");
 

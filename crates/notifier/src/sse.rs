@@ -261,7 +261,7 @@ fn to_sse(event: &StoredEvent) -> Event {
     );
     telemetry::set_parent_from(&span, event.traceparent.as_deref(), event.tracestate.as_deref());
     let _in_span = span.enter();
-    Event::default().id(event.seq.to_string()).event(event.event_type.as_str()).data(event.data.to_string())
+    event.frame.clone()
 }
 
 /// Who opens a stream, and which job only, if a token says so.

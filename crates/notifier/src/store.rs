@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::response::sse::Event;
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
 use onceflow_runtime::{
     kafka::{BatchError, RecordError},
@@ -24,7 +25,10 @@ pub struct StoredEvent {
     pub correlation_id: String,
     pub event_type: String,
     pub terminal: bool,
-    pub data: serde_json::Value,
+    /// The event as an SSE frame (id, event type, the data as JSON), made
+    /// once when it is read: every stream that sends it sends a copy, which
+    /// costs a copy of its bytes instead of serialising it per subscriber.
+    pub frame: Event,
     /// The W3C trace context of the step that stored it (see [`record`]).
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
@@ -32,14 +36,17 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     fn from_row(row: &PgRow) -> Result<Arc<Self>, sqlx::Error> {
+        let seq: i64 = row.try_get("seq")?;
+        let event_type: String = row.try_get("event_type")?;
+        let data: serde_json::Value = row.try_get("data")?;
         Ok(Arc::new(Self {
-            seq: row.try_get("seq")?,
+            frame: Event::default().id(seq.to_string()).event(event_type.as_str()).data(data.to_string()),
+            seq,
             tenant: row.try_get("tenant")?,
             job_id: row.try_get("job_id")?,
             correlation_id: row.try_get("correlation_id")?,
-            event_type: row.try_get("event_type")?,
+            event_type,
             terminal: row.try_get("terminal")?,
-            data: row.try_get("data")?,
             traceparent: row.try_get("traceparent")?,
             tracestate: row.try_get("tracestate")?,
         }))

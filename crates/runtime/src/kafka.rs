@@ -1,6 +1,7 @@
 //! Kafka set-up shared by the services: producers, consumers, topic creation,
-//! envelope headers on records, and [`consume_parking`],
-//! the one loop every consumer of a topic runs its records through.
+//! envelope headers on records, and [`consume_parking`] (or its batched
+//! form [`consume_parking_batched`]), the one loop every consumer of a topic
+//! runs its records through.
 //!
 //! Producers are idempotent (`enable.idempotence`), so a retry inside
 //! librdkafka neither duplicates nor reorders a partition's records.
