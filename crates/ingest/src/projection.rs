@@ -64,19 +64,15 @@ pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordErr
 /// consumer takes them one at a time through [`apply`] (see
 /// `onceflow_runtime::kafka::consume_parking_batched`).
 pub async fn apply_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<(), BatchError> {
-    let at = |position| move |error: RecordError| BatchError { position, error };
-    let mut decoded = Vec::with_capacity(messages.len());
-    for (position, message) in messages.iter().enumerate() {
-        decoded.push(decode(message).map_err(at(position))?);
-    }
-    let whole = |error: sqlx::Error| BatchError { position: 0, error: error.into() };
-    let mut tx = pool.begin().await.map_err(whole)?;
+    let decoded = BatchError::decode_all(&messages, decode)?;
+    let mut tx = pool.begin().await.map_err(BatchError::whole)?;
     for (position, (message, decoded)) in messages.iter().zip(&decoded).enumerate() {
         if let Some((envelope, event)) = decoded {
-            project(&mut tx, event).instrument(project_span(message, envelope, event)).await.map_err(at(position))?;
+            let span = project_span(message, envelope, event);
+            project(&mut tx, event).instrument(span).await.map_err(BatchError::at(position))?;
         }
     }
-    tx.commit().await.map_err(whole)?;
+    tx.commit().await.map_err(BatchError::whole)?;
     Ok(())
 }
 

@@ -85,21 +85,14 @@ pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordEr
 /// consumer takes them one at a time through [`record`] (see
 /// `onceflow_runtime::kafka::consume_parking_batched`).
 pub async fn record_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<(), BatchError> {
-    let at = |position| move |error: RecordError| BatchError { position, error };
-    let mut decoded = Vec::with_capacity(messages.len());
-    for (position, message) in messages.iter().enumerate() {
-        decoded.push(decode(message).map_err(at(position))?);
-    }
-    let whole = |error: sqlx::Error| BatchError { position: 0, error: error.into() };
-    let mut tx = pool.begin().await.map_err(whole)?;
-    lock_inserts(&mut tx).await.map_err(whole)?;
+    let decoded = BatchError::decode_all(&messages, decode)?;
+    let mut tx = pool.begin().await.map_err(BatchError::whole)?;
+    lock_inserts(&mut tx).await.map_err(BatchError::whole)?;
     for (position, (message, (envelope, event, job_id))) in messages.iter().zip(&decoded).enumerate() {
-        store(&mut tx, envelope, event, *job_id)
-            .instrument(store_span(message, envelope, event))
-            .await
-            .map_err(at(position))?;
+        let span = store_span(message, envelope, event);
+        store(&mut tx, envelope, event, *job_id).instrument(span).await.map_err(BatchError::at(position))?;
     }
-    tx.commit().await.map_err(whole)?;
+    tx.commit().await.map_err(BatchError::whole)?;
     Ok(())
 }
 

@@ -1,9 +1,9 @@
 -- A deposit's effect in one round trip. Deposits are the ledger's hot path:
 -- every deposit of a currency locks the one world:<CUR> row until its batch
 -- commits, so each round trip a deposit spends inside that lock is paid by
--- every lane of the processor in turn. As four statements (lock the account,
--- lock world:<CUR>, post) a batch of 64 deposits held the row for about twice
--- as long as with this function (pgbench, scripts/bench/).
+-- every lane of the processor in turn. pgbench of batches of 64 deposits, 4
+-- clients, on one run: ~8.6 batches/s with the three statements this replaces
+-- (lock the account, lock world:<CUR>, post), ~15 with this function.
 --
 -- Same rules as the Rust handler (crates/processor/src/handlers/ledger.rs),
 -- which calls it: the customer's account is locked before world:<CUR> (every

@@ -350,6 +350,28 @@ pub struct BatchError {
     pub error: RecordError,
 }
 
+impl BatchError {
+    /// An error of the message at `position`.
+    pub fn at(position: usize) -> impl Fn(RecordError) -> Self {
+        move |error| Self { position, error }
+    }
+
+    /// An error of the batch's transaction itself (begin, lock, commit),
+    /// charged to its first message: that one is tried alone, which sorts
+    /// an outage from a record of its own that cannot be applied.
+    pub fn whole(error: sqlx::Error) -> Self {
+        Self { position: 0, error: error.into() }
+    }
+
+    /// Every message of a batch decoded, or the error of the first that is not.
+    pub fn decode_all<T>(
+        messages: &[OwnedMessage],
+        decode: impl Fn(&OwnedMessage) -> std::result::Result<T, RecordError>,
+    ) -> std::result::Result<Vec<T>, Self> {
+        messages.iter().enumerate().map(|(position, message)| decode(message).map_err(Self::at(position))).collect()
+    }
+}
+
 /// [`consume_parking`] in batches, for a consumer whose records cost a
 /// commit each: the messages ready when the consumer is free (up to
 /// `max_batch`; it never waits to fill a batch, so a lone record costs no
