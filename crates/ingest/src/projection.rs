@@ -27,7 +27,7 @@ use onceflow_runtime::{
     parking::{self, Parking},
 };
 use rdkafka::{Message as _, message::OwnedMessage};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgExecutor, PgPool};
 use tracing::Instrument as _;
 
 /// The most result events projected in one transaction: a backlog of
@@ -55,8 +55,7 @@ pub async fn apply(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordErr
     let Some((envelope, event)) = decode(&message)? else { return Ok(()) };
     // `instrument`, not `enter`: a guard held across an `.await` corrupts the
     // span stack of whatever else runs on the thread meanwhile.
-    let mut connection = pool.acquire().await?;
-    project(&mut connection, &event).instrument(project_span(&message, &envelope, &event)).await
+    project(pool, &event).instrument(project_span(&message, &envelope, &event)).await
 }
 
 /// [`apply`] of every message, in order, in one transaction (one commit, not
@@ -69,7 +68,7 @@ pub async fn apply_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<(
     for (position, (message, decoded)) in messages.iter().zip(&decoded).enumerate() {
         if let Some((envelope, event)) = decoded {
             let span = project_span(message, envelope, event);
-            project(&mut tx, event).instrument(span).await.map_err(BatchError::at(position))?;
+            project(&mut *tx, event).instrument(span).await.map_err(BatchError::at(position))?;
         }
     }
     tx.commit().await.map_err(BatchError::whole)?;
@@ -86,7 +85,7 @@ fn project_span(message: &OwnedMessage, envelope: &Envelope, event: &ResultEvent
     )
 }
 
-async fn project(connection: &mut PgConnection, event: &ResultEvent) -> Result<(), RecordError> {
+async fn project(executor: impl PgExecutor<'_>, event: &ResultEvent) -> Result<(), RecordError> {
     let job_id = uuid::Uuid::parse_str(&event.job_id)
         .map_err(|_| RecordError::data(format!("result event with a malformed job id `{}`", event.job_id)))?;
     let result: Option<serde_json::Value> =
@@ -111,7 +110,7 @@ async fn project(connection: &mut PgConnection, event: &ResultEvent) -> Result<(
     .bind(error)
     .bind(i32::from(event.status.rank()))
     .bind(event.occurred_at)
-    .execute(&mut *connection)
+    .execute(executor)
     .await?;
     tracing::debug!(status = event.status.as_str(), moved = updated.rows_affected() == 1, "job status projected");
     Ok(())

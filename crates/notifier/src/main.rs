@@ -3,8 +3,8 @@
 /// jemalloc rather than the system allocator, for a process that holds tens
 /// of thousands of long-lived connections: with it (and the per-connection
 /// trims of `onceflow_runtime::http::serve` and the shared stream state) an
-/// idle SSE subscriber measured 10.5 KiB instead of 11.8 (`scripts/bench.sh`);
-/// most of what is left is hyper's two 8 KiB per-connection buffers.
+/// idle SSE subscriber costs a few KiB; `scripts/bench.sh` measures it, and
+/// the README's Performance section gives the figures.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

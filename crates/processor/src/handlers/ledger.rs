@@ -119,7 +119,7 @@ fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handle
         }
         let from_balance = in_range(from.balance.checked_sub(p.amount), &from, p.amount)?;
         let to_balance = in_range(to.balance.checked_add(p.amount), &to, p.amount)?;
-        post(tx, command, "transfer", &from.id, &to.id, p.amount).await?;
+        post_transfer(tx, command, &from.id, &to.id, p.amount).await?;
         Ok(serde_json::json!({
             "from": {"account_id": from.id, "balance": from_balance},
             "to": {"account_id": to.id, "balance": to_balance},
@@ -275,31 +275,30 @@ async fn lock_account(tx: &mut PgConnection, tenant: &str, account_id: &str) -> 
     Ok(Account { id: account_id.to_owned(), currency: row.try_get("currency")?, balance: row.try_get("balance")? })
 }
 
-/// Move `amount` from `debit` to `credit` as one balanced posting of the job:
-/// the posting, its two entries and both balances in one statement (one round
-/// trip; the entries' foreign key to the posting is checked at its end).
-async fn post(
+/// Move `amount` from `debit` to `credit` as one balanced `transfer` posting
+/// of the job: the posting, its two entries and both balances in one
+/// statement (one round trip; the entries' foreign key to the posting is
+/// checked at its end). A deposit posts inside `ledger_deposit`.
+async fn post_transfer(
     tx: &mut PgConnection,
     command: &CommandContext,
-    kind: &str,
     debit: &str,
     credit: &str,
     amount: i64,
 ) -> Result<(), HandlerError> {
     sqlx::query(
         "WITH posting AS (
-             INSERT INTO postings (posting_id, tenant, kind) VALUES ($1, $2, $3) RETURNING posting_id
+             INSERT INTO postings (posting_id, tenant, kind) VALUES ($1, $2, 'transfer') RETURNING posting_id
          ), entries AS (
              INSERT INTO entries (posting_id, tenant, account_id, amount)
              SELECT posting_id, $2, entry.account_id, entry.amount
-               FROM posting, (VALUES ($4, -$6::bigint), ($5, $6::bigint)) AS entry (account_id, amount)
+               FROM posting, (VALUES ($3, -$5::bigint), ($4, $5::bigint)) AS entry (account_id, amount)
          )
-         UPDATE accounts SET balance = balance + CASE account_id WHEN $4 THEN -$6::bigint ELSE $6::bigint END
-          WHERE tenant = $2 AND account_id IN ($4, $5)",
+         UPDATE accounts SET balance = balance + CASE account_id WHEN $3 THEN -$5::bigint ELSE $5::bigint END
+          WHERE tenant = $2 AND account_id IN ($3, $4)",
     )
     .bind(command.job_id)
     .bind(&command.tenant)
-    .bind(kind)
     .bind(debit)
     .bind(credit)
     .bind(amount)
