@@ -2,7 +2,9 @@
 //! commands that pile up on one partition while no processor runs are then
 //! applied many per transaction, and still each exactly once, in order, with
 //! refusals, a duplicate and poison among them ending as they would alone;
-//! a handler that refuses after writing leaves nothing behind in a batch.
+//! a run of deposits, applied by one call, ends each deposit as it would
+//! alone; a handler that refuses after writing leaves nothing behind in a
+//! batch.
 
 use onceflow_contracts::JobStatus;
 use onceflow_processor::handlers::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
@@ -106,6 +108,90 @@ async fn a_backlog_is_applied_in_batches_each_command_once_and_in_order() {
         "{transactions} transactions for {} commands: the backlog was not batched",
         all.len() - 1
     );
+
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deposits_applied_in_one_call_end_each_as_they_would_alone() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let account = "bulk";
+
+    // One key, so one lane, queued before the processor starts: deposits
+    // only, so the batch hands them to the ledger's bulk handler as runs,
+    // with every way a deposit can end in the middle of them.
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topics.commands, &open, None).await;
+    let mut applied = Vec::new();
+    let mut refused = Vec::new();
+    let deposit_of = |payload: Value| CommandMessage::new("ledger.deposit", account, &payload);
+    for round in 1..=4_i64 {
+        for amount in 1..=10 {
+            let deposit = CommandMessage::deposit(account, round * 100 + amount);
+            send(&producer, &topics.commands, &deposit, None).await;
+            applied.push(deposit);
+        }
+        let refusal = match round {
+            1 => (deposit_of(json!({"account_id": "nobody", "amount": 5})), "unknown_account"),
+            // Past i64::MAX with the balance already in the thousands (a
+            // double: canonical JSON writes numbers as doubles).
+            2 => (
+                deposit_of(json!({"account_id": account, "amount": 9_223_372_036_854_774_784_i64})),
+                "amount_out_of_range",
+            ),
+            3 => (deposit_of(json!({"account_id": account, "amount": 0})), "amount_out_of_range"),
+            _ => (deposit_of(json!({"account_id": "nobody-else", "amount": 1})), "unknown_account"),
+        };
+        send(&producer, &topics.commands, &refusal.0, None).await;
+        refused.push(refusal);
+    }
+    // A deposit whose payload does not fit its type: poison in the middle of
+    // a run, dead-lettered alone; the deposits after it still apply.
+    let poison = deposit_of(json!({"account_id": account}));
+    send(&producer, &topics.commands, &poison, None).await;
+    for amount in 1..=10 {
+        let deposit = CommandMessage::deposit(account, 1_000 + amount);
+        send(&producer, &topics.commands, &deposit, None).await;
+        applied.push(deposit);
+    }
+
+    let processor = env.start_processor().await;
+    let db = processor_db(&env).await;
+    let mut all: Vec<Uuid> = applied.iter().chain(refused.iter().map(|(c, _)| c)).map(|c| c.job_id).collect();
+    all.extend([open.job_id, poison.job_id]);
+    wait_handled(&db, &all, OUTCOME_TIMEOUT).await;
+
+    let deposited: i64 = applied.iter().map(amount_of).sum();
+    assert_eq!(balance(&db, account).await, deposited, "every deposit applied once, no refused one");
+    assert_eq!(balance(&db, "world:EUR").await, -deposited, "the books balance");
+    assert_eq!(count(&db, "SELECT count(*) FROM postings").await, applied.len() as i64, "one posting each");
+    let inbox = inbox(&db).await;
+    assert_eq!(inbox[&poison.job_id], "dead_lettered");
+    let results = published_results(&env, &db).await;
+    let mut running = 0;
+    for deposit in &applied {
+        running += amount_of(deposit);
+        let events = results_of(&results, &deposit.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        let result: Value = serde_json::from_str(events[0].result_json.as_deref().unwrap()).unwrap();
+        assert_eq!(result["balance"], running, "applied in the order sent");
+    }
+    for (command, code) in &refused {
+        assert_eq!(inbox[&command.job_id], "failed");
+        let events = results_of(&results, &command.id());
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].error.as_ref().map(|e| e.code.as_str()), Some(*code), "{events:?}");
+    }
+    assert_eq!(results_of(&results, &poison.id())[0].status, JobStatus::DeadLettered);
+
+    let transactions =
+        count(&db, "SELECT count(DISTINCT xmin::text) FROM inbox WHERE outcome <> 'dead_lettered'").await;
+    assert!(transactions < all.len() as i64 / 4, "{transactions} transactions for {} commands: not batched", all.len());
 
     processor.stop().await;
     db.close().await;

@@ -18,17 +18,19 @@
 //! ([`Refusals::BeforeWriting`]), so a batch applies them without a savepoint
 //! each. A deposit, the hot path, is one round trip: the `ledger_deposit`
 //! function of the processor's migrations (`0005_ledger_deposit.sql`) locks,
-//! checks and posts by the rules of this module.
+//! checks and posts by the rules of this module; and a batch's run of
+//! deposits is one round trip too ([`deposits`], `ledger_deposits` of
+//! `0006_ledger_deposits.sql`).
 
 use onceflow_contracts::catalogue::{self, ledger};
 use serde::de::DeserializeOwned;
 use sqlx::{PgConnection, Row as _};
 
-use super::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
+use super::{BulkFuture, CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
 
 pub fn register(registry: &mut Registry) {
     registry.register(ledger::OPEN_ACCOUNT, open_account, Refusals::BeforeWriting);
-    registry.register(ledger::DEPOSIT, deposit, Refusals::BeforeWriting);
+    registry.register_bulk(ledger::DEPOSIT, deposit, deposits);
     registry.register(ledger::TRANSFER, transfer, Refusals::BeforeWriting);
     registry.register(ledger::STATEMENT, statement, Refusals::BeforeWriting);
 }
@@ -74,8 +76,7 @@ fn open_account<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Ha
 /// [`transfer`]); deposits are the ledger's hot path.
 fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
-        let p: ledger::Deposit = payload(command)?;
-        check_positive(p.amount)?;
+        let p = deposit_payload(command)?;
         let row = sqlx::query("SELECT balance, out_of_range FROM ledger_deposit($1, $2, $3, $4)")
             .bind(&command.tenant)
             .bind(&p.account_id)
@@ -83,14 +84,61 @@ fn deposit<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> Handler
             .bind(command.job_id)
             .fetch_one(&mut *tx)
             .await?;
-        let balance: Option<i64> = row.try_get("balance")?;
-        let out_of_range: Option<String> = row.try_get("out_of_range")?;
-        match (balance, out_of_range) {
-            (Some(balance), None) => Ok(serde_json::json!({"account_id": p.account_id, "balance": balance})),
-            (_, Some(account)) => Err(out_of_range_refusal(&account, p.amount)),
-            (None, None) => Err(unknown_account(&p.account_id)),
-        }
+        deposit_outcome(&p, &row)
     })
+}
+
+/// Deposits in bulk: every deposit of a batch's run in one round trip (the
+/// `ledger_deposits` function, which calls `ledger_deposit` for each in
+/// order). A payload that does not parse or an amount that is not positive
+/// is answered for its command alone, and the others still go.
+fn deposits<'a>(tx: &'a mut PgConnection, commands: &'a [CommandContext]) -> BulkFuture<'a> {
+    Box::pin(async move {
+        let parsed: Vec<Result<ledger::Deposit, HandlerError>> = commands.iter().map(deposit_payload).collect();
+        let valid = || commands.iter().zip(&parsed).filter_map(|(command, p)| Some((command, p.as_ref().ok()?)));
+        let tenants: Vec<&str> = valid().map(|(command, _)| command.tenant.as_str()).collect();
+        let accounts: Vec<&str> = valid().map(|(_, p)| p.account_id.as_str()).collect();
+        let amounts: Vec<i64> = valid().map(|(_, p)| p.amount).collect();
+        let postings: Vec<uuid::Uuid> = valid().map(|(command, _)| command.job_id).collect();
+        let rows = sqlx::query("SELECT balance, out_of_range FROM ledger_deposits($1, $2, $3, $4)")
+            .bind(&tenants)
+            .bind(&accounts)
+            .bind(&amounts)
+            .bind(&postings)
+            .fetch_all(&mut *tx)
+            .await?;
+        // One row per deposit sent, in order.
+        if rows.len() != accounts.len() {
+            let answered = format!("ledger_deposits answered {} rows for {} deposits", rows.len(), accounts.len());
+            return Err(HandlerError::Database(sqlx::Error::Protocol(answered)));
+        }
+        let mut rows = rows.iter();
+        Ok(parsed
+            .into_iter()
+            .map(|p| {
+                let p = p?;
+                let row = rows.next().ok_or(HandlerError::Database(sqlx::Error::RowNotFound))?;
+                deposit_outcome(&p, row)
+            })
+            .collect())
+    })
+}
+
+fn deposit_payload(command: &CommandContext) -> Result<ledger::Deposit, HandlerError> {
+    let p: ledger::Deposit = payload(command)?;
+    check_positive(p.amount)?;
+    Ok(p)
+}
+
+/// A deposit's result from its row of `ledger_deposit`.
+fn deposit_outcome(p: &ledger::Deposit, row: &sqlx::postgres::PgRow) -> Result<serde_json::Value, HandlerError> {
+    let balance: Option<i64> = row.try_get("balance")?;
+    let out_of_range: Option<String> = row.try_get("out_of_range")?;
+    match (balance, out_of_range) {
+        (Some(balance), None) => Ok(serde_json::json!({"account_id": p.account_id, "balance": balance})),
+        (_, Some(account)) => Err(out_of_range_refusal(&account, p.amount)),
+        (None, None) => Err(unknown_account(&p.account_id)),
+    }
 }
 
 fn transfer<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {

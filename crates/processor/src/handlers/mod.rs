@@ -8,7 +8,9 @@
 //! refuse after writing runs on a savepoint that its refusal rolls back; one
 //! registered as deciding every refusal before its first write
 //! ([`Refusals::BeforeWriting`]) runs in a batch without one, two round trips
-//! fewer per command.
+//! fewer per command. Such a handler may also come with a [`BulkHandler`]:
+//! a batch then hands it every run of consecutive commands of its type at
+//! once, so that a hot path costs one round trip per run, not per command.
 //!
 //! A long-running handler may report progress with [`Progress::report`]: each
 //! report is a `processing` result event committed to the outbox in its own
@@ -97,6 +99,20 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<serde_json::Valu
 /// A command handler.
 pub type Handler = for<'a> fn(&'a mut PgConnection, &'a CommandContext) -> HandlerFuture<'a>;
 
+/// What a bulk handler answers: for each command given, in order, what the
+/// handler would have answered for it alone (its result, a refusal, or
+/// poison); an error of the whole (the database failed) as `Err`.
+pub type BulkOutcomes = Result<Vec<Result<serde_json::Value, HandlerError>>, HandlerError>;
+
+/// A bulk handler's answer.
+pub type BulkFuture<'a> = Pin<Box<dyn Future<Output = BulkOutcomes> + Send + 'a>>;
+
+/// A handler of many commands of one type at once: it must leave exactly what
+/// its [`Handler`] would applied to each command in turn in one transaction,
+/// decide each refusal before that command's writes, and answer one outcome
+/// per command, in order.
+pub type BulkHandler = for<'a> fn(&'a mut PgConnection, &'a [CommandContext]) -> BulkFuture<'a>;
+
 /// When a handler may refuse, which decides whether a batch must give it a
 /// savepoint of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,11 +126,13 @@ pub enum Refusals {
     AfterWriting,
 }
 
-/// A registered handler and when it may refuse.
+/// A registered handler, when it may refuse, and its bulk form if it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct Registered {
     pub handler: Handler,
     pub refusals: Refusals,
+    /// Set only with [`Refusals::BeforeWriting`]: a bulk run has no savepoints.
+    pub bulk: Option<BulkHandler>,
 }
 
 /// Handlers by command type.
@@ -134,7 +152,13 @@ impl Registry {
     /// Serve `command_type` with `handler`; `refusals` says when it may
     /// refuse ([`Refusals::AfterWriting`] is always safe).
     pub fn register(&mut self, command_type: &'static str, handler: Handler, refusals: Refusals) {
-        self.handlers.insert(command_type, Registered { handler, refusals });
+        self.handlers.insert(command_type, Registered { handler, refusals, bulk: None });
+    }
+
+    /// Serve `command_type` with `handler`, and runs of its commands in a
+    /// batch with `bulk`; both decide every refusal before writing.
+    pub fn register_bulk(&mut self, command_type: &'static str, handler: Handler, bulk: BulkHandler) {
+        self.handlers.insert(command_type, Registered { handler, refusals: Refusals::BeforeWriting, bulk: Some(bulk) });
     }
 
     pub fn get(&self, command_type: &str) -> Option<Registered> {

@@ -9,7 +9,9 @@
 //! BEGIN
 //!   inbox rows of every message (one statement; the ones already there are duplicates)
 //!   per claimed command: its effect (on a savepoint only if its handler may
-//!   refuse after writing: SAVEPOINT, effect, RELEASE or ROLLBACK TO it)
+//!   refuse after writing: SAVEPOINT, effect, RELEASE or ROLLBACK TO it);
+//!   per run of consecutive claimed commands of a type with a bulk handler
+//!   (deposits): their effects in one call
 //!   every result in the outbox (one statement)
 //!   outcome `failed` of the refused ones (one statement)
 //! COMMIT, then every offset is stored
@@ -42,7 +44,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Handled, Outcome, Parsed, Worker, claim_redrive, command_span};
-use crate::handlers::{HandlerError, Refusals, Registered};
+use crate::handlers::{BulkHandler, CommandContext, HandlerError, Refusals, Registered};
 
 /// Why a batch was rolled back (a metric label and a log line), and which
 /// of its messages caused it when one did.
@@ -153,24 +155,55 @@ impl Worker {
 
         let mut tx = self.pool.begin().await?;
         let claimed = claim_inbox_batch(&mut tx, &commands).await?;
-        let mut results = Vec::with_capacity(commands.len());
+        // One span per command, from its effect to its report after the
+        // batch's commit.
+        let spans: Vec<tracing::Span> =
+            batch.iter().zip(&commands).map(|(message, (envelope, _))| command_span(message, envelope)).collect();
+        let to_apply: Vec<Claimed<'_>> = commands
+            .iter()
+            .zip(&claimed)
+            .enumerate()
+            .filter(|(_, (_, claimed))| **claimed)
+            .map(|(position, ((envelope, parsed), _))| Claimed { position, envelope, parsed })
+            .collect();
+        // What each claimed command ended as, by position.
+        let mut ends: Vec<Option<(JobStatus, OutboxMessage)>> = vec![None; commands.len()];
+        // Runs of consecutive claimed commands of one type with a bulk
+        // handler go to it at once; every other command goes alone.
+        let bulk_of = |command: &Claimed<'_>| self.registry.get(&command.parsed.job.command_type).and_then(|r| r.bulk);
+        for run in
+            to_apply.chunk_by(|a, b| a.parsed.job.command_type == b.parsed.job.command_type && bulk_of(a).is_some())
+        {
+            match (run, bulk_of(&run[0])) {
+                ([_, _, ..], Some(bulk)) => {
+                    let outcomes = self.apply_bulk(&mut tx, bulk, run).await?;
+                    for (command, outcome) in run.iter().zip(outcomes) {
+                        let _span = spans[command.position].enter();
+                        ends[command.position] = Some(self.conclude(command, outcome)?);
+                    }
+                }
+                _ => {
+                    for command in run {
+                        let end = self.apply_one(&mut tx, command).instrument(spans[command.position].clone()).await?;
+                        ends[command.position] = Some(end);
+                    }
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(to_apply.len());
         let mut refused = Vec::new();
         let mut outcomes = Vec::with_capacity(commands.len());
-        for (position, ((envelope, parsed), claimed)) in commands.iter().zip(claimed).enumerate() {
-            // One span per command, from its effect to its report after the
-            // batch's commit.
-            let span = command_span(&batch[position], envelope);
-            if !claimed {
-                outcomes.push((envelope, Outcome::Duplicate, span));
-                continue;
+        for (((envelope, _), end), span) in commands.iter().zip(ends).zip(spans) {
+            match end {
+                None => outcomes.push((envelope, Outcome::Duplicate, span)),
+                Some((status, result)) => {
+                    if status == JobStatus::Failed {
+                        refused.push(envelope.message_id);
+                    }
+                    results.push(result);
+                    outcomes.push((envelope, Outcome::Applied(status), span));
+                }
             }
-            let command = Claimed { position, envelope, parsed };
-            let (status, result) = self.apply_one(&mut tx, &command).instrument(span.clone()).await?;
-            if status == JobStatus::Failed {
-                refused.push(envelope.message_id);
-            }
-            results.push(result);
-            outcomes.push((envelope, Outcome::Applied(status), span));
         }
         onceflow_outbox::enqueue_all(&mut tx, &results).await.map_err(|error| match error {
             onceflow_outbox::Error::Database(error) => Fallback::from(error),
@@ -202,13 +235,11 @@ impl Worker {
         tx: &mut sqlx::PgConnection,
         command: &Claimed<'_>,
     ) -> Result<(JobStatus, OutboxMessage), Fallback> {
-        let Claimed { position, envelope, parsed } = *command;
-        let Registered { handler, refusals } = self
+        let Registered { handler, refusals, .. } = self
             .registry
-            .get(&parsed.job.command_type)
-            .ok_or_else(|| Fallback::at(position, "unknown_command_type"))?;
-        let mut context = parsed.context.clone();
-        context.progress = self.progress_sink(envelope, &parsed.job);
+            .get(&command.parsed.job.command_type)
+            .ok_or_else(|| Fallback::at(command.position, "unknown_command_type"))?;
+        let context = self.context_of(command);
         let outcome = match refusals {
             Refusals::BeforeWriting => handler(&mut *tx, &context).await,
             Refusals::AfterWriting => {
@@ -222,6 +253,46 @@ impl Worker {
                 outcome
             }
         };
+        self.conclude(command, outcome)
+    }
+
+    /// A run of claimed commands of one type through its bulk handler: one
+    /// outcome per command, in order. An error of the whole run is charged
+    /// to no command: the batch's messages then go one at a time, where the
+    /// one that caused it, if any, is found.
+    async fn apply_bulk(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        bulk: BulkHandler,
+        run: &[Claimed<'_>],
+    ) -> Result<Vec<Result<serde_json::Value, HandlerError>>, Fallback> {
+        let contexts: Vec<CommandContext> = run.iter().map(|command| self.context_of(command)).collect();
+        let outcomes = bulk(&mut *tx, &contexts).await.map_err(|error| match error {
+            HandlerError::Database(error) => Fallback::from(error),
+            other => Fallback { reason: "bulk_handler", culprit: None }.noting(&other),
+        })?;
+        if outcomes.len() != run.len() {
+            let answered = format!("{} outcomes for {} commands", outcomes.len(), run.len());
+            return Err(Fallback { reason: "bulk_handler", culprit: None }.noting(&answered));
+        }
+        Ok(outcomes)
+    }
+
+    /// What a handler gets for a claimed command.
+    fn context_of(&self, command: &Claimed<'_>) -> CommandContext {
+        let mut context = command.parsed.context.clone();
+        context.progress = self.progress_sink(command.envelope, &command.parsed.job);
+        context
+    }
+
+    /// A handler's outcome for a claimed command as the command's end: its
+    /// status and the result to publish, or why the batch cannot keep it.
+    fn conclude(
+        &self,
+        command: &Claimed<'_>,
+        outcome: Result<serde_json::Value, HandlerError>,
+    ) -> Result<(JobStatus, OutboxMessage), Fallback> {
+        let Claimed { position, envelope, parsed } = *command;
         let (status, result, error) = match outcome {
             Ok(result) => (JobStatus::Succeeded, Some(result.to_string()), None),
             Err(HandlerError::Refused { code, message }) => {
