@@ -151,18 +151,52 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let fingerprint = fingerprint(&request);
 
-    // Replay first: a request whose key is recorded gets the recorded answer
-    // (or 422 for another body), whatever validation, the callback allowlist,
-    // DNS or load would say now. Judged again, a retry of an accepted command
-    // could get a 422, and a client told 422 resubmits under a new key: a
-    // duplicate effect.
-    if let Some(recorded) = recorded(&state, &tenant, key).await? {
-        return recorded.answer(&fingerprint);
-    }
+    // A request whose key is recorded gets the recorded answer (or 422 for
+    // another body), whatever validation, the callback allowlist, DNS or load
+    // would say now: judged again, a retry of an accepted command could get a
+    // 422, and a client told 422 resubmits under a new key, a duplicate
+    // effect. So a refusal is given only to a key with no record; and a
+    // request judged acceptable is not looked up at all: its claim of the key
+    // finds any record, and the one-request path then replays it. A fresh
+    // key, the ordinary case, costs no lookup.
+    let acceptance = match judge(&state, &tenant, key, headers, &request, fingerprint, &span).await {
+        Ok(acceptance) => acceptance,
+        Err(refusal) => {
+            return match recorded(&state, &tenant, key).await? {
+                Some(recorded) => recorded.answer(&fingerprint),
+                None => Err(refusal),
+            };
+        }
+    };
+    let acceptance = match state.committer.commit(acceptance).await {
+        Some(Grouped::Committed(acceptance)) => {
+            tracing::info!("command accepted");
+            return Ok(acceptance.accepted_response());
+        }
+        Some(Grouped::Alone(acceptance)) => acceptance,
+        None => {
+            return Err(ApiError::Overloaded {
+                reason: "ingest is shutting down; retry with the same key".to_owned(),
+                retry_after_secs: 1,
+            });
+        }
+    };
+    commit_alone(&state, &tenant, acceptance).await
+}
 
-    // A first request: validated, checked and maybe shed.
+/// A request as a first request: validated, checked and maybe shed, and
+/// everything of it ready to be made durable.
+async fn judge(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &str,
+    headers: &HeaderMap,
+    request: &serde_json::Value,
+    fingerprint: [u8; 32],
+    span: &tracing::Span,
+) -> Result<Acceptance, ApiError> {
     let correlation_id = correlation_id(headers)?;
-    let submitted = SubmitCommand::deserialize(&request).map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
+    let submitted = SubmitCommand::deserialize(request).map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     let command = validate_command(&submitted.command_type, &submitted.payload)
         .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     let callback_url = match &submitted.callback_url {
@@ -174,7 +208,7 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     {
         return Err(ApiError::EndpointDisabled { url: url.clone(), endpoint_id });
     }
-    shed_if_overloaded(&state)?;
+    shed_if_overloaded(state)?;
 
     let job_id = Uuid::now_v7();
     span.record("correlation_id", correlation_id.as_str());
@@ -207,7 +241,7 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
             tracestate,
         },
     };
-    let acceptance = Acceptance {
+    Ok(Acceptance {
         tenant: tenant.0.clone(),
         key: key.to_owned(),
         fingerprint,
@@ -219,21 +253,7 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
         response_location: location,
         ttl_secs: state.config.idempotency_ttl().as_secs_f64(),
         outbox,
-    };
-    let acceptance = match state.committer.commit(acceptance).await {
-        Some(Grouped::Committed(acceptance)) => {
-            tracing::info!("command accepted");
-            return Ok(acceptance.accepted_response());
-        }
-        Some(Grouped::Alone(acceptance)) => acceptance,
-        None => {
-            return Err(ApiError::Overloaded {
-                reason: "ingest is shutting down; retry with the same key".to_owned(),
-                retry_after_secs: 1,
-            });
-        }
-    };
-    commit_alone(&state, &tenant, acceptance).await
+    })
 }
 
 /// Make one acceptance durable in a transaction of its own: the path of a
@@ -244,8 +264,8 @@ async fn commit_alone(state: &AppState, tenant: &Tenant, acceptance: Acceptance)
     let mut tx = state.pool.begin().await?;
     sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", state.config.in_flight_wait_ms)).execute(&mut *tx).await?;
     // Claims the key, or takes over one whose record expired. Waits here while
-    // another transaction holds the same key (a concurrent duplicate that the
-    // lookup above could not see yet).
+    // another transaction holds the same key (a concurrent duplicate still in
+    // flight).
     let claimed = sqlx::query(concat!(
         "INSERT INTO idempotency_keys
              (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)

@@ -15,12 +15,12 @@
 //! ```
 //!
 //! Only the ordinary case goes in a group: a key not yet recorded. A key
-//! that already has a record (a duplicate that committed after its replay
-//! lookup), a key twice in one group, a key another transaction holds (a
-//! concurrent duplicate still in flight: the group waits at most
-//! [`GROUP_LOCK_TIMEOUT_MS`] for it), or any error of the group's transaction
+//! that already has a record (a client's retry: requests are not looked up
+//! before they are grouped), a key twice in one group, a key another
+//! transaction holds (a concurrent duplicate still in flight: the group
+//! waits at most [`GROUP_LOCK_TIMEOUT_MS`] for it), or any error of the group's transaction
 //! sends the request back to the one-request path, which waits for an
-//! in-flight duplicate as the contract says and answers exactly as before;
+//! in-flight duplicate as the contract says and replays a recorded answer;
 //! no request is retried more than that once. A request whose group
 //! committed and then failed to hear back finds its own record there and
 //! replays it. The queue to the committers is bounded: when it is full, the
