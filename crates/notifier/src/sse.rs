@@ -247,10 +247,15 @@ impl Drop for OpenStream {
     }
 }
 
-/// `event` as an SSE frame. Its making is a short span in the event's trace
-/// (a child of the step that stored it), so a command's trace shows each
-/// stream it reached.
+/// `event` as an SSE frame. When traces are exported, its making is a short
+/// span in the event's trace (a child of the step that stored it), so a
+/// command's trace shows each stream it reached; otherwise no span is made:
+/// one per event and subscriber was the largest cost of a fan-out that
+/// nothing reads.
 fn to_sse(event: &StoredEvent) -> Event {
+    if !telemetry::exporting() {
+        return event.frame.clone();
+    }
     let span = tracing::info_span!(
         "sse_send",
         otel.name = "sse send",

@@ -67,7 +67,9 @@ const OTLP_ENDPOINT_VARIABLES: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<TelemetryGuard> {
     install_tls_provider();
     let mut builder = SdkTracerProvider::builder().with_resource(resource(service_name));
-    if let Some(endpoint) = export_endpoint(config, |name| std::env::var(name).ok()) {
+    let endpoint = export_endpoint(config, |name| std::env::var(name).ok());
+    let exporting = endpoint.is_some();
+    if let Some(endpoint) = endpoint {
         // The batch processor reads the OTEL_BSP_* variables itself.
         builder = builder.with_batch_exporter(span_exporter(endpoint)?);
     }
@@ -90,8 +92,21 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<Tele
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name)).with_filter(TRACED);
     let fresh = FreshFilterState { logs: log_filter()? };
     // Already initialised in this process: keep the first subscriber.
-    let _ = tracing_subscriber::registry().with(fmt.with_filter(log_filter()?)).with(otel).with(fresh).try_init();
+    if tracing_subscriber::registry().with(fmt.with_filter(log_filter()?)).with(otel).with(fresh).try_init().is_ok() {
+        EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(TelemetryGuard { provider })
+}
+
+/// Whether the process's spans go anywhere (see [`exporting`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports its spans. Every span still carries a trace
+/// context (answers and Kafka records name it), so most spans are made
+/// whatever this says; a leaf span made per delivery, which nothing but an
+/// exporter would ever read, is made only when this is true.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The OTLP/HTTP exporter to `endpoint` (`None`: the one the standard
