@@ -415,16 +415,37 @@ impl Bench {
         while let Some(opened) = opening.join_next().await {
             held.push(opened??);
         }
-        // Let the notifier settle (allocations of the last streams, heartbeats).
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = resident_kib(pid)?;
+        // What the subscribers hold once idle, not what opening them took: the
+        // notifier's allocator (jemalloc) hands memory freed by the opening
+        // work (requests, catch-up queries) back to the system only after it
+        // has been free for a while (its decay, 10 s by default), so the
+        // resident size is read each second until it has not moved by more
+        // than 1 % for 5 s, after at least 12 s and at most 60 s.
+        let opened = Instant::now();
+        let at_3s = {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            resident_kib(pid)?
+        };
+        let mut samples = vec![at_3s];
+        let after = loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            samples.push(resident_kib(pid)?);
+            let recent = &samples[samples.len().saturating_sub(6)..];
+            let (low, high) = (recent.iter().min().copied().unwrap_or(0), recent.iter().max().copied().unwrap_or(0));
+            let steady = recent.len() == 6 && high - low <= high / 100;
+            if (steady && opened.elapsed() >= Duration::from_secs(12)) || opened.elapsed() >= Duration::from_secs(60) {
+                break samples[samples.len() - 1];
+            }
+        };
         drop(held);
-        let per_subscriber = after.saturating_sub(before) as f64 / count.max(1) as f64;
+        let per = |rss: u64| rss.saturating_sub(before) as f64 / count.max(1) as f64;
         Ok(json!({"idle": {
             "subscribers": count,
             "rss_before_kib": before,
             "rss_after_kib": after,
-            "kib_per_subscriber": per_subscriber,
+            "settled_after_secs": opened.elapsed().as_secs_f64(),
+            "kib_per_subscriber": per(after),
+            "kib_per_subscriber_at_3s": per(at_3s),
         }}))
     }
 
