@@ -3,8 +3,8 @@
 -- the stored response, the job, the command into the outbox).
 -- The raw baseline of ingest's 202/s (scripts/bench.sh).
 \set n random(1, 9223372036854775806)
-BEGIN;
-SET LOCAL lock_timeout = '2000ms';
+-- BEGIN and SET LOCAL go in one round trip, as ingest sends them.
+BEGIN \; SET LOCAL lock_timeout = '2000ms';
 INSERT INTO idempotency_keys
     (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location, expires_at)
 VALUES ('dev', md5(:n::text), decode(md5(:n::text) || md5(:n::text), 'hex'), md5(:n::text)::uuid, 202,
