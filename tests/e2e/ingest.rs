@@ -492,8 +492,9 @@ async fn sheds_with_503_when_no_database_connection_is_free() {
     env.teardown().await;
 }
 
-/// Replay first: once a key is recorded, its answer does not depend on what
-/// validation, the callback allowlist or load shedding would say now.
+/// Once a key is recorded, its answer does not depend on what validation, the
+/// callback allowlist or load shedding would say now: a refusal is given only
+/// to a key with no record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_key_replays_before_validation_allowlist_or_shedding() {
     let mut env = TestEnv::new();

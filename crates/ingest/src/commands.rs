@@ -9,13 +9,16 @@
 //! The order of the checks is the contract. First what needs no body: the API
 //! key (`401`), the `Idempotency-Key` (`400`), the media type (`415`); then the
 //! body, read only now and at most `max_body_bytes` of it (`413`), parsed as
-//! JSON (`400`). Then replay first: a key with an unexpired record answers
-//! with that record (or `422` for another body) before anything else is
-//! judged, so a retry cannot be refused because the configuration, DNS or the
-//! load changed since the first request. Only a first request is validated
-//! (`X-Correlation-Id` `400`, the command and its `callback_url` `422`, a
-//! `callback_url` whose webhook endpoint the notifier disabled after a
-//! `410 Gone` `422 endpoint-disabled`) and shed (`503`).
+//! JSON (`400`). Then a key with an unexpired record answers with that
+//! record (or `422` for another body) whatever else would be judged now, so a
+//! retry cannot be refused because the configuration, DNS or the load changed
+//! since the first request. The request is judged (`X-Correlation-Id` `400`,
+//! the command and its `callback_url` `422`, a `callback_url` whose webhook
+//! endpoint the notifier disabled after a `410 Gone` `422
+//! endpoint-disabled`, shedding `503`), but a refusal is given only when the
+//! key has no record; an acceptable request claims its key, and a claim that
+//! meets a record replays it. A fresh key, the ordinary case, is never looked
+//! up.
 //!
 //! Concurrent requests with one key meet at the primary key of
 //! `idempotency_keys`: the second `INSERT` waits for the first transaction and
@@ -391,7 +394,7 @@ fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
 /// The recorded answer of `key`, unless it expired.
 async fn recorded(state: &AppState, tenant: &Tenant, key: &str) -> Result<Option<Recorded>, ApiError> {
     let row = sqlx::query(
-        "SELECT fingerprint, response_status, response_body, response_location
+        "SELECT fingerprint, job_id, response_status, response_body, response_location
          FROM idempotency_keys WHERE tenant = $1 AND idempotency_key = $2 AND expires_at >= now()",
     )
     .bind(&tenant.0)
@@ -402,6 +405,7 @@ async fn recorded(state: &AppState, tenant: &Tenant, key: &str) -> Result<Option
     let status: i16 = row.try_get("response_status")?;
     Ok(Some(Recorded {
         fingerprint: row.try_get("fingerprint")?,
+        job_id: row.try_get("job_id")?,
         response: StoredResponse {
             status: u16::try_from(status).unwrap_or(202),
             body: row.try_get("response_body")?,
@@ -413,12 +417,16 @@ async fn recorded(state: &AppState, tenant: &Tenant, key: &str) -> Result<Option
 /// A key's record: the request it was first used with, and the answer given.
 struct Recorded {
     fingerprint: Vec<u8>,
+    /// The job the key made, which the request's span and logs then name
+    /// (not the id the request was given while it was judged).
+    job_id: Uuid,
     response: StoredResponse,
 }
 
 impl Recorded {
     /// The recorded response for the same request, `422` for another.
     fn answer(self, fingerprint: &[u8]) -> Result<Response, ApiError> {
+        tracing::Span::current().record("job_id", tracing::field::display(self.job_id));
         if self.fingerprint != fingerprint {
             return Err(ApiError::IdempotencyKeyReused);
         }

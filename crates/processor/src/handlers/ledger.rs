@@ -100,13 +100,17 @@ fn deposits<'a>(tx: &'a mut PgConnection, commands: &'a [CommandContext]) -> Bul
         let accounts: Vec<&str> = valid().map(|(_, p)| p.account_id.as_str()).collect();
         let amounts: Vec<i64> = valid().map(|(_, p)| p.amount).collect();
         let postings: Vec<uuid::Uuid> = valid().map(|(command, _)| command.job_id).collect();
-        let rows = sqlx::query("SELECT balance, out_of_range FROM ledger_deposits($1, $2, $3, $4)")
-            .bind(&tenants)
-            .bind(&accounts)
-            .bind(&amounts)
-            .bind(&postings)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = if accounts.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query("SELECT balance, out_of_range FROM ledger_deposits($1, $2, $3, $4)")
+                .bind(&tenants)
+                .bind(&accounts)
+                .bind(&amounts)
+                .bind(&postings)
+                .fetch_all(&mut *tx)
+                .await?
+        };
         // One row per deposit sent, in order.
         if rows.len() != accounts.len() {
             let answered = format!("ledger_deposits answered {} rows for {} deposits", rows.len(), accounts.len());

@@ -207,7 +207,7 @@ impl Worker {
         }
         onceflow_outbox::enqueue_all(&mut tx, &results).await.map_err(|error| match error {
             onceflow_outbox::Error::Database(error) => Fallback::from(error),
-            // Each result's size was checked in `apply_one`.
+            // Each result's size was checked in `conclude`.
             other => Fallback { reason: "outbox", culprit: None }.noting(&other),
         })?;
         if !refused.is_empty() {
@@ -267,8 +267,13 @@ impl Worker {
         run: &[Claimed<'_>],
     ) -> Result<Vec<Result<serde_json::Value, HandlerError>>, Fallback> {
         let contexts: Vec<CommandContext> = run.iter().map(|command| self.context_of(command)).collect();
+        // Not charged to a command: the one-message path finds which one the
+        // database refused (and dead-letters it), or waits out an outage.
         let outcomes = bulk(&mut *tx, &contexts).await.map_err(|error| match error {
-            HandlerError::Database(error) => Fallback::from(error),
+            HandlerError::Database(error) => match Failure::of_database(&error) {
+                Failure::Data => Fallback { reason: "invalid_data", culprit: None }.noting(&error),
+                Failure::Outage => Fallback::from(error),
+            },
             other => Fallback { reason: "bulk_handler", culprit: None }.noting(&other),
         })?;
         if outcomes.len() != run.len() {
