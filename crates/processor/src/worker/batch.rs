@@ -67,6 +67,19 @@ impl Fallback {
     }
 }
 
+impl Fallback {
+    /// A database error of a handler, sorted as the one-message path sorts
+    /// it: data the database refuses is charged to `culprit` (`None`: to no
+    /// command, when a bulk run's statement failed as a whole, so the
+    /// one-message path finds which), anything else is an outage.
+    fn of_database(error: sqlx::Error, culprit: Option<usize>) -> Self {
+        match Failure::of_database(&error) {
+            Failure::Data => Self { reason: "invalid_data", culprit }.noting(&error),
+            Failure::Outage => Self::from(error),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Fallback {
     fn from(error: sqlx::Error) -> Self {
         Self { reason: "database_error", culprit: None }.noting(&error)
@@ -267,13 +280,8 @@ impl Worker {
         run: &[Claimed<'_>],
     ) -> Result<Vec<Result<serde_json::Value, HandlerError>>, Fallback> {
         let contexts: Vec<CommandContext> = run.iter().map(|command| self.context_of(command)).collect();
-        // Not charged to a command: the one-message path finds which one the
-        // database refused (and dead-letters it), or waits out an outage.
         let outcomes = bulk(&mut *tx, &contexts).await.map_err(|error| match error {
-            HandlerError::Database(error) => match Failure::of_database(&error) {
-                Failure::Data => Fallback { reason: "invalid_data", culprit: None }.noting(&error),
-                Failure::Outage => Fallback::from(error),
-            },
+            HandlerError::Database(error) => Fallback::of_database(error, None),
             other => Fallback { reason: "bulk_handler", culprit: None }.noting(&other),
         })?;
         if outcomes.len() != run.len() {
@@ -304,12 +312,7 @@ impl Worker {
                 (JobStatus::Failed, None, Some(JobError { code: code.to_owned(), message }))
             }
             Err(HandlerError::Poison(_)) => return Err(Fallback::at(position, "invalid_payload")),
-            Err(HandlerError::Database(error)) => {
-                return Err(match Failure::of_database(&error) {
-                    Failure::Data => Fallback::at(position, "invalid_data"),
-                    Failure::Outage => Fallback::from(error),
-                });
-            }
+            Err(HandlerError::Database(error)) => return Err(Fallback::of_database(error, Some(position))),
         };
         let event = self.result_event(envelope, &parsed.job, status, result, error);
         let message =
