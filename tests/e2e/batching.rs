@@ -4,16 +4,18 @@
 //! refusals, a duplicate and poison among them ending as they would alone;
 //! a run of deposits, applied by one call, ends each deposit as it would
 //! alone; a handler that refuses after writing leaves nothing behind in a
-//! batch.
+//! batch; a redriven dead letter applied in a batch is recorded as applied,
+//! so no second redrive can apply it again.
 
 use onceflow_contracts::JobStatus;
 use onceflow_processor::handlers::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
-use onceflow_tests::{OUTCOME_TIMEOUT, TestEnv, kafka_producer};
+use onceflow_tests::{OUTCOME_TIMEOUT, TestEnv, allow_postings, kafka_producer, refuse_postings};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::processor::{
-    CommandMessage, TENANT, balance, count, inbox, processor_db, published_results, results_of, send, wait_handled,
+    ADMIN_TOKEN, CommandMessage, TENANT, balance, count, inbox, outcome_of, processor_db, published_results, redrive,
+    results_of, send, wait_handled,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,6 +258,83 @@ async fn a_handler_that_refuses_after_writing_leaves_nothing_in_a_batch() {
     }
     let transactions = count(&db, "SELECT count(DISTINCT xmin::text) FROM inbox").await;
     assert!(transactions < all.len() as i64 / 2, "{transactions} transactions: not batched");
+
+    processor.stop().await;
+    db.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_applied_in_a_batch_cannot_be_redriven_again() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    let topics = env.kafka.topics();
+    let producer = kafka_producer(&env.kafka);
+    let account = "redriven-in-a-batch";
+    let with_admin = |config: &mut onceflow_processor::ProcessorConfig| {
+        config.retry.base_delay_ms = 10;
+        config.retry.max_delay_ms = 50;
+        config.admin.token = ADMIN_TOKEN.to_owned();
+    };
+
+    // A deposit the database refuses is dead-lettered.
+    let processor = env.start_processor_with(with_admin).await;
+    let db = processor_db(&env).await;
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topics.commands, &open, None).await;
+    wait_handled(&db, &[open.job_id], OUTCOME_TIMEOUT).await;
+    refuse_postings(&db, "check_violation").await;
+    let deposit = CommandMessage::deposit(account, 700);
+    send(&producer, &topics.commands, &deposit, None).await;
+    wait_handled(&db, &[deposit.job_id], OUTCOME_TIMEOUT).await;
+    assert_eq!(outcome_of(&db, deposit.job_id).await.as_deref(), Some("dead_lettered"));
+    allow_postings(&db).await;
+    processor.stop().await;
+
+    // Its redrive (the pending flag the admin endpoint sets, and the record
+    // back on the topic) reaches the processor in the middle of a backlog of
+    // the same key, so it is applied in a batch.
+    sqlx::query("UPDATE dead_letters SET redrive_pending = true, redrive_count = 1 WHERE message_id = $1")
+        .bind(deposit.job_id)
+        .execute(&db)
+        .await
+        .unwrap();
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        let other = CommandMessage::deposit(account, 1);
+        send(&producer, &topics.commands, &other, None).await;
+        others.push(other);
+    }
+    send(&producer, &topics.commands, &deposit, None).await;
+    for _ in 0..10 {
+        let other = CommandMessage::deposit(account, 1);
+        send(&producer, &topics.commands, &other, None).await;
+        others.push(other);
+    }
+    let processor = env.start_processor_with(with_admin).await;
+    let ids: Vec<Uuid> = others.iter().map(|c| c.job_id).collect();
+    wait_handled(&db, &ids, OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, account).await, 720, "the redriven deposit applied once, with the others");
+    let in_its_batch = count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM inbox WHERE xmin = (SELECT xmin FROM inbox WHERE message_id = '{}')",
+            deposit.job_id
+        ),
+    )
+    .await;
+    assert!(in_its_batch > 1, "the redriven deposit was not applied in a batch");
+
+    // The inbox says it applied: a second redrive is refused, and the money
+    // moved once.
+    assert_eq!(outcome_of(&db, deposit.job_id).await.as_deref(), Some("succeeded"));
+    let (status, body) = redrive(&processor, &deposit.id(), ADMIN_TOKEN).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["type"], "https://onceflow.dev/problems/already-redriven");
+    let results = published_results(&env, &db).await;
+    let statuses: Vec<JobStatus> = results_of(&results, &deposit.id()).iter().map(|e| e.status).collect();
+    assert_eq!(statuses, [JobStatus::DeadLettered, JobStatus::Succeeded]);
+    assert_eq!(balance(&db, account).await, 720);
 
     processor.stop().await;
     db.close().await;

@@ -942,9 +942,9 @@ async fn fleet_progress(db: &PgPool, from: i64) -> Option<usize> {
 // Redrive of dead letters.
 // ---------------------------------------------------------------------------
 
-const ADMIN_TOKEN: &str = "test-admin-token";
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
 
-async fn redrive(processor: &onceflow_tests::Service, message_id: &str, token: &str) -> (u16, Value) {
+pub(crate) async fn redrive(processor: &onceflow_tests::Service, message_id: &str, token: &str) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(processor.url(&format!("/admin/dead-letters/{message_id}/redrive")))
         .bearer_auth(token)
@@ -955,7 +955,7 @@ async fn redrive(processor: &onceflow_tests::Service, message_id: &str, token: &
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn outcome_of(db: &PgPool, id: Uuid) -> Option<String> {
+pub(crate) async fn outcome_of(db: &PgPool, id: Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT outcome FROM inbox WHERE message_id = $1").bind(id).fetch_optional(db).await.unwrap()
 }
 

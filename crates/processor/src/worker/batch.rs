@@ -13,7 +13,9 @@
 //!   per run of consecutive claimed commands of a type with a bulk handler
 //!   (deposits): their effects in one call
 //!   every result in the outbox (one statement)
-//!   outcome `failed` of the refused ones (one statement)
+//!   the outcome of every command whose inbox row does not already say it:
+//!   `failed` for a refusal, and the outcome of a redriven dead letter, whose
+//!   row said `dead_lettered` (one statement)
 //! COMMIT, then every offset is stored
 //! ```
 //!
@@ -93,6 +95,17 @@ struct Claimed<'a> {
     position: usize,
     envelope: &'a Envelope,
     parsed: &'a Parsed,
+}
+
+/// What the inbox said of one command of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Its inbox row was inserted now, with the outcome `succeeded`.
+    New,
+    /// Its row said `dead_lettered` and an operator redrove it.
+    Redriven,
+    /// Already handled: a duplicate.
+    Duplicate,
 }
 
 impl Worker {
@@ -176,7 +189,7 @@ impl Worker {
             .iter()
             .zip(&claimed)
             .enumerate()
-            .filter(|(_, (_, claimed))| **claimed)
+            .filter(|(_, (_, claim))| **claim != Claim::Duplicate)
             .map(|(position, ((envelope, parsed), _))| Claimed { position, envelope, parsed })
             .collect();
         // What each claimed command ended as, by position.
@@ -204,14 +217,19 @@ impl Worker {
             }
         }
         let mut results = Vec::with_capacity(to_apply.len());
-        let mut refused = Vec::new();
+        // The inbox rows whose outcome is not the `succeeded` a new row got:
+        // refusals, and redriven dead letters (their row says `dead_lettered`,
+        // which would let an operator redrive them, and apply them, again).
+        let mut rewritten_ids = Vec::new();
+        let mut rewritten_outcomes = Vec::new();
         let mut outcomes = Vec::with_capacity(commands.len());
-        for (((envelope, _), end), span) in commands.iter().zip(ends).zip(spans) {
+        for ((((envelope, _), end), span), claim) in commands.iter().zip(ends).zip(spans).zip(&claimed) {
             match end {
                 None => outcomes.push((envelope, Outcome::Duplicate, span)),
                 Some((status, result)) => {
-                    if status == JobStatus::Failed {
-                        refused.push(envelope.message_id);
+                    if status == JobStatus::Failed || *claim == Claim::Redriven {
+                        rewritten_ids.push(envelope.message_id);
+                        rewritten_outcomes.push(status.as_str());
                     }
                     results.push(result);
                     outcomes.push((envelope, Outcome::Applied(status), span));
@@ -223,11 +241,16 @@ impl Worker {
             // Each result's size was checked in `conclude`.
             other => Fallback { reason: "outbox", culprit: None }.noting(&other),
         })?;
-        if !refused.is_empty() {
-            sqlx::query("UPDATE inbox SET outcome = 'failed' WHERE message_id = ANY($1)")
-                .bind(&refused)
-                .execute(&mut *tx)
-                .await?;
+        if !rewritten_ids.is_empty() {
+            sqlx::query(
+                "UPDATE inbox SET outcome = rewritten.outcome
+                 FROM unnest($1::uuid[], $2::text[]) AS rewritten(message_id, outcome)
+                 WHERE inbox.message_id = rewritten.message_id",
+            )
+            .bind(&rewritten_ids)
+            .bind(&rewritten_outcomes)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
 
@@ -325,14 +348,14 @@ impl Worker {
 }
 
 /// The inbox rows of every command of the batch in one statement; for each
-/// command, whether it is claimed (`false`: already handled, a duplicate).
+/// command, whether it is claimed, and how.
 /// A message whose row was already there is claimed only if an operator
 /// redrove it ([`claim_redrive`]); a message twice in one batch is claimed
 /// once.
 async fn claim_inbox_batch(
     tx: &mut sqlx::PgConnection,
     commands: &[(Envelope, Parsed)],
-) -> Result<Vec<bool>, sqlx::Error> {
+) -> Result<Vec<Claim>, sqlx::Error> {
     let ids: Vec<Uuid> = commands.iter().map(|(envelope, _)| envelope.message_id).collect();
     let tenants: Vec<&str> = commands.iter().map(|(_, parsed)| parsed.job.tenant.as_str()).collect();
     let types: Vec<&str> = commands.iter().map(|(_, parsed)| parsed.job.command_type.as_str()).collect();
@@ -355,11 +378,11 @@ async fn claim_inbox_batch(
     for id in ids {
         let first = seen.insert(id);
         claimed.push(if inserted.remove(&id) {
-            true
-        } else if first {
-            claim_redrive(tx, id).await?
+            Claim::New
+        } else if first && claim_redrive(tx, id).await? {
+            Claim::Redriven
         } else {
-            false
+            Claim::Duplicate
         });
     }
     Ok(claimed)
