@@ -8,7 +8,7 @@
 //! so no second redrive can apply it again.
 
 use onceflow_contracts::JobStatus;
-use onceflow_processor::handlers::{CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
+use onceflow_processor::handlers::{Builtins, CommandContext, HandlerError, HandlerFuture, Refusals};
 use onceflow_tests::{OUTCOME_TIMEOUT, TestEnv, allow_postings, kafka_producer, refuse_postings};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -238,9 +238,12 @@ async fn a_handler_that_refuses_after_writing_leaves_nothing_in_a_batch() {
         refusals.push(refused);
     }
 
-    let mut registry = Registry::with_builtin_handlers();
-    registry.register(OPEN_THEN_REFUSE, open_then_refuse, Refusals::AfterWriting);
-    let processor = env.start_processor_with_handlers(registry).await;
+    let mut builtins = Builtins::shipped();
+    builtins.register(OPEN_THEN_REFUSE, open_then_refuse, Refusals::AfterWriting);
+    let types = env.command_types_file(&format!(
+        "[types.\"{OPEN_THEN_REFUSE}\"]\nschema = {{}}\nhandler = {{ builtin = \"{OPEN_THEN_REFUSE}\" }}\n"
+    ));
+    let processor = env.start_processor_with_handlers(builtins, |config| config.command_types_file = types).await;
     let db = processor_db(&env).await;
     let mut all: Vec<Uuid> = deposits.iter().chain(&refusals).map(|c| c.job_id).collect();
     all.push(open.job_id);

@@ -264,7 +264,7 @@ async fn submit_job_watch_and_results_through_the_cli() {
         .unwrap_or_else(|| panic!("the deposit's result: {results:?}"));
     let balance: Value = serde_json::from_str(result["event"]["result_json"].as_str().unwrap()).unwrap();
     assert_eq!(balance["balance"], 500);
-    assert_eq!(result["key"], deposit.as_str());
+    assert_eq!(result["key"], format!("dev/ledger/{account}"), "keyed by the command's tenant and ordering key");
     assert!(records.iter().all(|r| r["event"]["tenant"] == "dev" || r["event"]["tenant"] == "canary"));
     let since = result["timestamp"].as_i64().expect("a record timestamp");
     let since_text = chrono::DateTime::from_timestamp_millis(since).unwrap().to_rfc3339();

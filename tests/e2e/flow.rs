@@ -91,7 +91,7 @@ async fn a_command_travels_end_to_end_and_a_replay_changes_nothing() {
     let topics = env.kafka.topics();
     let commands = TopicReader::new(&env.kafka, &topics.commands);
     let command = commands.find(OUTCOME_TIMEOUT, |r| r.headers["message-id"] == job_id).await;
-    assert_eq!(command.key.as_deref(), Some("alice"), "commands are keyed by account");
+    assert_eq!(command.key.as_deref(), Some("dev/ledger/alice"), "commands are keyed by tenant and account");
     assert_eq!(command.headers["correlation-id"], correlation_id);
     assert_eq!(command.headers["tenant-id"], "dev");
     assert_eq!(command.headers["message-type"], "ledger.deposit");
@@ -101,7 +101,7 @@ async fn a_command_travels_end_to_end_and_a_replay_changes_nothing() {
 
     let results = TopicReader::new(&env.kafka, &topics.results);
     let result = results.find(OUTCOME_TIMEOUT, |r| r.headers.get("causation-id") == Some(&job_id)).await;
-    assert_eq!(result.key.as_deref(), Some(job_id.as_str()), "results are keyed by job");
+    assert_eq!(result.key, command.key, "a result has its command's key, so one account's results stay in order");
     assert_eq!(result.headers["correlation-id"], correlation_id);
     assert_eq!(result.headers["message-type"], "job.succeeded");
     let event = ResultEvent::decode(&result.headers["schema-id"], &result.payload).unwrap();

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use onceflow_contracts::{JobStatus, catalogue::MAX_AMOUNT};
+use onceflow_contracts::{JobStatus, payload::MAX_AMOUNT};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{
     CANARY_TIMEOUT, OUTCOME_TIMEOUT, PositionedRecord, TestEnv, eventually, kafka_producer, read_topic_to_end,

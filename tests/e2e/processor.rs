@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use onceflow_contracts::{Command, Envelope, JobStatus, ResultEvent, catalogue::canonical_json, schema};
+use onceflow_contracts::{Command, Envelope, JobStatus, ResultEvent, payload::canonical_json, schema};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{
     OUTCOME_TIMEOUT, PositionedRecord, Record, ServiceProcess, TestEnv, allow_postings, committed_offsets, eventually,

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use onceflow_contracts::{Command, Envelope, JobStatus, ResultEvent, catalogue::canonical_json, schema};
+use onceflow_contracts::{Command, Envelope, JobStatus, ResultEvent, payload::canonical_json, schema};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{
     IngestClient, OUTCOME_TIMEOUT, SseClient, TestEnv, TopicReader, eventually, kafka_producer, read_topic_to_end,

@@ -439,11 +439,24 @@ impl TestEnv {
         self.start(|token| onceflow_processor::start(config, token)).await
     }
 
-    /// Start the processor with this test's isolation settings, serving the
-    /// command types of `registry` (a test's own handlers).
-    pub async fn start_processor_with_handlers(&mut self, registry: onceflow_processor::handlers::Registry) -> Service {
-        let config = self.processor_config(|_| {});
-        self.start(|token| onceflow_processor::start_with_handlers(config, registry, token)).await
+    /// Start the processor with this test's isolation settings and
+    /// `customize` applied, with `builtins` (a test's own handlers) to serve
+    /// the command types its configuration declares.
+    pub async fn start_processor_with_handlers(
+        &mut self,
+        builtins: onceflow_processor::handlers::Builtins,
+        customize: impl FnOnce(&mut onceflow_processor::ProcessorConfig),
+    ) -> Service {
+        let config = self.processor_config(customize);
+        self.start(|token| onceflow_processor::start_with_handlers(config, builtins, token)).await
+    }
+
+    /// A command types file of this test with `declarations` (TOML, see
+    /// `onceflow_catalogue::declaration`), for a service's `command_types_file`.
+    pub fn command_types_file(&self, declarations: &str) -> String {
+        let path = self.scratch_dir().join("command-types.toml");
+        std::fs::write(&path, declarations).expect("write the command types file");
+        path.to_string_lossy().into_owned()
     }
 
     fn processor_config(

@@ -9,20 +9,18 @@
 //! - [`command`] and [`result`]: the two message bodies, Avro-encoded.
 //! - [`endpoint`]: a webhook endpoint's state (disabled after `410 Gone`,
 //!   enabled again), from the notifier to ingest.
-//! - [`catalogue`]: the command types ingest accepts and their payload shapes,
-//!   so a bad payload is refused at the door rather than dead-lettered later.
+//! - [`payload`]: canonical JSON of payloads, and the ledger's payload types.
 //! - [`topics`]: the topic names.
 
-pub mod catalogue;
 pub mod command;
 pub mod endpoint;
 pub mod envelope;
 pub mod error;
+pub mod payload;
 pub mod result;
 pub mod schema;
 pub mod topics;
 
-pub use catalogue::{ValidatedCommand, validate_command};
 pub use command::Command;
 pub use endpoint::{EndpointStatus, WebhookEndpointState};
 pub use envelope::Envelope;

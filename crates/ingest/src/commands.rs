@@ -35,7 +35,8 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
-use onceflow_contracts::{Command, Envelope, schema, validate_command};
+use onceflow_catalogue::unordered_message_key;
+use onceflow_contracts::{Command, Envelope, schema};
 use onceflow_outbox::OutboxMessage;
 use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, telemetry};
 use serde::Deserialize as _;
@@ -60,7 +61,7 @@ const PATH: &str = "/v1/commands";
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitCommand {
-    /// The command type: `ledger.open_account`, `ledger.deposit`, `ledger.transfer` or `ledger.statement`.
+    /// The command type: one of the configured ones (see `onceflow_catalogue`).
     #[serde(rename = "type")]
     command_type: String,
     /// The command's payload; its shape is fixed by `type`.
@@ -200,7 +201,9 @@ async fn judge(
 ) -> Result<Acceptance, ApiError> {
     let correlation_id = correlation_id(headers)?;
     let submitted = SubmitCommand::deserialize(request).map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
-    let command = validate_command(&submitted.command_type, &submitted.payload)
+    let command = state
+        .command_types
+        .validate(&submitted.command_type, &submitted.payload)
         .map_err(|e| ApiError::InvalidCommand(e.to_string()))?;
     let callback_url = match &submitted.callback_url {
         Some(url) => Some(checked_callback_url(url, &state.config.webhooks.allowlist).await?),
@@ -228,9 +231,15 @@ async fn judge(
         accepted_at: chrono::Utc::now().timestamp_millis(),
     };
     let (traceparent, tracestate) = telemetry::current_trace_context();
+    // One key, one partition: the tenant's commands with the same ordering
+    // key stay in order on the topic (and their results on theirs).
+    let message_key = match &command.ordering_key {
+        Some(ordering) => ordering.message_key(&tenant.0),
+        None => unordered_message_key(&tenant.0, &job_id.to_string()),
+    };
     let outbox = OutboxMessage {
         topic: state.topics.commands.clone(),
-        key: Some(command.ordering_key),
+        key: Some(message_key),
         payload: message.encode().map_err(anyhow::Error::from)?,
         envelope: Envelope {
             // The job id doubles as the command's message id: one command, one job.
@@ -483,7 +492,7 @@ fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
 /// SHA-256 of the method, the path and the canonical JSON body: key order and
 /// white space do not make two requests different.
 fn fingerprint(request: &serde_json::Value) -> [u8; 32] {
-    let canonical = onceflow_contracts::catalogue::canonical_json(request);
+    let canonical = onceflow_contracts::payload::canonical_json(request);
     let mut hasher = Sha256::new();
     hasher.update(b"POST ");
     hasher.update(PATH.as_bytes());

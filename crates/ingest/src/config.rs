@@ -45,6 +45,11 @@ pub struct IngestConfig {
     /// The operator's endpoints (parked result records).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// A file declaring command types of one's own (see
+    /// `onceflow_catalogue`); empty: the built-in ledger only. The processor
+    /// must read the same file.
+    #[serde(default)]
+    pub command_types_file: String,
 }
 
 /// How `callback_url` is checked at submission.

@@ -38,6 +38,7 @@ use axum::{
     extract::DefaultBodyLimit,
     routing::{get, post},
 };
+use onceflow_catalogue::CommandTypes;
 use onceflow_contracts::topics::Topics;
 use onceflow_outbox::{Relay, RelayConfig};
 use onceflow_runtime::{auth::ApiKeys, http, kafka, parking::Parking, postgres, service::Running, vitals::Vitals};
@@ -60,6 +61,11 @@ pub struct AppState {
     pub processor_pressure: Arc<backpressure::ProcessorPressure>,
     /// Where accepted commands go to be committed together.
     pub committer: group_commit::GroupCommitter,
+    /// The command types accepted, and how each payload is checked.
+    pub command_types: CommandTypes,
+    /// The OpenAPI document as served, made once at start (it lists every
+    /// command type).
+    pub openapi: axum::body::Bytes,
 }
 
 /// The service's migrations: its own, then the outbox's and the parked records'.
@@ -97,9 +103,16 @@ fn readiness(
     ]
 }
 
+/// The built-in command types and those declared in `file` (empty: none).
+pub fn load_command_types(file: &str) -> onceflow_runtime::Result<CommandTypes> {
+    let file = (!file.is_empty()).then(|| std::path::Path::new(file));
+    CommandTypes::load(file).map_err(|error| onceflow_runtime::Error::Config(error.to_string()))
+}
+
 /// Start ingest: returns once it is serving.
 pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
     let api_keys = ApiKeys::configured(&config.tenants)?;
+    let command_types = load_command_types(&config.command_types_file)?;
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     let mut tasks = JoinSet::new();
@@ -189,6 +202,8 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         outbox_backlog,
         processor_pressure,
         committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &vitals, &shutdown),
+        openapi: serde_json::to_vec(&openapi::document_for(&command_types)).unwrap_or_default().into(),
+        command_types,
     };
     let mut router = router(state, readiness(pool.clone(), &config.kafka, projection_check, &vitals));
     if let Some(admin) = projection::admin_router(pool, &config.admin.token) {

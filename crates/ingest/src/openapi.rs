@@ -1,9 +1,13 @@
 //! The OpenAPI 3.1 document of ingest's HTTP surface, generated from the
 //! handlers' annotations and types, served at `/openapi.json`.
 
-use axum::{Json, response::IntoResponse};
+use axum::{extract::State, http::header, response::IntoResponse};
+use onceflow_catalogue::CommandTypes;
 use onceflow_runtime::openapi::{BearerSchemes, ProblemDocument};
-use utoipa::{Modify, OpenApi};
+use serde_json::{Value, json};
+use utoipa::OpenApi;
+
+use crate::AppState;
 
 /// Where the signed result is POSTed when the job ends. The pattern gives the
 /// URLs this document promises to accept anywhere: http(s) to a host name (not
@@ -20,75 +24,16 @@ use utoipa::{Modify, OpenApi};
 #[allow(dead_code)] // Describes the field; the handler parses it itself.
 pub struct CallbackUrl(String);
 
-/// The body of `POST /v1/commands`: one command type, told apart by `type`,
-/// with the payload that type requires, and optionally `callback_url`: an
-/// absolute `http`/`https` URL of at most 2048 bytes without control
-/// characters, where the signed result is POSTed. Mirrors
-/// `onceflow_contracts::catalogue`, which is what validates it.
+/// The body of `POST /v1/commands`. Its schema here is a placeholder that
+/// [`document_for`] replaces with one branch per configured command type
+/// (`oneOf`, told apart by `type`), each with that type's payload schema.
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
-#[serde(tag = "type", deny_unknown_fields)]
-#[allow(dead_code)] // Describes the request body; the handler parses it itself.
-pub enum CommandRequest {
-    /// Open an account in a currency.
-    #[serde(rename = "ledger.open_account")]
-    OpenAccount { payload: OpenAccountPayload, callback_url: Option<CallbackUrl> },
-    /// Credit an account.
-    #[serde(rename = "ledger.deposit")]
-    Deposit { payload: DepositPayload, callback_url: Option<CallbackUrl> },
-    /// Move money between two accounts of the same currency.
-    #[serde(rename = "ledger.transfer")]
-    Transfer { payload: TransferPayload, callback_url: Option<CallbackUrl> },
-    /// A statement of an account's entries (long-running, reports progress).
-    #[serde(rename = "ledger.statement")]
-    Statement { payload: StatementPayload, callback_url: Option<CallbackUrl> },
-}
-
-/// `ledger.open_account`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct OpenAccountPayload {
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
-    account_id: String,
-    /// ISO 4217 code.
-    #[schema(pattern = "^[A-Z]{3}$", example = "EUR")]
-    currency: String,
-}
-
-/// `ledger.deposit`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct DepositPayload {
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
-    account_id: String,
-    /// Minor units (cents), at most `MAX_AMOUNT` (10^15).
-    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 500)]
-    amount: i64,
-}
-
-/// `ledger.transfer`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct TransferPayload {
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
-    from: String,
-    /// A transfer to `from` itself ends the job `failed` with `same_account`.
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "bob")]
-    to: String,
-    /// Minor units (cents), at most `MAX_AMOUNT` (10^15).
-    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 250)]
-    amount: i64,
-}
-
-/// `ledger.statement`.
-#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct StatementPayload {
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", example = "alice")]
-    account_id: String,
+#[allow(dead_code)] // Names the request body's schema; the handler parses the body itself.
+pub struct CommandRequest {
+    #[serde(rename = "type")]
+    command_type: String,
+    payload: serde_json::Value,
+    callback_url: Option<CallbackUrl>,
 }
 
 #[derive(OpenApi)]
@@ -110,36 +55,76 @@ pub struct StatementPayload {
             validated (`X-Correlation-Id` `400`, command and `callback_url` `422`) and shed (`503`)."
     ),
     paths(crate::commands::submit, crate::jobs::get),
-    components(schemas(ProblemDocument)),
-    modifiers(&BearerSchemes, &ClosedCommandBranches),
+    components(schemas(ProblemDocument, CallbackUrl)),
+    modifiers(&BearerSchemes),
     tags((name = "commands", description = "Asynchronous, idempotent commands and their jobs"))
 )]
 pub struct ApiDoc;
 
-/// Closes every branch of `CommandRequest` (`additionalProperties: false`),
-/// as the handler refuses unknown fields (`deny_unknown_fields`); utoipa
-/// closes the payload structs but not an enum's variants.
-struct ClosedCommandBranches;
+/// The document with `CommandRequest` as one closed branch per command type
+/// of `types` (`additionalProperties: false`, as the handler refuses unknown
+/// fields), each payload schema a component of its own (`payload.<type>`).
+pub fn document_for(types: &CommandTypes) -> Value {
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    let mut branches = Vec::new();
+    for command_type in types.iter() {
+        let component = format!("payload.{}", command_type.name);
+        let mut payload = command_type.schema.clone();
+        anchored(&mut payload, &format!("#/components/schemas/{component}"));
+        if let Some(schema) = payload.as_object_mut() {
+            // The document's own dialect (OpenAPI 3.1's, JSON Schema 2020-12) applies.
+            schema.remove("$schema");
+            schema.remove("$id");
+        }
+        document["components"]["schemas"][&component] = payload;
+        let mut branch = json!({
+            "type": "object",
+            "title": command_type.name,
+            "required": ["type", "payload"],
+            "additionalProperties": false,
+            "properties": {
+                "type": {"type": "string", "enum": [command_type.name]},
+                "payload": {"$ref": format!("#/components/schemas/{component}")},
+                // `null` is taken as no callback.
+                "callback_url": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/CallbackUrl"}]},
+            },
+        });
+        if let Some(description) = &command_type.description {
+            branch["description"] = json!(description);
+        }
+        branches.push(branch);
+    }
+    document["components"]["schemas"]["CommandRequest"] = json!({
+        "description": "One command: its `type` (a configured command type), the payload that type's schema \
+            requires, and optionally `callback_url`: an absolute `http`/`https` URL of at most 2048 bytes without \
+            control characters, where the signed result is POSTed.",
+        "oneOf": branches,
+    });
+    document
+}
 
-impl Modify for ClosedCommandBranches {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{
-            RefOr,
-            schema::{AdditionalProperties, Schema},
-        };
-        let Some(components) = openapi.components.as_mut() else { return };
-        let Some(RefOr::T(Schema::OneOf(request))) = components.schemas.get_mut("CommandRequest") else { return };
-        for branch in &mut request.items {
-            if let RefOr::T(Schema::Object(branch)) = branch {
-                branch.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+/// A payload schema moved into the document at `base`: its own references
+/// (`#/$defs/...`) made to point inside it there.
+fn anchored(schema: &mut Value, base: &str) {
+    match schema {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    Value::String(reference) if key == "$ref" && reference.starts_with('#') => {
+                        *reference = format!("{base}{}", &reference[1..]);
+                    }
+                    other => anchored(other, base),
+                }
             }
         }
+        Value::Array(items) => items.iter_mut().for_each(|item| anchored(item, base)),
+        _ => {}
     }
 }
 
-/// `GET /openapi.json`.
-pub async fn document() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// `GET /openapi.json`: the document made at start.
+pub async fn document(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], state.openapi)
 }
 
 #[cfg(test)]
@@ -150,10 +135,11 @@ mod tests {
     /// its payload, whose shape is closed, so generated examples are valid.
     #[test]
     fn each_command_type_is_a_closed_branch_of_the_request_body() {
-        let document = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let types = CommandTypes::builtin();
+        let document = document_for(&types);
         let schemas = &document["components"]["schemas"];
         let branches = schemas["CommandRequest"]["oneOf"].as_array().expect("oneOf");
-        assert_eq!(branches.len(), onceflow_contracts::catalogue::COMMAND_TYPES.len());
+        assert_eq!(branches.len(), types.iter().count());
         for branch in branches {
             let required: Vec<&str> =
                 branch["required"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
@@ -163,6 +149,16 @@ mod tests {
             let payload = branch["properties"]["payload"]["$ref"].as_str().expect("a payload schema");
             let payload = &schemas[payload.rsplit('/').next().unwrap()];
             assert_eq!(payload["additionalProperties"], false, "{payload}");
+            assert!(payload.get("$schema").is_none(), "{payload}");
         }
+    }
+
+    #[test]
+    fn a_payload_schema_s_own_references_point_inside_it() {
+        let mut schema = json!({"$defs": {"id": {"type": "string"}}, "properties": {"a": {"$ref": "#/$defs/id"}},
+            "items": [{"$ref": "https://example.com/x"}]});
+        anchored(&mut schema, "#/components/schemas/payload.t");
+        assert_eq!(schema["properties"]["a"]["$ref"], "#/components/schemas/payload.t/$defs/id");
+        assert_eq!(schema["items"][0]["$ref"], "https://example.com/x", "other references are left alone");
     }
 }

@@ -34,6 +34,11 @@ pub struct ProcessorConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    /// A file declaring command types of one's own (see
+    /// `onceflow_catalogue`); empty: the built-in ledger only. Ingest must
+    /// read the same file.
+    #[serde(default)]
+    pub command_types_file: String,
 }
 
 /// The waits of a command whose database or broker is down: exponential

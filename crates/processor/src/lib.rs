@@ -18,6 +18,7 @@ pub mod worker;
 
 use std::{sync::Arc, time::Duration};
 
+use onceflow_catalogue::CommandTypes;
 use onceflow_outbox::{Relay, RelayConfig};
 use onceflow_runtime::{http, kafka, postgres, service::Running, vitals::Vitals};
 use rdkafka::consumer::Consumer as _;
@@ -34,15 +35,19 @@ pub fn migrators() -> Vec<sqlx::migrate::Migrator> {
 /// Start the processor with the handlers that ship with onceflow: returns
 /// once it is consuming.
 pub async fn start(config: ProcessorConfig, shutdown: CancellationToken) -> onceflow_runtime::Result<Running> {
-    start_with_handlers(config, handlers::Registry::with_builtin_handlers(), shutdown).await
+    start_with_handlers(config, handlers::Builtins::shipped(), shutdown).await
 }
 
-/// Start the processor serving the command types of `registry`.
+/// Start the processor serving the configured command types, those served
+/// in its process by the handlers of `builtins`.
 pub async fn start_with_handlers(
     config: ProcessorConfig,
-    registry: handlers::Registry,
+    builtins: handlers::Builtins,
     shutdown: CancellationToken,
 ) -> onceflow_runtime::Result<Running> {
+    let file = (!config.command_types_file.is_empty()).then(|| std::path::Path::new(&config.command_types_file));
+    let command_types = CommandTypes::load(file).map_err(|error| onceflow_runtime::Error::Config(error.to_string()))?;
+    let registry = handlers::Registry::resolve(&command_types, &builtins).map_err(onceflow_runtime::Error::Config)?;
     let pool = postgres::prepare(&config.database, migrators()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.commands, &topics.results, &topics.dead_letter]).await?;

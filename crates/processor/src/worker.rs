@@ -233,24 +233,31 @@ struct JobRef {
     tenant: String,
     command_type: String,
     callback_url: Option<String>,
+    /// The Kafka key of the job's results: the command's own (made from its
+    /// tenant and ordering key), so one key's results stay on one partition
+    /// in the order they were applied.
+    result_key: String,
 }
 
 impl JobRef {
-    fn of(command: &Command) -> Self {
+    fn of(command: &Command, message: &OwnedMessage) -> Self {
         Self {
             job_id: command.job_id.clone(),
             tenant: command.tenant.clone(),
             command_type: command.command_type.clone(),
             callback_url: command.callback_url.clone(),
+            result_key: result_key(message, &command.job_id),
         }
     }
 
     /// The job of a message whose body cannot be read, from its envelope
     /// alone: a command's `message-id` is its job id (ingest sets it so; see
     /// `CommandHeaders` in asyncapi.yaml), so its job can still be ended.
-    fn from_envelope(envelope: &Envelope) -> Self {
+    fn from_envelope(envelope: &Envelope, message: &OwnedMessage) -> Self {
+        let job_id = envelope.message_id.to_string();
         Self {
-            job_id: envelope.message_id.to_string(),
+            result_key: result_key(message, &job_id),
+            job_id,
             tenant: envelope.tenant.clone(),
             command_type: envelope.message_type.clone(),
             callback_url: None,
@@ -264,7 +271,18 @@ impl JobRef {
             tenant: clean(&self.tenant).into_owned(),
             command_type: clean(&self.command_type).into_owned(),
             callback_url: self.callback_url.as_deref().map(|url| clean(url).into_owned()),
+            result_key: clean(&self.result_key).into_owned(),
         }
+    }
+}
+
+/// The Kafka key of a command's results: the command record's own key, or
+/// the job id for a record whose key is missing or not text (one no ingest
+/// made).
+fn result_key(message: &OwnedMessage, job_id: &str) -> String {
+    match message.key().map(std::str::from_utf8) {
+        Some(Ok(key)) if !key.is_empty() && !key.contains('\0') => key.to_owned(),
+        _ => job_id.to_owned(),
     }
 }
 
@@ -477,8 +495,8 @@ impl Worker {
             Ok(parsed) => parsed,
             Err(poison) => {
                 let job = match Command::decode(&envelope.schema_id, message.payload().unwrap_or_default()) {
-                    Ok(command) => JobRef::of(&command),
-                    Err(_) => JobRef::from_envelope(&envelope),
+                    Ok(command) => JobRef::of(&command, message),
+                    Err(_) => JobRef::from_envelope(&envelope, message),
                 };
                 let handled = self.dead_letter(message, Some((&envelope, &job)), &poison, shutdown).await;
                 record_duration(command_type, "dead_lettered", started.elapsed());
@@ -551,7 +569,7 @@ impl Worker {
                 .map_err(|e| Poison::new("invalid_payload", e.to_string()))?,
             progress: Progress::default(),
         };
-        Ok(Parsed { job: JobRef::of(&command), context })
+        Ok(Parsed { job: JobRef::of(&command, message), context })
     }
 
     /// The one transaction: inbox row, effect, result in the outbox.
@@ -578,7 +596,8 @@ impl Worker {
             Ok(result) => {
                 let event =
                     self.result_event(envelope, &parsed.job, JobStatus::Succeeded, Some(result.to_string()), None);
-                match onceflow_outbox::enqueue(&mut effect, &self.result_message(envelope, &event)?).await {
+                match onceflow_outbox::enqueue(&mut effect, &self.result_message(envelope, &parsed.job, &event)?).await
+                {
                     Ok(()) => {
                         effect.commit().await?;
                         None
@@ -609,7 +628,7 @@ impl Worker {
         record_outcome(&mut tx, envelope.message_id, status).await?;
         if let Some(error) = error {
             let event = self.result_event(envelope, &parsed.job, status, None, Some(error));
-            onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &event)?).await?;
+            onceflow_outbox::enqueue(&mut tx, &self.result_message(envelope, &parsed.job, &event)?).await?;
         }
         tx.commit().await?;
         Ok(Outcome::Applied(status))
@@ -627,7 +646,8 @@ impl Worker {
             Box::pin(async move {
                 let mut event = worker.result_event(&envelope, &job, JobStatus::Processing, None, None);
                 event.progress_percent = Some(percent);
-                let message = worker.result_message(&envelope, &event).map_err(|e| HandlerError::Poison(e.detail))?;
+                let message =
+                    worker.result_message(&envelope, &job, &event).map_err(|e| HandlerError::Poison(e.detail))?;
                 let mut tx = worker.pool.begin().await?;
                 onceflow_outbox::enqueue(&mut tx, &message).await.map_err(|error| match error {
                     onceflow_outbox::Error::Database(error) => HandlerError::Database(error),
@@ -765,7 +785,7 @@ impl Worker {
         record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
         record_dead_letter(&mut tx, message, envelope, job, poison, topic_error).await?;
         let event = self.result_event(envelope, job, JobStatus::DeadLettered, None, Some(poison.job_error()));
-        match self.result_message(envelope, &event) {
+        match self.result_message(envelope, job, &event) {
             Ok(result) => match onceflow_outbox::enqueue(&mut tx, &result).await {
                 Ok(()) => {}
                 Err(onceflow_outbox::Error::Database(error)) => return Err(error),
@@ -800,12 +820,12 @@ impl Worker {
         }
     }
 
-    fn result_message(&self, cause: &Envelope, event: &ResultEvent) -> Result<OutboxMessage, Poison> {
+    fn result_message(&self, cause: &Envelope, job: &JobRef, event: &ResultEvent) -> Result<OutboxMessage, Poison> {
         let payload = event.encode().map_err(|e| Poison::new("unencodable_result", e.to_string()))?;
         let (traceparent, tracestate) = telemetry::current_trace_context();
         Ok(OutboxMessage {
             topic: self.topics.results.clone(),
-            key: Some(event.job_id.clone()),
+            key: Some(job.result_key.clone()),
             payload,
             envelope: Envelope {
                 message_id: Uuid::parse_str(&event.event_id).unwrap_or_else(|_| Uuid::now_v7()),

@@ -29,6 +29,7 @@ pub const ENV_PREFIX: &str = "ONCEFLOW_";
 /// each service's configuration).
 pub const SERVICE_SETTINGS: &[&str] = &[
     "admin",
+    "command_types_file",
     "database",
     "group_commit",
     "group_id",

@@ -11,7 +11,7 @@
 //! 64-bit range (many deposits adding past `i64::MAX`, the `world:<CUR>`
 //! account going below `i64::MIN`) refuses the command as
 //! `amount_out_of_range`, with nothing changed, so every account stays usable.
-//! Ingest bounds each amount ([`catalogue::MAX_AMOUNT`]), which keeps this out
+//! Ingest bounds each amount ([`payload::MAX_AMOUNT`]), which keeps this out
 //! of reach of ordinary use; the check covers whatever bypassed the door.
 //!
 //! Every handler here decides its refusals before its first write
@@ -22,13 +22,13 @@
 //! deposits is one round trip too ([`deposits`], `ledger_deposits` of
 //! `0006_ledger_deposits.sql`).
 
-use onceflow_contracts::catalogue::{self, ledger};
+use onceflow_contracts::payload::{self, ledger};
 use serde::de::DeserializeOwned;
 use sqlx::{PgConnection, Row as _};
 
-use super::{BulkFuture, CommandContext, HandlerError, HandlerFuture, Refusals, Registry};
+use super::{Builtins, BulkFuture, CommandContext, HandlerError, HandlerFuture, Refusals};
 
-pub fn register(registry: &mut Registry) {
+pub fn register(registry: &mut Builtins) {
     registry.register(ledger::OPEN_ACCOUNT, open_account, Refusals::BeforeWriting);
     registry.register_bulk(ledger::DEPOSIT, deposit, deposits);
     registry.register(ledger::TRANSFER, transfer, Refusals::BeforeWriting);
@@ -49,7 +49,7 @@ pub const AMOUNT_OUT_OF_RANGE: &str = "amount_out_of_range";
 pub const STATEMENT_PROGRESS_STEP: i64 = 25;
 
 fn payload<T: DeserializeOwned>(command: &CommandContext) -> Result<T, HandlerError> {
-    catalogue::parse(&command.command_type, &command.payload).map_err(|e| HandlerError::Poison(e.to_string()))
+    payload::parse(&command.command_type, &command.payload).map_err(|e| HandlerError::Poison(e.to_string()))
 }
 
 fn open_account<'a>(tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {

@@ -1,6 +1,8 @@
-//! The handler registry: the extension point of the processor. A command type
-//! is served by one handler; adding a domain means adding its payload types to
-//! the contracts' catalogue and registering handlers here.
+//! The handler registry: which handler serves each command type. Command
+//! types are declared in configuration (`onceflow_catalogue`); a type served
+//! in the processor's own process names one of the [`Builtins`] compiled into
+//! it (the ledger's), and [`Registry::resolve`] checks at start that each
+//! name exists.
 //!
 //! A handler runs inside the processor's transaction, so whatever it writes
 //! commits together with the inbox row and the result's outbox row, or not at
@@ -23,6 +25,7 @@ pub mod ledger;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
+use onceflow_catalogue::{CommandTypes, HandlerDeclaration};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -135,39 +138,91 @@ pub struct Registered {
     pub bulk: Option<BulkHandler>,
 }
 
-/// Handlers by command type.
+/// The handlers compiled into the processor, by the name a command type's
+/// declaration gives as `handler = { builtin = "..." }`.
+#[derive(Debug, Clone, Default)]
+pub struct Builtins {
+    handlers: HashMap<&'static str, Registered>,
+}
+
+impl Builtins {
+    /// Every handler that ships with onceflow (the ledger's).
+    pub fn shipped() -> Self {
+        let mut builtins = Self::default();
+        ledger::register(&mut builtins);
+        builtins
+    }
+
+    /// Serve the types that name `name` with `handler`; `refusals` says when
+    /// it may refuse ([`Refusals::AfterWriting`] is always safe).
+    pub fn register(&mut self, name: &'static str, handler: Handler, refusals: Refusals) {
+        self.handlers.insert(name, Registered { handler, refusals, bulk: None });
+    }
+
+    /// Serve the types that name `name` with `handler`, and runs of their
+    /// commands in a batch with `bulk`; both decide every refusal before
+    /// writing.
+    pub fn register_bulk(&mut self, name: &'static str, handler: Handler, bulk: BulkHandler) {
+        self.handlers.insert(name, Registered { handler, refusals: Refusals::BeforeWriting, bulk: Some(bulk) });
+    }
+}
+
+/// Handlers by command type: what each declared type is served by.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     handlers: HashMap<&'static str, Registered>,
 }
 
 impl Registry {
-    /// The registry of every handler that ships with onceflow.
-    pub fn with_builtin_handlers() -> Self {
-        let mut registry = Self::default();
-        ledger::register(&mut registry);
-        registry
+    /// Each type of `types` with the built-in handler its declaration names;
+    /// a name no built-in has is an error (the processor does not start).
+    pub fn resolve(types: &CommandTypes, builtins: &Builtins) -> Result<Self, String> {
+        let mut handlers = HashMap::new();
+        for command_type in types.iter() {
+            let HandlerDeclaration::Builtin(name) = &command_type.handler;
+            let registered = builtins.handlers.get(name.as_str()).copied().ok_or_else(|| {
+                format!(
+                    "command type `{}` names the built-in handler `{name}`, which does not exist",
+                    command_type.name
+                )
+            })?;
+            // Leaked once at start, for the life of the process: the names
+            // are metric labels, which take `&'static str` without a copy per
+            // command; there are as many as declared types.
+            let name: &'static str = Box::leak(command_type.name.clone().into_boxed_str());
+            handlers.insert(name, registered);
+        }
+        Ok(Self { handlers })
     }
 
-    /// Serve `command_type` with `handler`; `refusals` says when it may
-    /// refuse ([`Refusals::AfterWriting`] is always safe).
-    pub fn register(&mut self, command_type: &'static str, handler: Handler, refusals: Refusals) {
-        self.handlers.insert(command_type, Registered { handler, refusals, bulk: None });
-    }
-
-    /// Serve `command_type` with `handler`, and runs of its commands in a
-    /// batch with `bulk`; both decide every refusal before writing.
-    pub fn register_bulk(&mut self, command_type: &'static str, handler: Handler, bulk: BulkHandler) {
-        self.handlers.insert(command_type, Registered { handler, refusals: Refusals::BeforeWriting, bulk: Some(bulk) });
+    /// The registry of the built-in types with the handlers that ship.
+    pub fn builtin() -> Self {
+        Self::resolve(&CommandTypes::builtin(), &Builtins::shipped())
+            .unwrap_or_else(|error| unreachable!("the ledger's declarations name its handlers: {error}"))
     }
 
     pub fn get(&self, command_type: &str) -> Option<Registered> {
         self.handlers.get(command_type).copied()
     }
 
-    /// `command_type` as a metric label: its registered name, or `unknown`
+    /// `command_type` as a metric label: its declared name, or `unknown`
     /// for any other (a record's type must not mint metric series).
     pub fn label(&self, command_type: &str) -> &'static str {
         self.handlers.get_key_value(command_type).map_or("unknown", |(name, _)| name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_type_has_its_handler() {
+        let registry = Registry::builtin();
+        for command_type in CommandTypes::builtin().iter() {
+            assert!(registry.get(&command_type.name).is_some(), "{}", command_type.name);
+            assert_eq!(registry.label(&command_type.name), command_type.name);
+        }
+        assert_eq!(registry.label("ledger.mint"), "unknown");
     }
 }

@@ -338,8 +338,9 @@ impl Worker {
             Err(HandlerError::Database(error)) => return Err(Fallback::of_database(error, Some(position))),
         };
         let event = self.result_event(envelope, &parsed.job, status, result, error);
-        let message =
-            self.result_message(envelope, &event).map_err(|_| Fallback::at(position, "unencodable_result"))?;
+        let message = self
+            .result_message(envelope, &parsed.job, &event)
+            .map_err(|_| Fallback::at(position, "unencodable_result"))?;
         if message.size() > onceflow_outbox::MAX_MESSAGE_BYTES {
             return Err(Fallback::at(position, "result_too_large"));
         }
