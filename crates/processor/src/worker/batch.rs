@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{Handled, Outcome, Parsed, Worker, claim_redrive, command_span};
+use super::{Handled, Outcome, Worker, apply::Parsed, command_span, inbox::claim_redrive};
 use crate::handlers::{BulkHandler, CommandContext, HandlerError, Refusals, Registered};
 
 /// Why a batch was rolled back (a metric label and a log line), and which

@@ -1,0 +1,79 @@
+//! The inbox: one row per command message handled, whose primary key makes
+//! a redelivered message a no-op, with the outcome it reached.
+
+use onceflow_contracts::JobStatus;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::results::JobRef;
+
+/// Insert the inbox row; `false` if the message was already handled.
+///
+/// The one exception: a message whose inbox outcome is `dead_lettered` and
+/// that an operator redrove is claimed once more (see [`claim_redrive`]).
+pub(super) async fn claim_inbox(
+    tx: &mut sqlx::PgConnection,
+    message_id: Uuid,
+    job: &JobRef,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (message_id, tenant, command_type, outcome) VALUES ($1, $2, $3, 'succeeded')
+         ON CONFLICT (message_id) DO NOTHING",
+    )
+    .bind(message_id)
+    .bind(&job.tenant)
+    .bind(&job.command_type)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(true);
+    }
+    claim_redrive(tx, message_id).await
+}
+
+/// Claim a message that already has its inbox row: `true` only if its
+/// outcome is `dead_lettered` and an operator redrove it (see
+/// [`crate::admin`]). The pending redrive is consumed here, in the caller's
+/// transaction, so it is used up exactly when the effect commits; a
+/// concurrent second delivery blocks on the dead letter's row and then finds
+/// nothing pending.
+pub(super) async fn claim_redrive(tx: &mut sqlx::PgConnection, message_id: Uuid) -> Result<bool, sqlx::Error> {
+    let redriven = sqlx::query(
+        "UPDATE dead_letters d SET redrive_pending = false, reapplied_at = now()
+         FROM inbox i
+         WHERE d.message_id = $1 AND d.redrive_pending AND i.message_id = d.message_id AND i.outcome = 'dead_lettered'",
+    )
+    .bind(message_id)
+    .execute(&mut *tx)
+    .await?;
+    if redriven.rows_affected() == 1 {
+        tracing::info!("redriven dead letter: applying it once more");
+        metrics::counter!("onceflow_commands_redriven_total").increment(1);
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Whether the message already has its inbox row (committed) and no redrive
+/// of it is pending.
+pub(super) async fn already_handled(pool: &PgPool, message_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)
+            AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE message_id = $1 AND redrive_pending)",
+    )
+    .bind(message_id)
+    .fetch_one(pool)
+    .await
+}
+pub(super) async fn record_outcome(
+    tx: &mut sqlx::PgConnection,
+    message_id: Uuid,
+    status: JobStatus,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE inbox SET outcome = $2 WHERE message_id = $1")
+        .bind(message_id)
+        .bind(status.as_str())
+        .execute(tx)
+        .await?;
+    Ok(())
+}
