@@ -31,7 +31,7 @@ fn test_message(topic: &str, key: &str, payload: Vec<u8>) -> OutboxMessage {
         traceparent: None,
         tracestate: None,
     };
-    OutboxMessage { topic: topic.to_owned(), key: Some(key.to_owned()), payload, envelope }
+    OutboxMessage { topic: topic.to_owned(), key: Some(key.to_owned()), payload, envelope, headers: Vec::new() }
 }
 
 async fn enqueue(pool: &PgPool, topic: &str, n: usize) -> Vec<String> {

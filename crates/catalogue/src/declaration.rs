@@ -7,7 +7,10 @@
 //!                                            # this one, or an inline table
 //! ordering_key = "/name"                     # JSON pointer into the payload (optional)
 //! ordering_scope = "demo"                    # types sharing a scope share key queues
-//! handler = { builtin = "ledger.deposit" }   # who serves it
+//! handler = { push = "https://greeter.internal/onceflow" }   # who serves it
+//! attempt_timeout_ms = 30000                 # one call of the handler
+//! concurrency = 32                           # calls in flight per processor instance
+//! retry = { max_attempts = 5, initial_backoff_ms = 1000 }   # attempts a failure spends
 //! ```
 //!
 //! Everything here is checked when a service starts ([`crate::CommandTypes::load`]):
@@ -15,6 +18,8 @@
 //! refusing or dead-lettering commands later.
 
 use std::collections::BTreeMap;
+
+pub use onceflow_webhook::RetryPolicy;
 
 /// A whole declarations file.
 #[derive(Debug, serde::Deserialize)]
@@ -46,6 +51,45 @@ pub struct Declaration {
     pub ordering_scope: Option<String>,
     /// Who applies the command.
     pub handler: HandlerDeclaration,
+    /// Built-in handlers only: apply a command in the very transaction that
+    /// records it while its key has nothing queued (the fast path, on by
+    /// default); `false` for long work, which then runs on its own and
+    /// holds up nothing but its key.
+    #[serde(default)]
+    pub inline: Option<bool>,
+    /// The longest one call of a push handler may take; a call not answered
+    /// by then spends an attempt.
+    #[serde(default = "default_attempt_timeout_ms")]
+    pub attempt_timeout_ms: u64,
+    /// The most calls of this type's handler in flight at once, per
+    /// processor instance; more commands wait (`waiting_for` says so).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Attempts a handler's own failures may spend (`5xx`, a timeout), and
+    /// the waits between them; outages (`429`, `503`, no connection) spend
+    /// none. The fields of [`RetryPolicy`]; those left out keep
+    /// [`default_retry`]'s.
+    #[serde(default)]
+    pub retry: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_attempt_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_concurrency() -> u32 {
+    32
+}
+
+/// 5 attempts; waits of 1, 2, 4 and 8 s (± 20 %) between them.
+pub fn default_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        initial_backoff_ms: 1_000,
+        backoff_multiplier: 2.0,
+        max_backoff_ms: 60_000,
+        jitter: 0.2,
+    }
 }
 
 /// Where a payload schema comes from.
@@ -62,6 +106,10 @@ pub enum SchemaSource {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum HandlerDeclaration {
-    /// A handler compiled into the processor, by name (the ledger's).
+    /// A handler compiled into the processor, by name (the ledger's), run in
+    /// the processor's own transaction.
     Builtin(String),
+    /// An HTTP endpoint the processor POSTs each command to, signed per
+    /// Standard Webhooks (see the README's "Your own command type").
+    Push(String),
 }

@@ -22,13 +22,14 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use onceflow_contracts::{ContractError, payload::canonical_json};
 use serde_json::Value;
 
-pub use declaration::HandlerDeclaration;
-use declaration::{Declaration, Declarations, SchemaSource};
+use declaration::{Declaration, Declarations, HandlerDeclaration, SchemaSource};
+pub use declaration::{RetryPolicy, default_retry};
 pub use ordering::{MAX_ORDERING_KEY_BYTES, Ordering, OrderingKey, unordered_message_key};
 
 /// The ledger's declarations and their schemas, built into every service.
@@ -73,7 +74,25 @@ pub struct CommandType {
     pub schema: Value,
     validator: jsonschema::Validator,
     pub ordering: Option<Ordering>,
-    pub handler: HandlerDeclaration,
+    pub handler: Handler,
+    /// A built-in handler applies a command in the transaction that records
+    /// it while its key is free (never a push handler).
+    pub inline: bool,
+    /// The longest one call of a push handler may take.
+    pub attempt_timeout: Duration,
+    /// Calls in flight at once per processor instance.
+    pub concurrency: u32,
+    /// Attempts a handler's own failures may spend, and the waits between.
+    pub retry: RetryPolicy,
+}
+
+/// Who applies a command type, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    /// A handler compiled into the processor, by name.
+    Builtin(String),
+    /// An `http`/`https` endpoint the processor POSTs each command to.
+    Push(url::Url),
 }
 
 impl CommandType {
@@ -216,13 +235,45 @@ fn compile(
         }
         None => None,
     };
+    let handler = match declaration.handler {
+        HandlerDeclaration::Builtin(name) => Handler::Builtin(name),
+        HandlerDeclaration::Push(_) if declaration.inline.is_some() => {
+            return Err("inline is for built-in handlers only".to_owned());
+        }
+        HandlerDeclaration::Push(url) => {
+            let parsed = url::Url::parse(&url).map_err(|e| format!("push URL `{url}`: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(format!("push URL `{url}` must be an absolute http(s) URL"));
+            }
+            Handler::Push(parsed)
+        }
+    };
+    if declaration.attempt_timeout_ms < 100 {
+        return Err("attempt_timeout_ms must be at least 100".to_owned());
+    }
+    if declaration.concurrency == 0 {
+        return Err("concurrency must be at least 1".to_owned());
+    }
+    let mut retry = serde_json::to_value(default_retry()).map_err(|e| e.to_string())?;
+    for (field, value) in declaration.retry {
+        match retry.get_mut(&field) {
+            Some(slot) => *slot = value,
+            None => return Err(format!("retry has no setting `{field}`")),
+        }
+    }
+    let retry: RetryPolicy = serde_json::from_value(retry).map_err(|e| format!("retry: {e}"))?;
+    retry.validate().map_err(|e| e.replace("webhooks.retry.", "retry."))?;
     Ok(CommandType {
         name: name.to_owned(),
         description: declaration.description,
         schema,
         validator,
         ordering,
-        handler: declaration.handler,
+        inline: matches!(handler, Handler::Builtin(_)) && declaration.inline.unwrap_or(true),
+        handler,
+        attempt_timeout: Duration::from_millis(declaration.attempt_timeout_ms),
+        concurrency: declaration.concurrency,
+        retry,
     })
 }
 
@@ -318,7 +369,9 @@ mod tests {
 
             [types."demo.render"]
             schema = { type = "object", required = ["pages"], properties = { pages = { type = "integer" } } }
-            handler = { builtin = "ledger.deposit" }
+            handler = { push = "https://render.example/onceflow" }
+            attempt_timeout_ms = 120000
+            retry = { max_attempts = 3 }
             "#,
             &[(
                 "greet.json",
@@ -332,6 +385,13 @@ mod tests {
         let render = types.validate("demo.render", &json!({"pages": 3})).unwrap();
         assert_eq!(render.ordering_key, None, "no ordering key: each command alone");
         assert!(types.validate("demo.render", &json!({"pages": "3"})).is_err());
+        let render = types.get("demo.render").unwrap();
+        assert_eq!(render.handler, Handler::Push("https://render.example/onceflow".parse().unwrap()));
+        assert_eq!(render.attempt_timeout, Duration::from_secs(120));
+        assert_eq!(render.concurrency, 32, "the default");
+        assert!(!render.inline && types.get("ledger.deposit").unwrap().inline);
+        assert_eq!(render.retry.max_attempts, 3);
+        assert_eq!(render.retry.initial_backoff_ms, default_retry().initial_backoff_ms, "the rest by default");
         assert!(types.get("ledger.deposit").is_some(), "the ledger is still there");
     }
 
@@ -345,6 +405,14 @@ mod tests {
             ("[types.\"a b\"]\nschema = {}\nhandler = { builtin = \"x\" }", "type name"),
             ("[types.\"a\"]\nschema = {}\nordering_scope = \"s\"\nhandler = { builtin = \"x\" }", "without"),
             ("[types.\"a\"]\nschema = {}\nhandler = { builtin = \"x\" }\ntimeout = 1", "valid declarations"),
+            ("[types.\"a\"]\nschema = {}\nhandler = { push = \"ftp://x/y\" }", "http(s)"),
+            ("[types.\"a\"]\nschema = {}\nhandler = { push = \"not a url\" }", "push URL"),
+            ("[types.\"a\"]\nschema = {}\nhandler = { push = \"http://h/\" }\nconcurrency = 0", "concurrency"),
+            (
+                "[types.\"a\"]\nschema = {}\nhandler = { push = \"http://h/\" }\nretry = { max_attempts = 0 }",
+                "max_attempts",
+            ),
+            ("[types.\"a\"]\nschema = {}\nhandler = { push = \"http://h/\" }\nretry = { attempts = 3 }", "no setting"),
         ];
         for (file, expected) in cases {
             let error = declared(file, &[]).unwrap_err().to_string();

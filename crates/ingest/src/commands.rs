@@ -238,6 +238,7 @@ async fn judge(
         None => unordered_message_key(&tenant.0, &job_id.to_string()),
     };
     let outbox = OutboxMessage {
+        headers: Vec::new(),
         topic: state.topics.commands.clone(),
         key: Some(message_key),
         payload: message.encode().map_err(anyhow::Error::from)?,

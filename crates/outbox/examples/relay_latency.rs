@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
 
 fn message(topic: &str, payload: &[u8]) -> OutboxMessage {
     OutboxMessage {
+        headers: Vec::new(),
         topic: topic.to_owned(),
         key: Some("bench".to_owned()),
         payload: payload.to_vec(),

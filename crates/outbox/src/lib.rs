@@ -58,6 +58,8 @@ pub struct OutboxMessage {
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub envelope: Envelope,
+    /// Headers after the envelope's (a dead letter's error and origin).
+    pub headers: Vec<(String, String)>,
 }
 
 /// The most bytes (payload, key and header names and values) one outbox
@@ -70,7 +72,9 @@ const _: () = assert!(MAX_MESSAGE_BYTES + 64 * 1024 <= onceflow_runtime::kafka::
 impl OutboxMessage {
     /// The bytes this message puts in a Kafka record, framing aside.
     pub fn size(&self) -> usize {
-        let headers: usize = self.envelope.to_headers().iter().map(|(name, value)| name.len() + value.len()).sum();
+        let headers: usize =
+            self.envelope.to_headers().iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+                + self.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
         self.payload.len() + self.key.as_ref().map_or(0, String::len) + headers
     }
 }
@@ -98,9 +102,9 @@ pub async fn enqueue_all(tx: &mut PgConnection, messages: &[OutboxMessage]) -> R
     let headers: Vec<serde_json::Value> = messages
         .iter()
         .map(|m| {
-            serde_json::Value::Array(
-                m.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value])).collect(),
-            )
+            let envelope = m.envelope.to_headers().into_iter().map(|(name, value)| serde_json::json!([name, value]));
+            let further = m.headers.iter().map(|(name, value)| serde_json::json!([name, value]));
+            serde_json::Value::Array(envelope.chain(further).collect())
         })
         .collect();
     // Ordered by position, so the ids (and the relay's publishing order)

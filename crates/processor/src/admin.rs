@@ -239,8 +239,13 @@ async fn try_redrive(state: &AdminState, message_id: Uuid) -> anyhow::Result<Res
         Some(Ok(key)) if !key.contains('\0') => Some(key),
         Some(_) => return Ok(not_redrivable(message_id, "its key is not UTF-8 text without NUL")),
     };
-    let message =
-        OutboxMessage { topic: state.topics.commands.clone(), key, payload: row.try_get("payload")?, envelope };
+    let message = OutboxMessage {
+        topic: state.topics.commands.clone(),
+        key,
+        payload: row.try_get("payload")?,
+        envelope,
+        headers: Vec::new(),
+    };
     let count: i32 = sqlx::query_scalar(
         "UPDATE dead_letters SET redrive_pending = true, redrive_count = redrive_count + 1, last_redriven_at = now()
          WHERE message_id = $1 RETURNING redrive_count",

@@ -34,11 +34,55 @@ pub struct ProcessorConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    /// How commands handed to executions are driven (push handlers, keys
+    /// with work queued, long built-in work).
+    pub executions: ExecutionsConfig,
     /// A file declaring command types of one's own (see
     /// `onceflow_catalogue`); empty: the built-in ledger only. Ingest must
     /// read the same file.
     #[serde(default)]
     pub command_types_file: String,
+}
+
+/// The dispatcher of executions (see `crate::executions`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct ExecutionsConfig {
+    /// How long an inline effect waits for a row someone else holds before
+    /// its command is handed to an execution (then only its key waits).
+    pub inline_lock_timeout_ms: u64,
+    /// How often the dispatcher looks for ready work when no notification
+    /// woke it (notifications come at every commit that queues work).
+    pub poll_interval_ms: u64,
+    /// A running attempt whose processor died is given up this long after
+    /// its deadline, and its command called again.
+    pub expiry_grace_ms: u64,
+    /// Built-in executions of one key applied in one transaction, at most.
+    pub max_batch: usize,
+    pub push: PushConfig,
+}
+
+impl ExecutionsConfig {
+    pub fn inline_lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.inline_lock_timeout_ms)
+    }
+}
+
+/// Calls of push handlers.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct PushConfig {
+    /// The Standard Webhooks secret (`whsec_...`) every push request is
+    /// signed with; required once a push handler is declared.
+    #[serde(default)]
+    pub signing_secret: Option<onceflow_webhook::Secret>,
+    /// Internal hosts, addresses or networks push handlers may be at
+    /// (SSRF protection refuses loopback, private and other internal
+    /// addresses otherwise), as for callbacks.
+    #[serde(default)]
+    pub allowlist: onceflow_webhook::Allowlist,
+    pub connect_timeout_ms: u64,
+    /// The circuit breaker of each handler (scheme, host and port).
+    #[serde(default)]
+    pub breaker: onceflow_webhook::BreakerPolicy,
 }
 
 /// The waits of a command whose database or broker is down: exponential
@@ -54,6 +98,16 @@ impl RetryConfig {
     /// A fresh backoff for one record's outage.
     pub fn backoff(&self) -> Backoff {
         Backoff::new(Duration::from_millis(self.base_delay_ms), Duration::from_millis(self.max_delay_ms))
+    }
+
+    /// The wait before the next try of something that met `waits` outages
+    /// before (an execution's head, whose waits are counted in the
+    /// database): exponential from `base_delay_ms` to `max_delay_ms`, with
+    /// full jitter.
+    pub fn delay_after(&self, waits: i32) -> Duration {
+        let exponent = u32::try_from(waits.clamp(0, 30)).unwrap_or(30);
+        let ceiling = self.base_delay_ms.saturating_mul(1u64 << exponent).min(self.max_delay_ms).max(1);
+        Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
     }
 }
 

@@ -1,7 +1,10 @@
 //! onceflow-processor: applies commands exactly once.
 //!
 //! - [`worker`]: the consume → {inbox, effect, outbox} → store-offset loop;
-//!   each command ends applied, refused or dead-lettered, or waits out an outage.
+//!   each command ends applied, refused or dead-lettered, or is handed to an
+//!   execution, or waits out an outage.
+//! - [`executions`]: commands driven from the database one at a time per
+//!   ordering key (push handlers, long work, busy keys), by the dispatcher.
 //! - [`handlers`]: the handler registry and the shipped ledger.
 //! - [`admin`]: the operator's endpoints to list and redrive dead letters.
 //! - [`openapi`]: the OpenAPI document of its port at `/openapi.json`.
@@ -12,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod executions;
 pub mod handlers;
 pub mod openapi;
 pub mod worker;
@@ -77,9 +81,16 @@ pub async fn start_with_handlers(
         retry: config.retry.clone(),
         lanes: config.lanes,
         max_batch: config.max_batch,
+        inline_lock_timeout: config.executions.inline_lock_timeout(),
         vitals: vitals.clone(),
     };
+    // Built-in runs each hold a connection: at most half the pool, so the
+    // lanes always have theirs.
+    let builtin_runs = (config.database.max_connections as usize / 2).max(1);
+    let dispatcher = executions::Dispatcher::new(worker.clone(), config.executions.clone(), builtin_runs)
+        .map_err(onceflow_runtime::Error::Config)?;
     let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
+    tasks.spawn(vitals.watch("dispatcher", &shutdown, dispatcher.run(shutdown.clone())));
     tasks.spawn(vitals.watch("worker", &shutdown, worker.run(consumer, shutdown.clone())));
 
     let mut router = http::probes(checks).route("/openapi.json", axum::routing::get(openapi::document));

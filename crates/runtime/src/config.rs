@@ -31,6 +31,7 @@ pub const SERVICE_SETTINGS: &[&str] = &[
     "admin",
     "command_types_file",
     "database",
+    "executions",
     "group_commit",
     "group_id",
     "http",

@@ -235,6 +235,7 @@ async fn publish(
     };
     let (traceparent, tracestate) = onceflow_runtime::telemetry::current_trace_context();
     let message = OutboxMessage {
+        headers: Vec::new(),
         topic: topic.to_owned(),
         key: Some(endpoint.id.to_string()),
         payload: event.encode()?,

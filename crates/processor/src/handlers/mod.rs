@@ -25,7 +25,7 @@ pub mod ledger;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
-use onceflow_catalogue::{CommandTypes, HandlerDeclaration};
+use onceflow_catalogue::{CommandType, CommandTypes, Handler as Declared};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -167,32 +167,47 @@ impl Builtins {
     }
 }
 
-/// Handlers by command type: what each declared type is served by.
-#[derive(Debug, Clone, Default)]
+/// How the processor serves one declared command type.
+#[derive(Debug, Clone)]
+pub enum ServedBy {
+    /// A built-in handler, in the processor's own transaction.
+    Builtin(Registered),
+    /// An HTTP endpoint, called by the dispatcher (see `crate::executions`).
+    Push(url::Url),
+}
+
+/// Every declared command type and what serves it.
+#[derive(Debug, Clone)]
 pub struct Registry {
-    handlers: HashMap<&'static str, Registered>,
+    types: CommandTypes,
+    served: HashMap<&'static str, ServedBy>,
 }
 
 impl Registry {
-    /// Each type of `types` with the built-in handler its declaration names;
-    /// a name no built-in has is an error (the processor does not start).
+    /// Each type of `types` with what its declaration names: a built-in
+    /// handler of `builtins` (a name none has is an error, and the processor
+    /// does not start) or a push endpoint.
     pub fn resolve(types: &CommandTypes, builtins: &Builtins) -> Result<Self, String> {
-        let mut handlers = HashMap::new();
+        let mut served = HashMap::new();
         for command_type in types.iter() {
-            let HandlerDeclaration::Builtin(name) = &command_type.handler;
-            let registered = builtins.handlers.get(name.as_str()).copied().ok_or_else(|| {
-                format!(
-                    "command type `{}` names the built-in handler `{name}`, which does not exist",
-                    command_type.name
-                )
-            })?;
+            let by = match &command_type.handler {
+                Declared::Builtin(name) => {
+                    ServedBy::Builtin(builtins.handlers.get(name.as_str()).copied().ok_or_else(|| {
+                        format!(
+                            "command type `{}` names the built-in handler `{name}`, which does not exist",
+                            command_type.name
+                        )
+                    })?)
+                }
+                Declared::Push(url) => ServedBy::Push(url.clone()),
+            };
             // Leaked once at start, for the life of the process: the names
             // are metric labels, which take `&'static str` without a copy per
             // command; there are as many as declared types.
             let name: &'static str = Box::leak(command_type.name.clone().into_boxed_str());
-            handlers.insert(name, registered);
+            served.insert(name, by);
         }
-        Ok(Self { handlers })
+        Ok(Self { types: types.clone(), served })
     }
 
     /// The registry of the built-in types with the handlers that ship.
@@ -201,14 +216,40 @@ impl Registry {
             .unwrap_or_else(|error| unreachable!("the ledger's declarations name its handlers: {error}"))
     }
 
+    /// The built-in handler of `command_type`, if a built-in serves it.
     pub fn get(&self, command_type: &str) -> Option<Registered> {
-        self.handlers.get(command_type).copied()
+        match self.served.get(command_type)? {
+            ServedBy::Builtin(registered) => Some(*registered),
+            ServedBy::Push(_) => None,
+        }
+    }
+
+    /// What serves `command_type`, if it is declared.
+    pub fn served_by(&self, command_type: &str) -> Option<&ServedBy> {
+        self.served.get(command_type)
+    }
+
+    /// The declaration of `command_type`.
+    pub fn declared(&self, command_type: &str) -> Option<&CommandType> {
+        self.types.get(command_type)
+    }
+
+    /// Every declared type.
+    pub fn command_types(&self) -> &CommandTypes {
+        &self.types
+    }
+
+    /// Whether a command of `command_type` is applied in the transaction
+    /// that records it while its key is free: a built-in handler, unless its
+    /// declaration says `inline = false`.
+    pub fn runs_inline(&self, command_type: &str) -> bool {
+        self.get(command_type).is_some() && self.types.get(command_type).is_some_and(|declared| declared.inline)
     }
 
     /// `command_type` as a metric label: its declared name, or `unknown`
     /// for any other (a record's type must not mint metric series).
     pub fn label(&self, command_type: &str) -> &'static str {
-        self.handlers.get_key_value(command_type).map_or("unknown", |(name, _)| name)
+        self.served.get_key_value(command_type).map_or("unknown", |(name, _)| name)
     }
 }
 
@@ -221,6 +262,7 @@ mod tests {
         let registry = Registry::builtin();
         for command_type in CommandTypes::builtin().iter() {
             assert!(registry.get(&command_type.name).is_some(), "{}", command_type.name);
+            assert_eq!(registry.runs_inline(&command_type.name), command_type.name != "ledger.statement");
             assert_eq!(registry.label(&command_type.name), command_type.name);
         }
         assert_eq!(registry.label("ledger.mint"), "unknown");

@@ -16,27 +16,48 @@ use super::{
     dead_letter::Poison,
     inbox::{claim_inbox, record_outcome},
     record_duration,
-    results::JobRef,
+    results::{JobRef, result_key},
 };
-use crate::handlers::{CommandContext, HandlerError, Progress, Registered};
+use crate::{
+    executions::store::{self, QueueKey, Wait},
+    handlers::{CommandContext, HandlerError, Progress, Registered},
+};
 
 /// Why applying a message stopped short of an end.
 #[derive(Debug)]
 pub(super) enum Failed {
     /// It can never succeed as it is: dead-letter it.
     Poison(Poison),
+    /// A row it needs is locked by someone else for longer than
+    /// `inline_lock_timeout_ms`: hand it to an execution, so that only its
+    /// key waits.
+    Locked,
     /// Something it needs is down: wait and try again.
     Outage(String),
 }
 
+/// How an apply that did not end its message goes on.
+#[derive(Debug)]
+pub(super) enum Detour {
+    DeadLetter(Poison),
+    Defer,
+}
+
 impl Failed {
     /// Sorts it for [`Worker::through_outages`].
-    pub(super) fn into_poison(self) -> Result<Poison, Self> {
+    pub(super) fn into_detour(self) -> Result<Detour, Self> {
         match self {
-            Self::Poison(poison) => Ok(poison),
+            Self::Poison(poison) => Ok(Detour::DeadLetter(poison)),
+            Self::Locked => Ok(Detour::Defer),
             outage @ Self::Outage(_) => Err(outage),
         }
     }
+}
+
+/// Whether a database error is a lock wait that ran out (`lock_timeout`,
+/// SQLSTATE 55P03): a row someone else holds, not an outage.
+pub(crate) fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("55P03"))
 }
 
 /// Sorts a database error for [`Worker::through_outages`] with [`Failure::of_database`].
@@ -53,6 +74,7 @@ impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Poison(poison) => write!(f, "{}: {}", poison.code, poison.detail),
+            Self::Locked => f.write_str("a row it needs is locked"),
             Self::Outage(error) => f.write_str(error),
         }
     }
@@ -66,6 +88,9 @@ impl From<Poison> for Failed {
 
 impl From<sqlx::Error> for Failed {
     fn from(error: sqlx::Error) -> Self {
+        if is_lock_timeout(&error) {
+            return Self::Locked;
+        }
         match Failure::of_database(&error) {
             Failure::Data => Self::Poison(Poison::invalid_data(&error)),
             Failure::Outage => Self::Outage(error.to_string()),
@@ -89,9 +114,11 @@ impl From<onceflow_outbox::Error> for Failed {
     }
 }
 /// A command that decoded and has a handler.
-pub(super) struct Parsed {
-    pub(super) job: JobRef,
-    pub(super) context: CommandContext,
+pub(crate) struct Parsed {
+    pub(crate) job: JobRef,
+    pub(crate) context: CommandContext,
+    /// The queue it takes effect in: its ordering key, or its own.
+    pub(crate) key: QueueKey,
 }
 impl Worker {
     /// [`Self::handle`] in a task of its own, so that a panic handling one
@@ -162,20 +189,36 @@ impl Worker {
                 return handled;
             }
         };
-        let outcome =
-            self.through_outages("apply", shutdown, Failed::into_poison, || self.apply(&envelope, &parsed)).await;
-        match outcome {
-            None => Handled::Abandoned,
-            Some(Ok(outcome)) => {
-                outcome.report(command_type, started.elapsed());
-                Handled::Done
-            }
-            Some(Err(poison)) => {
+        let outcome = self
+            .through_outages("apply", shutdown, Failed::into_detour, || self.apply(message, &envelope, &parsed))
+            .await;
+        let outcome = match outcome {
+            None => return Handled::Abandoned,
+            Some(Ok(outcome)) => outcome,
+            Some(Err(Detour::DeadLetter(poison))) => {
                 let handled = self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
                 record_duration(command_type, "dead_lettered", started.elapsed());
-                handled
+                return handled;
             }
-        }
+            Some(Err(Detour::Defer)) => {
+                // Its key waits for the row; the lane goes on. Recorded
+                // without a lock timeout: only an outage stops it.
+                let defer = || self.defer(message, &envelope, &parsed, Some(Wait::Locked));
+                match self.through_outages("defer", shutdown, database_data, defer).await {
+                    None => return Handled::Abandoned,
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) => {
+                        let poison = Poison::invalid_data(&error);
+                        let handled =
+                            self.dead_letter(message, Some((&envelope, &parsed.job)), &poison, shutdown).await;
+                        record_duration(command_type, "dead_lettered", started.elapsed());
+                        return handled;
+                    }
+                }
+            }
+        };
+        outcome.report(command_type, started.elapsed());
+        Handled::Done
     }
 
     /// Run `attempt` until it ends in anything but an outage, waiting out
@@ -217,18 +260,34 @@ impl Worker {
     pub(super) fn parse(&self, message: &OwnedMessage, envelope: &Envelope) -> Result<Parsed, Poison> {
         let command = Command::decode(&envelope.schema_id, message.payload().unwrap_or_default())
             .map_err(|e| Poison::new("undecodable", e.to_string()))?;
-        if self.registry.get(&command.command_type).is_none() {
+        let result_key = result_key(message, &command.job_id);
+        self.parsed(&command, result_key)
+    }
+
+    /// A decoded command ready to apply or to queue, its results keyed by
+    /// `result_key`.
+    pub(crate) fn parsed(&self, command: &Command, result_key: String) -> Result<Parsed, Poison> {
+        let Some(declared) = self.registry.declared(&command.command_type) else {
             return Err(Poison::new("unknown_command_type", format!("no handler for `{}`", command.command_type)));
-        }
+        };
+        let job_id =
+            Uuid::parse_str(&command.job_id).map_err(|e| Poison::new("undecodable", format!("job_id: {e}")))?;
+        let payload: serde_json::Value =
+            serde_json::from_str(&command.payload_json).map_err(|e| Poison::new("invalid_payload", e.to_string()))?;
+        // A record that bypassed ingest may lack its key: it then stands
+        // alone rather than being refused here.
+        let key = match declared.ordering.as_ref().and_then(|ordering| ordering.key_of(&payload).ok()) {
+            Some(ordering) => QueueKey { tenant: command.tenant.clone(), scope: ordering.scope, value: ordering.value },
+            None => QueueKey { tenant: command.tenant.clone(), scope: String::new(), value: command.job_id.clone() },
+        };
         let context = CommandContext {
-            job_id: Uuid::parse_str(&command.job_id).map_err(|e| Poison::new("undecodable", format!("job_id: {e}")))?,
+            job_id,
             tenant: command.tenant.clone(),
             command_type: command.command_type.clone(),
-            payload: serde_json::from_str(&command.payload_json)
-                .map_err(|e| Poison::new("invalid_payload", e.to_string()))?,
+            payload,
             progress: Progress::default(),
         };
-        Ok(Parsed { job: JobRef::of(&command, message), context })
+        Ok(Parsed { job: JobRef::keyed(command, result_key), context, key })
     }
 
     /// The one transaction: inbox row, effect, result in the outbox.
@@ -237,10 +296,22 @@ impl Worker {
     /// [`RESULT_TOO_LARGE`] and the effect rolled back: for a ledger, a
     /// `failed` job must mean that nothing moved, or a client retrying the
     /// "failed" deposit under a new key would apply it twice.
-    async fn apply(&self, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, Failed> {
-        let mut tx = self.pool.begin().await?;
+    ///
+    /// A command its built-in handler does not apply inline, or whose key
+    /// has executions queued, is handed to an execution instead
+    /// ([`Self::defer`]); a row lock that outlasts `inline_lock_timeout_ms`
+    /// ends in [`Failed::Locked`], and the caller hands it over then.
+    async fn apply(&self, message: &OwnedMessage, envelope: &Envelope, parsed: &Parsed) -> Result<Outcome, Failed> {
+        let mut tx = self.begin_inline().await?;
         if !claim_inbox(&mut tx, envelope.message_id, &parsed.job).await? {
             return Ok(Outcome::Duplicate);
+        }
+        let free = self.registry.runs_inline(&parsed.job.command_type)
+            && !store::busy(&mut tx, &[&parsed.key]).await?.contains(&parsed.key);
+        if !free {
+            self.hand_over(&mut tx, &[(message, envelope, parsed)]).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Deferred);
         }
         let Some(Registered { handler, .. }) = self.registry.get(&parsed.job.command_type) else {
             let reason = format!("no handler for `{}`", parsed.job.command_type);
@@ -251,6 +322,8 @@ impl Worker {
         let mut context = parsed.context.clone();
         context.progress = self.progress_sink(envelope, &parsed.job);
         let mut effect = sqlx::Connection::begin(&mut *tx).await?;
+        // Errors of the effect other than refusals end the transaction; a
+        // lock timeout among them is `Failed::Locked`.
         let error = match handler(&mut effect, &context).await {
             Ok(result) => {
                 let event =

@@ -45,17 +45,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{Handled, Outcome, Worker, apply::Parsed, command_span, inbox::claim_redrive};
+use super::{
+    Handled, Outcome, Worker,
+    apply::{Parsed, is_lock_timeout},
+    command_span,
+    inbox::claim_redrive,
+};
+use crate::executions::store::{self, QueueKey};
 use crate::handlers::{BulkHandler, CommandContext, HandlerError, Refusals, Registered};
 
 /// Why a batch was rolled back (a metric label and a log line), and which
 /// of its messages caused it when one did.
 #[derive(Debug)]
-struct Fallback {
-    reason: &'static str,
+pub(crate) struct Fallback {
+    pub(crate) reason: &'static str,
     /// The position of the message that cannot go in a batch; `None` when
-    /// the batch as a whole met an outage (a lost connection, a deadlock).
-    culprit: Option<usize>,
+    /// the batch as a whole met an outage (a lost connection, a deadlock) or
+    /// a row locked by someone else.
+    pub(crate) culprit: Option<usize>,
 }
 
 impl Fallback {
@@ -84,17 +91,18 @@ impl Fallback {
 
 impl From<sqlx::Error> for Fallback {
     fn from(error: sqlx::Error) -> Self {
-        Self { reason: "database_error", culprit: None }.noting(&error)
+        let reason = if is_lock_timeout(&error) { "locked" } else { "database_error" };
+        Self { reason, culprit: None }.noting(&error)
     }
 }
 
 /// One command of a batch that got past the door.
 #[derive(Clone, Copy)]
-struct Claimed<'a> {
+pub(crate) struct Claimed<'a> {
     /// Its position in the batch.
-    position: usize,
-    envelope: &'a Envelope,
-    parsed: &'a Parsed,
+    pub(crate) position: usize,
+    pub(crate) envelope: &'a Envelope,
+    pub(crate) parsed: &'a Parsed,
 }
 
 /// What the inbox said of one command of a batch.
@@ -179,7 +187,7 @@ impl Worker {
             })
             .collect::<Result<Vec<_>, Fallback>>()?;
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_inline().await?;
         let claimed = claim_inbox_batch(&mut tx, &commands).await?;
         // One span per command, from its effect to its report after the
         // batch's commit.
@@ -192,29 +200,30 @@ impl Worker {
             .filter(|(_, (_, claim))| **claim != Claim::Duplicate)
             .map(|(position, ((envelope, parsed), _))| Claimed { position, envelope, parsed })
             .collect();
+        // Applied here: commands of a built-in handler applied inline whose
+        // key has nothing queued, neither before this batch nor earlier in
+        // it. Every other one is handed to an execution, behind its key's.
+        let inline = |command: &Claimed<'_>| self.registry.runs_inline(&command.parsed.job.command_type);
+        let candidates: Vec<&QueueKey> = to_apply.iter().filter(|c| inline(c)).map(|c| &c.parsed.key).collect();
+        let busy = store::busy(&mut tx, &candidates).await?;
+        let mut queued: HashSet<&QueueKey> = HashSet::new();
+        let (applied, handed): (Vec<Claimed<'_>>, Vec<Claimed<'_>>) = to_apply.iter().partition(|command| {
+            let key = &command.parsed.key;
+            let free = inline(command) && !busy.contains(key) && !queued.contains(key);
+            if !free {
+                queued.insert(key);
+            }
+            free
+        });
         // What each claimed command ended as, by position.
         let mut ends: Vec<Option<(JobStatus, OutboxMessage)>> = vec![None; commands.len()];
-        // Runs of consecutive claimed commands of one type with a bulk
-        // handler go to it at once; every other command goes alone.
-        let bulk_of = |command: &Claimed<'_>| self.registry.get(&command.parsed.job.command_type).and_then(|r| r.bulk);
-        for run in
-            to_apply.chunk_by(|a, b| a.parsed.job.command_type == b.parsed.job.command_type && bulk_of(a).is_some())
-        {
-            match (run, bulk_of(&run[0])) {
-                ([_, _, ..], Some(bulk)) => {
-                    let outcomes = self.apply_bulk(&mut tx, bulk, run).await?;
-                    for (command, outcome) in run.iter().zip(outcomes) {
-                        let _span = spans[command.position].enter();
-                        ends[command.position] = Some(self.conclude(command, outcome)?);
-                    }
-                }
-                _ => {
-                    for command in run {
-                        let end = self.apply_one(&mut tx, command).instrument(spans[command.position].clone()).await?;
-                        ends[command.position] = Some(end);
-                    }
-                }
-            }
+        self.effects(&mut tx, &applied, &spans, &mut ends).await?;
+        let handed_over: Vec<(&OwnedMessage, &Envelope, &Parsed)> =
+            handed.iter().map(|command| (&batch[command.position], command.envelope, command.parsed)).collect();
+        self.hand_over(&mut tx, &handed_over).await?;
+        let mut deferred = vec![false; commands.len()];
+        for command in &handed {
+            deferred[command.position] = true;
         }
         let mut results = Vec::with_capacity(to_apply.len());
         // The inbox rows whose outcome is not the `succeeded` a new row got:
@@ -223,8 +232,11 @@ impl Worker {
         let mut rewritten_ids = Vec::new();
         let mut rewritten_outcomes = Vec::new();
         let mut outcomes = Vec::with_capacity(commands.len());
-        for ((((envelope, _), end), span), claim) in commands.iter().zip(ends).zip(spans).zip(&claimed) {
+        for (position, ((((envelope, _), end), span), claim)) in
+            commands.iter().zip(ends).zip(spans).zip(&claimed).enumerate()
+        {
             match end {
+                None if deferred[position] => outcomes.push((envelope, Outcome::Deferred, span)),
                 None => outcomes.push((envelope, Outcome::Duplicate, span)),
                 Some((status, result)) => {
                     if status == JobStatus::Failed || *claim == Claim::Redriven {
@@ -259,6 +271,40 @@ impl Worker {
         for (envelope, outcome, span) in outcomes {
             let _span = span.entered();
             outcome.report(self.registry.label(&envelope.message_type), took);
+        }
+        Ok(())
+    }
+
+    /// The effects of `commands`, in order, in `tx`: each command's end (its
+    /// status and result) in `ends`, by its position. Runs of consecutive
+    /// commands of one type with a bulk handler go to it at once; every
+    /// other command goes alone.
+    pub(crate) async fn effects(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        commands: &[Claimed<'_>],
+        spans: &[tracing::Span],
+        ends: &mut [Option<(JobStatus, OutboxMessage)>],
+    ) -> Result<(), Fallback> {
+        let bulk_of = |command: &Claimed<'_>| self.registry.get(&command.parsed.job.command_type).and_then(|r| r.bulk);
+        for run in
+            commands.chunk_by(|a, b| a.parsed.job.command_type == b.parsed.job.command_type && bulk_of(a).is_some())
+        {
+            match (run, bulk_of(&run[0])) {
+                ([_, _, ..], Some(bulk)) => {
+                    let outcomes = self.apply_bulk(&mut *tx, bulk, run).await?;
+                    for (command, outcome) in run.iter().zip(outcomes) {
+                        let _span = spans[command.position].enter();
+                        ends[command.position] = Some(self.conclude(command, outcome)?);
+                    }
+                }
+                _ => {
+                    for command in run {
+                        let end = self.apply_one(&mut *tx, command).instrument(spans[command.position].clone()).await?;
+                        ends[command.position] = Some(end);
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Handled, INVALID_DATA, Outcome, Worker,
+    Handled, INVALID_DATA, Worker,
     apply::{database_data, kafka_data},
     inbox::{already_handled, claim_inbox, record_outcome},
     results::JobRef,
@@ -34,23 +34,23 @@ pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
 const DEAD_LETTER_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a message goes to the dead-letter topic.
 #[derive(Debug)]
-pub(super) struct Poison {
-    pub(super) code: &'static str,
+pub(crate) struct Poison {
+    pub(crate) code: &'static str,
     /// The whole reason, for the logs, the dead-letter headers and the
     /// `dead_letters` table (operators' eyes only).
-    pub(super) detail: String,
+    pub(crate) detail: String,
     /// What the job's error tells the client, when the detail may carry text
     /// the client must not see (a database's error message).
     public: Option<String>,
 }
 
 impl Poison {
-    pub(super) fn new(code: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, detail: impl Into<String>) -> Self {
         Self { code, detail: detail.into(), public: None }
     }
 
     /// Data the database refused (a PostgreSQL class 22 or 23 error).
-    pub(super) fn invalid_data(error: &sqlx::Error) -> Self {
+    pub(crate) fn invalid_data(error: &sqlx::Error) -> Self {
         let sqlstate = match error {
             sqlx::Error::Database(database) => database.code().map(|code| format!(" (SQLSTATE {code})")),
             _ => None,
@@ -62,7 +62,7 @@ impl Poison {
         }
     }
 
-    pub(super) fn job_error(&self) -> JobError {
+    pub(crate) fn job_error(&self) -> JobError {
         JobError {
             code: self.code.to_owned(),
             message: clean(self.public.as_ref().unwrap_or(&self.detail)).into_owned(),
@@ -72,7 +72,7 @@ impl Poison {
 /// `text` without NUL, which no PostgreSQL text or JSON value can hold: each
 /// becomes U+FFFD. Used where a dead letter's text goes into a column; the
 /// record's exact bytes are kept beside it (key, headers, payload).
-pub(super) fn clean(text: &str) -> Cow<'_, str> {
+pub(crate) fn clean(text: &str) -> Cow<'_, str> {
     if text.contains('\0') { Cow::Owned(text.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(text) }
 }
 
@@ -143,8 +143,8 @@ impl Worker {
             let park = || self.park(message, &envelope, &job, poison, topic_error.as_deref());
             match self.through_outages("dead_letter", shutdown, database_data, park).await {
                 None => return Handled::Abandoned,
-                Some(Ok(Outcome::Applied(_))) => {}
-                Some(Ok(Outcome::Duplicate)) => {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => {
                     metrics::counter!("onceflow_commands_duplicate_total").increment(1);
                     tracing::info!("duplicate delivery; already handled");
                     return Handled::Done;
@@ -200,7 +200,7 @@ impl Worker {
     /// result, in one transaction; `envelope` and `job` cleaned for text
     /// columns. A result that would not fit in one record is left out (only a
     /// record no ingest made can carry such texts): the dead letter is kept
-    /// and listed all the same.
+    /// and listed all the same. `false`: the message was handled already.
     async fn park(
         &self,
         message: &OwnedMessage,
@@ -208,10 +208,10 @@ impl Worker {
         job: &JobRef,
         poison: &Poison,
         topic_error: Option<&str>,
-    ) -> Result<Outcome, sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         if !claim_inbox(&mut tx, envelope.message_id, job).await? {
-            return Ok(Outcome::Duplicate);
+            return Ok(false);
         }
         record_outcome(&mut tx, envelope.message_id, JobStatus::DeadLettered).await?;
         record_dead_letter(&mut tx, message, envelope, job, poison, topic_error).await?;
@@ -225,7 +225,7 @@ impl Worker {
             Err(poison) => tracing::error!(reason = %poison.detail, "the dead_lettered result is left out"),
         }
         tx.commit().await?;
-        Ok(Outcome::Applied(JobStatus::DeadLettered))
+        Ok(true)
     }
 }
 
@@ -234,7 +234,7 @@ impl Worker {
 /// bytes are kept losslessly: the key as bytes, each header value as text when
 /// it is UTF-8 without NUL and base64 otherwise; `envelope` and `job` are
 /// already cleaned for text columns, and so is the error's text here.
-async fn record_dead_letter(
+pub(crate) async fn record_dead_letter(
     tx: &mut sqlx::PgConnection,
     message: &OwnedMessage,
     envelope: &Envelope,

@@ -65,7 +65,7 @@ pub(super) async fn already_handled(pool: &PgPool, message_id: Uuid) -> Result<b
     .fetch_one(pool)
     .await
 }
-pub(super) async fn record_outcome(
+pub(crate) async fn record_outcome(
     tx: &mut sqlx::PgConnection,
     message_id: Uuid,
     status: JobStatus,

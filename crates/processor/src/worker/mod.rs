@@ -61,6 +61,7 @@
 mod apply;
 mod batch;
 mod dead_letter;
+mod handover;
 mod inbox;
 mod results;
 
@@ -73,9 +74,13 @@ use sqlx::PgPool;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use apply::Parsed;
+pub(crate) use batch::Claimed;
 pub use dead_letter::{
     DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DLQ_ORIGINAL_OFFSET, DLQ_ORIGINAL_PARTITION, DLQ_ORIGINAL_TOPIC,
 };
+pub(crate) use dead_letter::{Poison, clean, record_dead_letter};
+pub(crate) use results::JobRef;
 
 use crate::{config::RetryConfig, handlers::Registry};
 
@@ -96,6 +101,9 @@ pub struct Worker {
     pub lanes: usize,
     /// The most commands a lane applies in one transaction.
     pub max_batch: usize,
+    /// How long an inline effect waits for a row someone else holds before
+    /// its command is handed to an execution instead.
+    pub inline_lock_timeout: Duration,
     /// Where a lane that stops before shutdown is reported (`/readyz`).
     pub vitals: Vitals,
 }
@@ -104,6 +112,8 @@ const LANE_CAPACITY: usize = 64;
 /// What became of one message.
 pub(super) enum Outcome {
     Applied(JobStatus),
+    /// Recorded as an execution, to be driven from the database.
+    Deferred,
     Duplicate,
 }
 
@@ -116,6 +126,11 @@ impl Outcome {
                 metrics::counter!("onceflow_commands_processed_total", "status" => status.as_str()).increment(1);
                 record_duration(command_type, status.as_str(), took);
                 tracing::info!(status = status.as_str(), "command applied");
+            }
+            Self::Deferred => {
+                metrics::counter!("onceflow_commands_deferred_total", "type" => command_type).increment(1);
+                record_duration(command_type, "deferred", took);
+                tracing::info!("command queued for its handler");
             }
             Self::Duplicate => {
                 metrics::counter!("onceflow_commands_duplicate_total").increment(1);

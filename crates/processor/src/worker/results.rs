@@ -15,25 +15,30 @@ use crate::handlers::{HandlerError, Progress};
 
 /// The job a command message belongs to, as far as the message tells.
 #[derive(Debug, Clone)]
-pub(super) struct JobRef {
-    pub(super) job_id: String,
-    pub(super) tenant: String,
-    pub(super) command_type: String,
-    pub(super) callback_url: Option<String>,
+pub(crate) struct JobRef {
+    pub(crate) job_id: String,
+    pub(crate) tenant: String,
+    pub(crate) command_type: String,
+    pub(crate) callback_url: Option<String>,
     /// The Kafka key of the job's results: the command's own (made from its
     /// tenant and ordering key), so one key's results stay on one partition
     /// in the order they were applied.
-    pub(super) result_key: String,
+    pub(crate) result_key: String,
 }
 
 impl JobRef {
     pub(super) fn of(command: &Command, message: &OwnedMessage) -> Self {
+        Self::keyed(command, result_key(message, &command.job_id))
+    }
+
+    /// The job of `command`, its results keyed by `result_key`.
+    pub(crate) fn keyed(command: &Command, result_key: String) -> Self {
         Self {
             job_id: command.job_id.clone(),
             tenant: command.tenant.clone(),
             command_type: command.command_type.clone(),
             callback_url: command.callback_url.clone(),
-            result_key: result_key(message, &command.job_id),
+            result_key,
         }
     }
 
@@ -52,7 +57,7 @@ impl JobRef {
     }
 
     /// The same job with every text fit for a text column (see [`clean`]).
-    pub(super) fn cleaned(&self) -> Self {
+    pub(crate) fn cleaned(&self) -> Self {
         Self {
             job_id: clean(&self.job_id).into_owned(),
             tenant: clean(&self.tenant).into_owned(),
@@ -66,14 +71,14 @@ impl JobRef {
 /// The Kafka key of a command's results: the command record's own key, or
 /// the job id for a record whose key is missing or not text (one no ingest
 /// made).
-fn result_key(message: &OwnedMessage, job_id: &str) -> String {
+pub(super) fn result_key(message: &OwnedMessage, job_id: &str) -> String {
     match message.key().map(std::str::from_utf8) {
         Some(Ok(key)) if !key.is_empty() && !key.contains('\0') => key.to_owned(),
         _ => job_id.to_owned(),
     }
 }
 impl Worker {
-    pub(super) fn result_event(
+    pub(crate) fn result_event(
         &self,
         envelope: &Envelope,
         job: &JobRef,
@@ -96,7 +101,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn result_message(
+    pub(crate) fn result_message(
         &self,
         cause: &Envelope,
         job: &JobRef,
@@ -105,6 +110,7 @@ impl Worker {
         let payload = event.encode().map_err(|e| Poison::new("unencodable_result", e.to_string()))?;
         let (traceparent, tracestate) = telemetry::current_trace_context();
         Ok(OutboxMessage {
+            headers: Vec::new(),
             topic: self.topics.results.clone(),
             key: Some(job.result_key.clone()),
             payload,
@@ -124,7 +130,7 @@ impl Worker {
     /// Where a handler's progress goes: each report is a `processing` result
     /// event committed to the outbox in its own transaction (on another
     /// connection), so it is published, in order, before the command's result.
-    pub(super) fn progress_sink(&self, envelope: &Envelope, job: &JobRef) -> Progress {
+    pub(crate) fn progress_sink(&self, envelope: &Envelope, job: &JobRef) -> Progress {
         let worker = self.clone();
         let envelope = envelope.clone();
         let job = job.clone();

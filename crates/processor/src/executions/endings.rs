@@ -1,0 +1,181 @@
+//! Ending executions: in one transaction, each execution's end (fenced by
+//! its attempt), its result in the outbox, its inbox outcome, a dead
+//! letter's record (its `dead_letters` row and, through the outbox, the
+//! dead-letter topic) and the move of its key's queue.
+
+use onceflow_contracts::{Command, JobError, JobStatus, topics::Topics};
+use onceflow_outbox::OutboxMessage;
+use rdkafka::{
+    Timestamp,
+    message::{Header, OwnedHeaders, OwnedMessage},
+};
+use sqlx::PgConnection;
+
+use super::store::{self, Ending, Execution, QueueKey};
+use crate::worker::{
+    DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DLQ_ORIGINAL_OFFSET, DLQ_ORIGINAL_PARTITION, DLQ_ORIGINAL_TOPIC, JobRef, Poison,
+    RESULT_TOO_LARGE, Worker, clean, record_dead_letter,
+};
+
+/// How one execution ends.
+#[derive(Debug)]
+pub struct End {
+    pub execution: Execution,
+    pub status: JobStatus,
+    /// Its result event, ready for the outbox (`None`: it cannot be
+    /// published, which the log says).
+    pub message: Option<OutboxMessage>,
+    /// Why it failed or was dead-lettered, kept with the execution.
+    pub error: Option<JobError>,
+    /// A dead letter's whole reason (operators' eyes only).
+    pub poison: Option<Poison>,
+    /// Attempts spent, this one included when it failed.
+    pub attempts: i32,
+}
+
+impl Worker {
+    /// `execution`'s end with `status`, its result event made now (in the
+    /// caller's span, whose trace the event then carries). A result too
+    /// large for one record ends it `failed` (`result_too_large`) instead.
+    pub(crate) fn end_of(
+        &self,
+        execution: Execution,
+        status: JobStatus,
+        result: Option<String>,
+        error: Option<JobError>,
+        poison: Option<Poison>,
+    ) -> End {
+        let (_, job) = job_of(&execution);
+        let event = self.result_event(&execution.envelope, &job, status, result, error.clone());
+        let message = match self.result_message(&execution.envelope, &job, &event) {
+            Ok(message) if message.size() > onceflow_outbox::MAX_MESSAGE_BYTES => {
+                let size = message.size();
+                tracing::warn!(size, "the result does not fit in one record; the job fails");
+                metrics::counter!("onceflow_results_too_large_total").increment(1);
+                let error = JobError {
+                    code: RESULT_TOO_LARGE.to_owned(),
+                    message: format!(
+                        "the result would take {size} bytes, more than the {} one message carries",
+                        onceflow_outbox::MAX_MESSAGE_BYTES
+                    ),
+                };
+                return self.end_of(execution, JobStatus::Failed, None, Some(error), None);
+            }
+            Ok(message) => Some(message),
+            Err(poison) => {
+                tracing::error!(reason = %poison.detail, "the result is left out: it cannot be encoded");
+                None
+            }
+        };
+        let attempts = execution.attempts;
+        End { execution, status, message, error, poison, attempts }
+    }
+}
+
+/// The job of an execution, as its command record tells (its envelope only,
+/// for a record that no longer decodes).
+pub fn job_of(execution: &Execution) -> (Option<Command>, JobRef) {
+    match Command::decode(&execution.envelope.schema_id, &execution.record) {
+        Ok(command) => {
+            let job = JobRef::keyed(&command, execution.result_key.clone());
+            (Some(command), job)
+        }
+        Err(_) => {
+            let job = JobRef {
+                job_id: execution.job_id.to_string(),
+                tenant: execution.key.tenant.clone(),
+                command_type: execution.command_type.clone(),
+                callback_url: None,
+                result_key: execution.result_key.clone(),
+            };
+            (None, job)
+        }
+    }
+}
+
+/// The command record an execution was made from, as the dead-letter path
+/// keeps records.
+fn record_of(execution: &Execution, topics: &Topics) -> OwnedMessage {
+    let headers = execution.envelope.to_headers().iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header { key, value: Some(value.as_bytes()) })
+    });
+    OwnedMessage::new(
+        Some(execution.record.clone()),
+        Some(execution.result_key.clone().into_bytes()),
+        topics.commands.clone(),
+        Timestamp::NotAvailable,
+        execution.partition,
+        execution.offset,
+        Some(headers),
+    )
+}
+
+impl Worker {
+    /// Record `ends` in `tx`: those still theirs to end (see
+    /// [`store::end`]) get their result, inbox outcome and dead letter, and
+    /// their keys move on. Returns how many ended.
+    pub(crate) async fn record_ends(&self, tx: &mut PgConnection, ends: &[End]) -> Result<usize, sqlx::Error> {
+        let endings: Vec<Ending> = ends
+            .iter()
+            .map(|end| Ending {
+                job_id: end.execution.job_id,
+                attempt_id: end.execution.attempt_id,
+                state: end.status.as_str(),
+                attempts: end.attempts,
+                error: end.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message})),
+            })
+            .collect();
+        let ended = store::end(&mut *tx, &endings).await?;
+        let mut messages = Vec::new();
+        let mut ids = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut keys: Vec<&QueueKey> = Vec::new();
+        for end in ends.iter().filter(|end| ended.contains(&end.execution.job_id)) {
+            let execution = &end.execution;
+            messages.extend(end.message.clone());
+            if let Some(poison) = &end.poison {
+                let (_, job) = job_of(execution);
+                let record = record_of(execution, &self.topics);
+                record_dead_letter(&mut *tx, &record, &execution.envelope, &job.cleaned(), poison, None).await?;
+                messages.push(self.dead_letter_message(execution, poison));
+                metrics::counter!("onceflow_commands_dead_lettered_total", "code" => poison.code).increment(1);
+            }
+            ids.push(execution.job_id);
+            outcomes.push(end.status.as_str());
+            keys.push(&execution.key);
+        }
+        onceflow_outbox::enqueue_all(&mut *tx, &messages).await.map_err(|error| match error {
+            onceflow_outbox::Error::Database(error) => error,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })?;
+        sqlx::query(
+            "UPDATE inbox SET outcome = ended.outcome
+             FROM unnest($1::uuid[], $2::text[]) AS ended(message_id, outcome)
+             WHERE inbox.message_id = ended.message_id",
+        )
+        .bind(&ids)
+        .bind(&outcomes)
+        .execute(&mut *tx)
+        .await?;
+        store::advance(&mut *tx, &keys).await?;
+        Ok(ids.len())
+    }
+
+    /// The execution's command record on the dead-letter topic, with the
+    /// error and where it came from, through the outbox.
+    fn dead_letter_message(&self, execution: &Execution, poison: &Poison) -> OutboxMessage {
+        OutboxMessage {
+            topic: self.topics.dead_letter.clone(),
+            key: Some(execution.result_key.clone()),
+            payload: execution.record.clone(),
+            envelope: execution.envelope.clone(),
+            headers: vec![
+                (DLQ_ERROR_CODE.to_owned(), poison.code.to_owned()),
+                (DLQ_ERROR_MESSAGE.to_owned(), clean(&poison.detail).into_owned()),
+                (DLQ_ORIGINAL_TOPIC.to_owned(), self.topics.commands.clone()),
+                (DLQ_ORIGINAL_PARTITION.to_owned(), execution.partition.to_string()),
+                (DLQ_ORIGINAL_OFFSET.to_owned(), execution.offset.to_string()),
+            ],
+        }
+    }
+}
