@@ -17,6 +17,9 @@ use onceflow_runtime::{
 use tokio_util::sync::CancellationToken;
 
 /// The development API key every test tenant `dev` uses (from the defaults).
+mod push_handler;
+pub use push_handler::{PushHandler, PushReply, PushRequest};
+
 pub const DEV_API_KEY: &str = "dev-onceflow-key";
 /// How long a test waits for an outcome. Generous: a first consumer-group join
 /// on the broker takes 20–45 s.
