@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Python examples against the real stack: the results-topic consumer
-# (examples/python/results_consumer.py: confluent-kafka and fastavro) and the
+# (examples/python/results_consumer.py: confluent-kafka and fastavro), the
 # webhook receiver (examples/python/webhook_receiver.py: the standardwebhooks
-# library). Makes their virtual environment from the pinned
+# library) and the push handler (examples/python/handler.py: the standard
+# library and standardwebhooks). Makes their virtual environment from the pinned
 # examples/python/requirements.txt (once; later runs reuse it), then runs the
 # end-to-end tests in which the real services publish results and POST
 # webhooks, and the examples decode and verify them with no onceflow code.
@@ -15,18 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-venv="${ONCEFLOW_PY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv}"
-requirements=examples/python/requirements.txt
-# A copy of the requirements the environment was made from: a change to them remakes it.
-installed="$venv/onceflow-requirements.txt"
-if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
-  say "installing $requirements into $venv"
-  command -v python3 >/dev/null || { echo "check-python-examples: python3 is required" >&2; exit 2; }
-  python3 -m venv --clear "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$installed"
-fi
-
+venv="$(ensure_python_examples)"
 ensure_build_dependencies
 ensure_postgres
 ensure_broker memory

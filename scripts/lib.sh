@@ -115,6 +115,25 @@ stop_pid_file() {
   rm -f "$file"
 }
 
+# The Python environment of examples/python (its pinned requirements.txt),
+# made once and remade when the requirements change; prints its directory.
+# ONCEFLOW_PY_VENV overrides the directory (default:
+# ${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv).
+ensure_python_examples() {
+  local venv="${ONCEFLOW_PY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/py-venv}"
+  local requirements="$ROOT/examples/python/requirements.txt"
+  # A copy of the requirements the environment was made from: a change to them remakes it.
+  local installed="$venv/onceflow-requirements.txt"
+  if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
+    say "installing examples/python/requirements.txt into $venv"
+    command -v python3 >/dev/null || { echo "python3 is required for the Python examples" >&2; exit 2; }
+    python3 -m venv --clear "$venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2
+    cp "$requirements" "$installed"
+  fi
+  echo "$venv"
+}
+
 # Make sure the machine's PostgreSQL answers; start the local cluster if it is down.
 ensure_postgres() {
   if port_open "$PG_HOST:$PG_PORT"; then

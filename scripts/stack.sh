@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The local stack: the broker, PostgreSQL databases and the three services.
 #
-#   scripts/stack.sh up      build, start what is not running, wait until ready,
-#                            show one command going through, print the URLs
+#   scripts/stack.sh up      build, start what is not running (the example push
+#                            handler of examples/python too), wait until ready,
+#                            show a ledger command and a command of the example
+#                            handler going through, print the URLs
 #   scripts/stack.sh down    stop the services and the broker this script started
 #   scripts/stack.sh status  what is running
 #   scripts/stack.sh stop|start SERVICE   one service of a stack that is up
@@ -17,6 +19,10 @@ SERVICES=(ingest processor notifier)
 DEV_API_KEY="dev-onceflow-key"
 # The one port a local webhook receiver may use (see `up`).
 RECEIVER_PORT=9999
+# The example push handler (examples/python/handler.py) serving demo.greet,
+# declared in config/development/command-types.toml.
+HANDLER_PORT=8090
+COMMAND_TYPES="$ROOT/config/development/command-types.toml"
 
 port_of() {
   case "$1" in ingest) echo 8080 ;; processor) echo 8081 ;; notifier) echo 8082 ;; esac
@@ -59,12 +65,48 @@ demo() {
       say "streamed by the notifier:"
       curl -sSN --max-time 5 "http://127.0.0.1:8082/v1/jobs/$job/events" \
         -H "Authorization: Bearer $DEV_API_KEY" || true
+      demo_handler
       return 0
     fi
     sleep 1
   done
   echo "the demo command did not finish within 120 s; see .stack/*.log" >&2
   return 1
+}
+
+# A command of your own kind: demo.greet, served over HTTP by the Python
+# example handler.
+demo_handler() {
+  local key="greet-$(date +%s)-$RANDOM" job
+  say "your own command type: demo.greet, served by examples/python/handler.py"
+  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
+    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
+    -H 'Content-Type: application/json' -d '{"type":"demo.greet","payload":{"name":"Ada"}}' \
+    | tee "$STACK_DIR/demo-greet.json"
+  echo
+  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo-greet.json")"
+  say "streamed by the notifier once the handler answered:"
+  curl -sSN --max-time 30 "http://127.0.0.1:8082/v1/jobs/$job/events" \
+    -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-greet-events.txt" || true
+  if ! grep -q 'Hello, Ada!' "$STACK_DIR/demo-greet-events.txt"; then
+    echo "the demo.greet command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
+    return 1
+  fi
+}
+
+# Start the example push handler unless it runs.
+start_handler() {
+  if [ -f "$STACK_DIR/handler.pid" ] && kill -0 "$(cat "$STACK_DIR/handler.pid")" 2>/dev/null; then
+    say "the example handler already runs (pid $(cat "$STACK_DIR/handler.pid"))"
+    return 0
+  fi
+  local venv
+  venv="$(ensure_python_examples)"
+  HANDLER_PORT="$HANDLER_PORT" nohup "$venv/bin/python" "$ROOT/examples/python/handler.py" \
+    >>"$STACK_DIR/handler.log" 2>&1 &
+  echo $! >"$STACK_DIR/handler.pid"
+  say "started the example handler (pid $!, port $HANDLER_PORT, log .stack/handler.log)"
+  wait_for_port "127.0.0.1:$HANDLER_PORT" 30
 }
 
 # Start the release binary of service $1 unless it runs (built by `up`).
@@ -86,6 +128,7 @@ start_service() {
   # 127.0.0.1 and ::1 (which SSRF protection refuses by default) on that
   # port only, so they cannot reach the services, PostgreSQL or the broker.
   ONCEFLOW_KAFKA__BROKERS="$BROKER_ADDR" ONCEFLOW_WEBHOOKS__ALLOWLIST="[\"127.0.0.1:$RECEIVER_PORT\", \"[::1]:$RECEIVER_PORT\"]" \
+    ONCEFLOW_COMMAND_TYPES_FILE="$COMMAND_TYPES" \
     nohup "$TARGET_DIR/release/onceflow-$name" "${config[@]}" serve \
     >>"$STACK_DIR/$name.log" 2>&1 &
   echo $! >"$STACK_DIR/$name.pid"
@@ -101,6 +144,7 @@ up() {
   ensure_build_dependencies
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
+  start_handler
   for name in "${SERVICES[@]}"; do start_service "$name"; done
   for name in "${SERVICES[@]}"; do wait_ready "$name"; done
   demo
@@ -113,6 +157,7 @@ onceflow is up.
   broker     $BROKER_ADDR
   API key    $DEV_API_KEY            (tenant "dev")
   webhooks   callback_url may point at http://127.0.0.1:$RECEIVER_PORT/... (your receiver)
+  handler    http://127.0.0.1:$HANDLER_PORT/greet  (examples/python/handler.py, serving demo.greet)
 Stop it with: scripts/stack.sh down
 EOF2
 }
@@ -122,6 +167,8 @@ down() {
     if running "$name"; then say "stopping $name"; fi
     stop_pid_file "$STACK_DIR/$name.pid"
   done
+  if [ -f "$STACK_DIR/handler.pid" ]; then say "stopping the example handler"; fi
+  stop_pid_file "$STACK_DIR/handler.pid"
   if [ -f "$STACK_DIR/broker.pid" ]; then say "stopping the broker"; fi
   stop_pid_file "$STACK_DIR/broker.pid"
 }
@@ -130,6 +177,7 @@ status() {
   for name in "${SERVICES[@]}"; do
     if running "$name"; then echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
+  if port_open "127.0.0.1:$HANDLER_PORT"; then echo "handler: listening on 127.0.0.1:$HANDLER_PORT"; else echo "handler: stopped"; fi
   if port_open "$BROKER_ADDR"; then echo "broker: listening on $BROKER_ADDR"; else echo "broker: stopped"; fi
 }
 

@@ -44,16 +44,10 @@ retry = {{ max_attempts = 3, initial_backoff_ms = 100, max_backoff_ms = 400 }}
     ))
 }
 
-/// Ingest (with the canary tenant beside `dev`) and a processor reading
-/// `types`, the processor signing with `secret` and allowed to call
-/// 127.0.0.1.
+/// Ingest (with the canary tenant beside `dev`, asking the processor what
+/// jobs wait for) and a processor reading `types`, the processor signing
+/// with `secret` and allowed to call 127.0.0.1.
 pub(crate) async fn stack(env: &mut TestEnv, types: &str, secret: &Secret) -> (Service, Service) {
-    let ingest = env
-        .start_ingest_with(|config| {
-            config.command_types_file = types.to_owned();
-            config.tenants.push(canary_tenant_key());
-        })
-        .await;
     let processor = env
         .start_processor_with(|config| {
             config.command_types_file = types.to_owned();
@@ -62,6 +56,13 @@ pub(crate) async fn stack(env: &mut TestEnv, types: &str, secret: &Secret) -> (S
             config.retry.base_delay_ms = 50;
             config.retry.max_delay_ms = 200;
             config.admin.token = ADMIN_TOKEN.to_owned();
+        })
+        .await;
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.command_types_file = types.to_owned();
+            config.tenants.push(canary_tenant_key());
+            config.processor_url = processor.url("");
         })
         .await;
     (ingest, processor)

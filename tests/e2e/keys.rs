@@ -108,6 +108,12 @@ async fn a_slow_key_holds_up_only_its_own_commands() {
     );
     assert_eq!(succeeded(&db, &slow).await, 0, "the slow key's first call is still out, its others wait");
     assert_eq!(handler.of_job(&slow[1]).len(), 0, "the second command of the slow key was not called yet");
+    // Each says why it waits.
+    let first = dev.job(&slow[0]).await.json();
+    assert_eq!(first["waiting_for"]["reason"], "handler", "{first}");
+    assert_eq!(first["attempts"], 0, "{first}");
+    let second = dev.job(&slow[1]).await.json();
+    assert_eq!(second["waiting_for"], json!({"reason": "job_ahead", "job_id": slow[0]}), "{second}");
 
     // Then the slow key's commands, one at a time, in order.
     for job in &slow {
@@ -131,8 +137,13 @@ async fn a_slow_key_holds_up_only_its_own_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_locked_ledger_row_holds_up_only_its_account() {
     let mut env = TestEnv::new();
-    let ingest = env.start_ingest_with(|config| config.tenants.push(canary_tenant_key())).await;
-    let _processor = env.start_processor().await;
+    let processor = env.start_processor().await;
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.tenants.push(canary_tenant_key());
+            config.processor_url = processor.url("");
+        })
+        .await;
     let dev = IngestClient::new(&ingest);
     let canary = IngestClient::with_key(&ingest, CANARY_API_KEY);
     let db = processor_db(&env).await;
@@ -180,6 +191,10 @@ async fn a_locked_ledger_row_holds_up_only_its_account() {
     .unwrap()
     .flatten();
     assert_eq!(waiting.as_deref(), Some("locked"), "the key says why it waits");
+    let head = dev.job(&queued[0]).await.json();
+    assert_eq!(head["waiting_for"]["reason"], "locked", "{head}");
+    let behind = dev.job(&queued[199]).await.json();
+    assert_eq!(behind["waiting_for"], json!({"reason": "job_ahead", "job_id": queued[0]}), "{behind}");
 
     // The row is let go: the 200 apply, in order.
     holder.commit().await.unwrap();

@@ -20,6 +20,7 @@ mod metrics;
 mod notifier;
 mod processor;
 mod python_consumer;
+mod python_handler;
 mod python_webhooks;
 mod redrive;
 mod relay;

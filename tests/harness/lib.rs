@@ -123,6 +123,9 @@ impl TestEnv {
         config.shed.processor_group = format!("processor-{}", self.id);
         // The tests' webhook receivers listen on loopback.
         config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1"]).expect("allowlist");
+        // A test's processor listens on a port of its own: a test that wants
+        // `waiting_for` names it.
+        config.processor_url = String::new();
         customize(&mut config);
         self.start(|token| onceflow_ingest::start(config, token)).await
     }
@@ -467,7 +470,8 @@ impl TestEnv {
         customize: impl FnOnce(&mut onceflow_processor::ProcessorConfig),
     ) -> onceflow_processor::ProcessorConfig {
         let mut config: onceflow_processor::ProcessorConfig =
-            config::load(onceflow_processor::config::DEFAULTS, None).expect("processor defaults");
+            config::load(onceflow_processor::config::DEFAULTS, Some(&development_config("processor")))
+                .expect("the processor's development settings");
         config.listen = "127.0.0.1:0".to_owned();
         config.database = self.database("processor");
         config.kafka = self.kafka.clone();

@@ -45,6 +45,11 @@ pub struct IngestConfig {
     /// The operator's endpoints (parked result records).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The processor's address (`http://host:port`), where `GET
+    /// /v1/jobs/{id}` asks what a job that has not ended waits for; empty:
+    /// jobs do not say.
+    #[serde(default)]
+    pub processor_url: String,
     /// A file declaring command types of one's own (see
     /// `onceflow_catalogue`); empty: the built-in ledger only. The processor
     /// must read the same file.

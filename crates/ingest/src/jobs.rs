@@ -1,4 +1,12 @@
-//! `GET /v1/jobs/{job_id}`: a job's status, from ingest's own projection.
+//! `GET /v1/jobs/{job_id}`: a job's status, from ingest's own projection,
+//! and for a job that has not ended, what it waits for and its attempts so
+//! far, from the processor (`GET /v1/executions/{job_id}`, asked with the
+//! client's own API key): a job driven from the processor's database can say
+//! the job ahead of it on its key, its handler's call, a retry's time, a
+//! breaker or a limit. A job the processor applies inline, or a processor
+//! that does not answer within [`PROCESSOR_TIMEOUT`], leaves them out.
+
+use std::time::Duration;
 
 use axum::{
     Json,
@@ -36,6 +44,56 @@ pub struct JobView {
     pub error: Option<serde_json::Value>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// Attempts its handler's failures spent so far (a job not ended yet,
+    /// that the processor drives from its database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+    /// Why a job that has not ended waits: `{"reason": "job_ahead",
+    /// "job_id"}`, `{"reason": "handler", "deadline"}`, `{"reason": "retry" |
+    /// "handler_unavailable" | "breaker" | "locked", "until"}`, `{"reason":
+    /// "capacity"}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub waiting_for: Option<serde_json::Value>,
+}
+
+/// The longest `GET /v1/jobs/{id}` waits for the processor.
+pub const PROCESSOR_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Where ingest asks the processor about a job's execution.
+#[derive(Clone)]
+pub struct ProcessorClient {
+    base: Option<url::Url>,
+    http: reqwest::Client,
+}
+
+impl ProcessorClient {
+    /// A client of the processor at `url` (`http://host:port`); empty: none.
+    pub fn new(url: &str) -> onceflow_runtime::Result<Self> {
+        let base = match url.trim() {
+            "" => None,
+            url => {
+                Some(url::Url::parse(url).map_err(|e| onceflow_runtime::Error::Config(format!("processor_url: {e}")))?)
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(PROCESSOR_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| onceflow_runtime::Error::Config(format!("processor_url's client: {e}")))?;
+        Ok(Self { base, http })
+    }
+
+    /// The execution of `job_id` as the processor shows it to the holder
+    /// of `authorization`, if it answers in time.
+    async fn execution(&self, job_id: Uuid, authorization: &HeaderValue) -> Option<serde_json::Value> {
+        let url = self.base.as_ref()?.join(&format!("/v1/executions/{job_id}")).ok()?;
+        let response = self.http.get(url).header(header::AUTHORIZATION, authorization).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
 }
 
 /// A job's status, result or error.
@@ -80,8 +138,18 @@ pub async fn get(
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        attempts: None,
+        waiting_for: None,
     };
     let terminal = job.status.is_terminal();
+    let mut job = job;
+    if !terminal
+        && let Some(authorization) = headers.get(header::AUTHORIZATION)
+        && let Some(execution) = state.processor.execution(job.job_id, authorization).await
+    {
+        job.attempts = execution["attempts"].as_i64().and_then(|n| i32::try_from(n).ok());
+        job.waiting_for = execution.get("waiting_for").filter(|w| !w.is_null()).cloned();
+    }
     let mut response = Json(job).into_response();
     if !terminal {
         // 1–3 s, so clients polling many jobs do not move in lockstep.

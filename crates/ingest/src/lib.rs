@@ -63,6 +63,8 @@ pub struct AppState {
     pub committer: group_commit::GroupCommitter,
     /// The command types accepted, and how each payload is checked.
     pub command_types: CommandTypes,
+    /// Asks the processor what a job waits for (see [`jobs`]).
+    pub processor: jobs::ProcessorClient,
     /// The OpenAPI document as served, made once at start (it lists every
     /// command type).
     pub openapi: axum::body::Bytes,
@@ -203,6 +205,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         processor_pressure,
         committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &vitals, &shutdown),
         openapi: serde_json::to_vec(&openapi::document_for(&command_types)).unwrap_or_default().into(),
+        processor: jobs::ProcessorClient::new(&config.processor_url)?,
         command_types,
     };
     let mut router = router(state, readiness(pool.clone(), &config.kafka, projection_check, &vitals));

@@ -37,6 +37,10 @@ pub struct ProcessorConfig {
     /// How commands handed to executions are driven (push handlers, keys
     /// with work queued, long built-in work).
     pub executions: ExecutionsConfig,
+    /// API keys of the tenants whose executions `GET /v1/executions/{id}`
+    /// shows (the same list as ingest's); none: that endpoint is not served.
+    #[serde(default)]
+    pub tenants: Vec<onceflow_runtime::auth::TenantKey>,
     /// A file declaring command types of one's own (see
     /// `onceflow_catalogue`); empty: the built-in ledger only. Ingest must
     /// read the same file.

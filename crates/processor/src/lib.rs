@@ -24,7 +24,7 @@ use std::{sync::Arc, time::Duration};
 
 use onceflow_catalogue::CommandTypes;
 use onceflow_outbox::{Relay, RelayConfig};
-use onceflow_runtime::{http, kafka, postgres, service::Running, vitals::Vitals};
+use onceflow_runtime::{auth::ApiKeys, http, kafka, postgres, service::Running, vitals::Vitals};
 use rdkafka::consumer::Consumer as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,10 @@ pub async fn start_with_handlers(
     tasks.spawn(vitals.watch("worker", &shutdown, worker.run(consumer, shutdown.clone())));
 
     let mut router = http::probes(checks).route("/openapi.json", axum::routing::get(openapi::document));
+    let keys = if config.tenants.is_empty() { None } else { Some(ApiKeys::configured(&config.tenants)?) };
+    if let Some(api) = executions::api::router(pool.clone(), keys) {
+        router = router.merge(api);
+    }
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);
     }

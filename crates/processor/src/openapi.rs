@@ -10,12 +10,16 @@ use utoipa::OpenApi;
 #[openapi(
     info(
         title = "onceflow processor",
-        description = "The operator's endpoints for dead-lettered commands, served when `admin.token` is set."
+        description = "A job's execution for its tenant (served when `tenants` is set), and the operator's \
+            endpoints for dead-lettered commands (served when `admin.token` is set)."
     ),
-    paths(crate::admin::list, crate::admin::redrive),
-    components(schemas(ProblemDocument)),
+    paths(crate::executions::api::execution, crate::admin::list, crate::admin::redrive),
+    components(schemas(ProblemDocument, crate::executions::store::ExecutionView)),
     modifiers(&BearerSchemes),
-    tags((name = "admin", description = "Dead letters: list and redrive"))
+    tags(
+        (name = "executions", description = "Where a job driven from the database stands, and why it waits"),
+        (name = "admin", description = "Dead letters: list and redrive")
+    )
 )]
 pub struct ApiDoc;
 
@@ -29,9 +33,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn documents_both_admin_endpoints() {
+    fn documents_both_admin_endpoints_and_executions() {
         let document = serde_json::to_value(ApiDoc::openapi()).unwrap();
-        for path in ["/admin/dead-letters", "/admin/dead-letters/{message_id}/redrive"] {
+        for path in ["/admin/dead-letters", "/admin/dead-letters/{message_id}/redrive", "/v1/executions/{job_id}"] {
             assert!(document["paths"][path].is_object(), "{path} is documented");
         }
         assert!(document["components"]["securitySchemes"]["admin_token"].is_object());

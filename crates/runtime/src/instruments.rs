@@ -87,6 +87,36 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Deliveries of commands the processor had already handled (no effect).",
     ),
     (
+        "onceflow_commands_deferred_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Commands the processor handed to an execution (push handler, long work, busy or locked key), by type.",
+    ),
+    (
+        "onceflow_handler_calls_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Calls of push handlers, by command type and outcome (succeeded, refused, unavailable, failed).",
+    ),
+    (
+        "onceflow_handler_call_duration_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time from a push handler's call to its answer, by command type.",
+    ),
+    (
+        "onceflow_handler_breaker_transitions_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Changes of a push handler's circuit breaker, by the state entered.",
+    ),
+    (
+        "onceflow_execution_attempts_expired_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Attempts given up because no answer was recorded by their deadline (their processor died).",
+    ),
+    (
         "onceflow_commands_dead_lettered_total",
         Kind::Counter,
         Some(Unit::Count),

@@ -49,6 +49,7 @@
 //! the policy's last dead-letters the job (redrive works as for any dead
 //! letter); a `4xx` problem ends it `failed` at once.
 
+pub mod api;
 mod builtin;
 mod dispatcher;
 mod endings;

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""A onceflow push handler for `demo.greet`: checks each call's Standard Webhooks
+signature; answers 200 with a result, or a 4xx problem to refuse. Every call of
+a job has the same Idempotency-Key (its job id): pass it on to what you call.
+Run: python examples/python/handler.py  (HANDLER_SECRET, HANDLER_PORT=8090)"""
+import json
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+# The processor's development signing secret (public, for local use only).
+SECRET = os.environ.get("HANDLER_SECRET", "whsec_EWIs7O2KYozvz1pVwbkU8vFnC4/A2OIJxkBw9KBvCV4=")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        try:
+            command = Webhook(SECRET).verify(body, headers)
+        except WebhookVerificationError:
+            return self.answer(401, {"title": "Bad signature"})
+        name = command["payload"]["name"]
+        if name.lower() == "nobody":
+            return self.answer(422, {"code": "unknown_name", "title": "No such person", "detail": f"{name}?"})
+        self.answer(200, {"greeting": f"Hello, {name}!", "attempt": command["attempt"]})
+
+    def answer(self, status, document):
+        data = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json" if status == 200 else "application/problem+json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("HANDLER_PORT", "8090"))), Handler)
+print(json.dumps({"listening": "%s:%d" % server.server_address}), flush=True)
+server.serve_forever()
