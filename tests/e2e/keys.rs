@@ -8,7 +8,10 @@
 //!   with 200 deposits queued on it, holds up only those: deposits to other
 //!   accounts of both tenants keep finishing, and once the lock goes the 200
 //!   apply in order (each result's balance one more than the last, on the
-//!   results topic in that order).
+//!   results topic in that order);
+//! - one account's results keep their order in the notifier's event ids and
+//!   in the webhooks to one endpoint, even when the receiver makes the first
+//!   one wait for a retry.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -18,9 +21,10 @@ use std::{
 use futures::{StreamExt as _, stream};
 use onceflow_contracts::JobStatus;
 use onceflow_tests::{
-    CANARY_API_KEY, IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, TestEnv, canary_tenant_key, eventually,
+    CANARY_API_KEY, IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, Reply, TestEnv, WebhookReceiver,
+    canary_tenant_key, eventually,
 };
-use onceflow_webhook::Secret;
+use onceflow_webhook::{Allowlist, RetryPolicy, Secret};
 use serde_json::{Value, json};
 
 use crate::{
@@ -221,5 +225,57 @@ async fn a_locked_ledger_row_holds_up_only_its_account() {
     assert_eq!(order, queued.iter().collect::<Vec<_>>(), "one result per deposit, in the order of their 202s");
 
     db.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_s_results_keep_their_order_in_event_ids_and_webhooks() {
+    let mut env = TestEnv::new();
+    let ingest = env.start_ingest().await;
+    let _processor = env.start_processor().await;
+    let _notifier = env
+        .start_notifier_with(|config| {
+            config.webhooks.allowlist = Allowlist::new(["127.0.0.1"]).unwrap();
+            config.webhooks.poll_interval_ms = 100;
+            config.webhooks.retry =
+                RetryPolicy { initial_backoff_ms: 200, max_backoff_ms: 1_000, ..config.webhooks.retry.clone() };
+        })
+        .await;
+    let receiver = WebhookReceiver::start().await;
+    // The first delivery is told to come back a second later; without order
+    // the others would overtake it.
+    receiver.script([Reply::RetryAfter(503, 1)]);
+    let client = IngestClient::new(&ingest);
+    let opened = submit(&client, "open-ordered", &open("ordered")).await;
+    assert_eq!(ended(&client, &opened).await["status"], "succeeded");
+
+    let mut jobs = Vec::new();
+    for n in 0..20 {
+        let mut body = deposit("ordered", 1);
+        body["callback_url"] = json!(receiver.url("/hooks"));
+        jobs.push(submit(&client, &format!("ordered-{n}"), &body).await);
+    }
+    let received = receiver.wait_for(21, OUTCOME_TIMEOUT).await;
+    let delivered: Vec<i64> = received
+        .iter()
+        .skip(1)
+        .map(|request| {
+            let body: Value = serde_json::from_slice(&request.body).unwrap();
+            body["result"]["balance"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(delivered, (1..=20).collect::<Vec<_>>(), "the webhooks of one account in the order applied");
+
+    let notifier_db = sqlx::PgPool::connect(&env.database_url("notifier")).await.unwrap();
+    let stored: Vec<i64> = sqlx::query_scalar(
+        "SELECT (data -> 'result' ->> 'balance')::bigint FROM events
+         WHERE job_id = ANY($1) AND terminal ORDER BY seq",
+    )
+    .bind(jobs.iter().map(|id| id.parse::<uuid::Uuid>().unwrap()).collect::<Vec<_>>())
+    .fetch_all(&notifier_db)
+    .await
+    .unwrap();
+    assert_eq!(stored, (1..=20).collect::<Vec<_>>(), "event ids (seq) in the order applied");
+    notifier_db.close().await;
     env.teardown().await;
 }

@@ -69,10 +69,11 @@ impl StoredEvent {
 pub async fn record(pool: &PgPool, message: OwnedMessage) -> Result<(), RecordError> {
     let (envelope, event, job_id) = decode(&message)?;
     let span = store_span(&message, &envelope, &event);
+    let order_key = order_key(&message);
     async {
         let mut tx = pool.begin().await?;
         lock_inserts(&mut tx).await?;
-        store(&mut tx, &envelope, &event, job_id).await?;
+        store(&mut tx, &envelope, &event, job_id, &order_key).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -90,7 +91,10 @@ pub async fn record_batch(pool: &PgPool, messages: Vec<OwnedMessage>) -> Result<
     lock_inserts(&mut tx).await.map_err(BatchError::whole)?;
     for (position, (message, (envelope, event, job_id))) in messages.iter().zip(&decoded).enumerate() {
         let span = store_span(message, envelope, event);
-        store(&mut tx, envelope, event, *job_id).instrument(span).await.map_err(BatchError::at(position))?;
+        store(&mut tx, envelope, event, *job_id, &order_key(message))
+            .instrument(span)
+            .await
+            .map_err(BatchError::at(position))?;
     }
     tx.commit().await.map_err(BatchError::whole)?;
     Ok(())
@@ -116,18 +120,28 @@ async fn lock_inserts(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Insert `event` (and its webhook delivery) in the caller's transaction,
-/// which holds [`lock_inserts`]; stored with the current span's trace context.
+/// The ordering key a result carries: its record's Kafka key (the key of
+/// the command it is about), for the order of its webhooks; `None` for a
+/// record without a text key.
+fn order_key(message: &OwnedMessage) -> Option<String> {
+    let key = std::str::from_utf8(message.key()?).ok()?;
+    (!key.is_empty() && !key.contains('\0') && key.len() <= 1024).then(|| key.to_owned())
+}
+
+/// Insert `event` (and its webhook delivery, in the order of `order_key`)
+/// in the caller's transaction, which holds [`lock_inserts`]; stored with
+/// the current span's trace context.
 async fn store(
     tx: &mut PgConnection,
     envelope: &Envelope,
     event: &ResultEvent,
     job_id: Uuid,
+    order_key: &Option<String>,
 ) -> Result<(), RecordError> {
     let (traceparent, tracestate) = telemetry::current_trace_context();
-    let inserted = sqlx::query(
+    let seq: Option<i64> = sqlx::query_scalar(
         "INSERT INTO events (event_id, tenant, job_id, correlation_id, event_type, terminal, data, traceparent, tracestate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING RETURNING seq",
     )
     .bind(&event.event_id)
     .bind(&event.tenant)
@@ -138,13 +152,14 @@ async fn store(
     .bind(event.to_client_json())
     .bind(traceparent)
     .bind(tracestate)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    let duplicate = inserted.rows_affected() == 0;
+    let duplicate = seq.is_none();
     let callback_url = event.callback_url.as_deref().filter(|url| !url.is_empty());
-    let delivery = match callback_url {
-        Some(url) if !duplicate && event.status.is_terminal() => {
-            Some(crate::webhooks::store::enqueue(&mut *tx, event, job_id, url, envelope).await?)
+    let delivery = match (callback_url, seq) {
+        (Some(url), Some(seq)) if event.status.is_terminal() => {
+            let order = crate::webhooks::store::Order { key: order_key.as_deref(), seq };
+            Some(crate::webhooks::store::enqueue(&mut *tx, event, job_id, url, envelope, order).await?)
         }
         _ => None,
     };

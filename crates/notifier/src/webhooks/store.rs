@@ -99,6 +99,17 @@ fn displayable(url: &str) -> String {
     shown
 }
 
+/// Where a delivery stands among those of its key: the deliveries of one
+/// ordering key to one URL go out one at a time, in `seq` order (see
+/// migration 0006).
+#[derive(Debug, Clone, Copy)]
+pub struct Order<'a> {
+    /// The result record's Kafka key (its command's); `None`: no order.
+    pub key: Option<&'a str>,
+    /// The stored event's `seq`.
+    pub seq: i64,
+}
+
 /// Record the delivery of `event` to `url`, in the transaction storing the
 /// event. The event id is unique in the table, so this is idempotent too.
 /// A `url` with a [`refusal`] gets a delivery that is `failed` from the
@@ -113,6 +124,7 @@ pub async fn enqueue(
     job_id: Uuid,
     url: &str,
     envelope: &Envelope,
+    order: Order<'_>,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
     // Serialised once: every attempt sends (and signs) the same bytes.
@@ -150,10 +162,11 @@ pub async fn enqueue(
     sqlx::query(
         "INSERT INTO webhook_deliveries
             (id, event_id, tenant, job_id, correlation_id, event_type, url, body, traceparent, tracestate,
-             status, last_error, finished_at, destination, next_attempt_at)
+             status, last_error, finished_at, destination, next_attempt_at, order_key, event_seq)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                  CASE WHEN $11 = 'pending' THEN NULL ELSE now() END, $13,
-                 greatest(now(), (SELECT open_until FROM webhook_breakers WHERE destination = $13 AND state = 'open')))
+                 greatest(now(), (SELECT open_until FROM webhook_breakers WHERE destination = $13 AND state = 'open')),
+                 $14, $15)
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(id)
@@ -169,6 +182,8 @@ pub async fn enqueue(
     .bind(status)
     .bind(&ended_because)
     .bind(&destination)
+    .bind(order.key)
+    .bind(order.seq)
     .execute(&mut *tx)
     .await?;
     Ok(id)
@@ -211,6 +226,12 @@ const CLAIMED_COLUMNS: &str = "d.id, d.tenant, d.job_id, d.correlation_id, d.url
     (SELECT e.id FROM webhook_endpoints e WHERE e.tenant = d.tenant AND e.url = d.url AND e.state = 'disabled')
         AS endpoint_disabled";
 
+/// A delivery `w` may go only when no earlier one of its key to its URL is
+/// still pending (see [`Order`]).
+const NO_EARLIER_PENDING: &str = "NOT EXISTS (SELECT 1 FROM webhook_deliveries p
+     WHERE p.tenant = w.tenant AND p.url = w.url AND p.order_key = w.order_key AND p.event_seq < w.event_seq
+       AND p.status = 'pending')";
+
 /// Claim up to `limit` due deliveries for `lease`, past those whose
 /// destination's circuit breaker is open or probing (they wait, their
 /// attempts untouched). `SKIP LOCKED` lets the workers of every instance
@@ -230,6 +251,7 @@ pub async fn claim_due(pool: &PgPool, lease: Duration, limit: i64) -> Result<Vec
                     AND (lease_until IS NULL OR lease_until < now())
                     AND NOT EXISTS (SELECT 1 FROM webhook_breakers b
                                      WHERE b.destination = w.destination AND b.state <> 'closed')
+                    AND {NO_EARLIER_PENDING}
                   ORDER BY next_attempt_at
                   LIMIT $3
                   FOR UPDATE OF w SKIP LOCKED) due
@@ -264,6 +286,7 @@ pub async fn claim_probes(pool: &PgPool, lease: Duration, limit: i64) -> Result<
                   SELECT id, lease_until AS expired_lease FROM webhook_deliveries w
                    WHERE w.destination = ready.destination AND status = 'pending' AND next_attempt_at <= now()
                      AND (lease_until IS NULL OR lease_until < now())
+                     AND {NO_EARLIER_PENDING}
                    ORDER BY next_attempt_at
                    LIMIT 1
                    FOR UPDATE SKIP LOCKED) due),
