@@ -11,7 +11,9 @@
 #    through its public HTTP and SSE interfaces by the Rust load client
 #    `onceflow-bench`: ingest 202/s with fresh keys, processor drain rate,
 #    accept -> SSE latency at fixed rates, idle SSE subscribers' memory, and
-#    SSE fan-out. The services run with exactly the configuration
+#    SSE fan-out; and for a push handler (`bench.noop`, served by the load
+#    client itself), 202 -> handler request latency and the drain of a
+#    backlog. The services run with exactly the configuration
 #    `scripts/stack.sh up` gives them.
 #
 # Figures go to .stack/bench/*.json; the table is printed at the end.
@@ -125,6 +127,23 @@ overload_seconds=$([ "$quick" = 1 ] && echo 10 || echo 30)
 say "overload: accept -> SSE at twice the drain rate ($overload_rate commands/s), ${overload_seconds}s"
 bench latency --rate "$overload_rate" --seconds "$overload_seconds" | tee "$out/overload.json"
 
+say "push handler: 202 -> handler request latency at 100 commands/s, ${seconds}s"
+bench handler-latency --rate 100 --seconds "$seconds" | tee "$out/handler-latency.json"
+
+say "push handler drain: $backlog bench.noop commands queued while the processor is stopped, then drained"
+scripts/stack.sh stop processor
+scripts/stack.sh stop ingest
+ONCEFLOW_SHED__MIN_LAG=1000000000 scripts/stack.sh start ingest >/dev/null
+bench submit --noop --count "$backlog" >"$out/handler-submit.json"
+scripts/stack.sh stop ingest
+scripts/stack.sh start ingest >/dev/null
+bench handler-drain --count "$backlog" >"$out/handler-drain.json" &
+drain_pid=$!
+sleep 2
+scripts/stack.sh start processor
+wait "$drain_pid"
+cat "$out/handler-drain.json"
+
 say "idle SSE subscribers: $idle_subscribers"
 bench idle --count "$idle_subscribers" --pid "$(cat "$STACK_DIR/notifier.pid")" | tee "$out/idle.json"
 
@@ -160,6 +179,12 @@ rows = [
 for rate in (10, 100, 200):
     l = f.get(f"latency-{rate}", {}).get("latency", {})
     rows.append((f"accept -> SSE at {rate}/s", f"p50 {l.get('p50_ms', 0):.1f} ms, p99 {l.get('p99_ms', 0):.1f} ms (missing {l.get('missing', '?')})", "", ""))
+handler = f.get("handler-latency", {}).get("handler_latency", {})
+if handler:
+    rows.append(("push handler: 202 -> handler request at 100/s", f"p50 {handler.get('p50_ms', 0):.1f} ms, p99 {handler.get('p99_ms', 0):.1f} ms (missing {handler.get('missing', '?')})", "", ""))
+handler_drain = get("handler-drain", "handler_drain", "per_sec")
+if handler_drain:
+    rows.append(("push handler drain, bench.noop (no-op handler)", f"{handler_drain:.0f}/s", "", ""))
 over = f.get("overload", {}).get("latency", {})
 if over:
     refused = sum(over.get("refused", {}).values())

@@ -5,9 +5,15 @@
 //! database connection is cut, and the broker is paused, then SIGKILLed and
 //! restarted (it keeps its data in a file, as the local stack's does).
 //!
+//! Beside the deposits, commands of a push handler (a server of the test's,
+//! which outlives every kill) are submitted in order on two ordering keys.
+//!
 //! Afterwards: every accepted deposit took effect exactly once (the ledger
-//! invariant), every job is terminal, a key's retries all named one job, and a
-//! resuming SSE reader saw every job's terminal event exactly once.
+//! invariant), every job is terminal, a key's retries all named one job, a
+//! resuming SSE reader saw every job's terminal event exactly once, and each
+//! push key's commands were called, and their results streamed, in the order
+//! of their 202s (a call may repeat after a processor was killed in the
+//! middle of it, always with the job's one key).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,12 +23,15 @@ use std::{
 
 use futures::StreamExt as _;
 use onceflow_tests::{
-    DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, ServiceProcess, TestEnv, database_server, development_config, eventually,
+    DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, PushHandler, PushReply, ServiceProcess, TestEnv, database_server,
+    development_config, eventually,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const ACCOUNTS: [&str; 4] = ["chaos-a", "chaos-b", "chaos-c", "chaos-d"];
+/// The ordering keys of the push handler's commands.
+const GREET_KEYS: [&str; 2] = ["g-0", "g-1"];
 /// Deposits submitted per second while the faults run.
 const RATE_PER_SEC: u64 = 20;
 /// How long the load and the faults last.
@@ -123,6 +132,10 @@ async fn submit_until_accepted(http: &reqwest::Client, ingest: &str, key: &str, 
     }
 }
 
+/// A push command accepted: its ordering key, its number on that key (the
+/// order of its 202) and its job.
+type Greeted = (&'static str, u64, String);
+
 /// One SSE event as the reader saw it.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -206,16 +219,36 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     };
     let (ingest_addr, processor_addr, notifier_addr) = (free_addr(), free_addr(), free_addr());
     let kafka = env.kafka.clone();
+    // The push handler answers at once; it lives in the test, so no kill
+    // reaches it.
+    let handler = PushHandler::start(|request| PushReply::ok(json!({"n": request.json()["payload"]["n"]}))).await;
+    let types = env.command_types_file(&format!(
+        r#"
+[types."chaos.greet"]
+schema = {{ type = "object", required = ["key", "n"], properties = {{ key = {{ type = "string" }}, n = {{ type = "integer" }} }} }}
+ordering_key = "/key"
+handler = {{ push = "{}" }}
+attempt_timeout_ms = 5000
+retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
+"#,
+        handler.url("/greet")
+    ));
     let mut ingest_env = common(&kafka, env.database_config("ingest").url);
     ingest_env.extend([
+        ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
         ("ONCEFLOW_LISTEN", ingest_addr.clone()),
         ("ONCEFLOW_CONFIG", development_config("ingest").display().to_string()),
         ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
         ("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", env.id)),
     ]);
     let mut processor_env = common(&kafka, env.database_config("processor").url);
-    processor_env
-        .extend([("ONCEFLOW_LISTEN", processor_addr.clone()), ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id))]);
+    processor_env.extend([
+        ("ONCEFLOW_LISTEN", processor_addr.clone()),
+        ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id)),
+        ("ONCEFLOW_CONFIG", development_config("processor").display().to_string()),
+        ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
+        ("ONCEFLOW_EXECUTIONS__PUSH__ALLOWLIST", "[\"127.0.0.1\"]".to_owned()),
+    ]);
     let mut notifier_env = common(&kafka, env.database_config("notifier").url);
     notifier_env.extend([
         ("ONCEFLOW_LISTEN", notifier_addr.clone()),
@@ -276,6 +309,28 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
         })
     };
 
+    // The push handler's commands: per key, one after another, each once
+    // accepted, so their 202s come in the order of `n`.
+    let greeted: Arc<Mutex<Vec<Greeted>>> = Arc::default();
+    let greeters: Vec<_> = GREET_KEYS
+        .iter()
+        .map(|&key| {
+            let (greeted, stop_load, http, ingest_addr) =
+                (greeted.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop_load.is_cancelled() {
+                    n += 1;
+                    let body = json!({"type": "chaos.greet", "payload": {"key": key, "n": n}});
+                    let (job_id, _) =
+                        submit_until_accepted(&http, &ingest_addr, &format!("greet-{key}-{n}"), &body).await;
+                    greeted.lock().expect("greeted").push((key, n, job_id));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+
     // The faults, one every few seconds while the load runs.
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", database_server())).await.expect("admin connection");
     let pause = Duration::from_secs(4);
@@ -314,6 +369,9 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     }
     stop_load.cancel();
     load.await.expect("the load");
+    for greeter in greeters {
+        greeter.await.expect("a greeter");
+    }
     assert!(faults.iter().any(|f| f.starts_with("SIGKILL broker")), "the broker was never restarted: {faults:?}");
     for service in [&mut ingest, &mut processor, &mut notifier] {
         service.assert_alive();
@@ -361,8 +419,43 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
         .expect("postings");
     assert_eq!(postings, i64::try_from(submitted.len()).unwrap_or(0), "one posting per accepted deposit");
 
+    // Every push command ended succeeded, each call with its job's key.
+    let greeted = greeted.lock().expect("greeted").clone();
+    for (key, n, job_id) in &greeted {
+        eventually(&format!("{key} #{n} ({job_id}) to end"), OUTCOME_TIMEOUT, || async {
+            let job = api.job(job_id).await.json();
+            match job["status"].as_str() {
+                Some("succeeded") => Some(()),
+                Some("accepted" | "processing") | None => None,
+                Some(other) => panic!("{key} #{n} ended {other}: {job}"),
+            }
+        })
+        .await;
+    }
+    let calls = handler.received();
+    for request in &calls {
+        assert_eq!(request.header("idempotency-key"), Some(request.job_id().as_str()), "one key per job");
+    }
+    for key in GREET_KEYS {
+        let jobs: Vec<&String> = greeted.iter().filter(|(k, ..)| *k == key).map(|(.., job)| job).collect();
+        let mut first_calls: Vec<&String> = Vec::new();
+        for request in &calls {
+            if let Some(job) = jobs.iter().find(|job| ***job == request.job_id())
+                && !first_calls.contains(job)
+            {
+                first_calls.push(job);
+            }
+        }
+        assert_eq!(first_calls, jobs, "{key}: first calls in the order of the 202s");
+    }
+
     // The stream: each job's terminal event exactly once, across reconnects.
-    let wanted: HashSet<String> = submitted.values().map(|d| d.job_id.clone()).chain(opened.iter().cloned()).collect();
+    let wanted: HashSet<String> = submitted
+        .values()
+        .map(|d| d.job_id.clone())
+        .chain(opened.iter().cloned())
+        .chain(greeted.iter().map(|(.., job)| job.clone()))
+        .collect();
     eventually("the SSE reader to see every job's terminal event", OUTCOME_TIMEOUT, || async {
         let seen = seen.lock().expect("seen");
         let terminal: HashSet<&str> =
@@ -385,12 +478,23 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
     assert!(repeated.is_empty(), "events seen more than once on the resumed stream: {repeated:?}");
     let doubled: Vec<_> = terminal_by_job.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "jobs with more than one terminal event: {doubled:?}");
+    for key in GREET_KEYS {
+        let jobs: Vec<&String> = greeted.iter().filter(|(k, ..)| *k == key).map(|(.., job)| job).collect();
+        let streamed: Vec<&String> = seen
+            .iter()
+            .filter(|event| event.event_type == "job.succeeded")
+            .filter_map(|event| jobs.iter().find(|job| ***job == event.job_id).copied())
+            .collect();
+        assert_eq!(streamed, jobs, "{key}: results streamed in the order of the 202s");
+    }
 
     let retried = submitted.values().filter(|d| d.attempts > 1).count();
     eprintln!(
-        "chaos test: {} deposits accepted ({retried} needed retries of their key), {} faults {faults:?}, \
-         {reconnects} SSE reconnects, {} events streamed; {:.1} s",
+        "chaos test: {} deposits accepted ({retried} needed retries of their key), {} push commands ({} calls), \
+         {} faults {faults:?}, {reconnects} SSE reconnects, {} events streamed; {:.1} s",
         submitted.len(),
+        greeted.len(),
+        calls.len(),
         faults.len(),
         seen.len(),
         began.elapsed().as_secs_f64()

@@ -14,6 +14,10 @@
 //! - `idle`: N idle SSE subscribers, and the notifier's resident memory each
 //!   costs (read from `/proc/<pid>/status`).
 //! - `fanout`: N subscribers, E commands: deliveries per second.
+//! - `handler-latency`, `handler-drain`: the same for commands of a push
+//!   handler (`bench.noop`), which this client serves itself ([`handler`]):
+//!   202 → handler request latency, and the drain of a backlog (queued with
+//!   `submit --noop`).
 //!
 //! The client is built to stay out of the way: streams are counted on raw
 //! bytes except where a job id is needed, and every request reuses one HTTP
@@ -34,6 +38,11 @@ use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
+
+mod handler;
+mod subscribers;
+
+use subscribers::count_events;
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure a running onceflow stack from outside")]
@@ -77,12 +86,36 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-    /// Submit `count` deposits as fast as `connections` allow.
+    /// Submit `count` deposits (or `bench.noop` commands) as fast as
+    /// `connections` allow.
     Submit {
         #[arg(long)]
         count: u64,
         #[arg(long, default_value_t = 16)]
         connections: usize,
+        /// `bench.noop` commands, served by `handler-drain`, not deposits.
+        #[arg(long)]
+        noop: bool,
+    },
+    /// Serve `bench.noop` on `port` and submit its commands at `rate` per
+    /// second for `seconds`: 202 → handler request latency.
+    HandlerLatency {
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8091)]
+        port: u16,
+    },
+    /// Serve `bench.noop` on `port` and wait for `count` terminal events on
+    /// the tenant's stream (from now): the drain rate of a backlog of them.
+    HandlerDrain {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 8091)]
+        port: u16,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
     },
     /// Wait for `count` terminal events on the tenant's stream (from now);
     /// the rate between the first and the last.
@@ -119,7 +152,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Setup => bench.setup().await?,
         Command::Accept { connections, seconds } => bench.accept(connections, Duration::from_secs(seconds)).await?,
         Command::Latency { rate, seconds } => bench.latency(rate, Duration::from_secs(seconds)).await?,
-        Command::Submit { count, connections } => bench.submit(count, connections).await?,
+        Command::Submit { count, connections, noop } => bench.submit(count, connections, noop).await?,
+        Command::HandlerLatency { rate, seconds, port } => {
+            bench.handler_latency(rate, Duration::from_secs(seconds), port).await?
+        }
+        Command::HandlerDrain { count, port, timeout_secs } => {
+            bench.handler_drain(count, port, Duration::from_secs(timeout_secs)).await?
+        }
         Command::Drain { count, timeout_secs } => bench.drain(count, Duration::from_secs(timeout_secs)).await?,
         Command::Idle { count, pid } => bench.idle(count, pid).await?,
         Command::Fanout { subscribers, events, timeout_secs } => {
@@ -366,7 +405,7 @@ impl Bench {
         }
     }
 
-    async fn submit(&self, count: u64, connections: usize) -> anyhow::Result<Value> {
+    async fn submit(&self, count: u64, connections: usize, noop: bool) -> anyhow::Result<Value> {
         let next = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
@@ -374,8 +413,13 @@ impl Bench {
         for _ in 0..connections {
             let (bench, next, accepted) = (self.clone(), next.clone(), accepted.clone());
             clients.spawn(async move {
-                let body = bench.deposit();
-                while next.fetch_add(1, Ordering::Relaxed) < count {
+                let deposit = bench.deposit();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        break;
+                    }
+                    let body = if noop { handler::noop_command(n) } else { deposit.clone() };
                     if let Ok((202, _)) = bench.post(&body).await {
                         accepted.fetch_add(1, Ordering::Relaxed);
                     }
@@ -399,116 +443,6 @@ impl Bench {
             "per_sec": rate(counted.events, counted.first, counted.last),
         }}))
     }
-
-    async fn idle(&self, count: usize, pid: u32) -> anyhow::Result<Value> {
-        let before = resident_kib(pid)?;
-        let mut held = Vec::with_capacity(count);
-        let mut opening = JoinSet::new();
-        let concurrency = Arc::new(tokio::sync::Semaphore::new(256));
-        for _ in 0..count {
-            let (bench, concurrency) = (self.clone(), concurrency.clone());
-            opening.spawn(async move {
-                let _permit = concurrency.acquire().await?;
-                bench.stream("/v1/events").await
-            });
-        }
-        while let Some(opened) = opening.join_next().await {
-            held.push(opened??);
-        }
-        // What the subscribers hold once idle, not what opening them took: the
-        // notifier's allocator (jemalloc) hands memory freed by the opening
-        // work (requests, catch-up queries) back to the system only after it
-        // has been free for a while (its decay, 10 s by default), so the
-        // resident size is read each second until it has not moved by more
-        // than 1 % for 5 s, after at least 12 s and at most 60 s.
-        let opened = Instant::now();
-        let at_3s = {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            resident_kib(pid)?
-        };
-        let mut samples = vec![at_3s];
-        let after = loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            samples.push(resident_kib(pid)?);
-            let recent = &samples[samples.len().saturating_sub(6)..];
-            let (low, high) = (recent.iter().min().copied().unwrap_or(0), recent.iter().max().copied().unwrap_or(0));
-            let steady = recent.len() == 6 && high - low <= high / 100;
-            if (steady && opened.elapsed() >= Duration::from_secs(12)) || opened.elapsed() >= Duration::from_secs(60) {
-                break samples[samples.len() - 1];
-            }
-        };
-        drop(held);
-        let per = |rss: u64| rss.saturating_sub(before) as f64 / count.max(1) as f64;
-        Ok(json!({"idle": {
-            "subscribers": count,
-            "rss_before_kib": before,
-            "rss_after_kib": after,
-            "settled_after_secs": opened.elapsed().as_secs_f64(),
-            "kib_per_subscriber": per(after),
-            "kib_per_subscriber_at_3s": per(at_3s),
-        }}))
-    }
-
-    async fn fanout(&self, subscribers: usize, events: u64, timeout: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
-        let mut streams = Vec::with_capacity(subscribers);
-        for _ in 0..subscribers {
-            streams.push(self.stream("/v1/events").await?);
-        }
-        let mut readers = JoinSet::new();
-        for stream in streams {
-            readers.spawn(count_events(stream, events, deadline));
-        }
-        self.submit(events, 16).await.context("submitting the events")?;
-        let (mut first, mut last, mut deliveries) = (None::<Instant>, None::<Instant>, 0u64);
-        while let Some(counted) = readers.join_next().await {
-            let counted = counted??;
-            deliveries += counted.events;
-            first = match (first, counted.first) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            last = last.max(counted.last);
-        }
-        Ok(json!({"fanout": {
-            "subscribers": subscribers,
-            "events": events,
-            "deliveries": deliveries,
-            "deliveries_per_sec": rate(deliveries, first, last),
-        }}))
-    }
-}
-
-/// What one stream delivered.
-struct Counted {
-    events: u64,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-/// Count `job.succeeded` events on `stream` (on raw bytes: a pattern split
-/// across chunks is found through the kept tail) until `wanted` or `deadline`.
-async fn count_events(stream: reqwest::Response, wanted: u64, deadline: Instant) -> anyhow::Result<Counted> {
-    let mut bytes = stream.bytes_stream();
-    let mut counted = Counted { events: 0, first: None, last: None };
-    let mut window: Vec<u8> = Vec::new();
-    while counted.events < wanted {
-        let chunk = tokio::time::timeout_at(deadline.into(), bytes.next())
-            .await
-            .with_context(|| format!("only {} of {wanted} events before the deadline", counted.events))?
-            .context("the stream ended")??;
-        window.extend_from_slice(&chunk);
-        let found = window.windows(SUCCEEDED.len()).filter(|w| *w == SUCCEEDED).count() as u64;
-        if found > 0 {
-            let now = Instant::now();
-            counted.first.get_or_insert(now);
-            counted.last = Some(now);
-            counted.events += found;
-        }
-        let keep = window.len().min(SUCCEEDED.len() - 1);
-        window.drain(..window.len() - keep);
-    }
-    Ok(counted)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -529,14 +463,4 @@ fn rate(count: u64, first: Option<Instant>, last: Option<Instant>) -> f64 {
         (Some(first), Some(last)) if last > first => count.saturating_sub(1) as f64 / (last - first).as_secs_f64(),
         _ => 0.0,
     }
-}
-
-/// The resident memory of process `pid`, in KiB.
-fn resident_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
 }
