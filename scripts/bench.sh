@@ -101,6 +101,22 @@ for rate in 10 100 200; do
   bench latency --rate "$rate" --seconds "$seconds" | tee "$out/latency-$rate.json"
 done
 
+# One key that cannot proceed must hold up only itself: another connection
+# holds one account's row for 30 s (as a long transaction or a slow handler
+# would), 200 deposits queue on that account, and the latency of the other
+# accounts' deposits is measured meanwhile, to set beside the run above.
+say "one account locked 30 s with 200 deposits queued on it: accept -> SSE at 100/s on the others, ${seconds}s"
+"$bench_binary" --account stuck --accounts 1 setup >/dev/null
+sleep 2
+psql_admin -d onceflow_processor -c "BEGIN" \
+  -c "SELECT 1 FROM accounts WHERE tenant = 'dev' AND account_id = 'stuck-0' FOR UPDATE" \
+  -c "SELECT pg_sleep(30)" -c "COMMIT" >/dev/null &
+holder=$!
+sleep 1
+"$bench_binary" --account stuck --accounts 1 submit --count 200 >/dev/null
+bench latency --rate 100 --seconds "$seconds" | tee "$out/latency-stuck.json"
+wait "$holder"
+
 say "processor drain: $backlog deposits queued while it is stopped, then drained"
 # Ingest's backpressure refuses a backlog that nothing drains (that is its
 # job); lift it while the backlog is queued, which changes nothing of the
@@ -179,12 +195,18 @@ rows = [
 for rate in (10, 100, 200):
     l = f.get(f"latency-{rate}", {}).get("latency", {})
     rows.append((f"accept -> SSE at {rate}/s", f"p50 {l.get('p50_ms', 0):.1f} ms, p99 {l.get('p99_ms', 0):.1f} ms (missing {l.get('missing', '?')})", "", ""))
+stuck = f.get("latency-stuck", {}).get("latency", {})
+if stuck:
+    rows.append(("accept -> SSE at 100/s, one account locked 30 s with 200 deposits queued on it",
+                 f"p50 {stuck.get('p50_ms', 0):.1f} ms, p99 {stuck.get('p99_ms', 0):.1f} ms (missing {stuck.get('missing', '?')})",
+                 "the row without a locked account", ratio(stuck.get('p50_ms'), f.get('latency-100', {}).get('latency', {}).get('p50_ms')) + " (p50)"))
 handler = f.get("handler-latency", {}).get("handler_latency", {})
 if handler:
     rows.append(("push handler: 202 -> handler request at 100/s", f"p50 {handler.get('p50_ms', 0):.1f} ms, p99 {handler.get('p99_ms', 0):.1f} ms (missing {handler.get('missing', '?')})", "", ""))
 handler_drain = get("handler-drain", "handler_drain", "per_sec")
 if handler_drain:
-    rows.append(("push handler drain, bench.noop (no-op handler)", f"{handler_drain:.0f}/s", "", ""))
+    rows.append(("push handler drain, bench.noop (no-op handler)", f"{handler_drain:.0f}/s",
+                 f"pgbench processor tx: {proc_tps:.0f} tps" if proc_tps else "n/a", ratio(handler_drain, proc_tps)))
 over = f.get("overload", {}).get("latency", {})
 if over:
     refused = sum(over.get("refused", {}).values())

@@ -4,7 +4,8 @@
 //!
 //! - every call of a job carries its job id as `Idempotency-Key`, whatever
 //!   happened to the calls before (a handler killed mid-request, an answer
-//!   too late), is signed per Standard Webhooks, and the job has one result;
+//!   too late), is signed per Standard Webhooks, and the job has one result,
+//!   also when its command record is delivered again;
 //! - each answer ends the job as the protocol says: a `4xx` problem fails it
 //!   with its code, `503` waits without spending an attempt, `5xx` spends
 //!   attempts until the job is dead-lettered (and a redrive calls again with
@@ -20,9 +21,14 @@ use std::{
 
 use onceflow_contracts::JobStatus;
 use onceflow_tests::{
-    IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, PushRequest, Service, TestEnv, canary_tenant_key, eventually,
+    IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, PushRequest, Service, TestEnv, TopicReader,
+    canary_tenant_key, eventually, kafka_producer,
 };
 use onceflow_webhook::{Allowlist, Secret};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::FutureRecord,
+};
 use serde_json::{Value, json};
 
 use crate::processor::{ADMIN_TOKEN, processor_db, published_results, redrive, results_of};
@@ -158,6 +164,29 @@ async fn every_call_of_a_job_carries_one_key_and_the_job_has_one_result() {
         results_of(&results, &job_id).iter().map(|e| e.status).filter(|s| *s != JobStatus::Processing).collect();
     assert_eq!(ends, [JobStatus::Succeeded], "one result");
     assert_eq!(client.job(&job_id).await.json()["result"], json!({"greeting": "hello ada"}));
+
+    // The command's record delivered again, as a relay that died between
+    // publishing and deleting would: no second call, no second result (a
+    // later command of the same key, after it on its partition, shows it
+    // was read).
+    let topic = env.kafka.topics().commands;
+    let record = TopicReader::new(&env.kafka, &topic)
+        .find(OUTCOME_TIMEOUT, |record| record.headers.get("message-id") == Some(&job_id))
+        .await;
+    let headers = record.headers.iter().fold(OwnedHeaders::new(), |headers, (name, value)| {
+        headers.insert(Header { key: name, value: Some(value.as_bytes()) })
+    });
+    let again = FutureRecord::to(&topic)
+        .key(record.key.as_deref().expect("a key"))
+        .payload(record.payload.as_slice())
+        .headers(headers);
+    kafka_producer(&env.kafka).send(again, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    let later = submit(&client, "greet-ada-again", &greet("ada")).await;
+    assert_eq!(ended(&client, &later).await["status"], "succeeded");
+    assert_eq!(handler.of_job(&job_id).len(), 3, "the redelivered command was not called again");
+    let results = published_results(&env, &db).await;
+    let ends = results_of(&results, &job_id).iter().filter(|e| e.status != JobStatus::Processing).count();
+    assert_eq!(ends, 1, "nor did it get a second result");
 
     db.close().await;
     drop(processor);
