@@ -68,7 +68,7 @@ pub(crate) async fn stack(env: &mut TestEnv, types: &str, secret: &Secret) -> (S
         .start_ingest_with(|config| {
             config.command_types_file = types.to_owned();
             config.tenants.push(canary_tenant_key());
-            config.processor_url = processor.url("");
+            config.execution_status_url = processor.url("");
         })
         .await;
     (ingest, processor)

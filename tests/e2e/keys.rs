@@ -145,7 +145,7 @@ async fn a_locked_ledger_row_holds_up_only_its_account() {
     let ingest = env
         .start_ingest_with(|config| {
             config.tenants.push(canary_tenant_key());
-            config.processor_url = processor.url("");
+            config.execution_status_url = processor.url("");
         })
         .await;
     let dev = IngestClient::new(&ingest);

@@ -54,7 +54,7 @@ async fn the_python_handler_serves_its_command_type() {
     let ingest = env
         .start_ingest_with(|config| {
             config.command_types_file = types.clone();
-            config.processor_url = processor.url("");
+            config.execution_status_url = processor.url("");
         })
         .await;
     let client = IngestClient::new(&ingest);

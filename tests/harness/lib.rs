@@ -125,7 +125,7 @@ impl TestEnv {
         config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1"]).expect("allowlist");
         // A test's processor listens on a port of its own: a test that wants
         // `waiting_for` names it.
-        config.processor_url = String::new();
+        config.execution_status_url = String::new();
         customize(&mut config);
         self.start(|token| onceflow_ingest::start(config, token)).await
     }

@@ -49,7 +49,7 @@ pub struct IngestConfig {
     /// /v1/jobs/{id}` asks what a job that has not ended waits for; empty:
     /// jobs do not say.
     #[serde(default)]
-    pub processor_url: String,
+    pub execution_status_url: String,
     /// A file declaring command types of one's own (see
     /// `onceflow_catalogue`); empty: the built-in ledger only. The processor
     /// must read the same file.

@@ -72,15 +72,16 @@ impl ProcessorClient {
     pub fn new(url: &str) -> onceflow_runtime::Result<Self> {
         let base = match url.trim() {
             "" => None,
-            url => {
-                Some(url::Url::parse(url).map_err(|e| onceflow_runtime::Error::Config(format!("processor_url: {e}")))?)
-            }
+            url => Some(
+                url::Url::parse(url)
+                    .map_err(|e| onceflow_runtime::Error::Config(format!("execution_status_url: {e}")))?,
+            ),
         };
         let http = reqwest::Client::builder()
             .timeout(PROCESSOR_TIMEOUT)
             .no_proxy()
             .build()
-            .map_err(|e| onceflow_runtime::Error::Config(format!("processor_url's client: {e}")))?;
+            .map_err(|e| onceflow_runtime::Error::Config(format!("execution_status_url's client: {e}")))?;
         Ok(Self { base, http })
     }
 

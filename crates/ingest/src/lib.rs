@@ -205,7 +205,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         processor_pressure,
         committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &vitals, &shutdown),
         openapi: serde_json::to_vec(&openapi::document_for(&command_types)).unwrap_or_default().into(),
-        processor: jobs::ProcessorClient::new(&config.processor_url)?,
+        processor: jobs::ProcessorClient::new(&config.execution_status_url)?,
         command_types,
     };
     let mut router = router(state, readiness(pool.clone(), &config.kafka, projection_check, &vitals));

@@ -18,8 +18,8 @@ pub struct ProcessorConfig {
     pub listen: String,
     pub group_id: String,
     /// Concurrency: assigned partitions are spread over this many lanes; each
-    /// lane applies its partitions' commands one at a time, in order, so a
-    /// slow command, or one waiting out an outage, holds up only its own lane.
+    /// lane records its partitions' commands one at a time, in order; only an
+    /// outage makes a lane wait (slow work is handed to executions).
     pub lanes: usize,
     /// The most commands a lane applies in one transaction: the ones waiting
     /// in its queue when it is free (it never waits to fill a batch).

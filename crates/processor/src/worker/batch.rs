@@ -6,8 +6,11 @@
 //! queue up behind each other's flushes. A batch pays for one commit:
 //!
 //! ```text
-//! BEGIN
+//! BEGIN (lock waits end after executions.inline_lock_timeout_ms)
 //!   inbox rows of every message (one statement; the ones already there are duplicates)
+//!   which claimed commands' keys have executions queued (one statement)
+//!   the commands not applied here, as executions behind their keys (see
+//!   super::handover: a push handler's, long work, a key with work queued)
 //!   per claimed command: its effect (on a savepoint only if its handler may
 //!   refuse after writing: SAVEPOINT, effect, RELEASE or ROLLBACK TO it);
 //!   per run of consecutive claimed commands of a type with a bulk handler
@@ -20,14 +23,17 @@
 //! ```
 //!
 //! Order is kept: the batch applies its messages in the order the lane
-//! received them, so a key's commands stay in order.
+//! received them, so a key's commands stay in order; a command whose key has
+//! an execution queued (before this batch, or handed over earlier in it)
+//! queues behind it instead of overtaking it.
 //!
 //! The batch takes only the ordinary case: every message has a readable
 //! envelope and command, and each one ends applied, refused (a business
 //! refusal) or as a duplicate. Anything else rolls the whole batch back, and
 //! its messages go one at a time through the one-message path, which knows
 //! every end of guarantee G8: a message to dead-letter, a data error the
-//! database raises, a result too large for one record, an outage (a lost
+//! database raises, a result too large for one record, a row someone else
+//! holds (the one-message path hands that command over), an outage (a lost
 //! connection, a deadlock between two lanes' batches) or a panic. The batch
 //! adds no retry loop of its own: an outage met here is waited out by the
 //! one-message path; a message that can never succeed is dead-lettered by it.
@@ -215,12 +221,16 @@ impl Worker {
             }
             free
         });
-        // What each claimed command ended as, by position.
-        let mut ends: Vec<Option<(JobStatus, OutboxMessage)>> = vec![None; commands.len()];
-        self.effects(&mut tx, &applied, &spans, &mut ends).await?;
+        // Handed over first: the key queues' rows are then taken before any
+        // row an effect locks, in the order a built-in run of the dispatcher
+        // takes them (its key's row, then its effect's), so the two never
+        // wait for each other in a circle.
         let handed_over: Vec<(&OwnedMessage, &Envelope, &Parsed)> =
             handed.iter().map(|command| (&batch[command.position], command.envelope, command.parsed)).collect();
         self.hand_over(&mut tx, &handed_over).await?;
+        // What each claimed command ended as, by position.
+        let mut ends: Vec<Option<(JobStatus, OutboxMessage)>> = vec![None; commands.len()];
+        self.effects(&mut tx, &applied, &spans, &mut ends).await?;
         let mut deferred = vec![false; commands.len()];
         for command in &handed {
             deferred[command.position] = true;

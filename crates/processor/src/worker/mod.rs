@@ -8,7 +8,8 @@
 //! inbox row and does nothing. Effects are therefore exactly once even though
 //! Kafka delivers at least once.
 //!
-//! Every message ends in one of three ways, or waits (guarantee G8):
+//! Every message ends in one of three ways, is handed over, or waits
+//! (guarantee G8):
 //!
 //! - **applied**: the effect and a `succeeded` result;
 //! - **refused**: a `failed` result with a code and nothing of the effect
@@ -22,6 +23,12 @@
 //!   when its job is known, ends with a `dead_lettered` result whose error is
 //!   a code and a message without database text (the full error is in the
 //!   logs, the dead-letter headers and the `dead_letters` table);
+//! - **handed over** to an execution ([`handover`], [`crate::executions`]):
+//!   a command of a push handler or of long built-in work, one whose key has
+//!   work queued, or one whose inline effect met a row someone else holds
+//!   for longer than `executions.inline_lock_timeout_ms`; recorded with its
+//!   inbox row (outcome `deferred`), its offset stored, its end to come from
+//!   the dispatcher;
 //! - **waits**: an outage (lost connection, pool timeout, serialization
 //!   failure, deadlock, server shutdown, broker unreachable), as sorted by
 //!   [`onceflow_runtime::failure::Failure`], is waited out with [`onceflow_runtime::failure::Backoff`]
@@ -43,20 +50,22 @@
 //! headers, never its lane.
 //!
 //! Assigned partitions are spread over `lanes` tasks (partition % lanes), each
-//! applying its partitions' messages in order: a key's commands stay in
-//! order (one key, one partition), and a slow or waiting command holds up
-//! only its own lane. Under load a lane applies the messages it has waiting
-//! as one batch, in one transaction ([`batch`]); anything out of the ordinary
-//! sends the batch back through the one-message path described here.
+//! recording its partitions' messages in order: a key's commands stay in
+//! order (one key, one partition). A lane never waits for work: slow work
+//! and a key that cannot proceed are handed over, so only an outage makes a
+//! lane wait. Under load a lane applies the messages it has waiting as one
+//! batch, in one transaction ([`batch`]); anything out of the ordinary sends
+//! the batch back through the one-message path described here.
 //!
 //! A message's offset is stored only once the message reached one of those
 //! ends. A message abandoned half-way (shutdown while it waits out an outage)
 //! keeps its offset unstored, so the next owner of its partition gets it again.
 //!
 //! The parts: [`apply`] (the one-message path and its outage waits),
-//! [`batch`] (a lane's waiting messages in one transaction), [`dead_letter`]
-//! (parking), [`results`] (result events and their Kafka key), [`inbox`]
-//! (claims and outcomes of the inbox).
+//! [`batch`] (a lane's waiting messages in one transaction), [`handover`]
+//! (commands recorded as executions), [`dead_letter`] (parking),
+//! [`results`] (result events and their Kafka key), [`inbox`] (claims and
+//! outcomes of the inbox).
 
 mod apply;
 mod batch;
