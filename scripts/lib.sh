@@ -76,10 +76,12 @@ ensure_nisshi() {
 }
 
 # Start the broker on $BROKER_ADDR unless one is listening, keeping its data
-# as $1 says: `persistent` (a SQLite file in .stack/, kept across `down` and
-# `up` and across a crash; the local stack) or `memory` (lost when it stops;
-# the test run's shared broker, whose topics are all throwaway). Sets
-# BROKER_STARTED=1 when this call started it.
+# as $1 says: `memory` (lost when it stops; the local stack's default and the
+# test run's shared broker) or `persistent` (a SQLite file in .stack/, kept
+# across `down` and `up` and across a crash, indexed by
+# scripts/index-broker-storage.py so that a backlog drains). Sets
+# BROKER_STARTED=1 when this call started it, and records the storage in
+# .stack/broker.storage.
 ensure_broker() {
   local storage="$1"
   BROKER_STARTED=0
@@ -98,8 +100,12 @@ ensure_broker() {
     --advertised-listener-url "tcp://$BROKER_ADDR" \
     --storage-engine "$engine" >"$STACK_DIR/broker.log" 2>&1) &
   echo $! >"$STACK_DIR/broker.pid"
+  echo "$storage" >"$STACK_DIR/broker.storage"
   BROKER_STARTED=1
   wait_for_port "$BROKER_ADDR" 30
+  if [ "$storage" = persistent ]; then
+    python3 "$ROOT/scripts/index-broker-storage.py" "$STACK_DIR/broker.db"
+  fi
 }
 
 stop_pid_file() {
@@ -127,7 +133,8 @@ ensure_python_examples() {
   if ! [ -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$installed"; then
     say "installing examples/python/requirements.txt into $venv"
     command -v python3 >/dev/null || { echo "python3 is required for the Python examples" >&2; exit 2; }
-    python3 -m venv --clear "$venv" >&2
+    # Debian's python3 makes environments only with its python3-venv package.
+    python3 -m venv --clear "$venv" >&2 || { apt_install python3-venv && python3 -m venv --clear "$venv" >&2; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2
     cp "$requirements" "$installed"
   fi

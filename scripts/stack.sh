@@ -138,9 +138,10 @@ start_service() {
 up() {
   mkdir -p "$STACK_DIR"
   ensure_postgres
-  # ONCEFLOW_BROKER_STORAGE=memory runs the broker without its SQLite file
-  # (faster, loses everything when it stops; scripts/bench.sh uses it).
-  ensure_broker "${ONCEFLOW_BROKER_STORAGE:-persistent}"
+  # The broker keeps its topics in memory (the fastest, see the README: "The
+  # broker's storage"); ONCEFLOW_BROKER_STORAGE=persistent keeps them in
+  # .stack/broker.db across `down`, `up` and a crash.
+  ensure_broker "${ONCEFLOW_BROKER_STORAGE:-memory}"
   ensure_build_dependencies
   say "building the services (release)"
   cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
@@ -162,14 +163,37 @@ Stop it with: scripts/stack.sh down
 EOF2
 }
 
+# With the in-memory broker, what is still on its topics when it stops is
+# lost: give the commands and results in flight up to 30 s to get through
+# (every service's outbox empty, every consumer caught up) before stopping.
+drain_before_stop() {
+  [ "$(cat "$STACK_DIR/broker.storage" 2>/dev/null)" = memory ] && running processor || return 0
+  local left=0
+  for _ in $(seq 60); do
+    left=0
+    for name in "${SERVICES[@]}"; do
+      local metrics
+      metrics="$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$name")/metrics" 2>/dev/null)" || continue
+      left=$((left + $(awk '/^onceflow_(outbox_backlog|kafka_consumer_lag_messages)[ {]/ { sum += $NF } END { printf "%d", sum }' <<<"$metrics")))
+    done
+    [ "$left" = 0 ] && return 0
+    sleep 0.5
+  done
+  say "$left commands and results were still on their way; the in-memory broker loses them (ONCEFLOW_BROKER_STORAGE=persistent keeps them)"
+}
+
 down() {
+  drain_before_stop
   for name in "${SERVICES[@]}"; do
     if running "$name"; then say "stopping $name"; fi
     stop_pid_file "$STACK_DIR/$name.pid"
   done
   if [ -f "$STACK_DIR/handler.pid" ]; then say "stopping the example handler"; fi
   stop_pid_file "$STACK_DIR/handler.pid"
-  if [ -f "$STACK_DIR/broker.pid" ]; then say "stopping the broker"; fi
+  if [ -f "$STACK_DIR/broker.pid" ]; then
+    say "stopping the broker"
+    rm -f "$STACK_DIR/broker.storage"
+  fi
   stop_pid_file "$STACK_DIR/broker.pid"
 }
 
@@ -178,7 +202,11 @@ status() {
     if running "$name"; then echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
   if port_open "127.0.0.1:$HANDLER_PORT"; then echo "handler: listening on 127.0.0.1:$HANDLER_PORT"; else echo "handler: stopped"; fi
-  if port_open "$BROKER_ADDR"; then echo "broker: listening on $BROKER_ADDR"; else echo "broker: stopped"; fi
+  if port_open "$BROKER_ADDR"; then
+    echo "broker: listening on $BROKER_ADDR ($(cat "$STACK_DIR/broker.storage" 2>/dev/null || echo "not started by this script") storage)"
+  else
+    echo "broker: stopped"
+  fi
 }
 
 service_arg() {

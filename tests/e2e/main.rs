@@ -1,6 +1,7 @@
 //! End-to-end tests: the three services against the real PostgreSQL and the
 //! real broker, reached over the network.
 
+mod backlog;
 mod backpressure;
 mod batching;
 mod breakers;

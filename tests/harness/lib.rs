@@ -721,8 +721,8 @@ impl Drop for ServiceProcess {
 }
 
 /// A broker of the test's own (the pinned nisshi) that keeps its data in a
-/// SQLite file of the test's scratch directory, as the local stack's broker
-/// does: the test may stop it (SIGSTOP: the process stands still, every
+/// SQLite file of the test's scratch directory, as the local stack's
+/// persistent broker does: the test may stop it (SIGSTOP: the process stands still, every
 /// connection hangs) and start it again (SIGCONT), or SIGKILL it and start a
 /// new process on the same port and file, as a broker that crashed and came
 /// back with its topics, records and consumer offsets.
@@ -743,6 +743,15 @@ impl OwnBroker {
         let child = Self::spawn(&addr, &dir);
         let broker = Self { addr, dir, child };
         broker.wait_listening().await;
+        // Indexed as the local stack's is (scripts/index-broker-storage.py
+        // says why), so the tests meet the broker users run.
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/index-broker-storage.py");
+        let indexed = std::process::Command::new("python3")
+            .arg(script)
+            .arg(broker.dir.join("broker.db"))
+            .status()
+            .expect("python3 runs scripts/index-broker-storage.py");
+        assert!(indexed.success(), "the broker's storage is indexed");
         broker
     }
 

@@ -1,0 +1,58 @@
+//! A backlog on the broker's persistent (SQLite) storage, as the local stack
+//! runs it with `ONCEFLOW_BROKER_STORAGE=persistent`: a few thousand commands
+//! accepted while no processor runs are all applied once one starts. Before
+//! the broker's file was indexed (scripts/index-broker-storage.py), a
+//! backlog of this kind froze its consumers: fetches took minutes. The bound
+//! is generous (not a timing test); the benchmark measures the rate.
+
+use futures::{StreamExt as _, stream};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, eventually};
+use serde_json::json;
+
+use crate::processor::processor_db;
+
+/// Commands queued while the processor is stopped.
+const BACKLOG: usize = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_on_persistent_storage_drains_once_the_processor_starts() {
+    let mut env = TestEnv::new();
+    let broker = OwnBroker::start(&env.scratch_dir()).await;
+    env.kafka.brokers = broker.addr.clone();
+    let ingest = env.start_ingest().await;
+    let client = IngestClient::new(&ingest);
+
+    let open = json!({"type": "ledger.open_account", "payload": {"account_id": "backlog", "currency": "EUR"}});
+    assert_eq!(client.submit("open-backlog", &open).await.status, 202);
+    let accepted: Vec<u16> = stream::iter(0..BACKLOG)
+        .map(|n| {
+            let client = &client;
+            async move {
+                let deposit = json!({"type": "ledger.deposit", "payload": {"account_id": "backlog", "amount": 1}});
+                client.submit(&format!("deposit-{n}"), &deposit).await.status
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(accepted.iter().all(|status| *status == 202), "every deposit accepted");
+
+    let _processor = env.start_processor().await;
+    let db = processor_db(&env).await;
+    eventually(&format!("the {BACKLOG} queued deposits to apply"), OUTCOME_TIMEOUT * 2, || async {
+        let balance: Option<i64> =
+            sqlx::query_scalar("SELECT balance FROM accounts WHERE tenant = 'dev' AND account_id = 'backlog'")
+                .fetch_optional(&db)
+                .await
+                .ok()
+                .flatten();
+        (balance == Some(BACKLOG as i64)).then_some(())
+    })
+    .await;
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM postings").fetch_one(&db).await.unwrap();
+    assert_eq!(postings, BACKLOG as i64, "each deposit once");
+
+    db.close().await;
+    drop(broker);
+    env.teardown().await;
+}
