@@ -62,7 +62,11 @@ const _: () = assert!(MAX_PARTITION_FETCH_BYTES >= MAX_RECORD_BYTES && MAX_FETCH
 /// results); Apache Kafka answers as soon as data arrives, so there it only
 /// bounds how often an idle consumer asks. The cost of a small value is that
 /// polling: an idle consumer sends up to 1000 / this fetches a second.
-pub const FETCH_WAIT_MAX_MS: u32 = 20;
+/// Measured on the local stack (2026-12-07, in-memory broker): 10 instead
+/// of 20 took accept → SSE at 100/s from p50 21 ms to 13 ms, and a push
+/// handler's 202 → request from 13 ms to 10 ms, for 5 % more of a core
+/// while idle (15 % in all against 10 %); 5 gained nothing more.
+pub const FETCH_WAIT_MAX_MS: u32 = 10;
 
 /// Properties the guarantees rest on, which the pass-through maps
 /// (`kafka.consumer`, `kafka.producer`) may not change: offsets stored only
