@@ -14,7 +14,7 @@ use axum::{Router, body::Bytes, extract::State, routing::post};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::{Bench, histogram, millis, rate, record, subscribers::count_events};
+use crate::{Bench, latencies_until_seen, millis, rate, subscribers::count_events};
 
 /// When each job's first call arrived, by job id.
 pub type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
@@ -96,24 +96,8 @@ impl Bench {
             });
         }
         while submissions.join_next().await.is_some() {}
-        let wait_until = Instant::now() + Duration::from_secs(30);
-        let all_arrived = || {
-            let arrived = arrivals.lock().expect("arrivals");
-            accepted_at.lock().expect("accepted").keys().all(|job| arrived.contains_key(job))
-        };
-        while Instant::now() < wait_until && !all_arrived() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (latencies, missing) = latencies_until_seen(&accepted_at, &arrivals).await;
         server.abort();
-        let mut latencies = histogram();
-        let mut missing = 0;
-        let arrived = arrivals.lock().expect("arrivals");
-        for (job, accepted) in accepted_at.lock().expect("accepted").iter() {
-            match arrived.get(job) {
-                Some(at) => record(&mut latencies, at.saturating_duration_since(*accepted)),
-                None => missing += 1,
-            }
-        }
         Ok(json!({"handler_latency": {
             "rate_per_sec": rate,
             "settled_after_secs": settle.as_secs_f64(),

@@ -341,25 +341,8 @@ impl Bench {
         }
         while submissions.join_next().await.is_some() {}
         let submitted = accepted_at.lock().expect("accepted").len();
-        // Wait for the stragglers, at most 30 s after the last submission.
-        let wait_until = Instant::now() + Duration::from_secs(30);
-        let all_delivered = || {
-            let delivered = delivered_at.lock().expect("deliveries");
-            accepted_at.lock().expect("accepted").keys().all(|job| delivered.contains_key(job))
-        };
-        while Instant::now() < wait_until && !all_delivered() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (latencies, missing) = latencies_until_seen(&accepted_at, &delivered_at).await;
         reader.abort();
-        let mut latencies = histogram();
-        let mut missing = 0;
-        let delivered = delivered_at.lock().expect("deliveries");
-        for (job, accepted) in accepted_at.lock().expect("accepted").iter() {
-            match delivered.get(job) {
-                Some(at) => record(&mut latencies, at.saturating_duration_since(*accepted)),
-                None => missing += 1,
-            }
-        }
         Ok(json!({"latency": {
             "rate_per_sec": rate,
             "settled_after_secs": settle.as_secs_f64(),
@@ -443,6 +426,33 @@ impl Bench {
             "per_sec": rate(counted.events, counted.first, counted.last),
         }}))
     }
+}
+
+/// Wait for the stragglers, at most 30 s: every job of `accepted_at` (when
+/// its `202` came) seen in `seen_at` (when it arrived where it is measured).
+/// The latency of each from one to the other, and how many were never seen.
+async fn latencies_until_seen(
+    accepted_at: &Mutex<HashMap<String, Instant>>,
+    seen_at: &Mutex<HashMap<String, Instant>>,
+) -> (Histogram<u64>, u64) {
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    let all_seen = || {
+        let seen = seen_at.lock().expect("seen");
+        accepted_at.lock().expect("accepted").keys().all(|job| seen.contains_key(job))
+    };
+    while Instant::now() < wait_until && !all_seen() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut latencies = histogram();
+    let mut missing = 0;
+    let seen = seen_at.lock().expect("seen");
+    for (job, accepted) in accepted_at.lock().expect("accepted").iter() {
+        match seen.get(job) {
+            Some(at) => record(&mut latencies, at.saturating_duration_since(*accepted)),
+            None => missing += 1,
+        }
+    }
+    (latencies, missing)
 }
 
 fn histogram() -> Histogram<u64> {

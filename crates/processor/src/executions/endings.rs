@@ -14,7 +14,7 @@ use sqlx::PgConnection;
 use super::store::{self, Ending, Execution, QueueKey};
 use crate::worker::{
     DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DLQ_ORIGINAL_OFFSET, DLQ_ORIGINAL_PARTITION, DLQ_ORIGINAL_TOPIC, JobRef, Poison,
-    RESULT_TOO_LARGE, Worker, clean, record_dead_letter,
+    RESULT_TOO_LARGE, Worker, clean, record_dead_letter, record_outcomes,
 };
 
 /// How one execution ends.
@@ -148,15 +148,7 @@ impl Worker {
             onceflow_outbox::Error::Database(error) => error,
             other => sqlx::Error::Protocol(other.to_string()),
         })?;
-        sqlx::query(
-            "UPDATE inbox SET outcome = ended.outcome
-             FROM unnest($1::uuid[], $2::text[]) AS ended(message_id, outcome)
-             WHERE inbox.message_id = ended.message_id",
-        )
-        .bind(&ids)
-        .bind(&outcomes)
-        .execute(&mut *tx)
-        .await?;
+        record_outcomes(&mut *tx, &ids, &outcomes).await?;
         store::advance(&mut *tx, &keys).await?;
         Ok(ids.len())
     }

@@ -55,7 +55,7 @@ use super::{
     Handled, Outcome, Worker,
     apply::{Parsed, is_lock_timeout},
     command_span,
-    inbox::claim_redrive,
+    inbox::{claim_redrive, record_outcomes},
 };
 use crate::executions::store::{self, QueueKey};
 use crate::handlers::{BulkHandler, CommandContext, HandlerError, Refusals, Registered};
@@ -263,17 +263,7 @@ impl Worker {
             // Each result's size was checked in `conclude`.
             other => Fallback { reason: "outbox", culprit: None }.noting(&other),
         })?;
-        if !rewritten_ids.is_empty() {
-            sqlx::query(
-                "UPDATE inbox SET outcome = rewritten.outcome
-                 FROM unnest($1::uuid[], $2::text[]) AS rewritten(message_id, outcome)
-                 WHERE inbox.message_id = rewritten.message_id",
-            )
-            .bind(&rewritten_ids)
-            .bind(&rewritten_outcomes)
-            .execute(&mut *tx)
-            .await?;
-        }
+        record_outcomes(&mut tx, &rewritten_ids, &rewritten_outcomes).await?;
         tx.commit().await?;
 
         metrics::histogram!("onceflow_command_batch_size").record(commands.len() as f64);

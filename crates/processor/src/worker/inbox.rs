@@ -77,3 +77,26 @@ pub(crate) async fn record_outcome(
         .await?;
     Ok(())
 }
+
+/// The outcome of each message of `ids`, in one statement: for rows whose
+/// outcome is not the one they were inserted with (a refusal, a redriven
+/// dead letter, an execution that ended).
+pub(crate) async fn record_outcomes(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+    outcomes: &[&str],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE inbox SET outcome = recorded.outcome
+         FROM unnest($1::uuid[], $2::text[]) AS recorded(message_id, outcome)
+         WHERE inbox.message_id = recorded.message_id",
+    )
+    .bind(ids)
+    .bind(outcomes)
+    .execute(tx)
+    .await?;
+    Ok(())
+}

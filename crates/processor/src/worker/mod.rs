@@ -89,6 +89,7 @@ pub use dead_letter::{
     DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DLQ_ORIGINAL_OFFSET, DLQ_ORIGINAL_PARTITION, DLQ_ORIGINAL_TOPIC,
 };
 pub(crate) use dead_letter::{Poison, clean, record_dead_letter};
+pub(crate) use inbox::record_outcomes;
 pub(crate) use results::JobRef;
 
 use crate::{config::RetryConfig, handlers::Registry};
