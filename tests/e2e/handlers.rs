@@ -211,6 +211,8 @@ async fn each_answer_ends_a_job_as_the_protocol_says() {
             "busy" if busy_calls.fetch_add(1, Ordering::SeqCst) == 0 => PushReply::Json(503, json!({}), Some(1)),
             "broken" if !repaired.load(Ordering::SeqCst) => PushReply::Json(500, json!({}), None),
             "big" => PushReply::ok(json!({"blob": "x".repeat(1_000_000)})),
+            // NUL, which no PostgreSQL text takes, in what ends the job.
+            "nul" => PushReply::Json(422, json!({"code": "bad\u{0}code", "detail": "nul: \u{0}"}), None),
             name => PushReply::ok(json!({"greeting": format!("hello {name}")})),
         })
         .await
@@ -263,6 +265,16 @@ async fn each_answer_ends_a_job_as_the_protocol_says() {
     let job = ended(&client, &big).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "result_too_large");
+
+    // A refusal carrying NUL ends its job all the same (the text cleaned),
+    // and the handler's other commands go on.
+    let nul = submit(&client, "nul", &greet("nul")).await;
+    let job = ended(&client, &nul).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "handler_refused", "a code that does not fit is replaced: {job}");
+    assert_eq!(job["error"]["message"], "nul: \u{FFFD}");
+    let after = submit(&client, "after-nul", &greet("after")).await;
+    assert_eq!(ended(&client, &after).await["status"], "succeeded");
 
     // An unknown payload shape never reaches the handler.
     let refused_at_the_door = client.submit("bad", &json!({"type": "test.greet", "payload": {"nom": "x"}})).await;

@@ -61,7 +61,8 @@ pub fn router(pool: PgPool, topics: Topics, token: &str) -> Option<Router> {
     )
 }
 
-fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Response {
+/// A problem+json answer of the processor's port.
+pub(crate) fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Response {
     Problem::new(status, slug, status.canonical_reason().unwrap_or("Error"), detail).into_response()
 }
 

@@ -12,11 +12,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use onceflow_runtime::{auth::ApiKeys, openapi::ProblemDocument, problem::Problem};
+use onceflow_runtime::{auth::ApiKeys, openapi::ProblemDocument};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::store::{self, ExecutionView};
+use crate::admin::problem;
 
 #[derive(Clone)]
 struct ApiState {
@@ -28,10 +29,6 @@ struct ApiState {
 pub fn router(pool: PgPool, keys: Option<ApiKeys>) -> Option<Router> {
     let keys = keys?;
     Some(Router::new().route("/v1/executions/{job_id}", get(execution)).with_state(ApiState { pool, keys }))
-}
-
-fn problem(status: StatusCode, slug: &'static str, detail: &str) -> Response {
-    Problem::new(status, slug, status.canonical_reason().unwrap_or("Error"), detail).into_response()
 }
 
 /// A job's execution: its state, attempts and what it waits for.

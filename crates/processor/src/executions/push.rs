@@ -226,7 +226,11 @@ fn refusal(status: StatusCode, body: &[u8]) -> Answer {
     let code =
         text("code").or(from_type).filter(|code| fits_code(code)).unwrap_or_else(|| "handler_refused".to_owned());
     let message = text("detail").or_else(|| text("title")).unwrap_or_else(|| format!("the handler answered {status}"));
-    Answer::Refused { code, message: message.chars().take(1000).collect() }
+    // Bounded, and without NUL, which no text or JSON column of PostgreSQL takes.
+    Answer::Refused {
+        code,
+        message: message.chars().take(1000).map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect(),
+    }
 }
 
 /// A code as a job error carries it: 1-64 characters of `[A-Za-z0-9._-]`.
@@ -286,9 +290,10 @@ mod tests {
                 message: "the handler answered 404 Not Found".to_owned()
             }
         );
-        let hostile = format!(r#"{{"code": "{}", "detail": "{}"}}"#, "x y", "d".repeat(5000));
+        let hostile = format!(r#"{{"code": "{}", "detail": "\u0000{}"}}"#, "x y", "d".repeat(5000));
         let Answer::Refused { code, message } = answer(400, &hostile) else { panic!("a refusal") };
         assert_eq!(code, "handler_refused", "a code that does not fit is replaced");
-        assert_eq!(message.len(), 1000, "the message is bounded");
+        assert_eq!(message.chars().count(), 1000, "the message is bounded");
+        assert!(!message.contains('\0'), "and holds no NUL");
     }
 }
