@@ -3,7 +3,9 @@
 //! the development command type `demo.greet` (its schema from
 //! `config/development/`) against the real stack: it verifies what the
 //! processor signs with the development secret, greets, and refuses with a
-//! problem that ends the job `failed` with its code.
+//! problem that ends the job `failed` with its code; and `demo.card`, which
+//! it answers `202` and completes later through the attempt's callbacks,
+//! heartbeating its progress.
 //!
 //! It needs the Python environment of `examples/python/requirements.txt`, so
 //! it is ignored by a plain `cargo test`: `scripts/check-python-examples.sh`
@@ -42,6 +44,7 @@ async fn the_python_handler_serves_its_command_type() {
     let schema = development.join("demo.greet.schema.json");
     let declared = declared
         .replace("http://127.0.0.1:8090/greet", &format!("http://{address}/greet"))
+        .replace("http://127.0.0.1:8090/card", &format!("http://{address}/card"))
         .replace("\"demo.greet.schema.json\"", &format!("{:?}", schema.display().to_string()));
     let mut env = TestEnv::new();
     let types = env.command_types_file(&declared);
@@ -68,6 +71,19 @@ async fn the_python_handler_serves_its_command_type() {
     let job = ended(&client, &refused).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "unknown_name");
+
+    let card = submit(&client, "card-ada", &json!({"type": "demo.card", "payload": {"name": "Ada"}})).await;
+    let job = ended(&client, &card).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"], json!({"card": "A card for Ada", "attempt": 1}), "completed through its callback");
+    let db = crate::processor::processor_db(&env).await;
+    let results = crate::processor::published_results(&env, &db).await;
+    let progress: Vec<Option<i32>> = crate::processor::results_of(&results, &card)
+        .iter()
+        .filter(|event| event.status == onceflow_contracts::JobStatus::Processing)
+        .map(|event| event.progress_percent)
+        .collect();
+    assert_eq!(progress, [Some(30), Some(60), Some(90)], "its heartbeats' progress, in order");
 
     let bad = client.submit("greet-bad", &json!({"type": "demo.greet", "payload": {"name": ""}})).await;
     assert_eq!(bad.status, 422, "the schema of config/development/ is enforced at the door");

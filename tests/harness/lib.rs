@@ -476,6 +476,9 @@ impl TestEnv {
         config.database = self.database("processor");
         config.kafka = self.kafka.clone();
         config.group_id = format!("processor-{}", self.id);
+        // The development worker takes a type of the local stack's own file;
+        // a test declares its types, and its workers, itself.
+        config.workers.clear();
         customize(&mut config);
         config
     }

@@ -8,7 +8,10 @@
 //! ordering_key = "/name"                     # JSON pointer into the payload (optional)
 //! ordering_scope = "demo"                    # types sharing a scope share key queues
 //! handler = { push = "https://greeter.internal/onceflow" }   # who serves it
-//! attempt_timeout_ms = 30000                 # one call of the handler
+//! attempt_timeout_ms = 30000                 # one attempt, call or callbacks included
+//! heartbeat_timeout_ms = 30000               # between heartbeats of a running attempt
+//! start_timeout_ms = 600000                  # from the 202 to the first start (optional)
+//! job_timeout_ms = 3600000                   # from the 202 to the end (optional)
 //! concurrency = 32                           # calls in flight per processor instance
 //! retry = { max_attempts = 5, initial_backoff_ms = 1000 }   # attempts a failure spends
 //! ```
@@ -57,10 +60,26 @@ pub struct Declaration {
     /// holds up nothing but its key.
     #[serde(default)]
     pub inline: Option<bool>,
-    /// The longest one call of a push handler may take; a call not answered
-    /// by then spends an attempt.
+    /// The longest one attempt may take, from its start to its end: a push
+    /// call not answered by then, or an accepted (`202`) or pulled attempt
+    /// not completed by then, spends the attempt.
     #[serde(default = "default_attempt_timeout_ms")]
     pub attempt_timeout_ms: u64,
+    /// The longest a running asynchronous attempt (a push handler's `202`, a
+    /// pull worker's lease) may go without a heartbeat: then its handler or
+    /// worker is taken for dead and the attempt spent. At least 5 s.
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// The longest a command may wait to start (behind its key, for a
+    /// handler, a worker or a retry's backoff) from its `202`: then it ends
+    /// `failed` (`timed_out`). None by default.
+    #[serde(default)]
+    pub start_timeout_ms: Option<u64>,
+    /// The longest a command may take from its `202` to its end, attempts
+    /// and waits included: then it ends `failed` (`timed_out`). None by
+    /// default.
+    #[serde(default)]
+    pub job_timeout_ms: Option<u64>,
     /// The most calls of this type's handler in flight at once, per
     /// processor instance; more commands wait (`waiting_for` says so).
     #[serde(default = "default_concurrency")]
@@ -74,6 +93,10 @@ pub struct Declaration {
 }
 
 fn default_attempt_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_heartbeat_timeout_ms() -> u64 {
     30_000
 }
 
@@ -102,7 +125,8 @@ pub enum SchemaSource {
     Inline(serde_json::Map<String, serde_json::Value>),
 }
 
-/// Who applies a command type.
+/// Who applies a command type: `{ builtin = "name" }`, `{ push = "url" }`
+/// or `"pull"`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum HandlerDeclaration {
@@ -112,4 +136,7 @@ pub enum HandlerDeclaration {
     /// An HTTP endpoint the processor POSTs each command to, signed per
     /// Standard Webhooks (see the README's "Your own command type").
     Push(String),
+    /// Workers without a public address fetch its commands
+    /// (`POST /v1/workers/poll` of the processor) and hold each with a lease.
+    Pull,
 }

@@ -44,6 +44,10 @@ const BUILTIN_SCHEMAS: &[(&str, &str)] = &[
 /// The longest command type name.
 pub const MAX_TYPE_NAME_BYTES: usize = 128;
 
+/// The shortest heartbeat timeout a type may declare: shorter ones take
+/// a worker paused by a garbage collection or a slow network for dead.
+pub const MIN_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
+
 /// Why a declarations file cannot be used (reported at start).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -78,8 +82,14 @@ pub struct CommandType {
     /// A built-in handler applies a command in the transaction that records
     /// it while its key is free (never a push handler).
     pub inline: bool,
-    /// The longest one call of a push handler may take.
+    /// The longest one attempt may take, call or callbacks included.
     pub attempt_timeout: Duration,
+    /// The longest a running asynchronous attempt may go without a heartbeat.
+    pub heartbeat_timeout: Duration,
+    /// The longest a command may wait to start, and take in all, from its
+    /// `202` (then it ends `failed`, `timed_out`).
+    pub start_timeout: Option<Duration>,
+    pub job_timeout: Option<Duration>,
     /// Calls in flight at once per processor instance.
     pub concurrency: u32,
     /// Attempts a handler's own failures may spend, and the waits between.
@@ -93,6 +103,8 @@ pub enum Handler {
     Builtin(String),
     /// An `http`/`https` endpoint the processor POSTs each command to.
     Push(url::Url),
+    /// Pull workers fetch its commands.
+    Pull,
 }
 
 impl CommandType {
@@ -237,9 +249,10 @@ fn compile(
     };
     let handler = match declaration.handler {
         HandlerDeclaration::Builtin(name) => Handler::Builtin(name),
-        HandlerDeclaration::Push(_) if declaration.inline.is_some() => {
+        HandlerDeclaration::Push(_) | HandlerDeclaration::Pull if declaration.inline.is_some() => {
             return Err("inline is for built-in handlers only".to_owned());
         }
+        HandlerDeclaration::Pull => Handler::Pull,
         HandlerDeclaration::Push(url) => {
             let parsed = url::Url::parse(&url).map_err(|e| format!("push URL `{url}`: {e}"))?;
             if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
@@ -250,6 +263,13 @@ fn compile(
     };
     if declaration.attempt_timeout_ms < 100 {
         return Err("attempt_timeout_ms must be at least 100".to_owned());
+    }
+    if declaration.heartbeat_timeout_ms < MIN_HEARTBEAT_TIMEOUT_MS {
+        return Err(format!("heartbeat_timeout_ms must be at least {MIN_HEARTBEAT_TIMEOUT_MS}"));
+    }
+    if declaration.start_timeout_ms.is_some_and(|ms| ms < 100) || declaration.job_timeout_ms.is_some_and(|ms| ms < 100)
+    {
+        return Err("start_timeout_ms and job_timeout_ms must be at least 100".to_owned());
     }
     if declaration.concurrency == 0 {
         return Err("concurrency must be at least 1".to_owned());
@@ -272,6 +292,9 @@ fn compile(
         inline: matches!(handler, Handler::Builtin(_)) && declaration.inline.unwrap_or(true),
         handler,
         attempt_timeout: Duration::from_millis(declaration.attempt_timeout_ms),
+        heartbeat_timeout: Duration::from_millis(declaration.heartbeat_timeout_ms),
+        start_timeout: declaration.start_timeout_ms.map(Duration::from_millis),
+        job_timeout: declaration.job_timeout_ms.map(Duration::from_millis),
         concurrency: declaration.concurrency,
         retry,
     })
@@ -396,6 +419,34 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_type_declares_its_timeouts() {
+        let types = declared(
+            r#"
+            [types."demo.report"]
+            schema = {}
+            handler = "pull"
+            attempt_timeout_ms = 3600000
+            heartbeat_timeout_ms = 5000
+            start_timeout_ms = 60000
+            job_timeout_ms = 7200000
+            "#,
+            &[],
+        )
+        .unwrap();
+        let report = types.get("demo.report").unwrap();
+        assert_eq!(report.handler, Handler::Pull);
+        assert_eq!(report.heartbeat_timeout, Duration::from_secs(5));
+        assert_eq!(report.start_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(report.job_timeout, Some(Duration::from_secs(7200)));
+        let render = declared("[types.\"r\"]\nschema = {}\nhandler = { push = \"http://h/\" }", &[]).unwrap();
+        let render = render.get("r").unwrap();
+        assert_eq!(
+            (render.heartbeat_timeout, render.start_timeout, render.job_timeout),
+            (Duration::from_secs(30), None, None)
+        );
+    }
+
+    #[test]
     fn a_declaration_that_cannot_work_is_refused_with_its_name() {
         let cases = [
             ("[types.\"ledger.deposit\"]\nschema = {}\nhandler = { builtin = \"ledger.deposit\" }", "declared twice"),
@@ -413,6 +464,10 @@ mod tests {
                 "max_attempts",
             ),
             ("[types.\"a\"]\nschema = {}\nhandler = { push = \"http://h/\" }\nretry = { attempts = 3 }", "no setting"),
+            ("[types.\"a\"]\nschema = {}\nhandler = \"pull\"\nheartbeat_timeout_ms = 1000", "heartbeat_timeout_ms"),
+            ("[types.\"a\"]\nschema = {}\nhandler = \"pull\"\njob_timeout_ms = 5", "job_timeout_ms"),
+            ("[types.\"a\"]\nschema = {}\nhandler = \"pull\"\ninline = true", "inline"),
+            ("[types.\"a\"]\nschema = {}\nhandler = \"poll\"", "valid declarations"),
         ];
         for (file, expected) in cases {
             let error = declared(file, &[]).unwrap_err().to_string();

@@ -78,7 +78,7 @@ impl SseConfig {
         if self.token_max_ttl_secs > MAX_TOKEN_TTL_SECS {
             return Err(format!("sse.token_max_ttl_secs must be at most {MAX_TOKEN_TTL_SECS} (a day)"));
         }
-        crate::tokens::StreamTokens::from_config(&self.token_secret)?;
+        crate::tokens::StreamTokens::from_config(&self.token_secret, crate::tokens::SETTING)?;
         crate::cors::layer(&self.cors_origins).map(drop)
     }
 }

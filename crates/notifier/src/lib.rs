@@ -125,7 +125,8 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     config.webhooks.validate().map_err(onceflow_runtime::Error::Config)?;
     config.sse.validate().map_err(onceflow_runtime::Error::Config)?;
     let (stream_tokens, secret_configured) =
-        tokens::StreamTokens::from_config(&config.sse.token_secret).map_err(onceflow_runtime::Error::Config)?;
+        tokens::StreamTokens::from_config(&config.sse.token_secret, tokens::SETTING)
+            .map_err(onceflow_runtime::Error::Config)?;
     if !secret_configured {
         tracing::warn!(
             "sse.token_secret is not set: stream tokens are signed with a random secret of this process, so they \

@@ -302,9 +302,15 @@ fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> R
         ));
     }
     if let Some(token) = &query.token {
-        let claims = state.tokens.verify(token, chrono::Utc::now().timestamp()).map_err(|error| {
-            Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", format!("{error}; get a new one"))
-        })?;
+        let claims: crate::tokens::Claims =
+            state.tokens.verify(token, chrono::Utc::now().timestamp()).map_err(|error| {
+                Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "Unauthorized",
+                    format!("stream token: {error}; get a new one"),
+                )
+            })?;
         return Ok(Access { tenant: claims.tenant, job_id: claims.job_id });
     }
     let Tenant(tenant) = state.api_keys.authenticate(headers).ok_or_else(Problem::unauthorized)?;

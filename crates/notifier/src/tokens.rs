@@ -4,12 +4,9 @@
 //! names a tenant, optionally one job, and an expiry; it opens that tenant's
 //! streams (or only that job's) until it expires, and nothing else.
 //!
-//! A token is self-contained and checked without storage:
-//! `v1.<claims>.<mac>`, where `<claims>` is base64url JSON
-//! `{"tenant", "job_id", "exp"}` and `<mac>` is base64url HMAC-SHA256 of
-//! `v1.<claims>` under the notifier's secret (`sse.token_secret`). Every
-//! instance sharing that secret accepts the others' tokens; with none
-//! configured each process makes its own, so its tokens die with it.
+//! A token is self-contained ([`onceflow_runtime::signed_tokens`]): claims
+//! `{"tenant", "job_id", "exp"}` signed under the notifier's secret
+//! (`sse.token_secret`).
 //!
 //! `POST /v1/stream-tokens` (API key in the `Authorization` header) issues
 //! them: only the SSE endpoints accept a token, and a token cannot get
@@ -21,19 +18,14 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::IntoResponse,
 };
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use hmac::{Hmac, Mac as _};
-use onceflow_runtime::{openapi::ProblemDocument, problem::Problem};
-use rand::RngCore as _;
-use sha2::Sha256;
+use onceflow_runtime::{
+    openapi::ProblemDocument,
+    problem::Problem,
+    signed_tokens::{Expiring, SignedTokens},
+};
 use uuid::Uuid;
 
 use crate::AppState;
-
-const VERSION: &str = "v1";
-
-/// The shortest configured secret accepted: HMAC-SHA256's own output size.
-pub const MIN_SECRET_BYTES: usize = 32;
 
 /// What a token grants.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,81 +37,17 @@ pub struct Claims {
     pub exp: i64,
 }
 
-/// Why a token was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("the stream token is malformed")]
-    Malformed,
-    #[error("the stream token's signature does not match (issued by another notifier secret, or altered)")]
-    BadSignature,
-    #[error("the stream token expired")]
-    Expired,
-}
-
-/// Issues and checks tokens with one secret.
-#[derive(Clone)]
-pub struct StreamTokens {
-    /// Shared by every clone (each request and open stream holds one).
-    key: std::sync::Arc<[u8]>,
-}
-
-impl std::fmt::Debug for StreamTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StreamTokens { key: <redacted> }")
+impl Expiring for Claims {
+    fn expires_at(&self) -> i64 {
+        self.exp
     }
 }
 
-impl StreamTokens {
-    /// Tokens under the configured `secret`, or, when it is empty, under a
-    /// random secret of this process (`false` then: tokens do not outlive it).
-    pub fn from_config(secret: &str) -> Result<(Self, bool), String> {
-        if secret.is_empty() {
-            let mut key = vec![0; MIN_SECRET_BYTES];
-            rand::rng().fill_bytes(&mut key);
-            return Ok((Self { key: key.into() }, false));
-        }
-        if secret.len() < MIN_SECRET_BYTES {
-            return Err(format!("sse.token_secret must be at least {MIN_SECRET_BYTES} bytes (or empty)"));
-        }
-        Ok((Self { key: secret.as_bytes().into() }, true))
-    }
+/// The setting of the secret.
+pub const SETTING: &str = "sse.token_secret";
 
-    /// A token granting `claims`.
-    pub fn issue(&self, claims: &Claims) -> String {
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
-        let signed = format!("{VERSION}.{body}");
-        let tag = URL_SAFE_NO_PAD.encode(self.mac(&signed).finalize().into_bytes());
-        format!("{signed}.{tag}")
-    }
-
-    /// The claims of `token` if this secret made it and it has not expired
-    /// at `now` (Unix seconds).
-    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
-        let (signed, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let (version, body) = signed.split_once('.').ok_or(TokenError::Malformed)?;
-        if version != VERSION {
-            return Err(TokenError::Malformed);
-        }
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
-        // Constant-time comparison (hmac's verify uses `subtle`).
-        self.mac(signed).verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
-        let claims: Claims = URL_SAFE_NO_PAD
-            .decode(body)
-            .ok()
-            .and_then(|json| serde_json::from_slice(&json).ok())
-            .ok_or(TokenError::Malformed)?;
-        if claims.exp <= now {
-            return Err(TokenError::Expired);
-        }
-        Ok(claims)
-    }
-
-    fn mac(&self, signed: &str) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(signed.as_bytes());
-        mac
-    }
-}
+/// Stream tokens are signed tokens with [`Claims`].
+pub type StreamTokens = SignedTokens;
 
 /// The body of `POST /v1/stream-tokens`; optional, like each field.
 #[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
@@ -204,12 +132,15 @@ pub async fn issue(
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    use onceflow_runtime::signed_tokens::TokenError;
+
     use super::*;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn tokens() -> StreamTokens {
-        StreamTokens::from_config(SECRET).unwrap().0
+        StreamTokens::from_config(SECRET, SETTING).unwrap().0
     }
 
     fn claims(job_id: Option<Uuid>) -> Claims {
@@ -220,10 +151,10 @@ mod tests {
     fn a_token_carries_its_claims_until_it_expires() {
         let job = Uuid::now_v7();
         let token = tokens().issue(&claims(Some(job)));
-        assert_eq!(tokens().verify(&token, 999), Ok(claims(Some(job))));
-        assert_eq!(tokens().verify(&token, 1_000), Err(TokenError::Expired));
+        assert_eq!(tokens().verify::<Claims>(&token, 999), Ok(claims(Some(job))));
+        assert_eq!(tokens().verify::<Claims>(&token, 1_000), Err(TokenError::Expired));
         let tenant_wide = tokens().issue(&claims(None));
-        assert_eq!(tokens().verify(&tenant_wide, 0).unwrap().job_id, None);
+        assert_eq!(tokens().verify::<Claims>(&tenant_wide, 0).unwrap().job_id, None);
     }
 
     #[test]
@@ -236,28 +167,32 @@ mod tests {
         // Another tenant, a later expiry, under the original tag.
         let forged_claims = Claims { tenant: "other".to_owned(), job_id: None, exp: i64::MAX };
         let forged_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap());
-        assert_eq!(tokens().verify(&format!("v1.{forged_body}.{tag}"), 0), Err(TokenError::BadSignature));
+        assert_eq!(tokens().verify::<Claims>(&format!("v1.{forged_body}.{tag}"), 0), Err(TokenError::BadSignature));
         // One flipped character of the tag.
         let mut flipped = tag.to_owned().into_bytes();
         flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
         let flipped = String::from_utf8(flipped).unwrap();
-        assert_eq!(tokens().verify(&format!("v1.{body}.{flipped}"), 0), Err(TokenError::BadSignature));
+        assert_eq!(tokens().verify::<Claims>(&format!("v1.{body}.{flipped}"), 0), Err(TokenError::BadSignature));
         // Another secret's token.
-        let (other, _) = StreamTokens::from_config("another-secret-of-32-bytes-at-least").unwrap();
-        assert_eq!(other.verify(&token, 0), Err(TokenError::BadSignature));
+        let (other, _) = StreamTokens::from_config("another-secret-of-32-bytes-at-least", SETTING).unwrap();
+        assert_eq!(other.verify::<Claims>(&token, 0), Err(TokenError::BadSignature));
         for garbage in ["", "v1", "v1.x", "v2.a.b", "v1.!!.??", "dev-onceflow-key"] {
-            assert_eq!(tokens().verify(garbage, 0), Err(TokenError::Malformed), "{garbage}");
+            assert_eq!(tokens().verify::<Claims>(garbage, 0), Err(TokenError::Malformed), "{garbage}");
         }
     }
 
     #[test]
     fn secrets_are_long_enough_or_random_per_process() {
-        assert!(StreamTokens::from_config("short").is_err());
-        let (first, configured) = StreamTokens::from_config("").unwrap();
+        assert!(StreamTokens::from_config("short", SETTING).is_err());
+        let (first, configured) = StreamTokens::from_config("", SETTING).unwrap();
         assert!(!configured);
-        let (second, _) = StreamTokens::from_config("").unwrap();
+        let (second, _) = StreamTokens::from_config("", SETTING).unwrap();
         let token = first.issue(&claims(None));
-        assert!(first.verify(&token, 0).is_ok());
-        assert_eq!(second.verify(&token, 0), Err(TokenError::BadSignature), "each process has its own secret");
+        assert!(first.verify::<Claims>(&token, 0).is_ok());
+        assert_eq!(
+            second.verify::<Claims>(&token, 0),
+            Err(TokenError::BadSignature),
+            "each process has its own secret"
+        );
     }
 }

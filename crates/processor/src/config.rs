@@ -41,6 +41,10 @@ pub struct ProcessorConfig {
     /// shows (the same list as ingest's); none: that endpoint is not served.
     #[serde(default)]
     pub tenants: Vec<onceflow_runtime::auth::TenantKey>,
+    /// Pull workers' credentials (`POST /v1/workers/poll`); none: no worker
+    /// can poll.
+    #[serde(default)]
+    pub workers: Vec<WorkerKey>,
     /// A file declaring command types of one's own (see
     /// `onceflow_catalogue`); empty: the built-in ledger only. Ingest must
     /// read the same file.
@@ -63,6 +67,33 @@ pub struct ExecutionsConfig {
     /// Built-in executions of one key applied in one transaction, at most.
     pub max_batch: usize,
     pub push: PushConfig,
+    pub callbacks: CallbacksConfig,
+}
+
+/// Callbacks of long work (`crate::executions::callbacks`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct CallbacksConfig {
+    /// Where handlers and workers reach this processor's port (the links
+    /// given with each attempt start with it); empty: `http://` and the
+    /// address `listen` is bound to.
+    #[serde(default)]
+    pub base_url: String,
+    /// The secret callback tokens are signed with (at least 32 bytes), the
+    /// same on every instance so that any takes the others' tokens; empty:
+    /// random per process (tokens then die with it).
+    #[serde(default)]
+    pub token_secret: String,
+}
+
+/// A pull worker's credentials: its name, the SHA-256 of its key, and the
+/// command types it may take.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerKey {
+    pub name: String,
+    /// Lower-case hex SHA-256 of the key: `printf '%s' "$KEY" | sha256sum`.
+    pub api_key_sha256: String,
+    pub types: Vec<String>,
 }
 
 impl ExecutionsConfig {

@@ -87,19 +87,51 @@ pub async fn start_with_handlers(
     // Built-in runs each hold a connection: at most half the pool, so the
     // lanes always have theirs.
     let builtin_runs = (config.database.max_connections as usize / 2).max(1);
-    let dispatcher = executions::Dispatcher::new(worker.clone(), config.executions.clone(), builtin_runs)
-        .map_err(onceflow_runtime::Error::Config)?;
+    // Bound now: the callbacks' links need the address when none is configured.
+    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let mut callbacks_config = config.executions.callbacks.clone();
+    if callbacks_config.base_url.is_empty() {
+        callbacks_config.base_url = format!("http://{}", listener.local_addr()?);
+    }
+    let grace = Duration::from_millis(config.executions.expiry_grace_ms);
+    let (callbacks, shared_secret) =
+        executions::callbacks::Callbacks::new(&callbacks_config, grace).map_err(onceflow_runtime::Error::Config)?;
+    let long_work =
+        worker.registry.command_types().iter().any(|t| !matches!(t.handler, onceflow_catalogue::Handler::Builtin(_)));
+    if long_work && !shared_secret {
+        tracing::warn!(
+            "executions.callbacks.token_secret is not set: callback tokens are signed with a random secret of this \
+             process, so they stop working when it restarts and other instances refuse them"
+        );
+    }
+    let callbacks = Arc::new(callbacks);
+    let ready = Arc::new(tokio::sync::Notify::new());
+    let workers =
+        executions::pull::Workers::configured(&config.workers, &worker).map_err(onceflow_runtime::Error::Config)?;
+    let dispatcher = executions::Dispatcher::new(
+        worker.clone(),
+        config.executions.clone(),
+        builtin_runs,
+        callbacks.clone(),
+        ready.clone(),
+    )
+    .map_err(onceflow_runtime::Error::Config)?;
     let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
     tasks.spawn(vitals.watch("dispatcher", &shutdown, dispatcher.run(shutdown.clone())));
+    let api_worker = worker.clone();
     tasks.spawn(vitals.watch("worker", &shutdown, worker.run(consumer, shutdown.clone())));
 
     let mut router = http::probes(checks).route("/openapi.json", axum::routing::get(openapi::document));
     let keys = if config.tenants.is_empty() { None } else { Some(ApiKeys::configured(&config.tenants)?) };
-    if let Some(api) = executions::api::router(pool.clone(), keys) {
-        router = router.merge(api);
-    }
+    router = router.merge(executions::api::router(executions::api::ApiState {
+        worker: api_worker,
+        keys,
+        callbacks,
+        workers,
+        ready,
+    }));
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);
     }
-    Running::with_http(tasks, &config.listen, router, config.http.clone(), shutdown).await
+    Running::with_listener(tasks, listener, router, config.http.clone(), shutdown)
 }

@@ -23,6 +23,8 @@
 //! - [`hygiene`]: what every HTTP port gets: header-read and request
 //!   timeouts, connection and concurrency bounds, problem+json for every error.
 //! - [`problem`]: RFC 9457 problem+json, the shape of every HTTP error.
+//! - [`signed_tokens`]: self-contained HMAC-signed tokens with an expiry
+//!   (stream tokens, callback tokens).
 //! - [`shutdown`]: SIGTERM / ctrl-c turned into a cancellation token.
 //! - [`vitals`]: tasks a service cannot work without, reported by `/readyz`
 //!   when one ends before shutdown.
@@ -43,6 +45,7 @@ pub mod postgres;
 pub mod problem;
 pub mod service;
 pub mod shutdown;
+pub mod signed_tokens;
 pub mod telemetry;
 pub mod vitals;
 

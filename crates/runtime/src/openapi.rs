@@ -27,7 +27,12 @@ pub struct BearerSchemes;
 impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        for (name, description) in [("api_key", "A tenant's API key"), ("admin_token", "The service's admin.token")] {
+        for (name, description) in [
+            ("api_key", "A tenant's API key"),
+            ("admin_token", "The service's admin.token"),
+            ("worker_key", "A pull worker's key (the processor's `[[workers]]`)"),
+            ("callback_token", "The token given with an attempt, for its callbacks"),
+        ] {
             components.add_security_scheme(
                 name,
                 SecurityScheme::Http(

@@ -17,11 +17,13 @@ pub struct Problem {
     pub detail: String,
     /// Sent as `Retry-After` (seconds) when the client should try again later.
     pub retry_after_secs: Option<u64>,
+    /// Extension members (RFC 9457, section 3.2), beside the standard ones.
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Problem {
     pub fn new(status: StatusCode, slug: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, slug, title, detail: detail.into(), retry_after_secs: None }
+        Self { status, slug, title, detail: detail.into(), retry_after_secs: None, extensions: serde_json::Map::new() }
     }
 
     /// `401`: no API key, or one that names no tenant.
@@ -59,6 +61,14 @@ impl Problem {
         self
     }
 
+    /// With the extension member `name` (a standard member's name is ignored).
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        if !matches!(name, "type" | "title" | "status" | "detail" | "instance") {
+            self.extensions.insert(name.to_owned(), value);
+        }
+        self
+    }
+
     /// The `type` URI of a problem slug.
     pub fn type_uri(slug: &str) -> String {
         format!("https://onceflow.dev/problems/{slug}")
@@ -67,12 +77,12 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": Self::type_uri(self.slug),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
+        let mut body = self.extensions;
+        body.insert("type".to_owned(), Self::type_uri(self.slug).into());
+        body.insert("title".to_owned(), self.title.into());
+        body.insert("status".to_owned(), self.status.as_u16().into());
+        body.insert("detail".to_owned(), self.detail.into());
+        let body = serde_json::Value::Object(body);
         let mut response = (self.status, body.to_string()).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));

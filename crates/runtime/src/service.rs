@@ -22,13 +22,25 @@ impl Running {
     /// the service's `limits` until `shutdown` as one more of `tasks`, and
     /// return the running service.
     pub async fn with_http(
-        mut tasks: JoinSet<()>,
+        tasks: JoinSet<()>,
         listen: &str,
         router: Router,
         limits: HttpLimits,
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
+        Self::with_listener(tasks, listener, router, limits, shutdown)
+    }
+
+    /// As [`Self::with_http`], on a listener bound already (a service that
+    /// needs its own address before it starts serving).
+    pub fn with_listener(
+        mut tasks: JoinSet<()>,
+        listener: tokio::net::TcpListener,
+        router: Router,
+        limits: HttpLimits,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
         let http_addr = listener.local_addr()?;
         tasks.spawn(async move {
             if let Err(error) = crate::http::serve(listener, router, &limits, shutdown).await {

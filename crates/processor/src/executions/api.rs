@@ -1,34 +1,57 @@
-//! `GET /v1/executions/{job_id}`: where a job that is an execution stands
-//! and why it waits, for the job's tenant (its API key, as ingest's). Ingest
-//! asks here for the `waiting_for` and `attempts` of a job that has not
-//! ended, passing its client's key along.
+//! The executions' HTTP surface on the processor's port:
 //!
-//! Served only when the processor has `tenants` configured.
+//! - `GET /v1/executions/{job_id}`: where a job that is an execution stands
+//!   and why it waits, for the job's tenant (its API key, as ingest's).
+//!   Ingest asks here for the `waiting_for` and `attempts` of a job that has
+//!   not ended, passing its client's key along. Served only when the
+//!   processor has `tenants` configured.
+//! - the callbacks of long work ([`super::callbacks`]) and the pull
+//!   workers' poll ([`super::pull`]).
+
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use onceflow_runtime::{auth::ApiKeys, openapi::ProblemDocument};
-use sqlx::PgPool;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::store::{self, ExecutionView};
-use crate::admin::problem;
+use super::{
+    callbacks::{self, Callbacks},
+    pull::{self, Workers},
+    store::{self, ExecutionView},
+};
+use crate::{admin::problem, worker::Worker};
 
+/// What the executions' endpoints share.
 #[derive(Clone)]
-struct ApiState {
-    pool: PgPool,
-    keys: ApiKeys,
+pub struct ApiState {
+    pub worker: Worker,
+    /// Tenants' keys; none: `GET /v1/executions/{id}` is not served.
+    pub keys: Option<ApiKeys>,
+    pub callbacks: Arc<Callbacks>,
+    pub workers: Workers,
+    /// Told when work may have become ready (polls wait on it).
+    pub ready: Arc<Notify>,
 }
 
-/// The route, or `None` when no tenant is configured.
-pub fn router(pool: PgPool, keys: Option<ApiKeys>) -> Option<Router> {
-    let keys = keys?;
-    Some(Router::new().route("/v1/executions/{job_id}", get(execution)).with_state(ApiState { pool, keys }))
+/// The routes.
+pub fn router(state: ApiState) -> Router {
+    let mut router = Router::new()
+        .route("/v1/executions/{job_id}/heartbeat", post(callbacks::heartbeat))
+        .route("/v1/executions/{job_id}/complete", post(callbacks::complete))
+        .route("/v1/executions/{job_id}/fail", post(callbacks::fail))
+        .route("/v1/executions/{job_id}/release", post(callbacks::release))
+        .route("/v1/workers/poll", post(pull::poll));
+    if state.keys.is_some() {
+        router = router.route("/v1/executions/{job_id}", get(execution));
+    }
+    router.with_state(state)
 }
 
 /// A job's execution: its state, attempts and what it waits for.
@@ -46,12 +69,12 @@ pub fn router(pool: PgPool, keys: Option<ApiKeys>) -> Option<Router> {
     )
 )]
 async fn execution(State(state): State<ApiState>, headers: HeaderMap, Path(job_id): Path<String>) -> Response {
-    let Some(tenant) = state.keys.authenticate(&headers) else {
+    let Some(tenant) = state.keys.as_ref().and_then(|keys| keys.authenticate(&headers)) else {
         return problem(StatusCode::UNAUTHORIZED, "unauthorized", "a tenant's API key is required");
     };
     let not_found = || problem(StatusCode::NOT_FOUND, "not-an-execution", "no execution of this tenant has that id");
     let Ok(job_id) = Uuid::parse_str(&job_id) else { return not_found() };
-    match store::view(&state.pool, &tenant.0, job_id).await {
+    match store::view(&state.worker.pool, &tenant.0, job_id).await {
         Ok(Some(view)) => Json(view).into_response(),
         Ok(None) => not_found(),
         Err(error) => {

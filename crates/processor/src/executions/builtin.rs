@@ -95,7 +95,15 @@ impl Worker {
                         .map(|(execution, effect)| {
                             let (status, message) = effect.unwrap_or_else(|| unreachable!("every command has its end"));
                             let attempts = execution.attempts;
-                            End { execution, status, message: Some(message), error: None, poison: None, attempts }
+                            End {
+                                execution,
+                                status,
+                                message: Some(message),
+                                error: None,
+                                poison: None,
+                                attempts,
+                                result: None,
+                            }
                         })
                         .collect();
                     let ended = self.record_ends(&mut tx, &ends).await?;

@@ -31,9 +31,11 @@ use tracing::Instrument as _;
 
 use super::{
     builtin::Ran,
-    endings::{End, job_of},
+    callbacks::Callbacks,
+    endings::{AfterFailure, End, job_of},
+    leases::{self, Counted},
     push::{Answer, Caller, PushRequest},
-    store::{self, Execution, QueueKey, Wait},
+    store::{self, Attempt, Execution, QueueKey, Wait},
 };
 use crate::{
     config::ExecutionsConfig,
@@ -41,8 +43,6 @@ use crate::{
     worker::{Poison, Worker},
 };
 
-/// The channel lanes notify when they queue work (migration 0007).
-const CHANNEL: &str = "onceflow_executions";
 /// Ends of push calls waiting to be recorded, at most; calls wait beyond.
 const END_QUEUE: usize = 1024;
 /// Ends recorded in one transaction, at most.
@@ -56,6 +56,7 @@ struct PushSlot {
     destination: String,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    heartbeat_timeout: Duration,
     retry: RetryPolicy,
 }
 
@@ -88,14 +89,24 @@ pub struct Dispatcher {
     running: Arc<Mutex<HashSet<QueueKey>>>,
     health: Arc<Mutex<HashMap<String, HandlerHealth>>>,
     wake: Arc<Notify>,
+    callbacks: Arc<Callbacks>,
+    /// Polls of pull workers waiting for work, told with `notify_waiters`.
+    ready: Arc<Notify>,
 }
 
 impl Dispatcher {
     /// A dispatcher of every type `worker`'s registry serves; built-in runs
     /// at most `builtin_runs` at once (each holds a database connection).
     /// Refuses a push handler without a signing secret or at an address the
-    /// SSRF rules forbid.
-    pub fn new(worker: Worker, config: ExecutionsConfig, builtin_runs: usize) -> Result<Self, String> {
+    /// SSRF rules forbid. `ready` is told whenever work may have become
+    /// ready (pull workers' polls wait on it).
+    pub fn new(
+        worker: Worker,
+        config: ExecutionsConfig,
+        builtin_runs: usize,
+        callbacks: Arc<Callbacks>,
+        ready: Arc<Notify>,
+    ) -> Result<Self, String> {
         config.push.breaker.validate()?;
         let mut push = Vec::new();
         let mut builtin_types = Vec::new();
@@ -112,11 +123,13 @@ impl Dispatcher {
                         destination,
                         permits: Arc::new(Semaphore::new(declared.concurrency as usize)),
                         timeout: declared.attempt_timeout,
+                        heartbeat_timeout: declared.heartbeat_timeout,
                         retry: declared.retry.clone(),
                     }));
                 }
                 Some(ServedBy::Builtin(_)) => builtin_types.push(declared.name.clone()),
-                None => {}
+                // Pull workers take their own (`super::pull`).
+                Some(ServedBy::Pull) | None => {}
             }
         }
         let caller = if push.is_empty() { None } else { Some(Arc::new(Caller::new(&config.push)?)) };
@@ -130,6 +143,8 @@ impl Dispatcher {
             running: Arc::default(),
             health: Arc::default(),
             wake: Arc::new(Notify::new()),
+            callbacks,
+            ready,
         })
     }
 
@@ -139,7 +154,12 @@ impl Dispatcher {
         let this = Arc::new(self);
         let (ends, ended) = mpsc::channel::<End>(END_QUEUE);
         let listening = tokio::spawn(this.clone().listen(shutdown.clone()));
-        let expiring = tokio::spawn(this.clone().expire(shutdown.clone()));
+        let expiring = tokio::spawn(super::timeouts::sweep(
+            this.worker.clone(),
+            this.config.clone(),
+            this.wake.clone(),
+            shutdown.clone(),
+        ));
         let recording = tokio::spawn(this.clone().record(ended, shutdown.clone()));
         let mut backoff = this.worker.retry.backoff();
         let poll = Duration::from_millis(this.config.poll_interval_ms.max(1));
@@ -193,7 +213,8 @@ impl Dispatcher {
             if limit == 0 {
                 continue;
             }
-            let claimed = store::claim(pool, slot.name, i64::try_from(limit).unwrap_or(1), slot.timeout).await?;
+            let attempt = Attempt { holder: "call", worker: None, timeout: slot.timeout, lease: None };
+            let claimed = store::claim(pool, slot.name, i64::try_from(limit).unwrap_or(1), attempt).await?;
             for execution in claimed {
                 let Ok(permit) = slot.permits.clone().try_acquire_owned() else { break };
                 tokio::spawn(self.clone().call(slot.clone(), execution, permit, ends.clone()));
@@ -311,6 +332,7 @@ impl Dispatcher {
             attempt_id: &attempt_id,
             deadline: &deadline,
             callback_url: job.callback_url.as_deref(),
+            callbacks: &self.callbacks.links(&execution, slot.timeout),
         };
         let (traceparent, _) = telemetry::current_trace_context();
         let Some(caller) = &self.caller else { return None };
@@ -318,6 +340,7 @@ impl Dispatcher {
         let (answer, status) = caller.call(&slot.url, &request, slot.timeout, traceparent.as_deref()).await;
         let outcome = match &answer {
             Answer::Succeeded(_) => "succeeded",
+            Answer::Accepted => "accepted",
             Answer::Refused { .. } | Answer::TooLarge { .. } => "refused",
             Answer::Unavailable { .. } => "unavailable",
             Answer::Failed { .. } => "failed",
@@ -350,26 +373,28 @@ impl Dispatcher {
                 let delay = worker.retry.delay_after(execution.outages).max(retry_after.unwrap_or_default());
                 tracing::warn!(attempt, %reason, delay_ms = delay.as_millis(), "the handler is unavailable; waiting");
                 let error = serde_json::json!({"code": "handler_unavailable", "message": reason});
-                self.put_back(&execution, false, Wait::HandlerUnavailable, delay, &error).await;
+                self.put_back(&execution, Counted::Outage, Wait::HandlerUnavailable, delay, &error).await;
+                None
+            }
+            Answer::Accepted => {
+                tracing::info!(attempt, "the handler accepted the command; it reports through callbacks");
+                let (job_id, attempt_id) = (execution.job_id, execution.attempt_id.unwrap_or_default());
+                if let Err(error) = leases::accept(&worker.pool, job_id, attempt_id, slot.heartbeat_timeout).await {
+                    tracing::warn!(%error, "cannot record that the handler accepted; its call's deadline holds");
+                }
                 None
             }
             Answer::Failed { reason, retry_after } => {
-                let spent = u32::try_from(attempt).unwrap_or(u32::MAX);
-                match slot.retry.next_delay(spent, retry_after) {
-                    Some(delay) => {
+                match worker.after_failure(&execution, &slot.retry, &reason, retry_after) {
+                    AfterFailure::Retry(delay) => {
                         tracing::warn!(attempt, %reason, delay_ms = delay.as_millis(), "the handler failed; retrying");
                         let error = serde_json::json!({"code": "handler_failed", "message": reason});
-                        self.put_back(&execution, true, Wait::Retry, delay, &error).await;
+                        self.put_back(&execution, Counted::Attempt, Wait::Retry, delay, &error).await;
                         None
                     }
-                    None => {
+                    AfterFailure::DeadLetter(end) => {
                         tracing::warn!(attempt, %reason, "the handler failed its last attempt; dead-lettering");
-                        let poison = Poison::new("handler_failed", reason);
-                        let error = poison.job_error();
-                        let mut end =
-                            worker.end_of(execution, JobStatus::DeadLettered, None, Some(error), Some(poison));
-                        end.attempts = attempt;
-                        Some(end)
+                        Some(*end)
                     }
                 }
             }
@@ -381,14 +406,14 @@ impl Dispatcher {
     async fn put_back(
         &self,
         execution: &Execution,
-        spent: bool,
+        counted: Counted,
         wait: Wait,
         delay: Duration,
         error: &serde_json::Value,
     ) {
         let mut backoff = self.worker.retry.backoff();
         for _ in 0..10 {
-            match store::retry_later(&self.worker.pool, execution, spent, wait, delay, error).await {
+            match store::retry_later(&self.worker.pool, execution, counted, wait, delay, error).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(%error, "cannot put the execution back to wait; trying again");
@@ -481,10 +506,11 @@ impl Dispatcher {
         while !shutdown.is_cancelled() {
             let listener = async {
                 let mut listener = PgListener::connect_with(&self.worker.pool).await?;
-                listener.listen(CHANNEL).await?;
+                listener.listen(store::CHANNEL).await?;
                 loop {
                     listener.recv().await?;
                     self.wake.notify_one();
+                    self.ready.notify_waiters();
                 }
             };
             let result: Result<(), sqlx::Error> = tokio::select! {
@@ -496,26 +522,6 @@ impl Dispatcher {
             }
             if !backoff.wait(&shutdown).await {
                 return;
-            }
-        }
-    }
-
-    /// Give up attempts whose processor died, every second.
-    async fn expire(self: Arc<Self>, shutdown: CancellationToken) {
-        let grace = Duration::from_millis(self.config.expiry_grace_ms);
-        while !shutdown.is_cancelled() {
-            match store::expire(&self.worker.pool, grace).await {
-                Ok(0) => {}
-                Ok(expired) => {
-                    tracing::warn!(expired, "attempts expired without an answer recorded; they run again");
-                    metrics::counter!("onceflow_execution_attempts_expired_total").increment(expired);
-                    self.wake.notify_one();
-                }
-                Err(error) => tracing::warn!(%error, "cannot expire attempts now"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct End {
     pub poison: Option<Poison>,
     /// Attempts spent, this one included when it failed.
     pub attempts: i32,
+    /// The result's JSON text, kept with the execution.
+    pub result: Option<String>,
 }
 
 impl Worker {
@@ -46,7 +48,7 @@ impl Worker {
         poison: Option<Poison>,
     ) -> End {
         let (_, job) = job_of(&execution);
-        let event = self.result_event(&execution.envelope, &job, status, result, error.clone());
+        let event = self.result_event(&execution.envelope, &job, status, result.clone(), error.clone());
         let message = match self.result_message(&execution.envelope, &job, &event) {
             Ok(message) if message.size() > onceflow_outbox::MAX_MESSAGE_BYTES => {
                 let size = message.size();
@@ -68,7 +70,68 @@ impl Worker {
             }
         };
         let attempts = execution.attempts;
-        End { execution, status, message, error, poison, attempts }
+        End { execution, status, message, error, poison, attempts, result }
+    }
+}
+
+/// What a failed attempt leads to under its type's retry policy.
+#[derive(Debug)]
+pub enum AfterFailure {
+    /// Try again after this wait (the attempt is spent).
+    Retry(std::time::Duration),
+    /// That was the last attempt: the job is dead-lettered.
+    DeadLetter(Box<End>),
+}
+
+impl Worker {
+    /// The attempt of `execution` failed (its handler's `5xx`, a timeout, a
+    /// worker's retryable failure) for `reason`: wait and try again, or,
+    /// after the policy's last attempt, dead-letter it (`handler_failed`).
+    pub(crate) fn after_failure(
+        &self,
+        execution: &Execution,
+        retry: &onceflow_webhook::RetryPolicy,
+        reason: &str,
+        retry_after: Option<std::time::Duration>,
+    ) -> AfterFailure {
+        let attempt = execution.attempts + 1;
+        match retry.next_delay(u32::try_from(attempt).unwrap_or(u32::MAX), retry_after) {
+            Some(delay) => AfterFailure::Retry(delay),
+            None => {
+                let poison = Poison::new("handler_failed", reason.to_owned());
+                let error = poison.job_error();
+                let mut end = self.end_of(execution.clone(), JobStatus::DeadLettered, None, Some(error), Some(poison));
+                end.attempts = attempt;
+                AfterFailure::DeadLetter(Box::new(end))
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// A `job.processing` event of `execution` with `percent` (a heartbeat's
+    /// progress), in the caller's transaction. An event that cannot be
+    /// encoded is left out (progress is advisory).
+    pub(crate) async fn record_progress(
+        &self,
+        tx: &mut PgConnection,
+        execution: &Execution,
+        percent: i32,
+    ) -> Result<(), sqlx::Error> {
+        let (_, job) = job_of(execution);
+        let Ok(message) = self.progress_message(&execution.envelope, &job, percent) else { return Ok(()) };
+        onceflow_outbox::enqueue(tx, &message).await.map_err(as_database_error)?;
+        metrics::counter!("onceflow_progress_events_total").increment(1);
+        Ok(())
+    }
+}
+
+/// An outbox error as the database error it is (or a protocol error, for
+/// a message the outbox refuses).
+fn as_database_error(error: onceflow_outbox::Error) -> sqlx::Error {
+    match error {
+        onceflow_outbox::Error::Database(error) => error,
+        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 
@@ -123,6 +186,7 @@ impl Worker {
                 state: end.status.as_str(),
                 attempts: end.attempts,
                 error: end.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message})),
+                result: end.result.clone(),
             })
             .collect();
         let ended = store::end(&mut *tx, &endings).await?;
@@ -144,10 +208,7 @@ impl Worker {
             outcomes.push(end.status.as_str());
             keys.push(&execution.key);
         }
-        onceflow_outbox::enqueue_all(&mut *tx, &messages).await.map_err(|error| match error {
-            onceflow_outbox::Error::Database(error) => error,
-            other => sqlx::Error::Protocol(other.to_string()),
-        })?;
+        onceflow_outbox::enqueue_all(&mut *tx, &messages).await.map_err(as_database_error)?;
         record_outcomes(&mut *tx, &ids, &outcomes).await?;
         store::advance(&mut *tx, &keys).await?;
         Ok(ids.len())

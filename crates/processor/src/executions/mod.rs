@@ -51,9 +51,13 @@
 
 pub mod api;
 mod builtin;
+pub mod callbacks;
 mod dispatcher;
 mod endings;
+mod leases;
+pub mod pull;
 mod push;
 pub mod store;
+mod timeouts;
 
 pub use dispatcher::Dispatcher;

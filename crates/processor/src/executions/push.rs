@@ -12,8 +12,13 @@
 //!   the attempt);
 //! - `traceparent`, so the handler's spans join the command's trace.
 //!
+//! The body also carries the attempt's callbacks: a token scoped to it and
+//! the URLs of `heartbeat`, `complete` and `fail` ([`super::callbacks`]).
+//!
 //! The answer ([`Answer`]): `200` with a JSON body (or `204`) succeeds with
-//! that result; a `4xx` (but `408` and `429`) refuses: `failed` with the
+//! that result; `202` accepts it: the handler (or whoever it hands the
+//! callbacks to) reports through the callbacks, heartbeats within the type's
+//! `heartbeat_timeout_ms`, and completes or fails the job; a `4xx` (but `408` and `429`) refuses: `failed` with the
 //! problem's `code` (or the last segment of its `type`), not retried; `429`,
 //! `503` and no connection at all are an outage of the handler: wait, spend
 //! nothing; any other answer, and no answer by the deadline, spends an
@@ -39,6 +44,8 @@ const MAX_ANSWER_BYTES: usize = onceflow_outbox::MAX_MESSAGE_BYTES + 1;
 pub enum Answer {
     /// `200` (or `204`): the job succeeded with this result.
     Succeeded(Value),
+    /// `202`: the handler took the command on and reports through callbacks.
+    Accepted,
     /// A `4xx` problem: the job fails with its code, not retried.
     Refused { code: String, message: String },
     /// The result does not fit in one record: the job fails.
@@ -66,6 +73,8 @@ pub struct PushRequest<'a> {
     /// RFC 3339: an attempt not answered by then is spent.
     pub deadline: &'a str,
     pub callback_url: Option<&'a str>,
+    /// Where and how this attempt reports when the handler answers `202`.
+    pub callbacks: &'a super::callbacks::Links,
 }
 
 /// The HTTP client of every push handler.
@@ -200,12 +209,7 @@ pub fn answer_of(status: StatusCode, body: &[u8], retry_after: Option<Duration>)
             },
         },
         204 => Answer::Succeeded(Value::Null),
-        202 => Answer::Failed {
-            reason: "the handler answered 202, but asynchronous completion is not available yet; answer 200 when \
-                     done"
-                .to_owned(),
-            retry_after: None,
-        },
+        202 => Answer::Accepted,
         429 | 503 => Answer::Unavailable { reason: format!("the handler answered {status}"), retry_after },
         408 => Answer::Failed { reason: format!("the handler answered {status}"), retry_after },
         400..=499 => refusal(status, body),
@@ -226,15 +230,17 @@ fn refusal(status: StatusCode, body: &[u8]) -> Answer {
     let code =
         text("code").or(from_type).filter(|code| fits_code(code)).unwrap_or_else(|| "handler_refused".to_owned());
     let message = text("detail").or_else(|| text("title")).unwrap_or_else(|| format!("the handler answered {status}"));
-    // Bounded, and without NUL, which no text or JSON column of PostgreSQL takes.
-    Answer::Refused {
-        code,
-        message: message.chars().take(1000).map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect(),
-    }
+    Answer::Refused { code, message: bounded_message(&message) }
+}
+
+/// A handler's message as a job error keeps it: at most 1,000 characters,
+/// without NUL, which no text or JSON column of PostgreSQL takes.
+pub(super) fn bounded_message(message: &str) -> String {
+    message.chars().take(1000).map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect()
 }
 
 /// A code as a job error carries it: 1-64 characters of `[A-Za-z0-9._-]`.
-fn fits_code(code: &str) -> bool {
+pub(super) fn fits_code(code: &str) -> bool {
     (1..=64).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -254,7 +260,7 @@ mod tests {
         assert_eq!(answer(200, ""), Answer::Succeeded(Value::Null));
         assert_eq!(answer(204, ""), Answer::Succeeded(Value::Null));
         assert!(matches!(answer(200, "<html>"), Answer::Failed { .. }), "a 200 that is not JSON spends an attempt");
-        assert!(matches!(answer(202, ""), Answer::Failed { .. }));
+        assert_eq!(answer(202, ""), Answer::Accepted, "the handler reports through callbacks");
         assert!(matches!(answer(429, ""), Answer::Unavailable { .. }));
         assert!(matches!(answer(503, ""), Answer::Unavailable { .. }));
         for status in [500, 502, 504, 408, 301] {

@@ -85,6 +85,9 @@ pub struct NewExecution<'a> {
     /// Where the record was on the commands topic.
     pub partition: i32,
     pub offset: i64,
+    /// Its type's start and job timeouts, counted from now.
+    pub start_timeout: Option<Duration>,
+    pub job_timeout: Option<Duration>,
 }
 
 fn envelope_json(envelope: &Envelope) -> serde_json::Value {
@@ -108,21 +111,26 @@ pub async fn enqueue(tx: &mut PgConnection, executions: &[NewExecution<'_>]) -> 
     let records: Vec<&[u8]> = executions.iter().map(|e| e.record).collect();
     let partitions: Vec<i32> = executions.iter().map(|e| e.partition).collect();
     let offsets: Vec<i64> = executions.iter().map(|e| e.offset).collect();
+    let seconds = |timeout: Option<Duration>| timeout.map(|t| t.as_secs_f64());
+    let start_timeouts: Vec<Option<f64>> = executions.iter().map(|e| seconds(e.start_timeout)).collect();
+    let job_timeouts: Vec<Option<f64>> = executions.iter().map(|e| seconds(e.job_timeout)).collect();
     // Ordered by position, so `seq` follows the lane's order.
     sqlx::query(
         "INSERT INTO executions (job_id, tenant, scope, ordering_key, command_type, envelope, result_key, record,
-                                 origin_partition, origin_offset)
+                                 origin_partition, origin_offset, start_by, end_by)
          SELECT job_id, tenant, scope, ordering_key, command_type, envelope, result_key, record, origin_partition,
-                origin_offset
+                origin_offset, now() + make_interval(secs => start_timeout), now() + make_interval(secs => job_timeout)
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[],
-                     $8::bytea[], $9::int[], $10::bigint[])
+                     $8::bytea[], $9::int[], $10::bigint[], $11::float8[], $12::float8[])
          WITH ORDINALITY AS e(job_id, tenant, scope, ordering_key, command_type, envelope, result_key, record,
-                              origin_partition, origin_offset, position)
+                              origin_partition, origin_offset, start_timeout, job_timeout, position)
          ORDER BY position
          ON CONFLICT (job_id) DO UPDATE SET
              seq = nextval(pg_get_serial_sequence('executions', 'seq')), state = 'queued', attempts = 0,
              outages = 0, attempt_id = NULL, deadline = NULL, last_error = NULL, started_at = NULL,
-             ended_at = NULL, created_at = now()
+             ended_at = NULL, created_at = now(), holder = NULL, worker = NULL, attempt_deadline = NULL,
+             heartbeat_at = NULL, progress_percent = NULL, result = NULL, start_by = excluded.start_by,
+             end_by = excluded.end_by
          WHERE executions.state = 'dead_lettered'",
     )
     .bind(&ids)
@@ -135,6 +143,8 @@ pub async fn enqueue(tx: &mut PgConnection, executions: &[NewExecution<'_>]) -> 
     .bind(&records)
     .bind(&partitions)
     .bind(&offsets)
+    .bind(&start_timeouts)
+    .bind(&job_timeouts)
     .execute(&mut *tx)
     .await?;
 
@@ -187,11 +197,11 @@ pub struct Execution {
     pub offset: i64,
 }
 
-const EXECUTION_COLUMNS: &str = "e.job_id, e.tenant, e.scope, e.ordering_key, e.command_type, e.attempts, e.outages, \
+pub(super) const EXECUTION_COLUMNS: &str = "e.job_id, e.tenant, e.scope, e.ordering_key, e.command_type, e.attempts, e.outages, \
      e.attempt_id, e.envelope, e.result_key, e.record, e.origin_partition, e.origin_offset";
 
 impl Execution {
-    fn of_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+    pub(super) fn of_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let headers: Vec<(String, String)> =
             serde_json::from_value(row.try_get("envelope")?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         let envelope =
@@ -213,16 +223,31 @@ impl Execution {
     }
 }
 
+/// Who runs an attempt, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// `call`: the dispatcher calls a push handler; `worker`: a pull worker
+    /// holds it.
+    pub holder: &'a str,
+    /// The pull worker's name.
+    pub worker: Option<&'a str>,
+    /// The type's attempt timeout: the attempt's hard end.
+    pub timeout: Duration,
+    /// A worker's lease (the heartbeat timeout): the deadline until its
+    /// first heartbeat; `None` for a call, whose deadline is its end.
+    pub lease: Option<Duration>,
+}
+
 /// Start an attempt of the heads of up to `limit` keys of `command_type` that
 /// are ready: each key's row is taken (`ready_at` NULL: running) and its head
-/// made `running` with a fresh attempt id and a deadline `timeout` away, all
-/// committed before the calls go out. Keys another dispatcher holds are
-/// skipped.
+/// made `running` with a fresh attempt id, its holder and its deadlines, all
+/// committed before the calls go out (or the tasks are handed out). Keys
+/// another instance holds are skipped.
 pub async fn claim(
     pool: &PgPool,
     command_type: &str,
     limit: i64,
-    timeout: Duration,
+    attempt: Attempt<'_>,
 ) -> Result<Vec<Execution>, sqlx::Error> {
     let rows = sqlx::query(&format!(
         "WITH ready AS (
@@ -233,14 +258,19 @@ pub async fn claim(
              UPDATE key_queues q SET ready_at = NULL, waiting = NULL FROM ready
              WHERE (q.tenant, q.scope, q.ordering_key) = (ready.tenant, ready.scope, ready.ordering_key)
              RETURNING q.head)
-         UPDATE executions e SET state = 'running', attempt_id = gen_random_uuid(),
-             deadline = now() + make_interval(secs => $3), started_at = coalesce(e.started_at, now())
+         UPDATE executions e SET state = 'running', attempt_id = gen_random_uuid(), holder = $4, worker = $5,
+             attempt_deadline = now() + make_interval(secs => $3),
+             deadline = now() + make_interval(secs => least($3, coalesce($6, $3))), heartbeat_at = NULL,
+             started_at = coalesce(e.started_at, now())
          FROM taken WHERE e.job_id = taken.head AND e.state = 'queued'
          RETURNING {EXECUTION_COLUMNS}"
     ))
     .bind(command_type)
     .bind(limit)
-    .bind(timeout.as_secs_f64())
+    .bind(attempt.timeout.as_secs_f64())
+    .bind(attempt.holder)
+    .bind(attempt.worker)
+    .bind(attempt.lease.map(|lease| lease.as_secs_f64()))
     .fetch_all(pool)
     .await?;
     rows.iter().map(Execution::of_row).collect()
@@ -304,6 +334,8 @@ pub struct Ending {
     /// Attempts spent, this one included when it failed.
     pub attempts: i32,
     pub error: Option<serde_json::Value>,
+    /// The result's JSON text, kept to answer a repeated completion.
+    pub result: Option<String>,
 }
 
 /// End executions in the caller's transaction: each only if it is still the
@@ -318,11 +350,13 @@ pub async fn end(tx: &mut PgConnection, endings: &[Ending]) -> Result<HashSet<Uu
     let states: Vec<&str> = endings.iter().map(|e| e.state).collect();
     let spent: Vec<i32> = endings.iter().map(|e| e.attempts).collect();
     let errors: Vec<Option<serde_json::Value>> = endings.iter().map(|e| e.error.clone()).collect();
+    let results: Vec<Option<&str>> = endings.iter().map(|e| e.result.as_deref()).collect();
     let ended: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE executions e SET state = x.state, attempts = x.attempts, last_error = coalesce(x.error, e.last_error),
-             attempt_id = NULL, deadline = NULL, ended_at = now(), started_at = coalesce(e.started_at, now())
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::jsonb[]) AS x(job_id, attempt_id, state,
-                                                                                     attempts, error)
+             result = x.result, attempt_id = NULL, deadline = NULL, ended_at = now(),
+             started_at = coalesce(e.started_at, now())
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::text[])
+             AS x(job_id, attempt_id, state, attempts, error, result)
          WHERE e.job_id = x.job_id AND e.attempt_id IS NOT DISTINCT FROM x.attempt_id
            AND e.state = CASE WHEN x.attempt_id IS NULL THEN 'queued' ELSE 'running' END
          RETURNING e.job_id",
@@ -332,14 +366,17 @@ pub async fn end(tx: &mut PgConnection, endings: &[Ending]) -> Result<HashSet<Uu
     .bind(&states)
     .bind(&spent)
     .bind(&errors)
+    .bind(&results)
     .fetch_all(&mut *tx)
     .await?;
     Ok(ended.into_iter().collect())
 }
 
-/// Move each of `keys` on after its head ended, in the caller's transaction:
-/// its next queued execution becomes its head, ready now, or its row goes
-/// when none is left.
+/// Move each of `keys` on after an execution of it ended, in the caller's
+/// transaction: its next queued execution becomes its head, ready now (a
+/// head that did not change keeps its state: another execution of the key
+/// ended, by a timeout), or its row goes when none is left. Every
+/// dispatcher and waiting pull worker is woken at commit.
 pub async fn advance(tx: &mut PgConnection, keys: &[&QueueKey]) -> Result<(), sqlx::Error> {
     if keys.is_empty() {
         return Ok(());
@@ -370,8 +407,9 @@ pub async fn advance(tx: &mut PgConnection, keys: &[&QueueKey]) -> Result<(), sq
              WHERE e.state IN ('queued', 'running')
              ORDER BY e.tenant, e.scope, e.ordering_key, e.seq),
          moved AS (
-             UPDATE key_queues q SET head = next.job_id, command_type = next.command_type, ready_at = now(),
-                 waiting = NULL
+             UPDATE key_queues q SET head = next.job_id, command_type = next.command_type,
+                 ready_at = CASE WHEN q.head = next.job_id THEN q.ready_at ELSE now() END,
+                 waiting = CASE WHEN q.head = next.job_id THEN q.waiting END
              FROM next WHERE (q.tenant, q.scope, q.ordering_key) = (next.tenant, next.scope, next.ordering_key)
              RETURNING q.tenant, q.scope, q.ordering_key)
          DELETE FROM key_queues q USING k
@@ -384,8 +422,19 @@ pub async fn advance(tx: &mut PgConnection, keys: &[&QueueKey]) -> Result<(), sq
     .bind(&values)
     .execute(&mut *tx)
     .await?;
+    notify(tx).await
+}
+
+/// Wake every dispatcher and waiting pull worker at commit (notifications
+/// of one transaction are merged).
+pub async fn notify(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(tx).await?;
     Ok(())
 }
+
+/// The channel of work that became ready (migration 0007's trigger, and
+/// [`notify`]).
+pub const CHANNEL: &str = "onceflow_executions";
 
 /// Why a head waits before its next attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +445,8 @@ pub enum Wait {
     HandlerUnavailable,
     /// A row it needs is locked by someone else.
     Locked,
+    /// A pull worker handed it back (ready at once).
+    Released,
 }
 
 impl Wait {
@@ -404,37 +455,24 @@ impl Wait {
             Self::Retry => "retry",
             Self::HandlerUnavailable => "handler_unavailable",
             Self::Locked => "locked",
+            Self::Released => "released",
         }
     }
 }
 
 /// Put a running attempt's execution back at the head of its queue, to
-/// start again after `delay`: `spent` says whether the attempt counts
-/// against the policy (a failure of the handler) or not (an outage). Does
-/// nothing if the attempt was given up meanwhile.
+/// start again after `delay`, in a transaction of its own (see
+/// [`super::leases::requeue`]).
 pub async fn retry_later(
     pool: &PgPool,
     execution: &Execution,
-    spent: bool,
+    counted: super::leases::Counted,
     wait: Wait,
     delay: Duration,
     error: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let requeued = sqlx::query(
-        "UPDATE executions SET state = 'queued', attempt_id = NULL, deadline = NULL, last_error = $3,
-             attempts = attempts + CASE WHEN $4 THEN 1 ELSE 0 END, outages = outages + CASE WHEN $4 THEN 0 ELSE 1 END
-         WHERE job_id = $1 AND attempt_id = $2 AND state = 'running'",
-    )
-    .bind(execution.job_id)
-    .bind(execution.attempt_id)
-    .bind(error)
-    .bind(spent)
-    .execute(&mut *tx)
-    .await?;
-    if requeued.rows_affected() == 1 {
-        hold(&mut tx, &execution.key, wait, delay).await?;
-    }
+    super::leases::requeue(&mut tx, execution, counted, wait, delay, Some(error)).await?;
     tx.commit().await
 }
 
@@ -499,28 +537,6 @@ pub async fn hold_types(pool: &PgPool, command_types: &[&str], until: DateTime<U
     Ok(())
 }
 
-/// Give up attempts whose deadline passed `grace` ago: their processor died
-/// or lost its connection. Each counts as an attempt spent (whether the
-/// handler did its work is unknown) and its key's head is ready again, so
-/// the same command is called again with the same `Idempotency-Key`.
-/// Returns how many.
-pub async fn expire(pool: &PgPool, grace: Duration) -> Result<u64, sqlx::Error> {
-    let expired = sqlx::query(
-        "WITH expired AS (
-             UPDATE executions SET state = 'queued', attempt_id = NULL, deadline = NULL, attempts = attempts + 1,
-                 last_error = $2
-             WHERE state = 'running' AND deadline < now() - make_interval(secs => $1)
-             RETURNING tenant, scope, ordering_key)
-         UPDATE key_queues q SET ready_at = now(), waiting = 'retry' FROM expired
-         WHERE (q.tenant, q.scope, q.ordering_key) = (expired.tenant, expired.scope, expired.ordering_key)",
-    )
-    .bind(grace.as_secs_f64())
-    .bind(serde_json::json!({"code": "attempt_expired", "message": "no answer was recorded by the attempt's deadline"}))
-    .execute(pool)
-    .await?;
-    Ok(expired.rows_affected())
-}
-
 /// How long until the next head becomes ready, if any waits.
 pub async fn next_ready_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
     let seconds: Option<f64> = sqlx::query_scalar(
@@ -549,18 +565,28 @@ pub struct ExecutionView {
     pub last_error: Option<serde_json::Value>,
     /// Why it has not ended yet: `{"reason": "job_ahead", "job_id"}` (the job
     /// before it on its key), `{"reason": "handler", "deadline"}` (its call
-    /// is out), `{"reason": "retry" | "handler_unavailable" | "breaker" |
-    /// "locked", "until"}`, `{"reason": "capacity"}` (ready, for a free slot
-    /// of its type's concurrency).
+    /// is out), `{"reason": "handler" | "worker", "lease_expires_at",
+    /// "last_heartbeat_at"}` (a handler that answered `202`, or a pull
+    /// worker, holds it; a worker's name too), `{"reason": "retry" |
+    /// "handler_unavailable" | "breaker" | "locked" | "released", "until"}`,
+    /// `{"reason": "capacity"}` (ready: for a free slot of its type's
+    /// concurrency, or a pull worker's poll).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub waiting_for: Option<serde_json::Value>,
+    /// What the last heartbeat reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress_percent: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub progress_details: Option<serde_json::Value>,
 }
 
 /// The execution of `tenant`'s job `job_id`, if the job has one.
 pub async fn view(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Option<ExecutionView>, sqlx::Error> {
     let Some(row) = sqlx::query(
-        "SELECT e.job_id, e.command_type, e.state, e.attempts, e.outages, e.last_error, e.deadline,
+        "SELECT e.job_id, e.command_type, e.state, e.attempts, e.outages, e.last_error, e.deadline, e.holder,
+                e.worker, e.progress_percent, e.progress_details, e.heartbeat_at,
                 q.head, q.ready_at, q.waiting, q.ready_at <= now() AS ready
          FROM executions e
          LEFT JOIN key_queues q USING (tenant, scope, ordering_key)
@@ -577,11 +603,25 @@ pub async fn view(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Option<Ex
     let head: Option<Uuid> = row.try_get("head")?;
     let ready_at: Option<DateTime<Utc>> = row.try_get("ready_at")?;
     let waiting: Option<String> = row.try_get("waiting")?;
+    let deadline: Option<DateTime<Utc>> = row.try_get("deadline")?;
+    let holder: Option<String> = row.try_get("holder")?;
     let waiting_for = match state.as_str() {
-        "running" => Some(serde_json::json!({
-            "reason": "handler",
-            "deadline": row.try_get::<Option<DateTime<Utc>>, _>("deadline")?,
-        })),
+        // A call waits for its answer until its deadline; an accepted call
+        // or a worker's task for a heartbeat or an end until its lease ends.
+        "running" => Some(match holder.as_deref() {
+            Some("worker") => serde_json::json!({
+                "reason": "worker",
+                "worker": row.try_get::<Option<String>, _>("worker")?,
+                "lease_expires_at": deadline,
+                "last_heartbeat_at": row.try_get::<Option<DateTime<Utc>>, _>("heartbeat_at")?,
+            }),
+            Some("handler") => serde_json::json!({
+                "reason": "handler",
+                "lease_expires_at": deadline,
+                "last_heartbeat_at": row.try_get::<Option<DateTime<Utc>>, _>("heartbeat_at")?,
+            }),
+            _ => serde_json::json!({"reason": "handler", "deadline": deadline}),
+        }),
         // A head held back says why until it starts again (also while it is
         // being tried again); a ready head that was never held waits for a
         // slot of its type's concurrency.
@@ -594,6 +634,8 @@ pub async fn view(pool: &PgPool, tenant: &str, job_id: Uuid) -> Result<Option<Ex
         _ => None,
     };
     Ok(Some(ExecutionView {
+        progress_percent: row.try_get("progress_percent")?,
+        progress_details: row.try_get("progress_details")?,
         job_id: row.try_get("job_id")?,
         command_type: row.try_get("command_type")?,
         state,

@@ -174,6 +174,8 @@ pub enum ServedBy {
     Builtin(Registered),
     /// An HTTP endpoint, called by the dispatcher (see `crate::executions`).
     Push(url::Url),
+    /// Pull workers take its commands (`crate::executions::pull`).
+    Pull,
 }
 
 /// Every declared command type and what serves it.
@@ -186,7 +188,7 @@ pub struct Registry {
 impl Registry {
     /// Each type of `types` with what its declaration names: a built-in
     /// handler of `builtins` (a name none has is an error, and the processor
-    /// does not start) or a push endpoint.
+    /// does not start), a push endpoint, or pull workers.
     pub fn resolve(types: &CommandTypes, builtins: &Builtins) -> Result<Self, String> {
         let mut served = HashMap::new();
         for command_type in types.iter() {
@@ -200,6 +202,7 @@ impl Registry {
                     })?)
                 }
                 Declared::Push(url) => ServedBy::Push(url.clone()),
+                Declared::Pull => ServedBy::Pull,
             };
             // Leaked once at start, for the life of the process: the names
             // are metric labels, which take `&'static str` without a copy per
@@ -220,7 +223,7 @@ impl Registry {
     pub fn get(&self, command_type: &str) -> Option<Registered> {
         match self.served.get(command_type)? {
             ServedBy::Builtin(registered) => Some(*registered),
-            ServedBy::Push(_) => None,
+            ServedBy::Push(_) | ServedBy::Pull => None,
         }
     }
 

@@ -32,15 +32,20 @@ impl Worker {
     ) -> Result<(), sqlx::Error> {
         let executions: Vec<NewExecution<'_>> = commands
             .iter()
-            .map(|(message, envelope, parsed)| NewExecution {
-                job_id: envelope.message_id,
-                key: &parsed.key,
-                command_type: &parsed.job.command_type,
-                envelope,
-                result_key: &parsed.job.result_key,
-                record: message.payload().unwrap_or_default(),
-                partition: message.partition(),
-                offset: message.offset(),
+            .map(|(message, envelope, parsed)| {
+                let declared = self.registry.declared(&parsed.job.command_type);
+                NewExecution {
+                    job_id: envelope.message_id,
+                    key: &parsed.key,
+                    command_type: &parsed.job.command_type,
+                    envelope,
+                    result_key: &parsed.job.result_key,
+                    record: message.payload().unwrap_or_default(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    start_timeout: declared.and_then(|t| t.start_timeout),
+                    job_timeout: declared.and_then(|t| t.job_timeout),
+                }
             })
             .collect();
         store::enqueue(&mut *tx, &executions).await?;

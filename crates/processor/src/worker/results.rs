@@ -127,6 +127,18 @@ impl Worker {
         })
     }
 
+    /// A `processing` result event with `percent`, for the outbox.
+    pub(crate) fn progress_message(
+        &self,
+        envelope: &Envelope,
+        job: &JobRef,
+        percent: i32,
+    ) -> Result<OutboxMessage, Poison> {
+        let mut event = self.result_event(envelope, job, JobStatus::Processing, None, None);
+        event.progress_percent = Some(percent);
+        self.result_message(envelope, job, &event)
+    }
+
     /// Where a handler's progress goes: each report is a `processing` result
     /// event committed to the outbox in its own transaction (on another
     /// connection), so it is published, in order, before the command's result.
@@ -137,10 +149,8 @@ impl Worker {
         Progress::new(std::sync::Arc::new(move |percent| {
             let (worker, envelope, job) = (worker.clone(), envelope.clone(), job.clone());
             Box::pin(async move {
-                let mut event = worker.result_event(&envelope, &job, JobStatus::Processing, None, None);
-                event.progress_percent = Some(percent);
                 let message =
-                    worker.result_message(&envelope, &job, &event).map_err(|e| HandlerError::Poison(e.detail))?;
+                    worker.progress_message(&envelope, &job, percent).map_err(|e| HandlerError::Poison(e.detail))?;
                 let mut tx = worker.pool.begin().await?;
                 onceflow_outbox::enqueue(&mut tx, &message).await.map_err(|error| match error {
                     onceflow_outbox::Error::Database(error) => HandlerError::Database(error),
