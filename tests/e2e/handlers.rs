@@ -89,7 +89,7 @@ pub(crate) async fn submit(client: &IngestClient, key: &str, body: &Value) -> St
 pub(crate) async fn ended(client: &IngestClient, job_id: &str) -> Value {
     eventually(&format!("job {job_id} to end"), OUTCOME_TIMEOUT, || async {
         let job = client.job(job_id).await.json();
-        matches!(job["status"].as_str(), Some("succeeded" | "failed" | "dead_lettered")).then_some(job)
+        matches!(job["status"].as_str(), Some("succeeded" | "failed" | "dead_lettered" | "cancelled")).then_some(job)
     })
     .await
 }

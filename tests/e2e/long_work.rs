@@ -13,7 +13,10 @@
 //!   checked;
 //! - a poll waits for work and wakes when it comes; a released task comes
 //!   back without spending an attempt; a retryable failure spends one;
-//! - start, lease and job timeouts end jobs `failed` with `timed_out`.
+//! - start, lease and job timeouts end jobs `failed` with `timed_out`;
+//! - a cancel ends a queued job at once and its key moves on; a running one
+//!   ends `cancelled` when its worker or push handler confirms, or after the
+//!   grace; an ended job gets `409`; each has one `job.cancelled` result.
 
 use std::time::{Duration, Instant};
 
@@ -358,5 +361,127 @@ async fn start_lease_and_job_timeouts_end_jobs_timed_out() {
     let refused = heartbeats.await.unwrap();
     assert_eq!(refused.status, 409, "the timed-out attempt's heartbeat is refused: {refused:?}");
     assert_eq!(refused.json()["outcome"]["error"]["code"], "timed_out");
+    env.teardown().await;
+}
+
+async fn cancel(client: &IngestClient, job_id: &str) -> (ApiResponse, Duration) {
+    let started = Instant::now();
+    let response = client.cancel(job_id).await;
+    (response, started.elapsed())
+}
+
+/// Cancelling: a queued job at once, a worker's and a push handler's when
+/// they confirm, an unconfirmed one after the grace; an ended job `409`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_job_ends_cancelled_once_queued_or_running() {
+    let mut env = TestEnv::new();
+    let secret = Secret::generate();
+    // The handler accepts every call (202) and confirms every cancel request.
+    let handler = PushHandler::start(|request| match request.header("onceflow-action") {
+        Some("cancel") => PushReply::ok(json!({"stopped": true})),
+        _ => PushReply::Json(202, json!({"accepted": true}), None),
+    })
+    .await;
+    let types = types(&env, Some(&handler));
+    let processor = env
+        .start_processor_with(|config| {
+            config.command_types_file = types.clone();
+            config.workers = worker_keys();
+            config.executions.push.signing_secret = Some(secret.clone());
+            config.executions.push.allowlist = Allowlist::new(["127.0.0.1"]).unwrap();
+            config.executions.cancel_grace_ms = 1_000;
+        })
+        .await;
+    let ingest = start_ingest(&mut env, &types, &processor).await;
+    let client = IngestClient::new(&ingest);
+
+    // Queued (no worker polls): cancelled in the request's transaction, once
+    // the processor recorded it (before, ingest asks again for 2 s, then
+    // answers 409 with Retry-After).
+    let queued = submit(&client, "cancel-queued", &report("c1")).await;
+    let behind = submit(&client, "cancel-behind", &report("c1")).await;
+    eventually("the processor to record the job", OUTCOME_TIMEOUT, || async {
+        client.job(&behind).await.json()["waiting_for"]["reason"].as_str().map(|_| ())
+    })
+    .await;
+    let (answer, took) = cancel(&client, &queued).await;
+    assert_eq!((answer.status, answer.json()["state"].as_str()), (200, Some("cancelled")), "{answer:?}");
+    println!("a queued job cancelled in {} ms", took.as_millis());
+    let job = ended(&client, &queued).await;
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["code"].as_str()),
+        (Some("cancelled"), Some("cancelled")),
+        "{job}"
+    );
+    assert_eq!(cancel(&client, &queued).await.0.status, 409, "an ended job cannot be cancelled");
+    // Its key moved on: the next command of it is handed out.
+    let next = tasks(&processor, json!({"wait_ms": 10_000})).await;
+    assert_eq!(next[0]["job_id"], behind, "the key moves on");
+
+    // Held by a worker: a waiting poll hears of it, the heartbeat says it,
+    // the worker confirms with `fail`.
+    let waiting = {
+        let processor_url = processor.url("/v1/workers/poll");
+        tokio::spawn(async move {
+            let request = reqwest::Client::new().post(processor_url).bearer_auth(WORKER_KEY);
+            ApiResponse::send(request.json(&json!({"wait_ms": 20_000}))).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (answer, _) = cancel(&client, &behind).await;
+    assert_eq!((answer.status, answer.json()["state"].as_str()), (202, Some("running")), "{answer:?}");
+    let heard = waiting.await.unwrap();
+    assert_eq!(heard.json()["cancelled"], json!([behind]), "the waiting poll is told: {heard:?}");
+    let beat = callback(&next[0], "heartbeat", json!({"progress_percent": 10})).await;
+    assert_eq!(beat.json()["cancel_requested"], true, "{beat:?}");
+    let confirmed = callback(&next[0], "fail", json!({"code": "stopped"})).await;
+    assert_eq!(confirmed.json()["state"], "cancelled", "{confirmed:?}");
+    let job = ended(&client, &behind).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+
+    // Accepted by a push handler: a signed cancel request, whose 200 ends it.
+    let card = submit(&client, "cancel-card", &json!({"type": "test.render", "payload": {"id": "k"}})).await;
+    eventually("the handler's call", OUTCOME_TIMEOUT, || async { handler.of_job(&card).pop() }).await;
+    let asked = Instant::now();
+    let (answer, _) = cancel(&client, &card).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let request = eventually("the cancel request", OUTCOME_TIMEOUT, || async {
+        handler.of_job(&card).into_iter().find(|r| r.header("onceflow-action") == Some("cancel"))
+    })
+    .await;
+    println!("the push handler was told {} ms after the cancel", request.at.duration_since(asked).as_millis());
+    assert_eq!(request.header("webhook-id"), Some(format!("{card}.cancel").as_str()));
+    assert!(request.header("webhook-signature").is_some());
+    assert_eq!(request.json()["action"], "cancel");
+    let job = ended(&client, &card).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+
+    // A worker that never confirms: cancelled after the grace (1 s).
+    let ignored = submit(&client, "cancel-ignored", &report("c2")).await;
+    let task = tasks(&processor, json!({"wait_ms": 10_000})).await;
+    assert_eq!(task[0]["job_id"], ignored);
+    assert_eq!(cancel(&client, &ignored).await.0.status, 202);
+    let job = ended(&client, &ignored).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    let late = callback(&task[0], "complete", json!({"result": 1})).await;
+    assert_eq!(late.status, 409, "after the end, a completion changes nothing");
+
+    // Each cancelled job has one result, `job.cancelled`.
+    for job_id in [&queued, &behind, &card, &ignored] {
+        let ends = eventually("the cancelled result", OUTCOME_TIMEOUT, || async {
+            let ends = ends_of(&env, job_id).await;
+            (!ends.is_empty()).then_some(ends)
+        })
+        .await;
+        assert_eq!(ends, [JobStatus::Cancelled], "{job_id}");
+    }
+
+    // An inline ledger job ends before any cancel; another tenant's is unknown.
+    let open = json!({"type": "ledger.open_account", "payload": {"account_id": "x", "currency": "EUR"}});
+    let applied = submit(&client, "cancel-ledger", &open).await;
+    ended(&client, &applied).await;
+    assert_eq!(cancel(&client, &applied).await.0.status, 409);
+    let stranger = cancel(&client, &uuid::Uuid::now_v7().to_string()).await.0;
+    assert_eq!(stranger.status, 404);
     env.teardown().await;
 }

@@ -85,6 +85,19 @@ async fn the_python_handler_serves_its_command_type() {
         .collect();
     assert_eq!(progress, [Some(30), Some(60), Some(90)], "its heartbeats' progress, in order");
 
+    // Cancelled while it draws: the handler answers the signed cancel request
+    // 200, and the job ends `cancelled` with no result.
+    let cancelled = submit(&client, "card-bob", &json!({"type": "demo.card", "payload": {"name": "Bob"}})).await;
+    onceflow_tests::eventually("the card to be accepted", OUTCOME_TIMEOUT, || async {
+        let job = client.job(&cancelled).await.json();
+        (job["waiting_for"]["reason"] == "handler" && job["waiting_for"]["lease_expires_at"].is_string()).then_some(())
+    })
+    .await;
+    let answer = client.cancel(&cancelled).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let job = ended(&client, &cancelled).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+
     let bad = client.submit("greet-bad", &json!({"type": "demo.greet", "payload": {"name": ""}})).await;
     assert_eq!(bad.status, 422, "the schema of config/development/ is enforced at the door");
 

@@ -2,7 +2,8 @@
 //! no onceflow code), serving the development command type `demo.report`
 //! against the real stack: it polls, heartbeats its progress and completes;
 //! killed (SIGKILL) in the middle of a job, its lease ends and a second
-//! worker runs the job again, with the same idempotency key, to one result.
+//! worker runs the job again, with the same idempotency key, to one result;
+//! cancelled mid-job, it stops and confirms.
 //!
 //! It needs the built example (`npm ci && npm run build`), so it is ignored
 //! by a plain `cargo test`: `scripts/check-typescript-example.sh` builds it
@@ -41,7 +42,11 @@ async fn start_worker(processor: &Service) -> tokio::process::Child {
     let mut lines = BufReader::new(worker.stdout.take().expect("its stdout")).lines();
     let first = tokio::time::timeout(OUTCOME_TIMEOUT, lines.next_line()).await.expect("in time").unwrap().unwrap();
     assert!(first.contains("\"polling\""), "{first}");
-    tokio::spawn(async move { while let Ok(Some(line)) = lines.next_line().await { println!("worker: {line}") } });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            println!("worker: {line}");
+        }
+    });
     worker
 }
 
@@ -100,6 +105,22 @@ async fn the_typescript_worker_serves_its_type_and_a_killed_worker_s_job_runs_ag
     let job = ended(&client, &long).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["result"], json!({"report_id": "q2", "pages": 25, "attempt": 2}), "run again after the lease");
+
+    // Cancelled while it builds: the heartbeat's answer says so, the worker
+    // stops and confirms, and the job ends `cancelled`.
+    let report = json!({"type": "demo.report", "payload": {"report_id": "q3", "pages": 25}});
+    let stopped = submit(&client, "report-q3", &report).await;
+    let execution = processor.url(&format!("/v1/executions/{stopped}"));
+    eventually("the worker's first heartbeat", OUTCOME_TIMEOUT, || async {
+        let response = reqwest::Client::new().get(&execution).bearer_auth("dev-onceflow-key").send().await.ok()?;
+        let view: serde_json::Value = response.json().await.ok()?;
+        view["progress_percent"].as_i64().filter(|percent| *percent > 0).map(|_| ())
+    })
+    .await;
+    assert_eq!(client.cancel(&stopped).await.status, 202);
+    let job = ended(&client, &stopped).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["error"]["message"].as_str().unwrap_or_default().contains("confirmed"), "{job}");
 
     let db = processor_db(&env).await;
     let results = published_results(&env, &db).await;

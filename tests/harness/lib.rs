@@ -419,6 +419,12 @@ impl IngestClient {
         Self::send(self.http.get(format!("{}/v1/jobs/{job_id}", self.base)).bearer_auth(&self.api_key)).await
     }
 
+    /// `POST /v1/jobs/{job_id}/cancel`.
+    pub async fn cancel(&self, job_id: &str) -> ApiResponse {
+        let url = format!("{}/v1/jobs/{job_id}/cancel", self.base);
+        Self::send(self.http.post(url).bearer_auth(&self.api_key)).await
+    }
+
     async fn send(request: reqwest::RequestBuilder) -> ApiResponse {
         ApiResponse::send(request).await
     }

@@ -94,6 +94,10 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Show a job: its status, result or error.
     Job(JobArgs),
+    /// Cancel a job: a queued one ends `cancelled` at once; a running one's
+    /// handler or worker is told, and it ends `cancelled` when it confirms or
+    /// after the processor's grace period (unless it completes first).
+    Cancel(JobArgs),
     /// Follow the tenant's result events as they happen (Server-Sent Events),
     /// resuming with Last-Event-ID after any disconnect.
     Watch(WatchArgs),

@@ -41,7 +41,7 @@ impl Job {
     /// `Ok` unless the job ended without succeeding.
     pub fn outcome(&self) -> Result<(), CliError> {
         match self.status {
-            JobStatus::Failed | JobStatus::DeadLettered => Err(CliError::JobUnsuccessful {
+            JobStatus::Failed | JobStatus::DeadLettered | JobStatus::Cancelled => Err(CliError::JobUnsuccessful {
                 job_id: self.job_id.clone(),
                 status: self.status,
                 error: output::error_text(&self.raw["error"]),
@@ -67,6 +67,12 @@ impl Job {
         if let Some(error) = output::error_text(&self.raw["error"]) {
             lines.push(format!("error        {error}"));
         }
+        if let Some(attempts) = field("attempts") {
+            lines.push(format!("attempts     {attempts}"));
+        }
+        if let Some(waiting_for) = field("waiting_for") {
+            lines.push(format!("waiting for  {waiting_for}"));
+        }
         lines.push(format!("correlation  {}", field("correlation_id").unwrap_or_default()));
         lines.push(format!("created      {}", field("created_at").unwrap_or_default()));
         lines.push(format!("updated      {}", field("updated_at").unwrap_or_default()));
@@ -77,6 +83,30 @@ impl Job {
 pub async fn run(ctx: &Context, args: JobArgs) -> Result<(), CliError> {
     let job_id = args.job_id.to_string();
     let job = if args.wait.wait { wait(ctx, &job_id, &args.wait).await? } else { fetch(ctx, &job_id).await?.0 };
+    print(ctx, &job)?;
+    job.outcome()
+}
+
+/// Cancel the job, then show it (`--wait`: once it ended).
+pub async fn cancel(ctx: &Context, args: JobArgs) -> Result<(), CliError> {
+    let path = format!("/v1/jobs/{}/cancel", args.job_id);
+    let answer =
+        ctx.api.call(&ctx.ingest, Repeat::OnlyIfUnsent, |http| ctx.ingest.request(http, Method::POST, &path)).await?;
+    let cancellation = answer.json(&ctx.ingest)?;
+    if ctx.json {
+        output::json(&cancellation)?;
+    } else {
+        let state = cancellation["state"].as_str().unwrap_or_default();
+        output::line(&if state == "cancelled" {
+            format!("job {} cancelled", args.job_id)
+        } else {
+            format!("job {} is {state}: its handler or worker was told to stop", args.job_id)
+        })?;
+    }
+    if !args.wait.wait {
+        return Ok(());
+    }
+    let job = wait(ctx, &args.job_id.to_string(), &args.wait).await?;
     print(ctx, &job)?;
     job.outcome()
 }

@@ -61,6 +61,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, args).await,
         Command::Job(args) => job::run(&ctx, args).await,
+        Command::Cancel(args) => job::cancel(&ctx, args).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
         Command::Results(args) => results::run(&ctx, args).await,
         Command::DeadLetters(command) => admin::dead_letters(&ctx, command).await,

@@ -2,7 +2,8 @@
 
 use crate::{Result, schema};
 
-/// Where a job stands. Only moves forward: `accepted` → `processing` → one terminal state.
+/// Where a job stands. Only moves forward: `accepted` → `processing` → one
+/// terminal state (`succeeded`, `failed`, `dead_lettered` or `cancelled`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
@@ -11,6 +12,8 @@ pub enum JobStatus {
     Succeeded,
     Failed,
     DeadLettered,
+    /// Its tenant cancelled it before it ended (result schema v3).
+    Cancelled,
 }
 
 impl JobStatus {
@@ -22,18 +25,19 @@ impl JobStatus {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::DeadLettered => "dead_lettered",
+            Self::Cancelled => "cancelled",
         }
     }
 
     /// Parse the name produced by [`Self::as_str`].
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::Accepted, Self::Processing, Self::Succeeded, Self::Failed, Self::DeadLettered]
+        [Self::Accepted, Self::Processing, Self::Succeeded, Self::Failed, Self::DeadLettered, Self::Cancelled]
             .into_iter()
             .find(|status| status.as_str() == name)
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered)
+        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered | Self::Cancelled)
     }
 
     /// Rank for forward-only updates: a status may replace one of lower rank.
@@ -41,7 +45,7 @@ impl JobStatus {
         match self {
             Self::Accepted => 0,
             Self::Processing => 1,
-            Self::Succeeded | Self::Failed | Self::DeadLettered => 2,
+            Self::Succeeded | Self::Failed | Self::DeadLettered | Self::Cancelled => 2,
         }
     }
 
@@ -135,17 +139,32 @@ mod tests {
         assert_eq!(ResultEvent::decode(&schema::RESULT.id, &bytes).unwrap(), event);
     }
 
+    /// Version 3 added `cancelled`: a reader of version 2 reads it as
+    /// `processing`, so an older consumer waits for a terminal status it
+    /// knows instead of failing on the event.
+    #[test]
+    fn a_reader_of_version_2_reads_cancelled_as_processing() {
+        let v2 = schema::RELEASES.iter().find(|r| r.family == "result" && r.version == 2).unwrap().parse();
+        let mut event = sample();
+        event.status = JobStatus::Cancelled;
+        let bytes = event.encode().unwrap();
+        // The single-object marker (2 bytes) and fingerprint (8), then the datum.
+        let read: ResultEvent = schema::decode_datum(&schema::RESULT.schema, &v2.schema, &bytes[10..]).unwrap();
+        assert_eq!(read.status, JobStatus::Processing);
+        assert_eq!(ResultEvent::decode(&schema::RESULT.id, &bytes).unwrap().status, JobStatus::Cancelled);
+    }
+
     /// A later version that adds a status: the current reader reads it as
     /// `processing` (the enum's default) instead of refusing the event.
     #[test]
     fn a_status_the_reader_does_not_know_is_read_as_processing() {
         let mut later: serde_json::Value = serde_json::from_str(schema::RESULT_AVSC).unwrap();
         let status = later["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "status").unwrap();
-        status["type"]["symbols"].as_array_mut().unwrap().push("cancelled".into());
+        status["type"]["symbols"].as_array_mut().unwrap().push("archived".into());
         let later = apache_avro::Schema::parse(&later).unwrap();
 
         let mut event = serde_json::to_value(sample()).unwrap();
-        event["status"] = "cancelled".into();
+        event["status"] = "archived".into();
         let value = apache_avro::to_value(&event).unwrap().resolve(&later).unwrap();
         let written = apache_avro::to_avro_datum(&later, value).unwrap();
         let read: ResultEvent = schema::decode_datum(&later, &schema::RESULT.schema, &written).unwrap();

@@ -79,6 +79,7 @@ pub const RELEASES: &[Release] = &[
     release!("command", 2),
     release!("result", 1),
     release!("result", 2),
+    release!("result", 3),
     release!("webhook-endpoint-state", 1),
 ];
 

@@ -121,12 +121,33 @@ fn the_current_schemas_are_the_newest_releases() {
     }
 }
 
+/// Reader versions not checked here against later writers, per family:
+/// (family, oldest reader checked against every writer, first writer
+/// version it matters for). `result` v3 added the status `cancelled`:
+/// - a v2 reader reads it as `processing`, its enum's default, which
+///   apache-avro's resolution applies (`result::tests::
+///   a_reader_of_version_2_reads_cancelled_as_processing` in
+///   `src/result.rs` shows it) but its static checker here does not, since it
+///   asks every writer symbol to be a reader symbol;
+/// - a v1 reader cannot read it at all: v1's enum has no default (v2 added
+///   it so that statuses could be added). Consumers on v1 must move to v2
+///   before a producer writes v3; every v1 reader still reads v1 and v2.
+const OLDEST_FORWARD_READER: &[(&str, u32, u32)] = &[("result", 3, 3)];
+
+/// Whether a `reader` release must read what `writer` wrote.
+fn must_read(reader: &schema::Release, writer: &schema::Release) -> bool {
+    match OLDEST_FORWARD_READER.iter().find(|(family, _, _)| *family == reader.family) {
+        Some((_, oldest, needed_from)) => reader.version >= *oldest || writer.version < *needed_from,
+        None => true,
+    }
+}
+
 #[test]
 fn every_pair_of_versions_is_backward_and_forward_compatible() {
     let parsed: Vec<_> = RELEASES.iter().map(|release| (release, release.parse())).collect();
     let mut pairs = 0;
     for (writer, written) in &parsed {
-        for (reader, reads) in parsed.iter().filter(|(r, _)| r.family == writer.family) {
+        for (reader, reads) in parsed.iter().filter(|(r, _)| r.family == writer.family && must_read(r, writer)) {
             if let Err(error) = SchemaCompatibility::can_read(&written.schema, &reads.schema) {
                 panic!("a {} reader cannot read what {} wrote: {error}", reader.path(), writer.path());
             }

@@ -39,6 +39,12 @@ pub enum ApiError {
     RequestInFlight { retry_after_secs: u64 },
     #[error("job not found")]
     JobNotFound,
+    #[error("{0}")]
+    JobEnded(String),
+    #[error("the processor has not recorded the job yet (it is on its way: try again in a second)")]
+    NotCancellable,
+    #[error("the processor did not answer (or execution_status_url is not set); try again")]
+    ProcessorUnavailable,
     #[error("{reason}")]
     Overloaded { reason: String, retry_after_secs: u64 },
     #[error("internal error")]
@@ -72,6 +78,11 @@ impl ApiError {
             ),
             Self::RequestInFlight { .. } => (StatusCode::CONFLICT, "request-in-flight", "Request in flight"),
             Self::JobNotFound => (StatusCode::NOT_FOUND, "job-not-found", "Job not found"),
+            Self::JobEnded(_) => (StatusCode::CONFLICT, "job-ended", "Job ended"),
+            Self::NotCancellable => (StatusCode::CONFLICT, "not-cancellable", "Not cancellable now"),
+            Self::ProcessorUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "processor-unavailable", "Processor unavailable")
+            }
             Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Service overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         };
@@ -80,6 +91,7 @@ impl ApiError {
             Self::RequestInFlight { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
                 problem.retry_after(*retry_after_secs)
             }
+            Self::NotCancellable | Self::ProcessorUnavailable => problem.retry_after(1),
             _ => problem,
         }
     }

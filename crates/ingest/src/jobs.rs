@@ -30,7 +30,7 @@ pub struct JobView {
     pub correlation_id: String,
     #[serde(rename = "type")]
     pub command_type: String,
-    /// `accepted`, `processing`, `succeeded`, `failed` or `dead_lettered`; only moves forward.
+    /// `accepted`, `processing`, `succeeded`, `failed`, `dead_lettered` or `cancelled`; only moves forward.
     #[schema(value_type = String, example = "succeeded")]
     pub status: JobStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +83,16 @@ impl ProcessorClient {
             .build()
             .map_err(|e| onceflow_runtime::Error::Config(format!("execution_status_url's client: {e}")))?;
         Ok(Self { base, http })
+    }
+
+    /// Ask the processor to cancel `job_id` for the holder of
+    /// `authorization`: its status and body, if it answered in time; `None`
+    /// when it did not, or when none is configured.
+    pub async fn cancel(&self, job_id: Uuid, authorization: &HeaderValue) -> Option<(u16, serde_json::Value)> {
+        let url = self.base.as_ref()?.join(&format!("/v1/executions/{job_id}/cancel")).ok()?;
+        let response = self.http.post(url).header(header::AUTHORIZATION, authorization).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.unwrap_or_default()))
     }
 
     /// The execution of `job_id` as the processor shows it to the holder

@@ -3,6 +3,7 @@
 //! - [`commands`]: `POST /v1/commands`, idempotent and durable (`202` only
 //!   after the command and its outbox row are committed).
 //! - [`jobs`]: `GET /v1/jobs/{id}` from the job projection.
+//! - [`cancel`]: `POST /v1/jobs/{id}/cancel`, through the processor.
 //! - [`projection`]: consumes the results topic into that projection.
 //! - [`endpoints`]: consumes the notifier's webhook endpoint states, so
 //!   commands naming a disabled endpoint are refused.
@@ -18,6 +19,7 @@
 //! publishes accepted commands, the projection consumer and the HTTP server.
 
 pub mod backpressure;
+pub mod cancel;
 pub mod commands;
 pub mod config;
 pub mod endpoints;
@@ -82,6 +84,7 @@ pub fn router(state: AppState, readiness: Vec<http::Dependency>) -> Router {
     Router::new()
         .route("/v1/commands", post(commands::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
+        .route("/v1/jobs/{job_id}/cancel", post(cancel::cancel))
         .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes_of(readiness))

@@ -54,7 +54,7 @@ pub struct CommandRequest {
             read only after the API key was accepted), JSON syntax (`400`), then the replay; only a first request is \
             validated (`X-Correlation-Id` `400`, command and `callback_url` `422`) and shed (`503`)."
     ),
-    paths(crate::commands::submit, crate::jobs::get),
+    paths(crate::commands::submit, crate::jobs::get, crate::cancel::cancel),
     components(schemas(ProblemDocument, CallbackUrl)),
     modifiers(&BearerSchemes),
     tags((name = "commands", description = "Asynchronous, idempotent commands and their jobs"))

@@ -4,7 +4,7 @@
 //! The transitions, whatever order and however often events arrive:
 //!
 //! - `accepted` → `processing` → a terminal status (`succeeded`, `failed`,
-//!   `dead_lettered`): status moves forward only; `processing` events only
+//!   `dead_lettered`, `cancelled`): status moves forward only; `processing` events only
 //!   raise the progress, and never override a terminal status.
 //! - terminal → terminal: the job follows its *latest* terminal result, by
 //!   the event's `occurred_at`. A dead-lettered command that an operator
@@ -99,7 +99,7 @@ async fn project(executor: impl PgExecutor<'_>, event: &ResultEvent) -> Result<(
            AND ((CASE status WHEN 'accepted' THEN 0 WHEN 'processing' THEN 1 ELSE 2 END) < $7
                 OR (status = 'processing' AND $3 = 'processing'
                     AND coalesce(progress_percent, -1) < coalesce($4, -1))
-                OR ($7 = 2 AND status IN ('succeeded', 'failed', 'dead_lettered')
+                OR ($7 = 2 AND status IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
                     AND coalesce(terminal_occurred_at_ms, -1) < $8))",
     )
     .bind(job_id)

@@ -25,3 +25,16 @@ ALTER TABLE executions
 
 CREATE INDEX executions_start_by ON executions (start_by) WHERE state = 'queued' AND start_by IS NOT NULL;
 CREATE INDEX executions_end_by ON executions (end_by) WHERE state IN ('queued', 'running') AND end_by IS NOT NULL;
+
+-- Cancellation: a tenant's cancel ends a queued execution at once; a running
+-- one is told and ends `cancelled` when its handler or worker confirms, or
+-- a grace period after the request.
+ALTER TABLE executions ADD COLUMN cancel_requested_at timestamptz;
+CREATE INDEX executions_cancelling ON executions (cancel_requested_at)
+    WHERE state = 'running' AND cancel_requested_at IS NOT NULL;
+ALTER TABLE executions DROP CONSTRAINT executions_state_check;
+ALTER TABLE executions ADD CONSTRAINT executions_state_check
+    CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'dead_lettered', 'cancelled'));
+ALTER TABLE inbox DROP CONSTRAINT inbox_outcome_check;
+ALTER TABLE inbox ADD CONSTRAINT inbox_outcome_check
+    CHECK (outcome IN ('deferred', 'succeeded', 'failed', 'dead_lettered', 'cancelled'));

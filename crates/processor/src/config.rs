@@ -66,6 +66,10 @@ pub struct ExecutionsConfig {
     pub expiry_grace_ms: u64,
     /// Built-in executions of one key applied in one transaction, at most.
     pub max_batch: usize,
+    /// How long a running execution whose cancellation was asked may take
+    /// to confirm (its handler's answer to the cancel request, its worker's
+    /// `fail` or `release`) before it ends `cancelled` anyway.
+    pub cancel_grace_ms: u64,
     pub push: PushConfig,
     pub callbacks: CallbacksConfig,
 }

@@ -116,6 +116,7 @@ pub async fn start_with_handlers(
         ready.clone(),
     )
     .map_err(onceflow_runtime::Error::Config)?;
+    let caller = dispatcher.caller();
     let checks = http::standard_checks(pool.clone(), config.kafka.clone(), &consumer, &vitals);
     tasks.spawn(vitals.watch("dispatcher", &shutdown, dispatcher.run(shutdown.clone())));
     let api_worker = worker.clone();
@@ -129,6 +130,7 @@ pub async fn start_with_handlers(
         callbacks,
         workers,
         ready,
+        caller,
     }));
     if let Some(admin) = admin::router(pool, topics, &config.admin.token) {
         router = router.merge(admin);

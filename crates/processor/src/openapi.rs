@@ -16,6 +16,7 @@ use utoipa::OpenApi;
     ),
     paths(
         crate::executions::api::execution,
+        crate::executions::cancel::cancel,
         crate::executions::callbacks::heartbeat,
         crate::executions::callbacks::complete,
         crate::executions::callbacks::fail,
@@ -33,6 +34,7 @@ use utoipa::OpenApi;
         crate::executions::callbacks::Failure,
         crate::executions::callbacks::Outcome,
         crate::executions::callbacks::Links,
+        crate::executions::cancel::Cancellation,
         crate::executions::pull::Poll,
         crate::executions::pull::Task,
         crate::executions::pull::Tasks
@@ -67,6 +69,7 @@ mod tests {
             "/v1/executions/{job_id}/complete",
             "/v1/executions/{job_id}/fail",
             "/v1/executions/{job_id}/release",
+            "/v1/executions/{job_id}/cancel",
             "/v1/workers/poll",
         ] {
             assert!(document["paths"][path].is_object(), "{path} is documented");

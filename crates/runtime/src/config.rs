@@ -52,6 +52,7 @@ pub const SERVICE_SETTINGS: &[&str] = &[
     "telemetry",
     "tenants",
     "webhooks",
+    "workers",
 ];
 
 /// `ONCEFLOW_` variables (after the prefix) that are not service settings:

@@ -96,7 +96,8 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "onceflow_handler_calls_total",
         Kind::Counter,
         Some(Unit::Count),
-        "Calls of push handlers, by command type and outcome (succeeded, refused, unavailable, failed).",
+        "Calls of push handlers, by command type and outcome (succeeded, accepted: a 202, refused, unavailable, \
+         failed).",
     ),
     (
         "onceflow_handler_call_duration_seconds",
@@ -114,7 +115,26 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "onceflow_execution_attempts_expired_total",
         Kind::Counter,
         Some(Unit::Count),
-        "Attempts given up because no answer was recorded by their deadline (their processor died).",
+        "Attempts given up because their lease ended without an answer, heartbeat or completion (a dead \
+         processor, handler or worker), by command type.",
+    ),
+    (
+        "onceflow_execution_timeouts_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Jobs ended failed with timed_out, by command type and timeout (attempt: its last lease; start; job).",
+    ),
+    (
+        "onceflow_executions_cancelled_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Jobs ended cancelled by their tenants, by command type.",
+    ),
+    (
+        "onceflow_worker_tasks_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Tasks handed to pull workers (each attempt once), by command type.",
     ),
     (
         "onceflow_commands_dead_lettered_total",

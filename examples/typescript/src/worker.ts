@@ -52,6 +52,11 @@ async function build(task: Task): Promise<void> {
     await sleep(pageMs); // the real work, e.g. rendering with task.idempotency_key
     const beat = await post(links.heartbeat, links.token, { progress_percent: Math.floor((page * 100) / pages), details: { page } });
     if (beat.status === 409) return log("given_up", { job_id: task.job_id, outcome: beat.json?.outcome });
+    if (beat.json?.cancel_requested) {
+      // Its tenant cancelled it: stop, and confirm (the job ends `cancelled`).
+      await post(links.fail, links.token, { code: "cancelled", message: `stopped at page ${page}` });
+      return log("cancelled", { job_id: task.job_id, page });
+    }
   }
   const result = { report_id: payload.report_id, pages, attempt: task.attempt };
   const done = await post(links.complete, links.token, { result });

@@ -7,7 +7,7 @@
 'use strict';
 
 (() => {
-  const EVENT_TYPES = ['job.accepted', 'job.processing', 'job.succeeded', 'job.failed', 'job.dead_lettered'];
+  const EVENT_TYPES = ['job.accepted', 'job.processing', 'job.succeeded', 'job.failed', 'job.dead_lettered', 'job.cancelled'];
   // Rows kept on the page; older ones are dropped.
   const MAX_ROWS = 1000;
   // Reopens in a row without a successful connection before giving up.

@@ -23,7 +23,9 @@ use uuid::Uuid;
 
 use super::{
     callbacks::{self, Callbacks},
+    cancel,
     pull::{self, Workers},
+    push::Caller,
     store::{self, ExecutionView},
 };
 use crate::{admin::problem, worker::Worker};
@@ -38,6 +40,8 @@ pub struct ApiState {
     pub workers: Workers,
     /// Told when work may have become ready (polls wait on it).
     pub ready: Arc<Notify>,
+    /// Push handlers' client (cancel requests), when one is declared.
+    pub caller: Option<Arc<Caller>>,
 }
 
 /// The routes.
@@ -49,7 +53,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/executions/{job_id}/release", post(callbacks::release))
         .route("/v1/workers/poll", post(pull::poll));
     if state.keys.is_some() {
-        router = router.route("/v1/executions/{job_id}", get(execution));
+        router = router
+            .route("/v1/executions/{job_id}", get(execution))
+            .route("/v1/executions/{job_id}/cancel", post(cancel::cancel));
     }
     router.with_state(state)
 }

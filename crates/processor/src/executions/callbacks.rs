@@ -13,6 +13,10 @@
 //! - `POST /v1/executions/{id}/release`: a worker hands its task back (on
 //!   shutdown); it is ready again at once and no attempt is spent.
 //!
+//! Once its tenant cancelled the job ([`super::cancel`]), a heartbeat's
+//! answer says `cancel_requested`, and a `fail` or `release` confirms: the
+//! job ends `cancelled`.
+//!
 //! Each takes `Authorization: Bearer <token>`: the token given with the
 //! attempt, scoped to that job and attempt, expiring a grace after the
 //! attempt's end ([`onceflow_runtime::signed_tokens`], signed with
@@ -43,7 +47,7 @@ use uuid::Uuid;
 
 use super::{
     api::ApiState,
-    endings::AfterFailure,
+    endings::{AfterFailure, End},
     leases::{self, Counted, Stored},
     push::{bounded_message, fits_code},
     store::{Execution, Wait},
@@ -143,7 +147,7 @@ fn unauthorized(detail: &str) -> Problem {
     Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail)
 }
 
-fn unavailable(error: &sqlx::Error) -> Problem {
+pub(super) fn unavailable(error: &sqlx::Error) -> Problem {
     tracing::warn!(%error, "a callback met an outage of the database");
     Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", "the database is unavailable")
         .retry_after(1)
@@ -164,6 +168,16 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome `end` records.
+    fn of_end(job_id: Uuid, end: &End) -> Self {
+        Self {
+            job_id,
+            state: end.status.as_str().to_owned(),
+            result: end.result.as_deref().and_then(|text| serde_json::from_str(text).ok()),
+            error: end.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message})),
+        }
+    }
+
     fn of(stored: &Stored) -> Self {
         Self {
             job_id: stored.execution.job_id,
@@ -175,13 +189,13 @@ impl Outcome {
 }
 
 /// `409`: the job ended otherwise, or the attempt is no longer running.
-fn conflict(stored: &Stored, detail: &str) -> Problem {
+pub(super) fn conflict(stored: &Stored, detail: &str) -> Problem {
     let slug = if stored.ended() { "already-ended" } else { "superseded" };
     let outcome = serde_json::to_value(Outcome::of(stored)).unwrap_or_default();
     Problem::new(StatusCode::CONFLICT, slug, "Conflict", detail).with("outcome", outcome)
 }
 
-fn not_found() -> Problem {
+pub(super) fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "not-an-execution", "Not found", "no execution has that id")
 }
 
@@ -202,6 +216,9 @@ pub struct Lease {
     pub job_id: Uuid,
     /// The attempt is given up if no heartbeat or end comes by then.
     pub lease_expires_at: DateTime<Utc>,
+    /// Its tenant cancelled the job: stop, and confirm with `fail` (or
+    /// `release`); it ends `cancelled` either way.
+    pub cancel_requested: bool,
 }
 
 /// Extend the attempt's lease, and report progress.
@@ -253,7 +270,7 @@ pub async fn heartbeat(
         worker.record_progress(&mut tx, &stored.execution, percent).await.map_err(|e| unavailable(&e))?;
     }
     tx.commit().await.map_err(|e| unavailable(&e))?;
-    Ok(Json(Lease { job_id, lease_expires_at: lease.lease_expires_at }))
+    Ok(Json(Lease { job_id, lease_expires_at: lease.lease_expires_at, cancel_requested: lease.cancel_requested }))
 }
 
 fn bad_request(detail: &str) -> Problem {
@@ -300,12 +317,7 @@ pub async fn complete(
     }
     let result = completion.result.to_string();
     let end = worker.end_of(stored.execution.clone(), JobStatus::Succeeded, Some(result), None, None);
-    let outcome = Outcome {
-        job_id,
-        state: end.status.as_str().to_owned(),
-        result: end.result.as_deref().and_then(|text| serde_json::from_str(text).ok()),
-        error: end.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message})),
-    };
+    let outcome = Outcome::of_end(job_id, &end);
     worker.record_ends(&mut tx, std::slice::from_ref(&end)).await.map_err(|e| unavailable(&e))?;
     tx.commit().await.map_err(|e| unavailable(&e))?;
     tracing::info!(%job_id, state = %outcome.state, "completed through a callback");
@@ -363,7 +375,9 @@ pub async fn fail(
     }
     let execution = &stored.execution;
     let error = JobError { code: failure.code.clone(), message: message.clone() };
-    let end = if failure.retryable {
+    let end = if stored.cancel_requested {
+        worker.cancelled(execution.clone(), "cancelled by its tenant; its worker or handler confirmed")
+    } else if failure.retryable {
         let retry = worker
             .registry
             .declared(&execution.command_type)
@@ -385,8 +399,7 @@ pub async fn fail(
     };
     worker.record_ends(&mut tx, std::slice::from_ref(&end)).await.map_err(|e| unavailable(&e))?;
     tx.commit().await.map_err(|e| unavailable(&e))?;
-    let error = end.error.as_ref().map(|e| serde_json::json!({"code": e.code, "message": e.message}));
-    Ok(Json(Outcome { job_id, state: end.status.as_str().to_owned(), result: None, error }))
+    Ok(Json(Outcome::of_end(job_id, &end)))
 }
 
 /// Hand the task back: it is ready again at once, no attempt spent.
@@ -407,6 +420,12 @@ pub async fn release(
     let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
     if !stored.runs(attempt) {
         return Err(conflict(&stored, "this attempt is no longer running"));
+    }
+    if stored.cancel_requested {
+        let end = state.worker.cancelled(stored.execution, "cancelled by its tenant; its worker handed it back");
+        state.worker.record_ends(&mut tx, std::slice::from_ref(&end)).await.map_err(|e| unavailable(&e))?;
+        tx.commit().await.map_err(|e| unavailable(&e))?;
+        return Ok(Json(Outcome::of_end(job_id, &end)));
     }
     leases::requeue(&mut tx, &stored.execution, Counted::Nothing, Wait::Released, Duration::ZERO, None)
         .await

@@ -148,6 +148,11 @@ impl Dispatcher {
         })
     }
 
+    /// The push handlers' client, when a push handler is declared.
+    pub fn caller(&self) -> Option<Arc<Caller>> {
+        self.caller.clone()
+    }
+
     /// Dispatch until `shutdown`. Outages of the database are waited out;
     /// nothing here ends a command but a run or a call.
     pub async fn run(self, shutdown: CancellationToken) {

@@ -74,6 +74,16 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// `execution`'s end `cancelled`, with why.
+    pub(crate) fn cancelled(&self, execution: Execution, message: &str) -> End {
+        metrics::counter!("onceflow_executions_cancelled_total", "type" => self.registry.label(&execution.command_type))
+            .increment(1);
+        let error = JobError { code: "cancelled".to_owned(), message: message.to_owned() };
+        self.end_of(execution, JobStatus::Cancelled, None, Some(error), None)
+    }
+}
+
 /// What a failed attempt leads to under its type's retry policy.
 #[derive(Debug)]
 pub enum AfterFailure {

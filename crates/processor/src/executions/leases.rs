@@ -22,6 +22,10 @@ pub struct Stored {
     /// The result it ended with (JSON text), and its last error.
     pub result: Option<String>,
     pub last_error: Option<serde_json::Value>,
+    /// Its tenant asked to cancel it while it ran.
+    pub cancel_requested: bool,
+    /// Who holds its running attempt: `call`, `handler` or `worker`.
+    pub holder: Option<String>,
 }
 
 impl Stored {
@@ -39,7 +43,9 @@ impl Stored {
 /// one job take their turns).
 pub async fn load(tx: &mut PgConnection, job_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
     let row = sqlx::query(&format!(
-        "SELECT {EXECUTION_COLUMNS}, e.state, e.result, e.last_error FROM executions e WHERE e.job_id = $1 FOR UPDATE"
+        "SELECT {EXECUTION_COLUMNS}, e.state, e.result, e.last_error, e.holder,
+                e.cancel_requested_at IS NOT NULL AS cancel_requested
+         FROM executions e WHERE e.job_id = $1 FOR UPDATE"
     ))
     .bind(job_id)
     .fetch_optional(&mut *tx)
@@ -50,6 +56,8 @@ pub async fn load(tx: &mut PgConnection, job_id: Uuid) -> Result<Option<Stored>,
             state: row.try_get("state")?,
             result: row.try_get("result")?,
             last_error: row.try_get("last_error")?,
+            cancel_requested: row.try_get("cancel_requested")?,
+            holder: row.try_get("holder")?,
         })
     })
     .transpose()
@@ -84,6 +92,8 @@ pub struct Beat {
     pub lease_expires_at: DateTime<Utc>,
     /// The progress before this heartbeat.
     pub previous_progress: Option<i32>,
+    /// Its tenant asked to cancel the job: stop, and confirm with `fail`.
+    pub cancel_requested: bool,
 }
 
 /// Extend the lease of the running attempt `attempt_id` by
@@ -107,7 +117,8 @@ pub async fn heartbeat(
              progress_details = coalesce($5, e.progress_details)
          FROM before
          WHERE e.job_id = $1 AND e.attempt_id = $2 AND e.state = 'running'
-         RETURNING e.deadline, before.progress_percent AS previous",
+         RETURNING e.deadline, before.progress_percent AS previous,
+                   e.cancel_requested_at IS NOT NULL AS cancel_requested",
     )
     .bind(job_id)
     .bind(attempt_id)
@@ -116,8 +127,14 @@ pub async fn heartbeat(
     .bind(details)
     .fetch_optional(&mut *tx)
     .await?;
-    row.map(|row| Ok(Beat { lease_expires_at: row.try_get("deadline")?, previous_progress: row.try_get("previous")? }))
-        .transpose()
+    row.map(|row| {
+        Ok(Beat {
+            lease_expires_at: row.try_get("deadline")?,
+            previous_progress: row.try_get("previous")?,
+            cancel_requested: row.try_get("cancel_requested")?,
+        })
+    })
+    .transpose()
 }
 
 /// What an attempt put back counts as.
@@ -133,7 +150,8 @@ pub enum Counted {
 
 /// Put the running attempt of `execution` back at the head of its queue,
 /// ready after `delay`, counted as `counted`. `false` if it is no longer the
-/// running attempt (then nothing changes).
+/// running attempt, or its cancellation was asked (then nothing changes: it
+/// ends `cancelled` when its grace runs out, see [`cancelling`]).
 pub async fn requeue(
     tx: &mut PgConnection,
     execution: &Execution,
@@ -147,7 +165,7 @@ pub async fn requeue(
              holder = NULL, worker = NULL, last_error = coalesce($3, last_error),
              attempts = attempts + CASE WHEN $4 THEN 1 ELSE 0 END,
              outages = outages + CASE WHEN $5 THEN 1 ELSE 0 END
-         WHERE job_id = $1 AND attempt_id = $2 AND state = 'running'",
+         WHERE job_id = $1 AND attempt_id = $2 AND state = 'running' AND cancel_requested_at IS NULL",
     )
     .bind(execution.job_id)
     .bind(execution.attempt_id)
@@ -171,7 +189,7 @@ pub async fn requeue(
 pub async fn expired(tx: &mut PgConnection, grace: Duration, limit: i64) -> Result<Vec<Execution>, sqlx::Error> {
     let rows = sqlx::query(&format!(
         "SELECT {EXECUTION_COLUMNS} FROM executions e
-         WHERE e.state = 'running'
+         WHERE e.state = 'running' AND e.cancel_requested_at IS NULL
            AND e.deadline < now() - CASE WHEN e.holder = 'call' THEN make_interval(secs => $1) ELSE '0'::interval END
          ORDER BY e.deadline LIMIT $2 FOR UPDATE SKIP LOCKED"
     ))
@@ -202,4 +220,45 @@ pub async fn overdue(tx: &mut PgConnection, limit: i64) -> Result<Vec<(Execution
     .fetch_all(&mut *tx)
     .await?;
     rows.iter().map(|row| Ok((Execution::of_row(row)?, row.try_get("late_start")?))).collect()
+}
+
+/// Ask the running execution `job_id` to stop: from now on its heartbeats,
+/// its worker's polls and a cancel request to its push handler say so.
+pub async fn request_cancel(tx: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE executions SET cancel_requested_at = coalesce(cancel_requested_at, now())
+         WHERE job_id = $1 AND state = 'running'",
+    )
+    .bind(job_id)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Running executions asked to stop `grace` ago or more (or whose lease
+/// ended since), at most `limit`, locked for the caller's transaction: they
+/// end `cancelled` without their handler's word.
+pub async fn cancelling(tx: &mut PgConnection, grace: Duration, limit: i64) -> Result<Vec<Execution>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {EXECUTION_COLUMNS} FROM executions e
+         WHERE e.state = 'running' AND e.cancel_requested_at IS NOT NULL
+           AND (e.cancel_requested_at < now() - make_interval(secs => $1) OR e.deadline < now())
+         LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.iter().map(Execution::of_row).collect()
+}
+
+/// The jobs `worker` holds whose cancellation was asked.
+pub async fn cancelled_for(pool: &PgPool, worker: &str) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT job_id FROM executions
+         WHERE state = 'running' AND holder = 'worker' AND worker = $1 AND cancel_requested_at IS NOT NULL",
+    )
+    .bind(worker)
+    .fetch_all(pool)
+    .await
 }

@@ -52,11 +52,12 @@
 pub mod api;
 mod builtin;
 pub mod callbacks;
+pub mod cancel;
 mod dispatcher;
 mod endings;
 mod leases;
 pub mod pull;
-mod push;
+pub mod push;
 pub mod store;
 mod timeouts;
 

@@ -16,6 +16,10 @@
 //! ([`super::timeouts`]) and the command handed out again, with the same
 //! `Idempotency-Key`. A worker that dies after a poll's claim but before it
 //! read the answer leaves its tasks to their leases likewise.
+//!
+//! A poll also answers, at once, which of the worker's tasks their tenants
+//! cancelled (`cancelled`): the worker stops them and confirms with `fail`
+//! or `release`.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -39,6 +43,7 @@ use super::{
     api::ApiState,
     callbacks::Links,
     endings::job_of,
+    leases,
     store::{self, Attempt},
 };
 use crate::{config::WorkerKey, worker::Worker};
@@ -56,8 +61,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// The workers of `keys`, each of whose types must be declared with a
-    /// `pull` handler.
+    /// The workers of `keys`; a type a worker names must be a `pull` type
+    /// (one that is not declared here is only warned about).
     pub fn configured(keys: &[WorkerKey], worker: &Worker) -> Result<Self, String> {
         let mut types = HashMap::new();
         for key in keys {
@@ -65,7 +70,10 @@ impl Workers {
                 match worker.registry.declared(name).map(|t| &t.handler) {
                     Some(Handler::Pull) => {}
                     Some(_) => return Err(format!("workers: `{name}` of worker {:?} is not a pull type", key.name)),
-                    None => return Err(format!("workers: worker {:?} names the unknown type `{name}`", key.name)),
+                    // A shared configuration may name types this instance's
+                    // file does not declare: no task of them comes, as said.
+                    None => tracing::warn!(worker = %key.name, command_type = %name,
+                        "a worker names a type that is not declared here; it gets no tasks of it"),
                 }
             }
             if types.insert(key.name.clone(), key.types.clone()).is_some() {
@@ -126,6 +134,9 @@ pub struct Task {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Tasks {
     pub tasks: Vec<Task>,
+    /// Jobs this worker holds that their tenants cancelled: stop them, and
+    /// confirm with `fail` or `release`.
+    pub cancelled: Vec<Uuid>,
 }
 
 fn refused(status: StatusCode, slug: &'static str, detail: String) -> Problem {
@@ -175,21 +186,29 @@ pub async fn poll(
         ));
     }
     let until = Instant::now() + wait;
+    // Cancellations already asked when the poll came are answered with it,
+    // but only a new one ends its wait early: a worker that polls while it
+    // winds a cancelled task down does not spin.
+    let mut told: Option<Vec<Uuid>> = None;
     loop {
         // Registered before looking, so a wake between the look and the
         // wait is not lost.
         let woken = state.ready.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let tasks = take(&state, &name, &wanted, max_tasks).await.map_err(|error| {
+        let outage = |error: sqlx::Error| {
             tracing::warn!(%error, "a poll met an outage of the database");
             refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is unavailable".to_owned())
                 .retry_after(1)
-        })?;
+        };
+        let cancelled = leases::cancelled_for(&state.worker.pool, &name).await.map_err(outage)?;
+        let tasks = take(&state, &name, &wanted, max_tasks).await.map_err(outage)?;
         let now = Instant::now();
-        if !tasks.is_empty() || now >= until {
-            return Ok(Json(Tasks { tasks }));
+        let new_cancellation = told.as_ref().is_some_and(|told| cancelled.iter().any(|id| !told.contains(id)));
+        if !tasks.is_empty() || new_cancellation || now >= until {
+            return Ok(Json(Tasks { tasks, cancelled }));
         }
+        told.get_or_insert(cancelled);
         tokio::select! {
             () = woken => {}
             () = tokio::time::sleep((until - now).min(Duration::from_secs(1))) => {}

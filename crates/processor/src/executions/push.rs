@@ -15,6 +15,11 @@
 //! The body also carries the attempt's callbacks: a token scoped to it and
 //! the URLs of `heartbeat`, `complete` and `fail` ([`super::callbacks`]).
 //!
+//! A job its tenant cancels while the handler works on it gets a cancel
+//! request: the same URL, signed, `Onceflow-Action: cancel`, with a body of
+//! `{"action": "cancel", "job_id", "type", "tenant", "attempt_id"}`; a `2xx`
+//! says the handler stopped.
+//!
 //! The answer ([`Answer`]): `200` with a JSON body (or `204`) succeeds with
 //! that result; `202` accepts it: the handler (or whoever it hands the
 //! callbacks to) reports through the callbacks, heartbeats within the type's
@@ -117,17 +122,9 @@ impl Caller {
             Ok(body) => body,
             Err(error) => return (Answer::Failed { reason: format!("request: {error}"), retry_after: None }, None),
         };
-        let timestamp = chrono::Utc::now().timestamp();
-        let signature = signing::sign(std::slice::from_ref(&self.secret), request.job_id, timestamp, &body);
         let mut builder = self
-            .client
-            .post(url.clone())
-            .timeout(timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .signed(url, request.job_id, &body, timeout)
             .header("idempotency-key", request.job_id)
-            .header("webhook-id", request.job_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
             .header("onceflow-attempt", request.attempt.to_string())
             .header("onceflow-attempt-id", request.attempt_id)
             .header("onceflow-deadline", request.deadline);
@@ -151,6 +148,50 @@ impl Caller {
         };
         (answer_of(status, &body, retry_after), Some(status.as_u16()))
     }
+
+    /// A signed `POST` of `body` to `url`, as Standard Webhooks has it, with
+    /// `id` as its `webhook-id`.
+    fn signed(&self, url: &url::Url, id: &str, body: &[u8], timeout: Duration) -> reqwest::RequestBuilder {
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = signing::sign(std::slice::from_ref(&self.secret), id, timestamp, body);
+        self.client
+            .post(url.clone())
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+    }
+
+    /// Tell the handler at `url` that its tenant cancelled the job: a signed
+    /// `POST` of `request` with `Onceflow-Action: cancel` (its `webhook-id`
+    /// is `<job id>.cancel`). `true` when it answered `2xx`: it stopped, and
+    /// the job ends `cancelled` now.
+    pub async fn cancel(&self, url: &url::Url, request: &CancelRequest<'_>, timeout: Duration) -> bool {
+        let Ok(body) = serde_json::to_vec(request) else { return false };
+        let id = format!("{}.cancel", request.job_id);
+        let sent = self.signed(url, &id, &body, timeout).header("onceflow-action", "cancel").body(body).send().await;
+        match sent {
+            Ok(response) => response.status().is_success(),
+            Err(error) => {
+                tracing::info!(error = %error_chain(&error), "the cancel request reached no handler; the grace decides");
+                false
+            }
+        }
+    }
+}
+
+/// The body of a cancel request.
+#[derive(Debug, serde::Serialize)]
+pub struct CancelRequest<'a> {
+    /// Always `cancel`.
+    pub action: &'static str,
+    pub job_id: &'a str,
+    #[serde(rename = "type")]
+    pub command_type: &'a str,
+    pub tenant: &'a str,
+    /// The running attempt the handler should stop.
+    pub attempt_id: &'a str,
 }
 
 enum BodyError {

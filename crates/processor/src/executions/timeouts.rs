@@ -13,6 +13,10 @@
 //!   `202` to the end): the command ends `failed` (`timed_out`), whatever
 //!   it was doing; a late answer of its attempt changes nothing.
 //!
+//! - **a cancellation's grace** (`executions.cancel_grace_ms` after its
+//!   tenant asked, or sooner when its lease ends): a running execution whose
+//!   handler or worker did not confirm ends `cancelled`.
+//!
 //! Each end goes through the same fenced end as any other
 //! ([`Worker::record_ends`]): its result, its inbox outcome, the move of its
 //! key's queue.
@@ -42,8 +46,9 @@ pub async fn sweep(
     shutdown: CancellationToken,
 ) {
     let grace = Duration::from_millis(config.expiry_grace_ms);
+    let cancel_grace = Duration::from_millis(config.cancel_grace_ms);
     while !shutdown.is_cancelled() {
-        match sweep_once(&worker, grace).await {
+        match sweep_once(&worker, grace, cancel_grace).await {
             Ok(0) => {}
             Ok(_) => wake.notify_one(),
             Err(error) => tracing::warn!(%error, "cannot sweep the executions' timeouts now"),
@@ -56,7 +61,7 @@ pub async fn sweep(
 }
 
 /// One sweep: how many executions it moved on or ended.
-async fn sweep_once(worker: &Worker, grace: Duration) -> Result<usize, sqlx::Error> {
+async fn sweep_once(worker: &Worker, grace: Duration, cancel_grace: Duration) -> Result<usize, sqlx::Error> {
     let mut tx = worker.pool.begin().await?;
     let mut ends = Vec::new();
     let mut seen = HashSet::new();
@@ -90,10 +95,16 @@ async fn sweep_once(worker: &Worker, grace: Duration) -> Result<usize, sqlx::Err
             });
         }
     }
+    for execution in leases::cancelling(&mut tx, cancel_grace, PER_SWEEP).await? {
+        if seen.insert(execution.job_id) {
+            let message = "cancelled by its tenant; its handler or worker did not confirm within the grace period";
+            ends.push(worker.cancelled(execution, message));
+        }
+    }
     let ended = worker.record_ends(&mut tx, &ends).await?;
     tx.commit().await?;
     if requeued + ended > 0 {
-        tracing::warn!(requeued, ended, "executions timed out");
+        tracing::warn!(requeued, ended, "executions given up or ended by a timeout or a cancellation's grace");
     }
     Ok(requeued + ended)
 }
