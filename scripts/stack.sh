@@ -65,8 +65,8 @@ demo() {
       say "streamed by the notifier:"
       curl -sSN --max-time 5 "http://127.0.0.1:8082/v1/jobs/$job/events" \
         -H "Authorization: Bearer $DEV_API_KEY" || true
-      demo_handler
-      return 0
+      demo_handler && demo_long_work
+      return
     fi
     sleep 1
   done
@@ -90,6 +90,26 @@ demo_handler() {
     -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-greet-events.txt" || true
   if ! grep -q 'Hello, Ada!' "$STACK_DIR/demo-greet-events.txt"; then
     echo "the demo.greet command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
+    return 1
+  fi
+}
+
+# Long work: demo.card, which the Python handler answers 202 and completes
+# later through the attempt's callbacks, heartbeating its progress.
+demo_long_work() {
+  local key="card-$(date +%s)-$RANDOM" job
+  say "long work: demo.card, answered 202 by the handler and completed later through its callbacks"
+  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
+    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
+    -H 'Content-Type: application/json' -d '{"type":"demo.card","payload":{"name":"Ada"}}' \
+    | tee "$STACK_DIR/demo-card.json"
+  echo
+  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo-card.json")"
+  say "its progress (heartbeats) and its result, streamed by the notifier:"
+  curl -sSN --max-time 30 "http://127.0.0.1:8082/v1/jobs/$job/events" \
+    -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-card-events.txt" || true
+  if ! grep -q 'A card for Ada' "$STACK_DIR/demo-card-events.txt"; then
+    echo "the demo.card command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
     return 1
   fi
 }
@@ -158,7 +178,8 @@ onceflow is up.
   broker     $BROKER_ADDR
   API key    $DEV_API_KEY            (tenant "dev")
   webhooks   callback_url may point at http://127.0.0.1:$RECEIVER_PORT/... (your receiver)
-  handler    http://127.0.0.1:$HANDLER_PORT/greet  (examples/python/handler.py, serving demo.greet)
+  handler    http://127.0.0.1:$HANDLER_PORT/greet  (examples/python/handler.py, serving demo.greet and demo.card)
+  worker     pull type demo.report: run examples/typescript (see the README's "Long work")
 Stop it with: scripts/stack.sh down
 EOF2
 }

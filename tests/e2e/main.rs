@@ -18,6 +18,7 @@ mod ingest;
 mod keys;
 mod live_page;
 mod long_work;
+mod long_work_kill;
 mod metrics;
 mod notifier;
 mod processor;

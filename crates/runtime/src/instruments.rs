@@ -119,6 +119,24 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
          processor, handler or worker), by command type.",
     ),
     (
+        "onceflow_executions",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Executions not ended, by command type and state (queued, running); the same on every processor instance.",
+    ),
+    (
+        "onceflow_execution_oldest_queued_seconds",
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "How long the oldest queued execution of a command type has waited since its 202.",
+    ),
+    (
+        "onceflow_executions_ended_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Executions ended, by command type and outcome (succeeded, failed, dead_lettered, cancelled).",
+    ),
+    (
         "onceflow_execution_timeouts_total",
         Kind::Counter,
         Some(Unit::Count),

@@ -166,6 +166,7 @@ impl Dispatcher {
             shutdown.clone(),
         ));
         let recording = tokio::spawn(this.clone().record(ended, shutdown.clone()));
+        let gauges = tokio::spawn(super::gauges::report(this.worker.clone(), shutdown.clone()));
         let mut backoff = this.worker.retry.backoff();
         let poll = Duration::from_millis(this.config.poll_interval_ms.max(1));
         while !shutdown.is_cancelled() {
@@ -187,7 +188,7 @@ impl Dispatcher {
             }
         }
         drop(ends);
-        for task in [listening, expiring] {
+        for task in [listening, expiring, gauges] {
             task.abort();
         }
         // Ends already queued are recorded before the processor stops.

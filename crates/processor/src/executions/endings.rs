@@ -216,6 +216,9 @@ impl Worker {
             }
             ids.push(execution.job_id);
             outcomes.push(end.status.as_str());
+            metrics::counter!("onceflow_executions_ended_total", "type" => self.registry.label(&execution.command_type),
+                "outcome" => end.status.as_str())
+            .increment(1);
             keys.push(&execution.key);
         }
         onceflow_outbox::enqueue_all(&mut *tx, &messages).await.map_err(as_database_error)?;

@@ -55,6 +55,7 @@ pub mod callbacks;
 pub mod cancel;
 mod dispatcher;
 mod endings;
+mod gauges;
 mod leases;
 pub mod pull;
 pub mod push;
