@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""How fast onceflow hands out new pull tasks while thousands are in flight.
+"""Long work's figures, measured from outside on the running local stack
+(scripts/stack.sh up) with the development API key and worker key:
 
-Against the running local stack (scripts/stack.sh up), from outside, with the
-development API key and worker key: the latency from a command's 202 to its
-task in a waiting worker's poll, for PROBES commands one at a time, first with
-nothing in flight, then with IN_FLIGHT tasks of the same type leased and held
-(no heartbeat needed: bench.hold's lease is 30 minutes); then it completes
-every held task. Prints a table; the ratio is loaded p50 / idle p50.
+- dispatch: the latency from a command's 202 to its task in a waiting
+  worker's poll, PROBES commands one at a time, first with nothing in
+  flight, then with IN_FLIGHT tasks of the same type leased and held
+  (bench.hold's lease is 30 minutes); every held task is completed after;
+- a dead worker: tasks of demo.report (lease 10 s) taken and never
+  heartbeated; how long after each lease's end the task is handed out again;
+- cancellation: a queued job's cancel (the request's round trip, which ends
+  it), and a running one's: from the cancel's answer to a waiting poll that
+  says `cancelled`.
 
 Run: python3 scripts/bench_long_work.py [IN_FLIGHT=10000] [PROBES=200]
 (the standard library only).
 """
 import concurrent.futures
+import datetime
 import json
 import statistics
 import sys
@@ -73,6 +78,67 @@ def probe(label):
     return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
 
 
+def cancel(job_id):
+    started = time.perf_counter()
+    status, body = post(f"{INGEST}/v1/jobs/{job_id}/cancel", {}, API_KEY)
+    return status, body, (time.perf_counter() - started) * 1000
+
+
+def submit_job(command_type, payload, key):
+    status, body = post(f"{INGEST}/v1/commands", {"type": command_type, "payload": payload}, API_KEY,
+                        {"idempotency-key": f"{RUN}-{key}"})
+    assert status == 202, (status, body)
+    return body["job_id"]
+
+
+def poll_types(types, max_tasks, wait_ms):
+    status, body = post(f"{PROCESSOR}/v1/workers/poll", {"types": types, "max_tasks": max_tasks, "wait_ms": wait_ms},
+                        WORKER_KEY)
+    assert status == 200, (status, body)
+    return body
+
+
+def dead_worker(count=5):
+    """ms from each lease's end to the task handed out again."""
+    for n in range(count):
+        submit_job("demo.report", {"report_id": f"{RUN}-dead-{n}", "pages": 1}, f"dead-{n}")
+    taken = []
+    while len(taken) < count:
+        taken.extend(poll_types(["demo.report"], count, 10_000)["tasks"])
+    ends = {t["job_id"]: datetime.datetime.fromisoformat(t["lease_expires_at"].replace("Z", "+00:00")) for t in taken}
+    delays = []
+    while len(delays) < count:
+        for task in poll_types(["demo.report"], count, 30_000)["tasks"]:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            delays.append((now - ends[task["job_id"]]).total_seconds() * 1000)
+            complete(task)
+    return delays
+
+
+def cancellations(count=20):
+    """ms of a queued job's cancel; ms from a running one's cancel to a waiting poll's word."""
+    queued, told = [], []
+    for n in range(count):
+        job_id = submit_job("bench.hold", {"key": f"cancel-q-{n}"}, f"cancel-q-{n}")
+        while (status := cancel(job_id))[0] == 409 and status[1].get("type", "").endswith("not-cancellable"):
+            time.sleep(0.05)
+        assert status[0] == 200, status
+        queued.append(status[2])
+    for n in range(count):
+        submit(f"cancel-r-{n}")
+        task = poll(1, 10_000)[0]
+        with concurrent.futures.ThreadPoolExecutor(1) as waiting:
+            heard = waiting.submit(poll_types, ["bench.hold"], 1, 10_000)
+            time.sleep(0.05)
+            status, body, _ = cancel(task["job_id"])
+            answered = time.perf_counter()
+            assert status == 202, (status, body)
+            assert task["job_id"] in heard.result()["cancelled"]
+            told.append((time.perf_counter() - answered) * 1000)
+        post(task["callbacks"]["fail"], {"code": "cancelled"}, task["callbacks"]["token"])
+    return queued, told
+
+
 def main():
     for _ in iter(lambda: poll(64, 0), []):
         pass  # nothing of an earlier run left ready
@@ -87,10 +153,17 @@ def main():
     loaded = probe("loaded")
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(complete, held))
+    dead = dead_worker()
+    queued, told = cancellations()
     print(f"| executions in flight | 202 -> task p50 | p99 |\n|---|---|---|")
     print(f"| 0 | {idle[0]:.1f} ms | {idle[1]:.1f} ms |")
     print(f"| {IN_FLIGHT:,} | {loaded[0]:.1f} ms | {loaded[1]:.1f} ms |")
     print(f"ratio (loaded p50 / idle p50): {loaded[0] / idle[0]:.2f}")
+    print(f"dead worker's task handed out again after its lease ended: max {max(dead):.0f} ms, "
+          f"median {statistics.median(dead):.0f} ms ({len(dead)} tasks)")
+    print(f"queued job cancelled (request round trip): median {statistics.median(queued):.1f} ms, "
+          f"max {max(queued):.1f} ms; running job's worker told (waiting poll): median "
+          f"{statistics.median(told):.1f} ms, max {max(told):.1f} ms ({len(told)} each)")
 
 
 main()

@@ -6,14 +6,20 @@
 //! restarted (it keeps its data in a file, as the local stack's does).
 //!
 //! Beside the deposits, commands of a push handler (a server of the test's,
-//! which outlives every kill) are submitted in order on two ordering keys.
+//! which outlives every kill) are submitted in order on two ordering keys,
+//! and commands of a pull type are taken by a worker of the test's that
+//! misbehaves on purpose: it completes some twice, fails some after
+//! completing them, abandons some (their leases end and they are handed out
+//! again) and completes those late from the superseded attempt, and retries
+//! every callback the processor's kills cut off.
 //!
 //! Afterwards: every accepted deposit took effect exactly once (the ledger
 //! invariant), every job is terminal, a key's retries all named one job, a
 //! resuming SSE reader saw every job's terminal event exactly once, and each
 //! push key's commands were called, and their results streamed, in the order
 //! of their 202s (a call may repeat after a processor was killed in the
-//! middle of it, always with the job's one key).
+//! middle of it, always with the job's one key); every pull command ended
+//! succeeded with one terminal event, whatever its worker did.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -230,6 +236,14 @@ ordering_key = "/key"
 handler = {{ push = "{}" }}
 attempt_timeout_ms = 5000
 retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
+
+# Taken by the test's worker with the development worker key (its type).
+[types."demo.report"]
+schema = {{ type = "object", required = ["n"], properties = {{ n = {{ type = "integer" }} }} }}
+handler = "pull"
+attempt_timeout_ms = 120000
+heartbeat_timeout_ms = 5000
+retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
 "#,
         handler.url("/greet")
     ));
@@ -331,6 +345,25 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
         })
         .collect();
 
+    // Pull commands, one every 200 ms, and the misbehaving worker.
+    let pulled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let reporter = {
+        let (pulled, stop_load, http, ingest_addr) =
+            (pulled.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
+        tokio::spawn(async move {
+            let mut n: u64 = 0;
+            while !stop_load.is_cancelled() {
+                n += 1;
+                let body = json!({"type": "demo.report", "payload": {"n": n}});
+                let (job_id, _) = submit_until_accepted(&http, &ingest_addr, &format!("report-{n}"), &body).await;
+                pulled.lock().expect("pulled").push(job_id);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let stop_worker = CancellationToken::new();
+    let worker = tokio::spawn(misbehaving_worker(format!("http://{}", processor.addr), stop_worker.clone()));
+
     // The faults, one every few seconds while the load runs.
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", database_server())).await.expect("admin connection");
     let pause = Duration::from_secs(4);
@@ -372,6 +405,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     for greeter in greeters {
         greeter.await.expect("a greeter");
     }
+    reporter.await.expect("the reporter");
     assert!(faults.iter().any(|f| f.starts_with("SIGKILL broker")), "the broker was never restarted: {faults:?}");
     for service in [&mut ingest, &mut processor, &mut notifier] {
         service.assert_alive();
@@ -449,12 +483,29 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
         assert_eq!(first_calls, jobs, "{key}: first calls in the order of the 202s");
     }
 
+    // Every pull command ended succeeded, whatever its worker did.
+    let pulled = pulled.lock().expect("pulled").clone();
+    for job_id in &pulled {
+        eventually(&format!("pull job {job_id} to end"), OUTCOME_TIMEOUT, || async {
+            let job = api.job(job_id).await.json();
+            match job["status"].as_str() {
+                Some("succeeded") => Some(()),
+                Some("accepted" | "processing") | None => None,
+                Some(other) => panic!("pull job {job_id} ended {other}: {job}"),
+            }
+        })
+        .await;
+    }
+    stop_worker.cancel();
+    let misdeeds = worker.await.expect("the worker");
+
     // The stream: each job's terminal event exactly once, across reconnects.
     let wanted: HashSet<String> = submitted
         .values()
         .map(|d| d.job_id.clone())
         .chain(opened.iter().cloned())
         .chain(greeted.iter().map(|(.., job)| job.clone()))
+        .chain(pulled.iter().cloned())
         .collect();
     eventually("the SSE reader to see every job's terminal event", OUTCOME_TIMEOUT, || async {
         let seen = seen.lock().expect("seen");
@@ -491,10 +542,12 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     let retried = submitted.values().filter(|d| d.attempts > 1).count();
     eprintln!(
         "chaos test: {} deposits accepted ({retried} needed retries of their key), {} push commands ({} calls), \
-         {} faults {faults:?}, {reconnects} SSE reconnects, {} events streamed; {:.1} s",
+         {} pull commands (their worker: {misdeeds:?}), {} faults {faults:?}, {reconnects} SSE reconnects, {} \
+         events streamed; {:.1} s",
         submitted.len(),
         greeted.len(),
         calls.len(),
+        pulled.len(),
         faults.len(),
         seen.len(),
         began.elapsed().as_secs_f64()
@@ -504,4 +557,92 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     drop((ingest, processor, notifier));
     env.teardown().await;
     let _ = std::fs::remove_dir_all(logs);
+}
+
+/// What the misbehaving worker did, by kind.
+#[derive(Debug, Default)]
+struct Misdeeds {
+    completed_twice: u32,
+    failed_after_completing: u32,
+    abandoned: u32,
+    completed_late_when_superseded: u32,
+    callbacks_retried: u32,
+}
+
+/// POST `body` to a callback link until the processor answers (its kills cut
+/// some off); the status.
+async fn callback(http: &reqwest::Client, task: &Value, action: &str, body: &Value, misdeeds: &mut Misdeeds) -> u16 {
+    let (url, token) = (
+        task["callbacks"][action].as_str().unwrap_or_default(),
+        task["callbacks"]["token"].as_str().unwrap_or_default(),
+    );
+    loop {
+        match http.post(url).bearer_auth(token).json(body).send().await {
+            Ok(response) if response.status().as_u16() != 503 => return response.status().as_u16(),
+            _ => {
+                misdeeds.callbacks_retried += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// A pull worker of demo.report that repeats, contradicts and abandons.
+async fn misbehaving_worker(processor: String, stop: CancellationToken) -> Misdeeds {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(35)).build().expect("client");
+    let mut misdeeds = Misdeeds::default();
+    let mut abandoned: HashMap<String, Value> = HashMap::new();
+    let mut taken: u64 = 0;
+    while !stop.is_cancelled() {
+        let polled = http
+            .post(format!("{processor}/v1/workers/poll"))
+            .bearer_auth("dev-worker-key")
+            .json(&json!({"types": ["demo.report"], "max_tasks": 4, "wait_ms": 1000}))
+            .send()
+            .await;
+        let Ok(polled) = polled else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let tasks: Value = polled.json().await.unwrap_or_default();
+        for task in tasks["tasks"].as_array().cloned().unwrap_or_default() {
+            let job_id = task["job_id"].as_str().unwrap_or_default().to_owned();
+            let result = json!({"result": {"n": task["payload"]["n"]}});
+            // A task seen again after its lease ended: the abandoned attempt
+            // completes first (late, superseded: it still wins), then this one
+            // repeats the same outcome.
+            if let Some(old) = abandoned.remove(&job_id) {
+                assert_eq!(callback(&http, &old, "complete", &result, &mut misdeeds).await, 200, "a late success wins");
+                misdeeds.completed_late_when_superseded += 1;
+                let repeat = callback(&http, &task, "complete", &result, &mut misdeeds).await;
+                assert_eq!(repeat, 200, "the same outcome again");
+                continue;
+            }
+            taken += 1;
+            match taken % 4 {
+                0 => {
+                    abandoned.insert(job_id, task);
+                    misdeeds.abandoned += 1;
+                }
+                1 => {
+                    assert_eq!(callback(&http, &task, "complete", &result, &mut misdeeds).await, 200);
+                    assert_eq!(callback(&http, &task, "complete", &result, &mut misdeeds).await, 200, "a repeat");
+                    misdeeds.completed_twice += 1;
+                }
+                2 => {
+                    callback(&http, &task, "heartbeat", &json!({"progress_percent": 50}), &mut misdeeds).await;
+                    assert_eq!(callback(&http, &task, "complete", &result, &mut misdeeds).await, 200);
+                    let contradiction = json!({"code": "changed_my_mind"});
+                    assert_eq!(
+                        callback(&http, &task, "fail", &contradiction, &mut misdeeds).await,
+                        409,
+                        "after the end"
+                    );
+                    misdeeds.failed_after_completing += 1;
+                }
+                _ => assert_eq!(callback(&http, &task, "complete", &result, &mut misdeeds).await, 200),
+            }
+        }
+    }
+    misdeeds
 }
