@@ -74,44 +74,38 @@ demo() {
   return 1
 }
 
+# Submit a command of type $1 (name: Ada) served by the Python example
+# handler, say $2 before its events, and check they hold $3.
+demo_own_type() {
+  local type="$1" heading="$2" expected="$3" key job
+  key="$type-$(date +%s)-$RANDOM"
+  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
+    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
+    -H 'Content-Type: application/json' -d "{\"type\":\"$type\",\"payload\":{\"name\":\"Ada\"}}" \
+    | tee "$STACK_DIR/demo-$type.json"
+  echo
+  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo-$type.json")"
+  say "$heading"
+  curl -sSN --max-time 30 "http://127.0.0.1:8082/v1/jobs/$job/events" \
+    -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-$type-events.txt" || true
+  if ! grep -q "$expected" "$STACK_DIR/demo-$type-events.txt"; then
+    echo "the $type command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
+    return 1
+  fi
+}
+
 # A command of your own kind: demo.greet, served over HTTP by the Python
 # example handler.
 demo_handler() {
-  local key="greet-$(date +%s)-$RANDOM" job
   say "your own command type: demo.greet, served by examples/python/handler.py"
-  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
-    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
-    -H 'Content-Type: application/json' -d '{"type":"demo.greet","payload":{"name":"Ada"}}' \
-    | tee "$STACK_DIR/demo-greet.json"
-  echo
-  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo-greet.json")"
-  say "streamed by the notifier once the handler answered:"
-  curl -sSN --max-time 30 "http://127.0.0.1:8082/v1/jobs/$job/events" \
-    -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-greet-events.txt" || true
-  if ! grep -q 'Hello, Ada!' "$STACK_DIR/demo-greet-events.txt"; then
-    echo "the demo.greet command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
-    return 1
-  fi
+  demo_own_type demo.greet "streamed by the notifier once the handler answered:" 'Hello, Ada!'
 }
 
 # Long work: demo.card, which the Python handler answers 202 and completes
 # later through the attempt's callbacks, heartbeating its progress.
 demo_long_work() {
-  local key="card-$(date +%s)-$RANDOM" job
   say "long work: demo.card, answered 202 by the handler and completed later through its callbacks"
-  curl -sS -X POST http://127.0.0.1:8080/v1/commands \
-    -H "Authorization: Bearer $DEV_API_KEY" -H "Idempotency-Key: $key" \
-    -H 'Content-Type: application/json' -d '{"type":"demo.card","payload":{"name":"Ada"}}' \
-    | tee "$STACK_DIR/demo-card.json"
-  echo
-  job="$(sed -n 's/.*"job_id":"\([^"]*\)".*/\1/p' "$STACK_DIR/demo-card.json")"
-  say "its progress (heartbeats) and its result, streamed by the notifier:"
-  curl -sSN --max-time 30 "http://127.0.0.1:8082/v1/jobs/$job/events" \
-    -H "Authorization: Bearer $DEV_API_KEY" | tee "$STACK_DIR/demo-card-events.txt" || true
-  if ! grep -q 'A card for Ada' "$STACK_DIR/demo-card-events.txt"; then
-    echo "the demo.card command did not succeed within 30 s; see .stack/handler.log and .stack/processor.log" >&2
-    return 1
-  fi
+  demo_own_type demo.card "its progress (heartbeats) and its result, streamed by the notifier:" 'A card for Ada'
 }
 
 # Start the example push handler unless it runs.

@@ -52,7 +52,9 @@ use super::{
     push::{bounded_message, fits_code},
     store::{Execution, Wait},
 };
-use crate::config::CallbacksConfig;
+use sqlx::{Postgres, Transaction};
+
+use crate::{config::CallbacksConfig, worker::Worker};
 
 /// The setting of the tokens' secret.
 pub const SECRET_SETTING: &str = "executions.callbacks.token_secret";
@@ -195,6 +197,14 @@ pub(super) fn conflict(stored: &Stored, detail: &str) -> Problem {
     Problem::new(StatusCode::CONFLICT, slug, "Conflict", detail).with("outcome", outcome)
 }
 
+/// A transaction holding the row of execution `job_id`, and the execution;
+/// `404` when there is none.
+async fn locked(worker: &Worker, job_id: Uuid) -> Result<(Transaction<'static, Postgres>, Stored), Problem> {
+    let mut tx = worker.pool.begin().await.map_err(|e| unavailable(&e))?;
+    let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
+    Ok((tx, stored))
+}
+
 pub(super) fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "not-an-execution", "Not found", "no execution has that id")
 }
@@ -250,8 +260,7 @@ pub async fn heartbeat(
         return Err(bad_request("details are at most 4096 bytes of JSON, without NUL"));
     }
     let worker = &state.worker;
-    let mut tx = worker.pool.begin().await.map_err(|e| unavailable(&e))?;
-    let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
+    let (mut tx, stored) = locked(worker, job_id).await?;
     if !stored.runs(attempt) {
         return Err(conflict(&stored, "this attempt is no longer running"));
     }
@@ -305,8 +314,7 @@ pub async fn complete(
     // Any attempt's success counts: the work is done, whoever did it.
     state.callbacks.attempt(&headers, job_id)?;
     let worker = &state.worker;
-    let mut tx = worker.pool.begin().await.map_err(|e| unavailable(&e))?;
-    let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
+    let (mut tx, stored) = locked(worker, job_id).await?;
     if stored.ended() {
         let outcome = Outcome::of(&stored);
         return if stored.state == "succeeded" && outcome.result.as_ref().unwrap_or(&Value::Null) == &completion.result {
@@ -360,8 +368,7 @@ pub async fn fail(
     }
     let message = bounded_message(&failure.message);
     let worker = &state.worker;
-    let mut tx = worker.pool.begin().await.map_err(|e| unavailable(&e))?;
-    let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
+    let (mut tx, stored) = locked(worker, job_id).await?;
     if stored.ended() {
         let code = stored.last_error.as_ref().and_then(|e| e.get("code")).and_then(Value::as_str);
         return if stored.state != "succeeded" && code == Some(failure.code.as_str()) {
@@ -416,8 +423,7 @@ pub async fn release(
     Path(job_id): Path<Uuid>,
 ) -> Result<Json<Outcome>, Problem> {
     let attempt = state.callbacks.attempt(&headers, job_id)?;
-    let mut tx = state.worker.pool.begin().await.map_err(|e| unavailable(&e))?;
-    let stored = leases::load(&mut tx, job_id).await.map_err(|e| unavailable(&e))?.ok_or_else(not_found)?;
+    let (mut tx, stored) = locked(&state.worker, job_id).await?;
     if !stored.runs(attempt) {
         return Err(conflict(&stored, "this attempt is no longer running"));
     }
