@@ -12,7 +12,8 @@
 //!   on the same partition applies;
 //! - a header whose name is not UTF-8 (put on the topic by speaking the
 //!   Kafka protocol by hand): dead-lettered without its headers, where it
-//!   used to panic the processor's lane and stop all consumption;
+//!   used to panic the processor's lane and stop all consumption, alone or
+//!   in the middle of a batch;
 //! - two deposits of nearly `i64::MAX` into one account, and a deposit that
 //!   would take `world:<CUR>` below `i64::MIN`: `failed` with
 //!   `amount_out_of_range`, nothing changed, and the currency stays usable.
@@ -22,7 +23,8 @@ use std::time::Duration;
 use onceflow_contracts::{JobStatus, payload::MAX_AMOUNT};
 use onceflow_runtime::kafka::headers;
 use onceflow_tests::{
-    CANARY_TIMEOUT, OUTCOME_TIMEOUT, PositionedRecord, TestEnv, eventually, kafka_producer, read_topic_to_end,
+    CANARY_TIMEOUT, OUTCOME_TIMEOUT, PositionedRecord, TestEnv, eventually, kafka_producer, produce_by_hand,
+    read_topic_to_end,
 };
 use rdkafka::{
     message::{Header, OwnedHeaders},
@@ -266,104 +268,6 @@ async fn overflowing_amounts_are_refused_and_the_currency_stays_usable() {
     env.teardown().await;
 }
 
-/// Put one record on `topic`'s partition 0 by speaking the Kafka protocol by
-/// hand (Produce v3, record batch v2): the only way to give a header a name
-/// that is not UTF-8, which no Rust client API allows but the protocol and
-/// other clients do.
-async fn produce_by_hand(brokers: &str, topic: &str, key: &[u8], headers: &[(&[u8], &[u8])], value: &[u8]) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    fn varint(out: &mut Vec<u8>, value: usize) {
-        // Zig-zag of a non-negative length is twice it.
-        let mut rest = u64::try_from(value).expect("a length") << 1;
-        loop {
-            let byte = u8::try_from(rest & 0x7f).expect("seven bits");
-            rest >>= 7;
-            if rest == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    fn crc32c(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &byte in bytes {
-            crc ^= u32::from(byte);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
-            }
-        }
-        !crc
-    }
-    let len32 = |len: usize| i32::try_from(len).expect("a length").to_be_bytes();
-    let len16 = |len: usize| i16::try_from(len).expect("a length").to_be_bytes();
-
-    // attributes, timestamp delta, offset delta (the varint 0 is one byte 0).
-    let mut record = vec![0, 0, 0];
-    varint(&mut record, key.len());
-    record.extend_from_slice(key);
-    varint(&mut record, value.len());
-    record.extend_from_slice(value);
-    varint(&mut record, headers.len());
-    for (name, header_value) in headers {
-        varint(&mut record, name.len());
-        record.extend_from_slice(name);
-        varint(&mut record, header_value.len());
-        record.extend_from_slice(header_value);
-    }
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("a clock");
-    let now = i64::try_from(since_epoch.as_millis()).expect("milliseconds").to_be_bytes();
-    // What the CRC covers: attributes to the end of the batch.
-    let mut checked = Vec::new();
-    checked.extend(0i16.to_be_bytes()); // attributes
-    checked.extend(0i32.to_be_bytes()); // last offset delta
-    checked.extend(now); // first timestamp
-    checked.extend(now); // max timestamp
-    checked.extend((-1i64).to_be_bytes()); // producer id
-    checked.extend((-1i16).to_be_bytes()); // producer epoch
-    checked.extend((-1i32).to_be_bytes()); // base sequence
-    checked.extend(1i32.to_be_bytes()); // one record
-    varint(&mut checked, record.len());
-    checked.extend(record);
-    let mut batch = Vec::new();
-    batch.extend(0i64.to_be_bytes()); // base offset
-    batch.extend(len32(4 + 1 + 4 + checked.len())); // leader epoch, magic, crc, the rest
-    batch.extend((-1i32).to_be_bytes()); // partition leader epoch
-    batch.push(2); // magic
-    batch.extend(crc32c(&checked).to_be_bytes());
-    batch.extend(checked);
-
-    let client = b"onceflow-test";
-    let mut request = Vec::new();
-    request.extend(0i16.to_be_bytes()); // Produce
-    request.extend(3i16.to_be_bytes()); // version 3
-    request.extend(7i32.to_be_bytes()); // correlation id
-    request.extend(len16(client.len()));
-    request.extend(client);
-    request.extend((-1i16).to_be_bytes()); // no transactional id
-    request.extend(1i16.to_be_bytes()); // acks: the leader
-    request.extend(30_000i32.to_be_bytes()); // timeout
-    request.extend(1i32.to_be_bytes()); // one topic
-    request.extend(len16(topic.len()));
-    request.extend(topic.as_bytes());
-    request.extend(1i32.to_be_bytes()); // one partition
-    request.extend(0i32.to_be_bytes()); // partition 0
-    request.extend(len32(batch.len()));
-    request.extend(batch);
-
-    let broker = brokers.split(',').next().expect("a broker");
-    let mut stream = tokio::net::TcpStream::connect(broker).await.expect("connect to the broker");
-    stream.write_all(&len32(request.len())).await.expect("send the request");
-    stream.write_all(&request).await.expect("send the request");
-    let size = usize::try_from(stream.read_i32().await.expect("the response size")).expect("a size");
-    let mut response = vec![0; size];
-    stream.read_exact(&mut response).await.expect("the response");
-    // correlation id, topic count, topic name, partition count, partition index, then the error code.
-    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
-    let error = i16::from_be_bytes([response[at], response[at + 1]]);
-    assert_eq!(error, 0, "the broker refused the hand-made record");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_lane_goes_on() {
     let mut env = TestEnv::new();
@@ -398,6 +302,62 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_lane_goes_on() 
         parked.iter().any(|r| r.record.payload == odd.payload
             && r.record.headers.get("dlq-error-code").map(String::as_str) == Some("unreadable_headers")),
         "the record is on the dead-letter topic: {parked:?}"
+    );
+
+    stack.canary_completes(CANARY_TIMEOUT).await;
+    db.close().await;
+    drop(stack);
+    env.teardown().await;
+}
+
+/// The same record among others that a lane takes as one batch: the batch
+/// used to panic with it and end the lane (and all consumption); now the
+/// batch falls back to one message at a time, which dead-letters it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_panics_goes_one_at_a_time_and_the_lane_goes_on() {
+    let mut env = TestEnv::new();
+    env.create_topics().await;
+    let topic = env.kafka.topics().commands;
+    let producer = kafka_producer(&env.kafka);
+    let account = "batch-panic";
+
+    // Queued before any processor runs, so its lane finds them waiting and
+    // takes them as one batch.
+    let open = CommandMessage::open_account(account);
+    send(&producer, &topic, &open, Some(0)).await;
+    let mut deposits = Vec::new();
+    for amount in 1..=5 {
+        let deposit = CommandMessage::deposit(account, amount);
+        send(&producer, &topic, &deposit, Some(0)).await;
+        deposits.push(deposit);
+    }
+    let odd = CommandMessage::deposit(account, 1_000);
+    let mut header_list: Vec<(Vec<u8>, Vec<u8>)> = odd
+        .envelope
+        .to_headers()
+        .into_iter()
+        .map(|(name, value)| (name.as_bytes().to_vec(), value.into_bytes()))
+        .collect();
+    header_list.push((b"x-\xff\xfe".to_vec(), b"v".to_vec()));
+    let header_refs: Vec<(&[u8], &[u8])> = header_list.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    produce_by_hand(&env.kafka.brokers, &topic, account.as_bytes(), &header_refs, &odd.payload).await;
+    for amount in 10..=14 {
+        let deposit = CommandMessage::deposit(account, amount);
+        send(&producer, &topic, &deposit, Some(0)).await;
+        deposits.push(deposit);
+    }
+
+    let stack = env.start_stack().await;
+    let db = processor_db(&env).await;
+    let ids: Vec<uuid::Uuid> = std::iter::once(open.job_id).chain(deposits.iter().map(|d| d.job_id)).collect();
+    wait_handled(&db, &ids, OUTCOME_TIMEOUT).await;
+    assert_eq!(balance(&db, account).await, 15 + 60, "every deposit but the odd one");
+    let parked: Vec<PositionedRecord> =
+        read_topic_to_end(&env.kafka, &env.kafka.topics().dead_letter, OUTCOME_TIMEOUT).await;
+    assert!(
+        parked.iter().any(|r| r.record.payload == odd.payload
+            && r.record.headers.get("dlq-error-code").map(String::as_str) == Some("unreadable_headers")),
+        "the odd record is on the dead-letter topic: {parked:?}"
     );
 
     stack.canary_completes(CANARY_TIMEOUT).await;

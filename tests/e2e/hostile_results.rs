@@ -9,7 +9,7 @@ use std::time::Duration;
 use onceflow_contracts::JobStatus;
 use onceflow_tests::{
     CANARY_TIMEOUT, DEV_API_KEY, DeliveriesClient, OUTCOME_TIMEOUT, SseClient, Stack, TestEnv, canary_tenant_key,
-    committed_offsets, eventually, kafka_producer, result_envelope, result_event,
+    committed_offsets, eventually, kafka_producer, produce_by_hand, result_envelope, result_event,
 };
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
@@ -275,5 +275,64 @@ async fn a_backlog_of_results_is_stored_in_batches_and_a_hostile_one_among_them_
     assert!(transactions < events.len() as i64 / 2, "{transactions} transactions for {} events", events.len());
 
     db.close().await;
+    env.teardown().await;
+}
+
+/// A value past one of PostgreSQL's program limits (class 54: here an index
+/// row too large, from a correlation id of 8,000 characters put straight on
+/// the topic) is the record's, not an outage: it is parked at once, and the
+/// next event of its partition is stored and streamed. It used to wait
+/// forever, holding up SSE and webhooks of every tenant on the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_value_past_a_program_limit_is_parked_and_the_next_event_flows() {
+    use sha2::Digest as _;
+    let mut env = TestEnv::new();
+    let stack = stack(&mut env).await;
+    let mut huge = result_event(JobStatus::Processing, None);
+    // Hex of hashes: compresses too little to fit an index row (~2.7 KB).
+    huge.correlation_id = (0..125u32).map(|n| hex::encode(sha2::Sha256::digest(n.to_be_bytes()))).collect();
+    publish_event(&env, &huge).await;
+    let mut next = result_event(JobStatus::Succeeded, None);
+    next.job_id.clone_from(&huge.job_id);
+    publish_event(&env, &next).await;
+
+    let notifier = &stack.notifier;
+    let records = eventually("the record past the limit to be parked", OUTCOME_TIMEOUT, || async {
+        let records = parked(notifier).await;
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0]["error"].as_str().unwrap_or_default().contains("index row"), "{records:?}");
+    let mut stream = SseClient::connect(&notifier.url(&format!("/v1/jobs/{}/events", next.job_id)), None).await;
+    let event = stream.next_event(OUTCOME_TIMEOUT).await.expect("the next event of the partition");
+    assert_eq!(event.event, "job.succeeded");
+    stack.canary_completes(CANARY_TIMEOUT).await;
+    env.teardown().await;
+}
+
+/// A record that must be parked, with a NUL in a header's name: parked with
+/// the name printable (`\u0000`). Parking used to fail on it as data, so the
+/// record was neither stored nor parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_header_name_with_nul_is_parked_printable() {
+    let mut env = TestEnv::new();
+    let stack = stack(&mut env).await;
+    // By hand: librdkafka cuts a header name at its first NUL.
+    let topic = env.kafka.topics().results;
+    produce_by_hand(&env.kafka.brokers, &topic, b"nul-header-name", &[(b"x-\0odd", b"v")], b"not avro").await;
+    let notifier = &stack.notifier;
+    let records = eventually("the record to be parked", OUTCOME_TIMEOUT, || async {
+        let records = parked(notifier).await;
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    let names: Vec<&str> =
+        records[0]["headers"].as_array().unwrap().iter().filter_map(|h| h["name"].as_str()).collect();
+    assert!(
+        names == ["x-\\u0000odd"] || names == ["x-"],
+        "the name, NUL made printable (or cut by the client): {records:?}"
+    );
+    stack.canary_completes(CANARY_TIMEOUT).await;
     env.teardown().await;
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use onceflow_contracts::JobStatus;
 use onceflow_processor::config::WorkerKey;
 use onceflow_tests::{
-    ApiResponse, IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, Service, TestEnv, eventually,
+    ApiResponse, IngestClient, OUTCOME_TIMEOUT, PushHandler, PushReply, Service, SseClient, TestEnv, eventually,
 };
 use onceflow_webhook::{Allowlist, Secret};
 use serde_json::{Value, json};
@@ -475,6 +475,12 @@ async fn a_cancelled_job_ends_cancelled_once_queued_or_running() {
         .await;
         assert_eq!(ends, [JobStatus::Cancelled], "{job_id}");
     }
+
+    // The notifier streams it as `job.cancelled`.
+    let notifier = env.start_notifier().await;
+    let mut events = SseClient::connect(&notifier.url(&format!("/v1/jobs/{queued}/events")), None).await;
+    let event = events.next_event(OUTCOME_TIMEOUT).await.expect("the cancelled job's event");
+    assert_eq!(event.event, "job.cancelled", "{event:?}");
 
     // An inline ledger job ends before any cancel; another tenant's is unknown.
     let open = json!({"type": "ledger.open_account", "payload": {"account_id": "x", "currency": "EUR"}});

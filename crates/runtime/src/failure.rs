@@ -52,9 +52,11 @@ impl Failure {
     pub fn of_sqlstate(code: &str) -> Self {
         match code.get(..2) {
             // 22: data exception (bad encoding, NUL in text, out of range,
-            // invalid JSON...), 23: integrity constraint violation. Both are
+            // invalid JSON...), 23: integrity constraint violation, 54:
+            // program limit exceeded (54000: an index row too large, e.g. a
+            // 4 KB correlation id; 54001: a statement too complex). All are
             // properties of the values written; a retry writes the same values.
-            Some("22" | "23") => Self::Data,
+            Some("22" | "23" | "54") => Self::Data,
             // 08 connection, 40 rollback (serialization, deadlock), 53
             // resources, 55 lock not available, 57 operator intervention, and
             // anything unexpected: the service or its database, not the record.
@@ -122,8 +124,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_exceptions_and_constraint_violations_end_the_record() {
-        for code in ["22021", "22003", "22P02", "22P05", "23505", "23503", "23514"] {
+    fn data_exceptions_constraint_violations_and_program_limits_end_the_record() {
+        for code in ["22021", "22003", "22P02", "22P05", "23505", "23503", "23514", "54000", "54001"] {
             assert_eq!(Failure::of_sqlstate(code), Failure::Data, "{code}");
         }
     }

@@ -108,7 +108,9 @@ impl Parking {
             Ok(headers) => (headers, error.to_owned()),
             Err(unreadable) => (Vec::new(), format!("{error} ({unreadable}; headers not kept)")),
         };
-        let (names, values): (Vec<String>, Vec<Option<Vec<u8>>>) = headers.into_iter().unzip();
+        // A name keeps its NUL as `\u0000`: the text column cannot hold it.
+        let (names, values): (Vec<String>, Vec<Option<Vec<u8>>>) =
+            headers.into_iter().map(|(name, value)| (printable(&name), value)).unzip();
         sqlx::query_scalar(
             "INSERT INTO parked_records
                 (consumer, topic, kafka_partition, kafka_offset, record_key, header_names, header_values, payload, error)

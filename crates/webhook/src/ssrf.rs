@@ -74,7 +74,8 @@ pub enum AddressClass {
     Broadcast,
     /// Instance metadata services: `169.254.169.254` (AWS, GCP, Azure, …),
     /// `169.254.170.2` (AWS ECS), `100.100.100.200` (Alibaba), `192.0.0.192`
-    /// (Oracle), `fd00:ec2::254` (AWS IPv6).
+    /// (Oracle), `168.63.129.16` (Azure's WireServer), `fd00:ec2::254` (AWS
+    /// IPv6).
     CloudMetadata,
     /// `192.0.2/24`, `198.51.100/24`, `203.0.113/24`, `2001:db8::/32`, `3fff::/20`.
     Documentation,
@@ -124,6 +125,8 @@ pub enum SsrfError {
     UnsupportedScheme(String),
     #[error("callback_url has no host")]
     MissingHost,
+    #[error("the host `{0}` of callback_url names a cloud metadata service, which callbacks may not reach")]
+    MetadataHost(String),
     #[error("the host `{host}` of callback_url cannot be resolved: {reason}")]
     Unresolvable { host: String, reason: String },
     #[error(
@@ -281,11 +284,29 @@ fn is_host_name(name: &str) -> bool {
         })
 }
 
+/// Host names of cloud metadata services: refused by name, at the door, even
+/// where they do not resolve (they resolve inside the cloud they belong to).
+const METADATA_NAMES: [&str; 7] = [
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata",
+    "instance-data",
+    "instance-data.ec2.internal",
+    "metadata.tencentyun.com",
+    "metadata.azure.internal",
+];
+
+/// Whether `name` (a URL's host, lower-case) names a cloud metadata service.
+fn is_metadata_name(name: &str) -> bool {
+    METADATA_NAMES.contains(&name.trim_end_matches('.'))
+}
+
 /// Check the syntax of a client's `callback_url` and return it normalised:
 /// at most [`MAX_CALLBACK_URL_LEN`] bytes (as given and once normalised), no
 /// control characters (NUL, CR, LF, DEL, C1 …, which the URL parser would
 /// otherwise drop or encode silently), an absolute `http`/`https` URL with a
-/// host. Makes no network request; [`check_url`] does the SSRF check.
+/// host that names no cloud metadata service. Makes no network request;
+/// [`check_url`] does the SSRF check.
 pub fn parse_callback_url(raw: &str) -> Result<Url, SsrfError> {
     if raw.len() > MAX_CALLBACK_URL_LEN {
         return Err(SsrfError::TooLong);
@@ -297,8 +318,10 @@ pub fn parse_callback_url(raw: &str) -> Result<Url, SsrfError> {
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(SsrfError::UnsupportedScheme(parsed.scheme().to_owned()));
     }
-    if parsed.host().is_none() {
-        return Err(SsrfError::MissingHost);
+    match parsed.host() {
+        None => return Err(SsrfError::MissingHost),
+        Some(Host::Domain(name)) if is_metadata_name(name) => return Err(SsrfError::MetadataHost(name.to_owned())),
+        Some(_) => {}
     }
     if parsed.as_str().len() > MAX_CALLBACK_URL_LEN {
         return Err(SsrfError::TooLong);
@@ -428,11 +451,13 @@ pub fn classify(address: IpAddr) -> Option<AddressClass> {
     }
 }
 
-const METADATA_V4: [Ipv4Addr; 4] = [
+const METADATA_V4: [Ipv4Addr; 5] = [
     Ipv4Addr::new(169, 254, 169, 254),
     Ipv4Addr::new(169, 254, 170, 2),
     Ipv4Addr::new(100, 100, 100, 200),
     Ipv4Addr::new(192, 0, 0, 192),
+    // Azure's WireServer (host agent), reachable from every Azure VM.
+    Ipv4Addr::new(168, 63, 129, 16),
 ];
 const METADATA_V6: [Ipv6Addr; 1] = [Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254)];
 
@@ -601,6 +626,7 @@ mod tests {
             ("http://255.255.255.255/", Broadcast),
             ("http://169.254.169.254/latest/meta-data/", CloudMetadata),
             ("http://169.254.170.2/v2/credentials", CloudMetadata),
+            ("http://168.63.129.16/machine?comp=goalstate", CloudMetadata),
             ("http://100.100.100.200/latest/meta-data", CloudMetadata),
             ("http://192.0.0.192/opc/v2/instance", CloudMetadata),
             ("http://[fd00:ec2::254]/latest/meta-data", CloudMetadata),
@@ -741,6 +767,20 @@ mod tests {
         // port permits nothing there, a host-name entry still does.
         assert!(!list.permits_address("127.0.0.1".parse().unwrap(), None));
         assert!(list.permits_host("localhost", None));
+    }
+
+    #[test]
+    fn metadata_host_names_are_refused_at_the_door() {
+        for url in [
+            "http://metadata.google.internal/computeMetadata/v1/",
+            "http://METADATA.google.internal./x",
+            "http://metadata/computeMetadata/v1/",
+            "https://instance-data.ec2.internal/latest/meta-data/",
+            "http://metadata.tencentyun.com/latest/meta-data/",
+        ] {
+            assert!(matches!(parse_callback_url(url), Err(SsrfError::MetadataHost(_))), "{url}");
+        }
+        assert!(parse_callback_url("http://metadata.example.com/hook").is_ok(), "only the services' own names");
     }
 
     #[test]

@@ -43,6 +43,7 @@
 
 use std::collections::HashSet;
 
+use futures::FutureExt as _;
 use onceflow_contracts::{Envelope, JobError, JobStatus};
 use onceflow_outbox::OutboxMessage;
 use onceflow_runtime::{failure::Failure, kafka};
@@ -139,7 +140,7 @@ impl Worker {
             if rest.len() == 1 || shutdown.is_cancelled() {
                 return done + self.one_at_a_time(rest, shutdown).await;
             }
-            let fallback = match self.apply_batch(rest).await {
+            let fallback = match self.apply_batch_guarded(rest).await {
                 Ok(()) => return batch.len(),
                 Err(fallback) => fallback,
             };
@@ -150,7 +151,7 @@ impl Worker {
             };
             // The commands before the culprit met nothing wrong.
             let before = &rest[..culprit];
-            let applied = if before.len() > 1 && self.apply_batch(before).await.is_ok() {
+            let applied = if before.len() > 1 && self.apply_batch_guarded(before).await.is_ok() {
                 before.len()
             } else {
                 self.one_at_a_time(before, shutdown).await
@@ -177,6 +178,19 @@ impl Worker {
             }
         }
         messages.len()
+    }
+
+    /// [`Self::apply_batch`], a panic in it turned into a fallback to the
+    /// one-message path (which contains a panic to its message): the
+    /// batch's transaction is dropped, so rolled back, and the lane goes on.
+    async fn apply_batch_guarded(&self, batch: &[OwnedMessage]) -> Result<(), Fallback> {
+        match std::panic::AssertUnwindSafe(self.apply_batch(batch)).catch_unwind().await {
+            Ok(applied) => applied,
+            Err(_) => {
+                tracing::error!(size = batch.len(), "a batch panicked; its messages go one at a time");
+                Err(Fallback { culprit: None, reason: "panic" })
+            }
+        }
     }
 
     /// The batch in one transaction, or nothing at all.
