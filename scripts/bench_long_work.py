@@ -5,12 +5,13 @@
 - dispatch: the latency from a command's 202 to its task in a waiting
   worker's poll, PROBES commands one at a time, first with nothing in
   flight, then with IN_FLIGHT tasks of the same type leased and held
-  (bench.hold's lease is 30 minutes); every held task is completed after;
+  (bench.hold's lease is 30 minutes), then again once they all ended (what
+  the load left behind, apart from what is in flight);
 - a dead worker: tasks of demo.report (lease 10 s) taken and never
   heartbeated; how long after each lease's end the task is handed out again;
-- cancellation: a queued job's cancel (the request's round trip, which ends
-  it), and a running one's: from the cancel's answer to a waiting poll that
-  says `cancelled`.
+- cancellation: a queued job's cancel once the processor holds it (the
+  request's round trip, which ends it), and a running one's: from the
+  cancel's answer to a waiting poll that says `cancelled`.
 
 Run: python3 scripts/bench_long_work.py [IN_FLIGHT=10000] [PROBES=200]
 (the standard library only).
@@ -84,6 +85,16 @@ def cancel(job_id):
     return status, body, (time.perf_counter() - started) * 1000
 
 
+def recorded(job_id):
+    """Wait until the processor holds the job (it says what the job waits for)."""
+    request = urllib.request.Request(f"{INGEST}/v1/jobs/{job_id}", headers={"authorization": f"Bearer {API_KEY}"})
+    while True:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if json.load(response).get("waiting_for"):
+                return
+        time.sleep(0.01)
+
+
 def submit_job(command_type, payload, key):
     status, body = post(f"{INGEST}/v1/commands", {"type": command_type, "payload": payload}, API_KEY,
                         {"idempotency-key": f"{RUN}-{key}"})
@@ -120,8 +131,8 @@ def cancellations(count=20):
     queued, told = [], []
     for n in range(count):
         job_id = submit_job("bench.hold", {"key": f"cancel-q-{n}"}, f"cancel-q-{n}")
-        while (status := cancel(job_id))[0] == 409 and status[1].get("type", "").endswith("not-cancellable"):
-            time.sleep(0.05)
+        recorded(job_id)
+        status = cancel(job_id)
         assert status[0] == 200, status
         queued.append(status[2])
     for n in range(count):
@@ -153,12 +164,17 @@ def main():
     loaded = probe("loaded")
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(complete, held))
+    # The same with those 10,000 ended: what the load left behind (dead rows,
+    # grown topics) apart from what is in flight.
+    after = probe("after")
     dead = dead_worker()
     queued, told = cancellations()
     print(f"| executions in flight | 202 -> task p50 | p99 |\n|---|---|---|")
     print(f"| 0 | {idle[0]:.1f} ms | {idle[1]:.1f} ms |")
     print(f"| {IN_FLIGHT:,} | {loaded[0]:.1f} ms | {loaded[1]:.1f} ms |")
-    print(f"ratio (loaded p50 / idle p50): {loaded[0] / idle[0]:.2f}")
+    print(f"| 0 again, those {IN_FLIGHT:,} ended | {after[0]:.1f} ms | {after[1]:.1f} ms |")
+    print(f"ratio (loaded p50 / idle p50): {loaded[0] / idle[0]:.2f}; "
+          f"(loaded p50 / the p50 after they ended): {loaded[0] / after[0]:.2f}")
     print(f"dead worker's task handed out again after its lease ended: max {max(dead):.0f} ms, "
           f"median {statistics.median(dead):.0f} ms ({len(dead)} tasks)")
     print(f"queued job cancelled (request round trip): median {statistics.median(queued):.1f} ms, "

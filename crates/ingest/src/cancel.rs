@@ -25,7 +25,7 @@ use crate::{AppState, error::ApiError};
 /// How long a cancel waits for the processor to record a job it does not
 /// know yet, and how often it asks meanwhile.
 const NOT_RECORDED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-const NOT_RECORDED_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+const NOT_RECORDED_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What a cancel did.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

@@ -38,3 +38,8 @@ ALTER TABLE executions ADD CONSTRAINT executions_state_check
 ALTER TABLE inbox DROP CONSTRAINT inbox_outcome_check;
 ALTER TABLE inbox ADD CONSTRAINT inbox_outcome_check
     CHECK (outcome IN ('deferred', 'succeeded', 'failed', 'dead_lettered', 'cancelled'));
+
+-- When the next held head becomes ready (the dispatcher asks after every
+-- round): an index of its own, so thousands of running keys (whose ready_at
+-- is NULL) are not scanned.
+CREATE INDEX key_queues_next_ready ON key_queues (ready_at) WHERE ready_at IS NOT NULL;
