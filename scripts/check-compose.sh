@@ -12,7 +12,10 @@
 #    check, the admin token and traces to a collector that publishes OTLP;
 #    callbacks may reach the webhook receiver; every other image is pinned;
 # 3. the Prometheus configuration parses and scrapes the three services on
-#    their ports (and `promtool check config` accepts it);
+#    their ports (and `promtool check config` accepts it); its alert rules
+#    (deploy/prometheus/alerts.yml) name only catalogued metrics, each has a
+#    runbook, and `promtool check rules` and `promtool test rules`
+#    (alerts.test.yml) pass;
 # 4. the Grafana provisioning parses, the dashboard JSON parses, its panels
 #    use the provisioned datasources, every metric its PromQL names is in
 #    CATALOGUE of crates/runtime/src/instruments.rs, and `promtool check
@@ -429,6 +432,28 @@ if promtool and expressions:
         yaml.safe_dump(rules, file)
     run_promtool("check", "rules", file.name)
     os.unlink(file.name)
+
+# 3b. The alert rules (after 4's helpers, which they use).
+if prometheus_file is not None:
+    # The alert rules: mounted beside the configuration, loaded by it, every
+    # metric they name in the catalogue, and their unit tests pass.
+    alerts_file = mounted("prometheus", "/etc/prometheus/alerts.yml")
+    if alerts_file is None:
+        errors.append("docker-compose.yml: service prometheus does not mount the alert rules at /etc/prometheus/alerts.yml")
+    elif "alerts.yml" not in prometheus.get("rule_files", []):
+        errors.append(f"{prometheus_file}: rule_files does not load alerts.yml")
+    else:
+        alerts = yaml.safe_load(open(alerts_file, encoding="utf-8"))
+        rules = [rule for group in alerts.get("groups", []) for rule in group.get("rules", [])]
+        for rule in rules:
+            if not rule.get("annotations", {}).get("runbook"):
+                errors.append(f"{alerts_file}: alert {rule.get('alert')} has no runbook annotation")
+            for name in sorted(n for n in metric_names(rule.get("expr", "")) if n != "up" and not known(n)):
+                errors.append(f"{alerts_file}: alert {rule.get('alert')} names {name}, not in CATALOGUE of crates/runtime/src/instruments.rs")
+        if promtool:
+            run_promtool("check", "rules", alerts_file)
+            run_promtool("test", "rules", os.path.join(os.path.dirname(alerts_file), "alerts.test.yml"))
+            print(f"check-compose: {len(rules)} alert rules (promtool: valid, their unit tests pass)")
 
 # 5. The webhook receiver runs the example, with the example's requirements.
 if receiver is not None:
