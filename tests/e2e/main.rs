@@ -16,6 +16,7 @@ mod hostile_results;
 mod http;
 mod ingest;
 mod keys;
+mod lanes;
 mod live_page;
 mod long_work;
 mod long_work_kill;

@@ -119,6 +119,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
          processor, handler or worker), by command type.",
     ),
     (
+        "onceflow_lane_pauses_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Times a processor lane's queue was full and its partitions were paused (the other lanes went on).",
+    ),
+    (
         "onceflow_executions",
         Kind::Gauge,
         Some(Unit::Count),

@@ -65,13 +65,15 @@
 //! [`batch`] (a lane's waiting messages in one transaction), [`handover`]
 //! (commands recorded as executions), [`dead_letter`] (parking),
 //! [`results`] (result events and their Kafka key), [`inbox`] (claims and
-//! outcomes of the inbox).
+//! outcomes of the inbox), [`lanes`] (spreading messages over the lanes; a
+//! full lane pauses its own partitions, never the others').
 
 mod apply;
 mod batch;
 mod dead_letter;
 mod handover;
 mod inbox;
+mod lanes;
 mod results;
 
 use std::{sync::Arc, time::Duration};
@@ -117,8 +119,10 @@ pub struct Worker {
     /// Where a lane that stops before shutdown is reported (`/readyz`).
     pub vitals: Vitals,
 }
-/// Messages queued per lane before the dispatcher waits for room.
+/// Messages queued per lane before its partitions are paused.
 const LANE_CAPACITY: usize = 64;
+/// How often a lane whose partitions are paused is looked at for room.
+const ROOM_CHECK: Duration = Duration::from_millis(20);
 /// What became of one message.
 pub(super) enum Outcome {
     Applied(JobStatus),
@@ -175,26 +179,35 @@ impl Worker {
         let mut queues = Vec::with_capacity(lanes);
         let mut running = JoinSet::new();
         for lane in 0..lanes {
-            // Bounded: a busy lane makes the dispatcher wait, which pauses
-            // consumption instead of buffering without bound.
+            // Bounded: a full lane's partitions are paused (see `lanes`).
             let (queue, receiver) = mpsc::channel::<OwnedMessage>(LANE_CAPACITY);
             queues.push(queue);
             let task = self.clone().lane(receiver, consumer.clone(), shutdown.clone());
             running.spawn(self.vitals.watch(format!("lane {lane}"), &shutdown, task));
         }
-        while let Some(message) = kafka::next_message(&consumer, &shutdown).await {
-            // One lane per partition keeps each partition (and so each key) in order.
-            let lane = usize::try_from(message.partition()).unwrap_or(0) % lanes;
-            let sent = tokio::select! {
-                () = shutdown.cancelled() => break,
-                sent = queues[lane].send(message) => sent,
+        // One lane per partition keeps each partition (and so each key) in
+        // order; a full lane pauses its partitions instead of holding up the
+        // others (see `lanes`).
+        let mut spread = lanes::Lanes::new(queues);
+        loop {
+            if spread.drain(&consumer).is_err() {
+                break;
+            }
+            let next = if spread.any_waiting() {
+                tokio::select! {
+                    next = kafka::next_message(&consumer, &shutdown) => next,
+                    () = tokio::time::sleep(ROOM_CHECK) => continue,
+                }
+            } else {
+                kafka::next_message(&consumer, &shutdown).await
             };
-            if sent.is_err() {
-                // The lane stopped (it abandoned a message on shutdown).
+            let Some(message) = next else { break };
+            if spread.dispatch(&consumer, message).is_err() {
+                // A lane stopped (it abandoned a message on shutdown).
                 break;
             }
         }
-        drop(queues);
+        drop(spread);
         while running.join_next().await.is_some() {}
         // Send the offsets stored since the last automatic commit.
         if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
