@@ -242,6 +242,9 @@ async fn a_push_handler_that_answers_202_reports_through_callbacks() {
     assert_eq!(beat.status, 200, "{beat:?}");
     let running = client.job(&job_id).await.json();
     assert_eq!(running["waiting_for"]["reason"], "handler", "{running}");
+    // A result no consumer could store (NUL) is refused; the job goes on.
+    let nul = callback(&task, "complete", json!({"result": {"card": "a\u{0}b"}})).await;
+    assert_eq!(nul.status, 400, "{nul:?}");
     let done = callback(&task, "complete", json!({"result": {"card": "ready"}})).await;
     assert_eq!((done.status, done.json()["state"].as_str()), (200, Some("succeeded")), "{done:?}");
     let again = callback(&task, "fail", json!({"code": "too_late"})).await;

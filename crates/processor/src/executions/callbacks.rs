@@ -49,7 +49,7 @@ use super::{
     api::ApiState,
     endings::{AfterFailure, End},
     leases::{self, Counted, Stored},
-    push::{bounded_message, fits_code},
+    push::{bounded_message, fits_code, holds_nul},
     store::{Execution, Wait},
 };
 use sqlx::{Postgres, Transaction};
@@ -252,11 +252,7 @@ pub async fn heartbeat(
     if beat.progress_percent.is_some_and(|p| !(0..=100).contains(&p)) {
         return Err(bad_request("progress_percent is 0-100"));
     }
-    if beat
-        .details
-        .as_ref()
-        .is_some_and(|d| d.to_string().len() > MAX_DETAILS_BYTES || d.to_string().contains("\\u0000"))
-    {
+    if beat.details.as_ref().is_some_and(|d| d.to_string().len() > MAX_DETAILS_BYTES || holds_nul(d)) {
         return Err(bad_request("details are at most 4096 bytes of JSON, without NUL"));
     }
     let worker = &state.worker;
@@ -302,6 +298,7 @@ pub struct Completion {
     request_body(content = Completion, content_type = "application/json"),
     responses(
         (status = 200, description = "Recorded (or the same result was already)", body = Outcome),
+        (status = 400, description = "A result holding a NUL character (`\\u0000`), which no consumer can store", body = onceflow_runtime::openapi::ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No, a bad, an expired or another job's token", body = onceflow_runtime::openapi::ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "The job ended otherwise; `outcome` is the stored one", body = onceflow_runtime::openapi::ProblemDocument, content_type = "application/problem+json"),
     ))]
@@ -313,6 +310,9 @@ pub async fn complete(
 ) -> Result<Json<Outcome>, Problem> {
     // Any attempt's success counts: the work is done, whoever did it.
     state.callbacks.attempt(&headers, job_id)?;
+    if holds_nul(&completion.result) {
+        return Err(bad_request("the result holds a NUL character (\\u0000), which no consumer of results can store"));
+    }
     let worker = &state.worker;
     let (mut tx, stored) = locked(worker, job_id).await?;
     if stored.ended() {

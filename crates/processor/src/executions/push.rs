@@ -243,6 +243,11 @@ pub fn answer_of(status: StatusCode, body: &[u8], retry_after: Option<Duration>)
     match status.as_u16() {
         200 if body.iter().all(u8::is_ascii_whitespace) => Answer::Succeeded(Value::Null),
         200 => match serde_json::from_slice(body) {
+            Ok(result) if holds_nul(&result) => Answer::Refused {
+                code: "invalid_result".to_owned(),
+                message: "the handler's result holds a NUL character (\\u0000), which no consumer of results can store"
+                    .to_owned(),
+            },
             Ok(result) => Answer::Succeeded(result),
             Err(error) => Answer::Failed {
                 reason: format!("the handler answered 200 with a body that is not JSON: {error}"),
@@ -274,6 +279,18 @@ fn refusal(status: StatusCode, body: &[u8]) -> Answer {
     Answer::Refused { code, message: bounded_message(&message) }
 }
 
+/// Whether `value` holds a NUL character in a string or a key: PostgreSQL's
+/// `jsonb` (ingest's jobs, the notifier's events) cannot store it, so such a
+/// result would reach no client.
+pub(super) fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(members) => members.iter().any(|(key, member)| key.contains('\0') || holds_nul(member)),
+        _ => false,
+    }
+}
+
 /// A handler's message as a job error keeps it: at most 1,000 characters,
 /// without NUL, which no text or JSON column of PostgreSQL takes.
 pub(super) fn bounded_message(message: &str) -> String {
@@ -302,6 +319,8 @@ mod tests {
         assert_eq!(answer(204, ""), Answer::Succeeded(Value::Null));
         assert!(matches!(answer(200, "<html>"), Answer::Failed { .. }), "a 200 that is not JSON spends an attempt");
         assert_eq!(answer(202, ""), Answer::Accepted, "the handler reports through callbacks");
+        let nul = answer(200, r#"{"note": ["a\u0000b"]}"#);
+        assert!(matches!(nul, Answer::Refused { ref code, .. } if code == "invalid_result"), "{nul:?}");
         assert!(matches!(answer(429, ""), Answer::Unavailable { .. }));
         assert!(matches!(answer(503, ""), Answer::Unavailable { .. }));
         for status in [500, 502, 504, 408, 301] {
