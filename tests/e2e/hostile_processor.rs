@@ -268,6 +268,31 @@ async fn overflowing_amounts_are_refused_and_the_currency_stays_usable() {
     env.teardown().await;
 }
 
+/// Put `command` on partition 0 with its envelope and a header named by bytes
+/// that are not UTF-8 (by hand: no client API allows that name).
+async fn produce_with_odd_header(env: &TestEnv, topic: &str, key: &str, command: &CommandMessage) {
+    let mut header_list: Vec<(Vec<u8>, Vec<u8>)> = command
+        .envelope
+        .to_headers()
+        .into_iter()
+        .map(|(name, value)| (name.as_bytes().to_vec(), value.into_bytes()))
+        .collect();
+    header_list.push((b"x-\xff\xfe".to_vec(), b"v".to_vec()));
+    let header_refs: Vec<(&[u8], &[u8])> = header_list.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+    produce_by_hand(&env.kafka.brokers, topic, key.as_bytes(), &header_refs, &command.payload).await;
+}
+
+/// `command`'s record is on the dead-letter topic as one whose headers could not be read.
+async fn assert_dead_lettered_without_headers(env: &TestEnv, command: &CommandMessage) {
+    let parked: Vec<PositionedRecord> =
+        read_topic_to_end(&env.kafka, &env.kafka.topics().dead_letter, OUTCOME_TIMEOUT).await;
+    assert!(
+        parked.iter().any(|r| r.record.payload == command.payload
+            && r.record.headers.get("dlq-error-code").map(String::as_str) == Some("unreadable_headers")),
+        "the record is on the dead-letter topic: {parked:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_lane_goes_on() {
     let mut env = TestEnv::new();
@@ -282,27 +307,13 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_lane_goes_on() 
     // A well-formed deposit, envelope and all, plus a header named by bytes
     // that are not UTF-8.
     let odd = CommandMessage::deposit(account, 1);
-    let mut header_list: Vec<(Vec<u8>, Vec<u8>)> = odd
-        .envelope
-        .to_headers()
-        .into_iter()
-        .map(|(name, value)| (name.as_bytes().to_vec(), value.into_bytes()))
-        .collect();
-    header_list.push((b"x-\xff\xfe".to_vec(), b"v".to_vec()));
-    let header_refs: Vec<(&[u8], &[u8])> = header_list.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
-    produce_by_hand(&env.kafka.brokers, &topic, account.as_bytes(), &header_refs, &odd.payload).await;
+    produce_with_odd_header(&env, &topic, account, &odd).await;
     let behind = CommandMessage::deposit(account, 42);
     send(&producer, &topic, &behind, Some(0)).await;
 
     wait_handled(&db, &[open.job_id, behind.job_id], OUTCOME_TIMEOUT).await;
     assert_eq!(balance(&db, account).await, 42, "the record with the odd header name did not apply");
-    let parked: Vec<PositionedRecord> =
-        read_topic_to_end(&env.kafka, &env.kafka.topics().dead_letter, OUTCOME_TIMEOUT).await;
-    assert!(
-        parked.iter().any(|r| r.record.payload == odd.payload
-            && r.record.headers.get("dlq-error-code").map(String::as_str) == Some("unreadable_headers")),
-        "the record is on the dead-letter topic: {parked:?}"
-    );
+    assert_dead_lettered_without_headers(&env, &odd).await;
 
     stack.canary_completes(CANARY_TIMEOUT).await;
     db.close().await;
@@ -332,15 +343,7 @@ async fn a_batch_that_panics_goes_one_at_a_time_and_the_lane_goes_on() {
         deposits.push(deposit);
     }
     let odd = CommandMessage::deposit(account, 1_000);
-    let mut header_list: Vec<(Vec<u8>, Vec<u8>)> = odd
-        .envelope
-        .to_headers()
-        .into_iter()
-        .map(|(name, value)| (name.as_bytes().to_vec(), value.into_bytes()))
-        .collect();
-    header_list.push((b"x-\xff\xfe".to_vec(), b"v".to_vec()));
-    let header_refs: Vec<(&[u8], &[u8])> = header_list.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
-    produce_by_hand(&env.kafka.brokers, &topic, account.as_bytes(), &header_refs, &odd.payload).await;
+    produce_with_odd_header(&env, &topic, account, &odd).await;
     for amount in 10..=14 {
         let deposit = CommandMessage::deposit(account, amount);
         send(&producer, &topic, &deposit, Some(0)).await;
@@ -352,13 +355,7 @@ async fn a_batch_that_panics_goes_one_at_a_time_and_the_lane_goes_on() {
     let ids: Vec<uuid::Uuid> = std::iter::once(open.job_id).chain(deposits.iter().map(|d| d.job_id)).collect();
     wait_handled(&db, &ids, OUTCOME_TIMEOUT).await;
     assert_eq!(balance(&db, account).await, 15 + 60, "every deposit but the odd one");
-    let parked: Vec<PositionedRecord> =
-        read_topic_to_end(&env.kafka, &env.kafka.topics().dead_letter, OUTCOME_TIMEOUT).await;
-    assert!(
-        parked.iter().any(|r| r.record.payload == odd.payload
-            && r.record.headers.get("dlq-error-code").map(String::as_str) == Some("unreadable_headers")),
-        "the odd record is on the dead-letter topic: {parked:?}"
-    );
+    assert_dead_lettered_without_headers(&env, &odd).await;
 
     stack.canary_completes(CANARY_TIMEOUT).await;
     db.close().await;
