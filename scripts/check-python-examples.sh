@@ -17,13 +17,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 venv="$(ensure_python_examples)"
-ensure_build_dependencies
-ensure_postgres
-ensure_broker memory
-trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
-
-export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
-export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
 export ONCEFLOW_TEST_PYTHON="$venv/bin/python"
-say "cargo test: the Python examples against the real stack"
-cargo test -p onceflow-tests --test e2e --locked python_ -- --ignored
+run_ignored_e2e python_ "the Python examples against the real stack"

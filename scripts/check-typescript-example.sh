@@ -13,12 +13,4 @@ cd "$ROOT"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 say "building examples/typescript (npm ci, tsc)"
 (cd examples/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
-ensure_build_dependencies
-ensure_postgres
-ensure_broker memory
-trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
-
-export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
-export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
-say "cargo test: the TypeScript worker against the real stack"
-cargo test -p onceflow-tests --test e2e --locked typescript_ -- --ignored
+run_ignored_e2e typescript_ "the TypeScript worker against the real stack"

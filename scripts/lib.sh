@@ -155,3 +155,18 @@ ensure_postgres() {
     return 1
   }
 }
+
+# Run the ignored end-to-end tests whose names match $1 (examples that need a
+# toolchain of their own) against the real stack: PostgreSQL, and the broker,
+# started if none runs and stopped again on exit. $2 says what they are.
+run_ignored_e2e() {
+  local filter="$1" what="$2"
+  ensure_build_dependencies
+  ensure_postgres
+  ensure_broker memory
+  trap 'if [ "$BROKER_STARTED" = 1 ]; then stop_pid_file "$STACK_DIR/broker.pid"; fi' EXIT
+  export ONCEFLOW_TEST_KAFKA_BROKERS="$BROKER_ADDR"
+  export ONCEFLOW_TEST_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT"
+  say "cargo test: $what"
+  cargo test -p onceflow-tests --test e2e --locked "$filter" -- --ignored
+}

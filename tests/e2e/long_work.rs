@@ -97,14 +97,6 @@ async fn start_processor(env: &mut TestEnv, types: &str, secret: &Secret) -> Ser
     .await
 }
 
-async fn start_ingest(env: &mut TestEnv, types: &str, processor: &Service) -> Service {
-    env.start_ingest_with(|config| {
-        config.command_types_file = types.to_owned();
-        config.execution_status_url = processor.url("");
-    })
-    .await
-}
-
 async fn poll(processor: &Service, body: Value) -> ApiResponse {
     let client = reqwest::Client::new();
     ApiResponse::send(client.post(processor.url("/v1/workers/poll")).bearer_auth(WORKER_KEY).json(&body)).await
@@ -145,7 +137,7 @@ async fn a_dead_worker_s_task_runs_again_after_its_lease_with_one_key_and_one_re
     let types = types(&env, None);
     let first_instance = start_processor(&mut env, &types, &secret).await;
     let second_instance = start_processor(&mut env, &types, &secret).await;
-    let ingest = start_ingest(&mut env, &types, &first_instance).await;
+    let ingest = env.start_ingest_beside(&types, &first_instance).await;
     let client = IngestClient::new(&ingest);
     let job_id = submit(&client, "report-1", &report("r1")).await;
 
@@ -216,7 +208,7 @@ async fn a_push_handler_that_answers_202_reports_through_callbacks() {
     let handler = PushHandler::start(|_| PushReply::Json(202, json!({"accepted": true}), None)).await;
     let types = types(&env, Some(&handler));
     let processor = start_processor(&mut env, &types, &secret).await;
-    let ingest = start_ingest(&mut env, &types, &processor).await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
     let job_id = submit(&client, "render-1", &json!({"type": "test.render", "payload": {"id": "card"}})).await;
 
@@ -272,7 +264,7 @@ async fn a_poll_waits_for_work_and_a_released_task_comes_back_without_spending_a
     let secret = Secret::generate();
     let types = types(&env, None);
     let processor = start_processor(&mut env, &types, &secret).await;
-    let ingest = start_ingest(&mut env, &types, &processor).await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
 
     let anonymous = reqwest::Client::new().post(processor.url("/v1/workers/poll")).json(&json!({}));
@@ -327,7 +319,7 @@ async fn start_lease_and_job_timeouts_end_jobs_timed_out() {
     let secret = Secret::generate();
     let types = types(&env, None);
     let processor = start_processor(&mut env, &types, &secret).await;
-    let ingest = start_ingest(&mut env, &types, &processor).await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
 
     // Nobody takes it within its start timeout (1 s).
@@ -395,7 +387,7 @@ async fn a_cancelled_job_ends_cancelled_once_queued_or_running() {
             config.executions.cancel_grace_ms = 1_000;
         })
         .await;
-    let ingest = start_ingest(&mut env, &types, &processor).await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
 
     // Queued (no worker polls): cancelled in the request's transaction, once

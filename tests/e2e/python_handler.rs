@@ -54,12 +54,7 @@ async fn the_python_handler_serves_its_command_type() {
             config.executions.push.allowlist = Allowlist::new(["127.0.0.1"]).unwrap();
         })
         .await;
-    let ingest = env
-        .start_ingest_with(|config| {
-            config.command_types_file = types.clone();
-            config.execution_status_url = processor.url("");
-        })
-        .await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
 
     let greeted = submit(&client, "greet-ada", &json!({"type": "demo.greet", "payload": {"name": "Ada"}})).await;

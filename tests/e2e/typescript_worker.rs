@@ -72,12 +72,7 @@ async fn the_typescript_worker_serves_its_type_and_a_killed_worker_s_job_runs_ag
             }];
         })
         .await;
-    let ingest = env
-        .start_ingest_with(|config| {
-            config.command_types_file = types.clone();
-            config.execution_status_url = processor.url("");
-        })
-        .await;
+    let ingest = env.start_ingest_beside(&types, &processor).await;
     let client = IngestClient::new(&ingest);
 
     let first_worker = start_worker(&processor).await;

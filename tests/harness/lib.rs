@@ -130,6 +130,16 @@ impl TestEnv {
         self.start(|token| onceflow_ingest::start(config, token)).await
     }
 
+    /// Ingest reading the command types of `types` and asking `processor`
+    /// about executions (what a job waits for, cancellations).
+    pub async fn start_ingest_beside(&mut self, types: &str, processor: &Service) -> Service {
+        self.start_ingest_with(|config| {
+            config.command_types_file = types.to_owned();
+            config.execution_status_url = processor.url("");
+        })
+        .await
+    }
+
     pub async fn start_processor(&mut self) -> Service {
         self.start_processor_with(|_| {}).await
     }
