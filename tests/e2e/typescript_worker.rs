@@ -50,6 +50,17 @@ async fn start_worker(processor: &Service) -> tokio::process::Child {
     worker
 }
 
+/// Wait until the worker reported progress on `job_id` (the processor's view of it).
+async fn first_heartbeat(processor: &Service, job_id: &str) {
+    let execution = processor.url(&format!("/v1/executions/{job_id}"));
+    eventually("the worker's first heartbeat", OUTCOME_TIMEOUT, || async {
+        let response = reqwest::Client::new().get(&execution).bearer_auth("dev-onceflow-key").send().await.ok()?;
+        let view: serde_json::Value = response.json().await.ok()?;
+        view["progress_percent"].as_i64().filter(|percent| *percent > 0).map(|_| ())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the built TypeScript example: run scripts/check-typescript-example.sh"]
 async fn the_typescript_worker_serves_its_type_and_a_killed_worker_s_job_runs_again_once() {
@@ -85,13 +96,7 @@ async fn the_typescript_worker_serves_its_type_and_a_killed_worker_s_job_runs_ag
     // A long one: the worker is killed after its first heartbeat.
     let report = json!({"type": "demo.report", "payload": {"report_id": "q2", "pages": 25}});
     let long = submit(&client, "report-q2", &report).await;
-    let execution = processor.url(&format!("/v1/executions/{long}"));
-    eventually("the worker's first heartbeat", OUTCOME_TIMEOUT, || async {
-        let response = reqwest::Client::new().get(&execution).bearer_auth("dev-onceflow-key").send().await.ok()?;
-        let view: serde_json::Value = response.json().await.ok()?;
-        view["progress_percent"].as_i64().filter(|percent| *percent > 0).map(|_| ())
-    })
-    .await;
+    first_heartbeat(&processor, &long).await;
     let mut first_worker = first_worker;
     first_worker.start_kill().expect("SIGKILL the worker");
     let _ = first_worker.wait().await;
@@ -105,13 +110,7 @@ async fn the_typescript_worker_serves_its_type_and_a_killed_worker_s_job_runs_ag
     // stops and confirms, and the job ends `cancelled`.
     let report = json!({"type": "demo.report", "payload": {"report_id": "q3", "pages": 25}});
     let stopped = submit(&client, "report-q3", &report).await;
-    let execution = processor.url(&format!("/v1/executions/{stopped}"));
-    eventually("the worker's first heartbeat", OUTCOME_TIMEOUT, || async {
-        let response = reqwest::Client::new().get(&execution).bearer_auth("dev-onceflow-key").send().await.ok()?;
-        let view: serde_json::Value = response.json().await.ok()?;
-        view["progress_percent"].as_i64().filter(|percent| *percent > 0).map(|_| ())
-    })
-    .await;
+    first_heartbeat(&processor, &stopped).await;
     assert_eq!(client.cancel(&stopped).await.status, 202);
     let job = ended(&client, &stopped).await;
     assert_eq!(job["status"], "cancelled", "{job}");
