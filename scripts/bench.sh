@@ -125,7 +125,7 @@ cat "$out/drain.json"
 
 # Twice what the processor drains, for long enough that its backlog would
 # take longer than shed.max_queue_delay_ms to drain: ingest must refuse
-# (503 + Retry-After) what it cannot take, and what it accepts must still
+# (429 + Retry-After: the bench is the one tenant making the backlog) what it cannot take, and what it accepts must still
 # reach its client within a bounded time.
 overload_rate="$(python3 -c 'import json,sys; print(max(20, round(2 * json.load(open(sys.argv[1]))["drain"]["per_sec"])))' "$out/drain.json" 2>/dev/null || echo 1000)"
 overload_seconds=$([ "$quick" = 1 ] && echo 10 || echo 30)
@@ -196,7 +196,7 @@ ingest_tps = get("baseline-ingest", "baseline", "tps")
 accept = get("accept", "accept", "accepted_per_sec")
 drain = get("drain", "drain", "per_sec")
 rows = [
-    ("ingest 202/s, 16 connections, fresh keys", f"{accept:.0f}/s (p50 {get('accept','accept','p50_ms'):.1f} ms; {f.get('accept', {}).get('accept', {}).get('statuses', {}).get('503', 0)} answered 503)" if accept else "n/a",
+    ("ingest 202/s, 16 connections, fresh keys", f"{accept:.0f}/s (p50 {get('accept','accept','p50_ms'):.1f} ms; {sum(f.get('accept', {}).get('accept', {}).get('statuses', {}).get(s, 0) for s in ('429', '503'))} answered 429/503)" if accept else "n/a",
      f"pgbench ingest tx: {ingest_tps:.0f} tps" if ingest_tps else "n/a", ratio(accept, ingest_tps)),
     (f"processor drain, ledger.deposit, {get('drain', 'drain', 'events') or '?'} queued", f"{drain:.0f}/s" if drain else "n/a",
      f"pgbench processor tx: {proc_tps:.0f} tps" if proc_tps else "n/a", ratio(drain, proc_tps)),

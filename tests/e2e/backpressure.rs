@@ -1,7 +1,9 @@
 //! Backpressure that follows the processor: while the processor's backlog on
 //! the commands topic is past what it can drain within the configured delay,
-//! ingest answers `503` with a `Retry-After`; once the processor has caught
-//! up, commands are accepted again, and every accepted one takes effect.
+//! ingest refuses the tenant making it (here the only one: `429`
+//! `over-share`, see tests/e2e/fair_share.rs for a tenant beside it) with a
+//! `Retry-After`; once the processor has caught up, commands are accepted
+//! again, and every accepted one takes effect.
 
 use std::time::{Duration, Instant};
 
@@ -37,13 +39,13 @@ async fn commands_are_refused_while_the_processor_is_behind_and_accepted_once_it
         let response = api.submit(&format!("bp-{n}"), &open_account(n)).await;
         match response.status {
             202 => accepted.push(response.json()["job_id"].as_str().expect("a job id").to_owned()),
-            503 => break response,
+            429 => break response,
             other => panic!("unexpected {other}: {}", response.json()),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(accepted.len() as i64 > MIN_LAG, "refused at a lag of {} only", accepted.len());
-    assert_eq!(refusal.problem_type(), "https://onceflow.dev/problems/overloaded", "{}", refusal.json());
+    assert_eq!(refusal.problem_type(), "https://onceflow.dev/problems/over-share", "{}", refusal.json());
     assert!(refusal.json()["detail"].as_str().unwrap_or_default().contains("waiting for the processor"));
     // Nothing drains: the configured wait.
     assert_eq!(refusal.header("retry-after"), Some("2"));

@@ -58,7 +58,7 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
     let output = print_config(
         "onceflow-notifier",
         &[
-            ("ONCEFLOW_ADMIN__TOKEN", "admin-hunter2"),
+            ("ONCEFLOW_ADMIN__TOKEN", "admin-hunter2-admin-hunter2"),
             ("ONCEFLOW_SSE__TOKEN_SECRET", "stream-hunter2-stream-hunter2-stream-hunter2"),
             ("ONCEFLOW_DATABASE__URL", "postgres://onceflow:db-hunter2@db.internal:5432/notifier?sslmode=require"),
             ("ONCEFLOW_SSE__BUFFER", "77"),

@@ -66,3 +66,47 @@ async fn concurrent_first_requests_share_commits_and_each_key_gets_one_job() {
     db.close().await;
     env.teardown().await;
 }
+
+/// Defect 6 of issue 22: a retry of a recorded key went into a group, whose
+/// claim of the key locked its row; a transaction holding that row (another
+/// retry's group, a sweep) made the group wait, then the retry waited again
+/// alone and got `409` although its answer was recorded. A retry is now
+/// answered from its record without a lock, while the row is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_of_a_recorded_key_replays_while_its_row_is_locked() {
+    let mut env = TestEnv::new();
+    let ingest = env.start_ingest().await;
+    let api = IngestClient::new(&ingest);
+    let body = json!({"type": "ledger.deposit", "payload": {"account_id": "locked-row", "amount": 1}});
+    let first = api.submit("locked-row", &body).await;
+    assert_eq!(first.status, 202, "{first:?}");
+
+    // Another session holds the record's row for longer than a request
+    // waits for an in-flight duplicate (`in_flight_wait_ms`, 2 s).
+    let db = PgPool::connect(&env.database_url("ingest")).await.expect("ingest database");
+    let mut holder = db.begin().await.expect("a transaction");
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE idempotency_key = 'locked-row' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the record's row");
+
+    let started = std::time::Instant::now();
+    let (retry, fresh) = tokio::join!(api.submit("locked-row", &body), async {
+        let mut answers = Vec::new();
+        for n in 0..20 {
+            let body = json!({"type": "ledger.deposit", "payload": {"account_id": format!("beside-{n}"), "amount": 1}});
+            answers.push(api.submit(&format!("beside-{n}"), &body).await.status);
+        }
+        answers
+    });
+    let waited = started.elapsed();
+    holder.rollback().await.expect("release the row");
+
+    assert_eq!(retry.status, 202, "the retry is answered from its record, not 409: {retry:?}");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.body, first.body, "byte for byte");
+    assert!(fresh.iter().all(|status| *status == 202), "{fresh:?}");
+    eprintln!("retry and 20 fresh keys answered in {waited:?} while the record's row was locked");
+    db.close().await;
+    env.teardown().await;
+}

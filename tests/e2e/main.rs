@@ -7,6 +7,7 @@ mod batching;
 mod breakers;
 mod chaos;
 mod config;
+mod fair_share;
 mod flow;
 mod group_commit;
 mod handlers;

@@ -58,7 +58,7 @@ impl Bench {
             let (status, job) = self.post(&noop_command(0)).await?;
             let Some(job) = job else {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                anyhow::ensure!(status == 503, "a probe answered {status}");
+                anyhow::ensure!(matches!(status, 429 | 503), "a probe answered {status}");
                 continue;
             };
             let accepted = Instant::now();

@@ -39,6 +39,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
+mod fair_share;
 mod handler;
 mod subscribers;
 
@@ -133,6 +134,20 @@ enum Command {
         #[arg(long)]
         pid: u32,
     },
+    /// This tenant floods ingest with deposits at `flood_rate` per second
+    /// while the tenant of `--calm-api-key` submits at `rate`: what each is
+    /// answered, and the calm tenant's accept latency.
+    FairShare {
+        #[arg(long)]
+        flood_rate: u64,
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// The calm tenant's API key.
+        #[arg(long)]
+        calm_api_key: String,
+    },
     /// `subscribers` streams receive the results of `events` deposits.
     Fanout {
         #[arg(long)]
@@ -161,6 +176,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Drain { count, timeout_secs } => bench.drain(count, Duration::from_secs(timeout_secs)).await?,
         Command::Idle { count, pid } => bench.idle(count, pid).await?,
+        Command::FairShare { flood_rate, rate, seconds, calm_api_key } => {
+            let calm = Bench { api_key: calm_api_key, ..bench.clone() };
+            bench.fair_share(&calm, flood_rate, rate, Duration::from_secs(seconds)).await?
+        }
         Command::Fanout { subscribers, events, timeout_secs } => {
             bench.fanout(subscribers, events, Duration::from_secs(timeout_secs)).await?
         }
@@ -321,7 +340,7 @@ impl Bench {
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut submissions = JoinSet::new();
-        // What ingest answered other than 202 (503 when backpressure sheds), and failures.
+        // What ingest answered other than 202 (429 or 503 when backpressure sheds), and failures.
         let refused: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
         let stop = Instant::now() + duration;
         while Instant::now() < stop {
@@ -357,8 +376,8 @@ impl Bench {
 
     /// Wait until the stack is idle: a probe deposit's event must arrive within
     /// a second of its `202` (work queued by an earlier measurement would
-    /// otherwise count as this one's latency). A probe refused with `503`
-    /// (backpressure, while that work drains) is tried again a second later.
+    /// otherwise count as this one's latency). A probe refused with `429` or
+    /// `503` (backpressure, while that work drains) is tried again a second later.
     /// Returns how long that took.
     async fn settle(&self, delivered_at: &Mutex<HashMap<String, Instant>>) -> anyhow::Result<Duration> {
         let started = Instant::now();
@@ -367,7 +386,7 @@ impl Bench {
                 bail!("the stack did not settle within 300 s");
             }
             let (status, job) = self.post(&self.deposit()).await?;
-            if status == 503 {
+            if matches!(status, 429 | 503) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }

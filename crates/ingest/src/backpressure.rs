@@ -8,7 +8,9 @@
 //! drain rate (commands applied per second, smoothed). When the lag would
 //! take longer than `shed.max_queue_delay_ms` to drain at that rate, and is
 //! above `shed.min_lag` (so a burst on an idle system, whose drain rate is
-//! not known yet, is not refused), new commands get `503` with a
+//! not known yet, is not refused), new commands of the tenants sending more
+//! than their share get `429` (see [`crate::limits`]), and past
+//! `shed.everyone_after_ms` every tenant's get `503`, each with a
 //! `Retry-After` of the time the excess takes to drain: the queue, and so
 //! the latency of accepted work, stays bounded at about the configured delay
 //! whatever the load.
@@ -54,11 +56,14 @@ impl Default for ProcessorPressure {
 }
 
 impl ProcessorPressure {
-    /// `Some(seconds to wait)` when a new command should be refused now.
-    pub fn retry_after(&self, shed: &ShedConfig) -> Option<(i64, u64)> {
+    /// `Some((lag, seconds to wait))` when the backlog would take longer
+    /// than `max_delay_ms` to drain: `shed.max_queue_delay_ms` for the
+    /// tenants over their share (see [`crate::limits`]),
+    /// `shed.everyone_after_ms` for every tenant.
+    pub fn retry_after(&self, shed: &ShedConfig, max_delay_ms: u64) -> Option<(i64, u64)> {
         let lag = self.lag.load(Ordering::Relaxed);
         let drain = f64::from_bits(self.drain_per_sec.load(Ordering::Relaxed));
-        retry_after(lag, drain, shed).map(|seconds| (lag, seconds))
+        retry_after(lag, drain, shed, max_delay_ms).map(|seconds| (lag, seconds))
     }
 
     fn record(&self, lag: i64, drain_per_sec: f64) {
@@ -73,15 +78,18 @@ impl ProcessorPressure {
     }
 }
 
-/// The rule: refuse when `lag` is above `min_lag` and would take longer than
-/// `max_queue_delay_ms` to drain at `drain_per_sec`; wait for the excess to
-/// drain (at least 1 s, at most [`MAX_RETRY_AFTER_SECS`]; the configured
-/// `retry_after_secs` while nothing drains).
-fn retry_after(lag: i64, drain_per_sec: f64, shed: &ShedConfig) -> Option<u64> {
-    if lag <= shed.min_lag {
+/// The rule: refuse when `lag` would take longer than `max_delay_ms` to
+/// drain at `drain_per_sec` and is above `min_lag`, scaled like the delay
+/// (`min_lag` for `max_queue_delay_ms`, twice that for twice the delay: so
+/// while nothing drains, a longer delay still allows a larger backlog); wait
+/// for the excess to drain (at least 1 s, at most [`MAX_RETRY_AFTER_SECS`];
+/// the configured `retry_after_secs` while nothing drains).
+fn retry_after(lag: i64, drain_per_sec: f64, shed: &ShedConfig, max_delay_ms: u64) -> Option<u64> {
+    let min_lag = shed.min_lag as f64 * max_delay_ms as f64 / shed.max_queue_delay_ms.max(1) as f64;
+    if lag as f64 <= min_lag {
         return None;
     }
-    let drainable = drain_per_sec * shed.max_queue_delay_ms as f64 / 1000.0;
+    let drainable = drain_per_sec * max_delay_ms as f64 / 1000.0;
     let excess = lag as f64 - drainable;
     if excess <= 0.0 {
         return None;
@@ -140,6 +148,7 @@ mod tests {
             retry_after_secs: 2,
             processor_group: "onceflow-processor".to_owned(),
             max_queue_delay_ms: 10_000,
+            everyone_after_ms: 20_000,
             min_lag: 1_000,
         }
     }
@@ -147,24 +156,34 @@ mod tests {
     #[test]
     fn a_lag_that_drains_within_the_delay_is_accepted() {
         // 5,000 behind at 1,000/s: 5 s, within 10 s.
-        assert_eq!(retry_after(5_000, 1_000.0, &shed()), None);
+        assert_eq!(retry_after(5_000, 1_000.0, &shed(), 10_000), None);
         // Unknown or small lags never shed.
-        assert_eq!(retry_after(-1, 0.0, &shed()), None);
-        assert_eq!(retry_after(1_000, 0.0, &shed()), None);
+        assert_eq!(retry_after(-1, 0.0, &shed(), 10_000), None);
+        assert_eq!(retry_after(1_000, 0.0, &shed(), 10_000), None);
     }
 
     #[test]
     fn a_lag_past_the_delay_waits_for_the_excess_to_drain() {
         // 25,000 behind at 1,000/s: 15 s past the 10 s bound.
-        assert_eq!(retry_after(25_000, 1_000.0, &shed()), Some(15));
+        assert_eq!(retry_after(25_000, 1_000.0, &shed(), 10_000), Some(15));
         // Barely past: at least a second.
-        assert_eq!(retry_after(10_001, 1_000.0, &shed()), Some(1));
+        assert_eq!(retry_after(10_001, 1_000.0, &shed(), 10_000), Some(1));
         // Far past: at most a minute.
-        assert_eq!(retry_after(1_000_000, 100.0, &shed()), Some(MAX_RETRY_AFTER_SECS));
+        assert_eq!(retry_after(1_000_000, 100.0, &shed(), 10_000), Some(MAX_RETRY_AFTER_SECS));
     }
 
     #[test]
     fn nothing_draining_sheds_past_the_minimum_with_the_configured_wait() {
-        assert_eq!(retry_after(1_001, 0.0, &shed()), Some(2));
+        assert_eq!(retry_after(1_001, 0.0, &shed(), 10_000), Some(2));
+    }
+
+    #[test]
+    fn a_longer_delay_allows_a_proportionally_larger_backlog() {
+        // Every tenant's bound, twice the delay: twice the minimum while
+        // nothing drains, twice the drainable backlog otherwise.
+        assert_eq!(retry_after(1_001, 0.0, &shed(), 20_000), None);
+        assert_eq!(retry_after(2_001, 0.0, &shed(), 20_000), Some(2));
+        assert_eq!(retry_after(15_000, 1_000.0, &shed(), 20_000), None);
+        assert_eq!(retry_after(25_000, 1_000.0, &shed(), 20_000), Some(5));
     }
 }

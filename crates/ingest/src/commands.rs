@@ -126,6 +126,8 @@ impl StoredResponse {
         (status = 202, description = "Accepted (or replayed)", body = Accepted, headers(
             ("Location" = String, description = "/v1/jobs/{job_id}"),
             ("Idempotent-Replayed" = Option<String>, description = "`true` on a replayed response"),
+            ("RateLimit-Policy" = Option<String>, description = "The tenant's limits (IETF draft-ietf-httpapi-ratelimit-headers), when any is set: `\"rate\";q=<burst>;w=<seconds>`, `\"in-flight\";q=<n>;qu=\"concurrent-requests\"`"),
+            ("RateLimit" = Option<String>, description = "What is left of them: `\"rate\";r=<left>;t=<seconds until whole>`, `\"in-flight\";r=<free places>`"),
         )),
         (status = 400, description = "Missing or malformed Idempotency-Key or X-Correlation-Id, or malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown API key", body = ProblemDocument, content_type = "application/problem+json"),
@@ -134,7 +136,12 @@ impl StoredResponse {
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid command (`invalid-command`), a `callback_url` whose webhook endpoint is disabled (`endpoint-disabled`), or the key was used with another request (`idempotency-key-reused`)", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 503, description = "Shedding load (outbox backlog, database pool or too many requests at once); retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "Over one of the tenant's limits (`rate-limited`, `too-many-in-flight`), or sending at least an equal share of the work while the processor is behind (`over-share`); the Idempotency-Key stays free; retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds to wait"),
+            ("RateLimit-Policy" = Option<String>, description = "The tenant's limits"),
+            ("RateLimit" = Option<String>, description = "What is left of them"),
+        )),
+        (status = 503, description = "Shedding load for every tenant (outbox backlog, database pool, the processor's backlog past `shed.everyone_after_ms`, or too many requests at once); retry after Retry-After", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
@@ -146,10 +153,29 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     let tenant = state.api_keys.authenticate(headers).ok_or(ApiError::Unauthorized)?;
     let key = idempotency_key(headers)?;
     require_json(headers)?;
+    // The tenant's limits, before its body is read (a refusal is cheap).
+    let admission = state.limits.admit(&tenant.0)?;
+    let mut response = match submit_admitted(&state, &tenant, key, &parts, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    admission.describe(response.headers_mut());
+    Ok(response)
+}
+
+/// The rest of [`submit`], once the tenant's limits let the request in.
+async fn submit_admitted(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &str,
+    parts: &Parts,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let headers = &parts.headers;
     let span = tracing::Span::current();
     span.record("tenant", tenant.0.as_str());
     span.record("idempotency_key", key);
-    let body = read_body(&state, &parts, body).await?;
+    let body = read_body(state, parts, body).await?;
 
     let request: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
@@ -163,10 +189,10 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     // request judged acceptable is not looked up at all: its claim of the key
     // finds any record, and the one-request path then replays it. A fresh
     // key, the ordinary case, costs no lookup.
-    let acceptance = match judge(&state, &tenant, key, headers, &request, fingerprint, &span).await {
+    let acceptance = match judge(state, tenant, key, headers, &request, fingerprint, &span).await {
         Ok(acceptance) => acceptance,
         Err(refusal) => {
-            return match recorded(&state, &tenant, key).await? {
+            return match recorded(state, tenant, key).await? {
                 Some(recorded) => recorded.answer(&fingerprint),
                 None => Err(refusal),
             };
@@ -178,6 +204,12 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
             return Ok(acceptance.accepted_response());
         }
         Some(Grouped::Alone(acceptance)) => acceptance,
+        // A retry: its record answers, read without a lock. Expired since
+        // the group looked: the key is free again, claimed alone.
+        Some(Grouped::Recorded(acceptance)) => match recorded(state, tenant, &acceptance.key).await? {
+            Some(recorded) => return recorded.answer(&acceptance.fingerprint),
+            None => acceptance,
+        },
         None => {
             return Err(ApiError::Overloaded {
                 reason: "ingest is shutting down; retry with the same key".to_owned(),
@@ -185,7 +217,7 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
             });
         }
     };
-    commit_alone(&state, &tenant, acceptance).await
+    commit_alone(state, tenant, acceptance).await
 }
 
 /// A request as a first request: validated, checked and maybe shed, and
@@ -377,10 +409,10 @@ async fn checked_callback_url(url: &str, allowlist: &onceflow_webhook::Allowlist
     }
 }
 
-/// Refuse new work while the outbox backlog is past its bound (Kafka is down
-/// or slow, and accepting more would only grow the queue), or while the
-/// processor's backlog would take too long to drain (see
-/// [`crate::backpressure`]).
+/// Refuse new work of every tenant while the outbox backlog is past its
+/// bound (Kafka is down or slow, and accepting more would only grow the
+/// queue), or while the processor's backlog would take longer than
+/// `shed.everyone_after_ms` to drain (see [`crate::backpressure`]).
 fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
     let shed = &state.config.shed;
     let backlog = state.outbox_backlog.load(std::sync::atomic::Ordering::Relaxed);
@@ -391,7 +423,8 @@ fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
             retry_after_secs: shed.retry_after_secs,
         });
     }
-    if let Some((lag, retry_after_secs)) = state.processor_pressure.retry_after(shed) {
+    // Past the share rule (see `crate::limits`): every tenant waits.
+    if let Some((lag, retry_after_secs)) = state.processor_pressure.retry_after(shed, shed.everyone_after_ms) {
         metrics::counter!("onceflow_ingest_shed_total", "reason" => "processor_lag").increment(1);
         return Err(ApiError::Overloaded {
             reason: format!("{lag} commands are waiting for the processor; retry later"),

@@ -8,7 +8,10 @@ use onceflow_runtime::{
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
+    limits::PerTenant,
 };
+
+use crate::limits::SubmitLimits;
 
 /// The defaults, which also document every setting.
 pub const DEFAULTS: &str = include_str!("../config/defaults.toml");
@@ -34,6 +37,8 @@ pub struct IngestConfig {
     pub sweep_interval_secs: u64,
     pub sweep_batch: i64,
     pub shed: ShedConfig,
+    /// Each tenant's limits on `POST /v1/commands` (see `crate::limits`).
+    pub submit_limits: PerTenant<SubmitLimits>,
     pub group_commit: GroupCommitConfig,
     pub webhooks: CallbackConfig,
     /// Consumer group of the job-status projection.
@@ -89,9 +94,13 @@ pub struct ShedConfig {
     /// drives backpressure (see `crate::backpressure`).
     pub processor_group: String,
     /// The longest the processor's backlog may take to drain at its measured
-    /// rate before new commands are refused: about the most an accepted
-    /// command waits for the processor under sustained overload.
+    /// rate before the commands of tenants over their share are refused
+    /// (`429`): about the most an accepted command waits for the processor
+    /// under sustained overload.
     pub max_queue_delay_ms: u64,
+    /// Past this drain time every tenant's new commands are refused (`503`);
+    /// at least `max_queue_delay_ms`.
+    pub everyone_after_ms: u64,
     /// Lags up to this many commands are never shed for.
     pub min_lag: i64,
 }

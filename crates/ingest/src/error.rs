@@ -47,6 +47,12 @@ pub enum ApiError {
     ProcessorUnavailable,
     #[error("{reason}")]
     Overloaded { reason: String, retry_after_secs: u64 },
+    #[error("{reason}")]
+    OverShare { reason: String, retry_after_secs: u64 },
+    #[error("this tenant may submit {rate_per_sec} commands a second (submit_limits.rate_per_sec); retry later")]
+    RateLimited { rate_per_sec: u32, retry_after_secs: u64, fields: crate::limits::RateLimitFields },
+    #[error("this tenant has {limit} requests in flight (submit_limits.max_in_flight); retry when one was answered")]
+    TooManyInFlight { limit: u32 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -84,14 +90,20 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "processor-unavailable", "Processor unavailable")
             }
             Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Service overloaded"),
+            Self::OverShare { .. } => (StatusCode::TOO_MANY_REQUESTS, "over-share", "Over the tenant's share"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Rate limited"),
+            Self::TooManyInFlight { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too-many-in-flight", "Too many requests in flight")
+            }
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         };
         let problem = Problem::new(status, slug, title, self.to_string());
         match self {
-            Self::RequestInFlight { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
-                problem.retry_after(*retry_after_secs)
-            }
-            Self::NotCancellable | Self::ProcessorUnavailable => problem.retry_after(1),
+            Self::RequestInFlight { retry_after_secs }
+            | Self::Overloaded { retry_after_secs, .. }
+            | Self::OverShare { retry_after_secs, .. }
+            | Self::RateLimited { retry_after_secs, .. } => problem.retry_after(*retry_after_secs),
+            Self::NotCancellable | Self::ProcessorUnavailable | Self::TooManyInFlight { .. } => problem.retry_after(1),
             _ => problem,
         }
     }
@@ -121,6 +133,10 @@ impl IntoResponse for ApiError {
         if let Self::Internal(cause) = &self {
             tracing::error!(error = ?cause, "request failed");
         }
-        self.problem().into_response()
+        let mut response = self.problem().into_response();
+        if let Self::RateLimited { fields, .. } = &self {
+            fields.insert_into(response.headers_mut());
+        }
+        response
     }
 }

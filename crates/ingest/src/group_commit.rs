@@ -14,14 +14,19 @@
 //! COMMIT, then each request answers its own 202
 //! ```
 //!
-//! Only the ordinary case goes in a group: a key not yet recorded. A key
-//! that already has a record (a client's retry: requests are not looked up
-//! before they are grouped), a key twice in one group, a key another
-//! transaction holds (a concurrent duplicate still in flight: the group
-//! waits at most [`GROUP_LOCK_TIMEOUT_MS`] for it), or any error of the group's transaction
-//! sends the request back to the one-request path, which waits for an
-//! in-flight duplicate as the contract says and replays a recorded answer;
-//! no request is retried more than that once. A request whose group
+//! Only the ordinary case is committed in a group: a key not yet recorded.
+//! A key that already has an unexpired record (a client's retry: requests
+//! are not looked up before they are grouped) is found by a plain read in
+//! the group's first statement and left alone: the group never claims it, so
+//! it takes no lock on its row, and a retry storm of one key cannot make
+//! other requests' groups wait for that row (each retry is answered
+//! [`Grouped::Recorded`] and replays the record without a lock). A key twice
+//! in one group, a key another transaction holds (a concurrent duplicate
+//! still in flight: the group waits at most [`GROUP_LOCK_TIMEOUT_MS`] for
+//! it), or any error of the group's transaction sends the request back to
+//! the one-request path, which waits for an in-flight duplicate as the
+//! contract says and replays a recorded answer; no request is retried more
+//! than that once. A request whose group
 //! committed and then failed to hear back finds its own record there and
 //! replays it. The queue to the committers is bounded: when it is full, the
 //! request takes the one-request path at once.
@@ -79,6 +84,8 @@ pub enum Grouped {
     Committed(Acceptance),
     /// Not committed: make it durable on the one-request path.
     Alone(Acceptance),
+    /// Not committed because its key has an unexpired record: replay it.
+    Recorded(Acceptance),
 }
 
 type Item = (Acceptance, oneshot::Sender<Grouped>);
@@ -167,18 +174,20 @@ async fn commit_group(pool: &PgPool, group: Vec<Item>) {
     // One order for every group, so two groups never wait on each other in a cycle.
     members.sort_by(|(a, _), (b, _)| (&a.tenant, &a.key).cmp(&(&b.tenant, &b.key)));
     let acceptances: Vec<&Acceptance> = members.iter().map(|(a, _)| a).collect();
-    let claimed = match claim_and_commit(pool, &acceptances).await {
-        Ok(claimed) => claimed,
+    let outcome = match claim_and_commit(pool, &acceptances).await {
+        Ok(outcome) => outcome,
         Err(error) => {
             tracing::debug!(%error, size = members.len(), "group not committed; its requests commit alone");
             metrics::counter!("onceflow_ingest_group_fallbacks_total").increment(1);
-            HashSet::new()
+            GroupOutcome::default()
         }
     };
-    metrics::histogram!("onceflow_ingest_commit_batch_size").record(claimed.len() as f64);
+    metrics::histogram!("onceflow_ingest_commit_batch_size").record(outcome.claimed.len() as f64);
     for (acceptance, reply) in members {
-        let grouped = if claimed.contains(&acceptance.job_id) {
+        let grouped = if outcome.claimed.contains(&acceptance.job_id) {
             Grouped::Committed(acceptance)
+        } else if outcome.recorded.contains(&acceptance.job_id) {
+            Grouped::Recorded(acceptance)
         } else {
             Grouped::Alone(acceptance)
         };
@@ -187,8 +196,17 @@ async fn commit_group(pool: &PgPool, group: Vec<Item>) {
     }
 }
 
-/// The group's transaction; the job ids of the acceptances it committed.
-async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSet<Uuid>, sqlx::Error> {
+/// What a group's transaction did with its acceptances, by job id.
+#[derive(Default)]
+struct GroupOutcome {
+    /// Committed: their keys claimed, their jobs and outbox rows written.
+    claimed: HashSet<Uuid>,
+    /// Left alone: their keys have an unexpired record.
+    recorded: HashSet<Uuid>,
+}
+
+/// The group's transaction.
+async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<GroupOutcome, sqlx::Error> {
     // The lock timeout set with BEGIN: one round trip, not two.
     let mut tx = pool.begin_with(format!("BEGIN; SET LOCAL lock_timeout = '{GROUP_LOCK_TIMEOUT_MS}ms'")).await?;
     let text = |field: fn(&Acceptance) -> &str| -> Vec<&str> { group.iter().map(|a| field(a)).collect() };
@@ -202,28 +220,35 @@ async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSe
     let statuses: Vec<i16> = group.iter().map(|a| a.response_status).collect();
     let bodies: Vec<&[u8]> = group.iter().map(|a| a.response_body.as_slice()).collect();
     let ttls: Vec<f64> = group.iter().map(|a| a.ttl_secs).collect();
-    // The keys, as the one-request path claims them (an expired record is
-    // taken over), and the jobs of the keys claimed, in one statement.
-    let claimed: Vec<Uuid> = sqlx::query_scalar(concat!(
+    // In one statement: the keys with an unexpired record, read without a
+    // lock and left alone; the others claimed as the one-request path claims
+    // them (an expired record is taken over); the jobs of the keys claimed.
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(concat!(
         "WITH batch AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::int2[], $6::bytea[],
                                   $7::text[], $8::float8[], $9::text[], $10::text[])
                  AS b(tenant, idempotency_key, fingerprint, job_id, response_status, response_body,
                       response_location, ttl_secs, correlation_id, command_type)
+         ), recorded AS (
+             SELECT b.job_id FROM batch b
+             JOIN idempotency_keys k ON k.tenant = b.tenant AND k.idempotency_key = b.idempotency_key
+             WHERE k.expires_at >= now()
          ), claimed AS (
              INSERT INTO idempotency_keys
                  (tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location,
                   expires_at)
              SELECT tenant, idempotency_key, fingerprint, job_id, response_status, response_body, response_location,
                     now() + make_interval(secs => ttl_secs)
-             FROM batch ",
+             FROM batch WHERE job_id NOT IN (SELECT job_id FROM recorded) ",
         claim_on_conflict!(),
         " RETURNING job_id
+         ), created AS (
+             INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status)
+             SELECT b.job_id, b.tenant, b.correlation_id, b.command_type, 'accepted'
+             FROM batch b JOIN claimed USING (job_id)
+             RETURNING job_id
          )
-         INSERT INTO jobs (job_id, tenant, correlation_id, command_type, status)
-         SELECT b.job_id, b.tenant, b.correlation_id, b.command_type, 'accepted'
-         FROM batch b JOIN claimed USING (job_id)
-         RETURNING job_id",
+         SELECT job_id, true FROM created UNION ALL SELECT job_id, false FROM recorded",
     ))
     .bind(&tenants)
     .bind(&keys)
@@ -237,7 +262,14 @@ async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSe
     .bind(&command_types)
     .fetch_all(&mut *tx)
     .await?;
-    let claimed: HashSet<Uuid> = claimed.into_iter().collect();
+    let (mut claimed, mut recorded) = (HashSet::new(), HashSet::new());
+    for (job_id, created) in rows {
+        if created {
+            claimed.insert(job_id)
+        } else {
+            recorded.insert(job_id)
+        };
+    }
     let messages: Vec<OutboxMessage> =
         group.iter().filter(|a| claimed.contains(&a.job_id)).map(|a| a.outbox.clone()).collect();
     onceflow_outbox::enqueue_all(&mut tx, &messages).await.map_err(|error| match error {
@@ -245,5 +277,5 @@ async fn claim_and_commit(pool: &PgPool, group: &[&Acceptance]) -> Result<HashSe
         other => sqlx::Error::Protocol(other.to_string()),
     })?;
     tx.commit().await?;
-    Ok(claimed)
+    Ok(GroupOutcome { claimed, recorded })
 }

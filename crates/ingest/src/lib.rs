@@ -11,6 +11,8 @@
 //! - [`group_commit`]: accepted commands committed many per transaction.
 //! - [`backpressure`]: refusing commands while the processor's backlog would
 //!   take too long to drain.
+//! - [`limits`]: each tenant's limits (rate, requests in flight, its share
+//!   of an overloaded processor), `429` beyond them.
 //! - [`error`]: every HTTP error as RFC 9457 problem+json.
 //! - [`openapi`]: the OpenAPI 3.1 document at `/openapi.json`.
 //! - [`config`]: settings and their defaults.
@@ -26,6 +28,7 @@ pub mod endpoints;
 pub mod error;
 pub mod group_commit;
 pub mod jobs;
+pub mod limits;
 pub mod maintenance;
 pub mod openapi;
 pub mod projection;
@@ -61,6 +64,8 @@ pub struct AppState {
     pub outbox_backlog: Arc<AtomicI64>,
     /// The processor's lag and drain rate, kept current by [`backpressure::watch`].
     pub processor_pressure: Arc<backpressure::ProcessorPressure>,
+    /// Each tenant's limits, its share kept current by [`limits::TenantLimits::watch`].
+    pub limits: Arc<limits::TenantLimits>,
     /// Where accepted commands go to be committed together.
     pub committer: group_commit::GroupCommitter,
     /// The command types accepted, and how each payload is checked.
@@ -147,6 +152,13 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     let processor_pressure = Arc::new(backpressure::ProcessorPressure::default());
     let probe = kafka::LagProbe::new(&config.kafka, &config.shed.processor_group, &topics.commands)?;
     tasks.spawn(backpressure::watch(probe, processor_pressure.clone(), shutdown.clone()));
+    let tenant_limits = Arc::new(limits::TenantLimits::new(
+        &config.submit_limits,
+        config.tenants.iter().map(|key| key.tenant.as_str()),
+        processor_pressure.clone(),
+        config.shed.clone(),
+    ));
+    tasks.spawn(tenant_limits.clone().watch(shutdown.clone()));
 
     let relay = Relay::new(pool.clone(), kafka::producer(&config.kafka)?, RelayConfig::default());
     tasks.spawn(vitals.watch("relay", &shutdown, relay.run(shutdown.clone())));
@@ -206,6 +218,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         config: Arc::new(config.clone()),
         outbox_backlog,
         processor_pressure,
+        limits: tenant_limits,
         committer: group_commit::GroupCommitter::start(&pool, &config.group_commit, &mut tasks, &vitals, &shutdown),
         openapi: serde_json::to_vec(&openapi::document_for(&command_types)).unwrap_or_default().into(),
         processor: jobs::ProcessorClient::new(&config.execution_status_url)?,

@@ -10,13 +10,40 @@ use subtle::ConstantTimeEq as _;
 
 use crate::problem::Problem;
 
+/// The fewest characters an admin token may have: the admin endpoints
+/// redrive dead letters, so a token must not be guessable.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 /// `[admin]` of a service's configuration.
 #[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "AdminSettings")]
 pub struct AdminConfig {
     /// Bearer token of the `/admin/*` endpoints; empty (the default) serves
-    /// none of them. Set it from a secret, e.g. `ONCEFLOW_ADMIN__TOKEN`.
-    #[serde(default)]
+    /// none of them. At least [`MIN_TOKEN_CHARS`] characters, refused at
+    /// start otherwise. Set it from a secret, e.g. `ONCEFLOW_ADMIN__TOKEN`.
     pub token: String,
+}
+
+/// `[admin]` as written, before it is checked.
+#[derive(serde::Deserialize)]
+struct AdminSettings {
+    #[serde(default)]
+    token: String,
+}
+
+impl TryFrom<AdminSettings> for AdminConfig {
+    type Error = String;
+
+    fn try_from(settings: AdminSettings) -> Result<Self, String> {
+        let chars = settings.token.chars().count();
+        if chars > 0 && chars < MIN_TOKEN_CHARS {
+            return Err(format!(
+                "admin.token has {chars} characters; it must have at least {MIN_TOKEN_CHARS} (or be empty, which \
+                 serves no admin endpoint): e.g. `openssl rand -hex 24`"
+            ));
+        }
+        Ok(Self { token: settings.token })
+    }
 }
 
 /// Whether `headers` carry `Authorization: Bearer <token>`. Compared in
@@ -55,6 +82,16 @@ impl ListQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_admin_token_is_refused_and_none_or_a_long_one_accepted() {
+        let parse = |json: &str| serde_json::from_str::<AdminConfig>(json).map(|admin| admin.token);
+        let error = parse(r#"{"token": "x"}"#).unwrap_err().to_string();
+        assert!(error.contains("admin.token has 1 characters") && error.contains("at least 16"), "{error}");
+        assert!(parse(r#"{"token": "fifteen-chars-x"}"#).is_err());
+        assert_eq!(parse(r#"{"token": "sixteen-chars-xx"}"#).unwrap(), "sixteen-chars-xx");
+        assert_eq!(parse("{}").unwrap(), "");
+    }
 
     #[test]
     fn only_the_exact_bearer_token_passes() {

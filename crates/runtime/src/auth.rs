@@ -47,6 +47,18 @@ impl ApiKeys {
                 bad.tenant
             )));
         }
+        let mut owners = HashMap::with_capacity(keys.len());
+        for key in keys {
+            if let Some(first) = owners.insert(key.api_key_sha256.to_ascii_lowercase(), &key.tenant) {
+                // One key, two entries: the last would silently win, and a
+                // key meant for one tenant would act for another.
+                return Err(crate::Error::Config(format!(
+                    "tenants: tenants {first:?} and {:?} have the same api_key_sha256; each API key must be \
+                     configured once",
+                    key.tenant
+                )));
+            }
+        }
         Ok(Self::new(keys))
     }
 
@@ -99,6 +111,9 @@ mod tests {
         let short = TenantKey { tenant: "acme".to_owned(), api_key_sha256: "abc".to_owned() };
         assert!(ApiKeys::configured(&[short]).unwrap_err().to_string().contains("\"acme\""));
         let fine = TenantKey { tenant: "acme".to_owned(), api_key_sha256: "0".repeat(64) };
-        assert!(ApiKeys::configured(&[fine]).is_ok());
+        assert!(ApiKeys::configured(std::slice::from_ref(&fine)).is_ok());
+        let again = TenantKey { tenant: "globex".to_owned(), api_key_sha256: "0".repeat(64) };
+        let error = ApiKeys::configured(&[fine, again]).unwrap_err().to_string();
+        assert!(error.contains("\"acme\" and \"globex\" have the same api_key_sha256"), "{error}");
     }
 }

@@ -47,6 +47,7 @@ pub const SERVICE_SETTINGS: &[&str] = &[
     "retry",
     "shed",
     "sse",
+    "submit_limits",
     "sweep_batch",
     "sweep_interval_secs",
     "telemetry",
@@ -151,10 +152,15 @@ fn describe(figment: &Figment, path: &[String]) -> String {
     }
 }
 
-/// The configuration as `onceflow-<service> config` prints it: secrets
-/// (every setting whose name says token, secret or password, e.g.
-/// `admin.token`, `webhooks.secrets`, Kafka's `sasl.password`, and a
-/// database URL's password) replaced by `<redacted>`.
+/// The configuration as `onceflow-<service> config` prints it, with every
+/// secret replaced by `<redacted>`: each setting whose name says token,
+/// secret, password, credential or private (`admin.token`,
+/// `webhooks.secrets`, Kafka's `sasl.password`,
+/// `sasl.oauthbearer.client.secret`), Kafka's other secret properties
+/// ([`SECRET_PROPERTIES`]), and in every URL (a database's, a proxy's, an
+/// OTLP collector's) the password of its user info and the value of every
+/// query parameter named like a secret (`?password=`, `?sslpassword=`,
+/// `?api_key=`).
 pub fn redacted<T: Serialize>(config: &T) -> Result<Value> {
     let mut value = serde_json::to_value(config).map_err(|e| Error::Config(e.to_string()))?;
     redact(&mut value);
@@ -163,28 +169,36 @@ pub fn redacted<T: Serialize>(config: &T) -> Result<Value> {
 
 const REDACTED: &str = "<redacted>";
 
-/// Whether a setting named `key` holds a secret (a number of seconds or
-/// milliseconds named after one does not).
+/// librdkafka properties that hold secrets without saying so in their name.
+pub const SECRET_PROPERTIES: &[&str] = &["ssl.key.pem", "sasl.oauthbearer.config"];
+
+/// Whether a setting or a URL query parameter named `key` holds a secret (a
+/// number of seconds or milliseconds named after one does not).
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["token", "secret", "password"].iter().any(|word| key.contains(word))
+    let named = ["token", "secret", "password", "credential", "private"].iter().any(|word| key.contains(word))
         && !key.ends_with("_secs")
-        && !key.ends_with("_ms")
+        && !key.ends_with("_ms");
+    named
+        || SECRET_PROPERTIES.contains(&key.as_str())
+        || ["key", "apikey", "api_key", "sig", "signature"].contains(&key.as_str())
 }
 
-/// Redact every non-empty string under a secret's key, and a URL's password.
+/// Redact every non-empty string under a secret's key, and the secrets of
+/// every URL.
 fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, value) in map.iter_mut() {
-                match value {
-                    _ if is_secret(key) => redact_all(value),
-                    Value::String(text) if key == "url" => *text = without_password(text),
-                    _ => redact(value),
+                if is_secret(key) {
+                    redact_all(value);
+                } else {
+                    redact(value);
                 }
             }
         }
         Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::String(text) if text.contains("://") => *text = without_secrets(text),
         _ => {}
     }
 }
@@ -198,18 +212,38 @@ fn redact_all(value: &mut Value) {
     }
 }
 
-/// `scheme://user:password@host/...` with the password redacted.
-fn without_password(url: &str) -> String {
+/// `scheme://user:password@host/path?password=x` with the password and the
+/// secret query parameters redacted; anything else as it was.
+fn without_secrets(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
         Some((credentials, host)) => match credentials.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:{REDACTED}@{host}{path}"),
-            None => url.to_owned(),
+            Some((user, _password)) => format!("{user}:{REDACTED}@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    let (before_fragment, fragment) = match tail.split_once('#') {
+        Some((before, fragment)) => (before, Some(fragment)),
+        None => (tail, None),
+    };
+    let tail = match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((name, _)) if is_secret(name) => format!("{name}={REDACTED}"),
+                    _ => parameter.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", parameters.join("&"))
+        }
+        None => before_fragment.to_owned(),
+    };
+    let fragment = fragment.map(|fragment| format!("#{fragment}")).unwrap_or_default();
+    format!("{scheme}://{authority}{tail}{fragment}")
 }
 
 /// Settings of the Kafka connection, shared by every service.
@@ -366,5 +400,28 @@ mod tests {
         assert_eq!(redacted["webhooks"]["secrets"]["dev"], serde_json::json!([REDACTED, REDACTED]));
         assert_eq!(redacted["tenants"][0]["api_key_sha256"], "abc", "a digest is no secret");
         assert_eq!(redacted["listen"], "127.0.0.1:1");
+    }
+
+    #[test]
+    fn secrets_in_urls_query_parameters_and_kafka_properties_are_redacted() {
+        let config = serde_json::json!({
+            "database": {"url": "postgres://db/x?user=onceflow&password=pw&sslmode=require"},
+            "telemetry": {"otlp_endpoint": "https://otel:collector-pw@collector.example:4318/v1/traces"},
+            "http": {"proxy": "http://proxy-user:proxy-pw@proxy:3128?api_key=k#frag"},
+            "kafka": {"client": {
+                "ssl.key.pem": "-----BEGIN PRIVATE KEY-----",
+                "sasl.oauthbearer.client.secret": "s",
+                "sasl.oauthbearer.config": "principal=admin extension_secret=x",
+                "ssl.certificate.pem": "-----BEGIN CERTIFICATE-----",
+            }},
+        });
+        let redacted = redacted(&config).unwrap();
+        assert_eq!(redacted["database"]["url"], "postgres://db/x?user=onceflow&password=<redacted>&sslmode=require");
+        assert_eq!(redacted["telemetry"]["otlp_endpoint"], "https://otel:<redacted>@collector.example:4318/v1/traces");
+        assert_eq!(redacted["http"]["proxy"], "http://proxy-user:<redacted>@proxy:3128?api_key=<redacted>#frag");
+        for property in ["ssl.key.pem", "sasl.oauthbearer.client.secret", "sasl.oauthbearer.config"] {
+            assert_eq!(redacted["kafka"]["client"][property], REDACTED, "{property}");
+        }
+        assert_eq!(redacted["kafka"]["client"]["ssl.certificate.pem"], "-----BEGIN CERTIFICATE-----");
     }
 }

@@ -12,6 +12,8 @@
 //!   and retry without bound), and the backoff of those waits (G8).
 //! - [`kafka`]: producer and consumer set-up, topic creation, envelope
 //!   headers, and the consume loop that ends, parks or waits on each record.
+//! - [`limits`]: per-tenant limits, one set for every tenant and what
+//!   differs for some.
 //! - [`parking`]: records a consumer could never apply, kept for an operator
 //!   (the `parked_records` table and its admin endpoints).
 //! - [`openapi`]: what every service's OpenAPI document shares.
@@ -39,6 +41,7 @@ pub mod http;
 pub mod hygiene;
 pub mod instruments;
 pub mod kafka;
+pub mod limits;
 pub mod openapi;
 pub mod parking;
 pub mod postgres;

@@ -176,7 +176,9 @@ pub async fn enable(pool: &PgPool, tenant: &str, id: Uuid, topic: &str) -> Resul
     let cause = Cause { correlation_id: Uuid::new_v4().to_string(), causation_id: None };
     publish(&mut tx, tenant, &endpoint, &cause, topic).await?;
     tx.commit().await?;
-    tracing::info!(endpoint_id = %id, tenant, url = %endpoint.url, "webhook endpoint enabled");
+    // The destination, not the URL, whose path or query may carry the tenant's secrets.
+    let destination = reqwest::Url::parse(&endpoint.url).ok().as_ref().and_then(onceflow_webhook::breaker::destination);
+    tracing::info!(endpoint_id = %id, tenant, destination = destination.as_deref(), "webhook endpoint enabled");
     metrics::counter!("onceflow_webhook_endpoint_changes_total", "to" => "enabled").increment(1);
     Ok(Enable::Enabled(endpoint))
 }

@@ -1,0 +1,123 @@
+//! `fair-share`: one tenant floods ingest while another submits at a calm
+//! rate; what each is answered, and the calm tenant's accept latency (from
+//! sending the request to its answer), which the flood must not raise.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::{sync::Semaphore, task::JoinSet};
+
+use crate::{Bench, histogram, millis, record};
+
+/// The most flood requests in flight at once: the load generator shares the
+/// machine with the services, so its own work is bounded; ticks with no
+/// place free are counted as `unsent`.
+const MAX_FLOOD_IN_FLIGHT: usize = 256;
+
+/// One tenant's answers: status → count, and the latency of each answer.
+#[derive(Default)]
+struct Answers {
+    statuses: HashMap<String, u64>,
+    latencies: Option<Histogram<u64>>,
+}
+
+impl Answers {
+    fn add(&mut self, status: String, took: Duration) {
+        *self.statuses.entry(status).or_default() += 1;
+        record(self.latencies.get_or_insert_with(histogram), took);
+    }
+
+    fn report(&self, sent_per_sec: f64) -> Value {
+        let latencies = self.latencies.clone().unwrap_or_else(histogram);
+        json!({
+            "sent_per_sec": sent_per_sec,
+            "statuses": self.statuses,
+            "p50_ms": millis(&latencies, 0.5),
+            "p99_ms": millis(&latencies, 0.99),
+            "max_ms": latencies.max() as f64 / 1000.0,
+        })
+    }
+}
+
+impl Bench {
+    /// The flood (this bench's tenant) at `flood_rate` per second and the
+    /// calm tenant (`calm`, a bench with the other tenant's key) at `rate`,
+    /// both open loop, for `duration`.
+    pub(crate) async fn fair_share(
+        &self,
+        calm: &Bench,
+        flood_rate: u64,
+        rate: u64,
+        duration: Duration,
+    ) -> anyhow::Result<Value> {
+        let flood = Arc::new(Mutex::new(Answers::default()));
+        let calm_answers = Arc::new(Mutex::new(Answers::default()));
+        let places = Arc::new(Semaphore::new(MAX_FLOOD_IN_FLIGHT));
+        let stop = Instant::now() + duration;
+        let mut unsent = 0u64;
+        let mut requests = JoinSet::new();
+
+        let calm_loop = {
+            let (calm, answers) = (calm.clone(), calm_answers.clone());
+            tokio::spawn(async move {
+                let mut calls = JoinSet::new();
+                let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+                while Instant::now() < stop {
+                    ticker.tick().await;
+                    let (calm, answers) = (calm.clone(), answers.clone());
+                    calls.spawn(async move {
+                        let sent = Instant::now();
+                        let status =
+                            calm.post(&calm.deposit()).await.map_or("error".to_owned(), |(s, _)| s.to_string());
+                        answers.lock().expect("answers").add(status, sent.elapsed());
+                    });
+                }
+                while calls.join_next().await.is_some() {}
+            })
+        };
+
+        // Ticks of 1 ms, each sending its share of the flood rate.
+        let mut ticker = tokio::time::interval(Duration::from_millis(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let started = Instant::now();
+        let mut due = 0.0;
+        let mut sent = 0u64;
+        while Instant::now() < stop {
+            ticker.tick().await;
+            due += flood_rate as f64 / 1000.0;
+            while due >= 1.0 {
+                due -= 1.0;
+                let Ok(place) = places.clone().try_acquire_owned() else {
+                    unsent += 1;
+                    continue;
+                };
+                sent += 1;
+                let (bench, answers) = (self.clone(), flood.clone());
+                requests.spawn(async move {
+                    let began = Instant::now();
+                    let status = bench.post(&bench.deposit()).await.map_or("error".to_owned(), |(s, _)| s.to_string());
+                    answers.lock().expect("answers").add(status, began.elapsed());
+                    drop(place);
+                });
+            }
+            // Reap what ended, so the set stays small.
+            while requests.try_join_next().is_some() {}
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        while requests.join_next().await.is_some() {}
+        calm_loop.await?;
+        let flood = flood.lock().expect("answers");
+        let calm_answers = calm_answers.lock().expect("answers");
+        let calm_sent: u64 = calm_answers.statuses.values().sum();
+        Ok(json!({"fair_share": {
+            "seconds": elapsed,
+            "flood": {"rate_asked": flood_rate, "unsent": unsent, "answers": flood.report(sent as f64 / elapsed)},
+            "calm": {"rate_asked": rate, "answers": calm_answers.report(calm_sent as f64 / elapsed)},
+        }}))
+    }
+}
