@@ -30,6 +30,7 @@ mod python_webhooks;
 mod redrive;
 mod relay;
 mod statement;
+mod stream_limits;
 mod stream_tokens;
 mod tls;
 mod tracing;

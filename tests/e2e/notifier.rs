@@ -130,6 +130,10 @@ async fn a_thousand_subscribers_each_receive_every_event_of_their_own_tenant() {
             ("ONCEFLOW_KAFKA__PARTITIONS", env.kafka.partitions.to_string()),
             ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
             ("ONCEFLOW_TENANTS", tenants),
+            // Each tenant opens 500 streams at once, all resuming: over the
+            // default limits (256 streams, 16 replays).
+            ("ONCEFLOW_STREAM_LIMITS__MAX_STREAMS", SUBSCRIBERS.to_string()),
+            ("ONCEFLOW_STREAM_LIMITS__MAX_REPLAYS", SUBSCRIBERS.to_string()),
             ("ONCEFLOW_TELEMETRY__LOG_FILTER", "warn".to_owned()),
         ],
         &log,

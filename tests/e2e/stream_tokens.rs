@@ -104,7 +104,7 @@ async fn a_token_opens_its_tenants_streams_and_a_job_token_only_its_job() {
 
     // Expired, altered, or the API key itself in the URL: 401, saying why.
     let tokens = StreamTokens::from_config(SECRET, onceflow_notifier::tokens::SETTING).unwrap().0;
-    let expired = tokens.issue(&Claims { tenant: "dev".to_owned(), job_id: None, exp: 1 });
+    let expired = tokens.issue(&Claims { tenant: "dev".to_owned(), job_id: None, exp: 1, epoch: 0 });
     // One character of the signature changed (not the last, whose low bits
     // base64 ignores).
     let cut = tenant_token.len() - 10;

@@ -7,8 +7,11 @@ use onceflow_runtime::{
     auth::TenantKey,
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
+    limits::PerTenant,
 };
 use onceflow_webhook::{Allowlist, BreakerPolicy, RetryPolicy, Secret};
+
+use crate::admission::StreamLimits;
 
 /// The defaults, which also document every setting.
 pub const DEFAULTS: &str = include_str!("../config/defaults.toml");
@@ -31,6 +34,8 @@ pub struct NotifierConfig {
     /// Timeouts and bounds of the HTTP port (see `onceflow_runtime::hygiene`).
     #[serde(default)]
     pub http: HttpLimits,
+    /// Each tenant's stream limits (see [`crate::admission`]).
+    pub stream_limits: PerTenant<StreamLimits>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -56,6 +61,9 @@ pub struct SseConfig {
     /// (CORS); empty: none, `"*"`: any.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Connections of the streams' own database pool (their start, their
+    /// catch-up, token epochs), apart from `database.max_connections`.
+    pub pool_connections: u32,
 }
 
 const MAX_TOKEN_TTL_SECS: u64 = 86_400;
@@ -77,6 +85,9 @@ impl SseConfig {
         // Short-lived is the point: a leaked token works until it expires.
         if self.token_max_ttl_secs > MAX_TOKEN_TTL_SECS {
             return Err(format!("sse.token_max_ttl_secs must be at most {MAX_TOKEN_TTL_SECS} (a day)"));
+        }
+        if self.pool_connections == 0 {
+            return Err("sse.pool_connections must be at least 1".to_owned());
         }
         crate::tokens::StreamTokens::from_config(&self.token_secret, crate::tokens::SETTING)?;
         crate::cors::layer(&self.cors_origins).map(drop)
@@ -126,6 +137,13 @@ impl WebhooksConfig {
     /// The active secrets of `tenant` (empty if it has none).
     pub fn secrets_of(&self, tenant: &str) -> &[Secret] {
         self.secrets.get(tenant).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl NotifierConfig {
+    /// The streams' own pool: `database` with `sse.pool_connections`.
+    pub fn stream_database(&self) -> DatabaseConfig {
+        DatabaseConfig { max_connections: self.sse.pool_connections, ..self.database.clone() }
     }
 }
 

@@ -17,7 +17,10 @@
 //! - [`store`]: the events table, each result once, numbered for resumption.
 //! - [`hub`]: tails the table and broadcasts to this instance's subscribers.
 //! - [`sse`]: the `GET /v1/events` and `GET /v1/jobs/{id}/events` streams.
+//! - [`access`]: who may open a stream, and until when.
+//! - [`admission`]: each tenant's stream limits (`[stream_limits]`).
 //! - [`tokens`]: `POST /v1/stream-tokens`, short-lived stream tokens for browsers.
+//! - [`revocation`]: `POST /v1/stream-tokens/revoke`, the tenants' token epochs.
 //! - [`cors`]: CORS of the streams and the token endpoint (`sse.cors_origins`).
 //! - [`live`]: the live view at `GET /live`.
 //! - [`webhooks`]: signed, retried webhook deliveries and their API.
@@ -27,11 +30,14 @@
 //! With `admin.token` set, the operator's `GET /admin/parked` and
 //! `POST /admin/parked/{id}/redrive` are served beside the API.
 
+pub mod access;
+pub mod admission;
 pub mod config;
 pub mod cors;
 pub mod hub;
 pub mod live;
 pub mod openapi;
+pub mod revocation;
 pub mod sse;
 pub mod store;
 pub mod tokens;
@@ -63,6 +69,11 @@ pub use config::NotifierConfig;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// The streams' own pool (see [`sse`]): what they read never takes a
+    /// connection the results consumer needs.
+    pub stream_pool: PgPool,
+    pub admission: admission::Admission,
+    pub epochs: revocation::Epochs,
     pub api_keys: ApiKeys,
     pub hub: hub::Hub,
     pub tokens: tokens::StreamTokens,
@@ -113,6 +124,7 @@ pub fn router(state: AppState, readiness: Vec<(&'static str, http::ReadinessChec
         .route("/v1/webhook-endpoints", get(webhooks::api::endpoints))
         .route("/v1/webhook-endpoints/{endpoint_id}", get(webhooks::api::endpoint))
         .route("/v1/webhook-endpoints/{endpoint_id}/enable", post(webhooks::api::enable_endpoint))
+        .route("/v1/stream-tokens/revoke", post(revocation::revoke))
         .route("/openapi.json", get(openapi::document))
         .with_state(state)
         .merge(http::probes(readiness))
@@ -124,6 +136,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     let api_keys = ApiKeys::configured(&config.tenants)?;
     config.webhooks.validate().map_err(onceflow_runtime::Error::Config)?;
     config.sse.validate().map_err(onceflow_runtime::Error::Config)?;
+    admission::validate(&config.stream_limits).map_err(onceflow_runtime::Error::Config)?;
     let (stream_tokens, secret_configured) =
         tokens::StreamTokens::from_config(&config.sse.token_secret, tokens::SETTING)
             .map_err(onceflow_runtime::Error::Config)?;
@@ -134,6 +147,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         );
     }
     let pool = postgres::prepare(&config.database, migrators()).await?;
+    let stream_pool = postgres::connect(&config.stream_database()).await?;
     let topics = config.kafka.topics();
     kafka::ensure_topics(&config.kafka, &[&topics.results]).await?;
     kafka::ensure_compacted_topics(&config.kafka, &[&topics.webhook_endpoints]).await?;
@@ -190,8 +204,18 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         shutdown.clone(),
     ));
 
+    let epochs = revocation::Epochs::default();
+    tasks.spawn(vitals.watch(
+        "token revocations",
+        &shutdown,
+        epochs.clone().run(config.database.url.clone(), shutdown.clone()),
+    ));
+
     let state = AppState {
         pool: pool.clone(),
+        stream_pool,
+        admission: admission::Admission::new(config.stream_limits.clone()),
+        epochs,
         api_keys,
         hub,
         tokens: stream_tokens,

@@ -11,7 +11,7 @@ use onceflow_runtime::{
 use utoipa::OpenApi;
 
 use crate::{
-    sse, tokens,
+    revocation, sse, tokens,
     webhooks::{
         api,
         endpoints::EndpointView,
@@ -31,6 +31,7 @@ use crate::{
         sse::tenant_events,
         sse::job_events,
         tokens::issue,
+        revocation::revoke,
         api::job_deliveries,
         api::delivery,
         api::redrive,
@@ -42,6 +43,7 @@ use crate::{
         ProblemDocument,
         tokens::TokenRequest,
         tokens::TokenResponse,
+        revocation::Revoked,
         DeliveryView,
         AttemptView,
         BreakerView,
@@ -82,6 +84,7 @@ mod tests {
             "/v1/events",
             "/v1/jobs/{job_id}/events",
             "/v1/stream-tokens",
+            "/v1/stream-tokens/revoke",
             "/v1/jobs/{job_id}/deliveries",
             "/v1/deliveries/{delivery_id}",
             "/v1/deliveries/{delivery_id}/redrive",

@@ -23,6 +23,14 @@
 //! id (so a job that already ended still shows its outcome), and at "now"
 //! otherwise. A `Last-Event-ID` older than the retention mark gets a
 //! `stream.gap` event first, naming what is no longer retained.
+//!
+//! Opening is checked by [`crate::access`]: the credential, the tenant's
+//! stream limits (`429` beyond one), a token's revocation. A stream opened
+//! with a stream token ends when the token expires or is revoked, with a
+//! `stream.closed` event saying which and the id to resume after (with a new
+//! token). Every read of a stream (its start, its catch-up) goes through the
+//! streams' own pool (`sse.pool_connections`), never the pool the results
+//! consumer stores events with, so no number of streams can starve it.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -35,12 +43,14 @@ use axum::{
     },
 };
 use futures::Stream;
-use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, problem::Problem, telemetry};
+use onceflow_runtime::{openapi::ProblemDocument, problem::Problem, telemetry};
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use crate::{
     AppState,
+    access::{self, Access, Opened},
+    admission::Admitted,
     store::{self, Filter, StoredEvent},
 };
 
@@ -74,8 +84,10 @@ pub struct StreamQuery {
     responses(
         (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "No or unknown API key, an invalid or expired stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key, an invalid, expired or revoked stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "A job-scoped stream token asking for another job", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "A stream limit of the tenant or the token is reached (`limit` names it: max_streams, max_streams_per_token, max_replays); retry after `Retry-After`", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable; retry", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn tenant_events(
@@ -86,10 +98,11 @@ pub async fn tenant_events(
     let access = authenticate(&state, &headers, &query)?;
     let job_id = query.job_id.as_deref().map(parse_job_id).transpose()?;
     // A job-scoped token sees its job only, named or not.
-    let job_id = access.admit(job_id)?.or(access.job_id);
-    let filter = Filter { tenant: access.tenant, job_id, correlation_id: query.correlation_id.clone() };
+    let job_id = access.scope(job_id)?.or(access.job_id);
+    let filter = Filter { tenant: access.tenant.clone(), job_id, correlation_id: query.correlation_id.clone() };
     let after = last_event_id(&headers, &query)?;
-    Ok(sse(&state, event_stream(state.clone(), filter, after, false)))
+    let opened = access.open(&state, replays(&filter, after)).await?;
+    Ok(sse(&state, event_stream(state.clone(), filter, after, false, opened)))
 }
 
 /// One job's events as Server-Sent Events; the stream ends after the job's
@@ -107,8 +120,10 @@ pub async fn tenant_events(
     responses(
         (status = 200, description = "`text/event-stream`: `retry:` first, then one event per result (`id:` its sequence number, `event:` e.g. `job.succeeded`, `data:` the result event as JSON), `stream.gap` / `stream.lagged` when events were missed, heartbeat comments while idle", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed job id or Last-Event-ID", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "No or unknown API key, an invalid or expired stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key, an invalid, expired or revoked stream token, or an API key in the URL", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "A job-scoped stream token of another job", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "A stream limit of the tenant or the token is reached (`limit` names it: max_streams, max_streams_per_token, max_replays); retry after `Retry-After`", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable; retry", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn job_events(
@@ -118,10 +133,17 @@ pub async fn job_events(
     Query(query): Query<StreamQuery>,
 ) -> Result<impl IntoResponse, Problem> {
     let access = authenticate(&state, &headers, &query)?;
-    let job_id = access.admit(Some(parse_job_id(&job_id)?))?;
-    let filter = Filter { tenant: access.tenant, job_id, correlation_id: None };
+    let job_id = access.scope(Some(parse_job_id(&job_id)?))?;
+    let filter = Filter { tenant: access.tenant.clone(), job_id, correlation_id: None };
     let after = last_event_id(&headers, &query)?;
-    Ok(sse(&state, event_stream(state.clone(), filter, after, true)))
+    let opened = access.open(&state, replays(&filter, after)).await?;
+    Ok(sse(&state, event_stream(state.clone(), filter, after, true, opened)))
+}
+
+/// Whether a stream catches up from stored events before it goes live:
+/// resuming, or replaying a job's or a correlation id's from the start.
+fn replays(filter: &Filter, after: Option<i64>) -> bool {
+    after.is_some() || filter.job_id.is_some() || filter.correlation_id.is_some()
 }
 
 fn sse<S>(state: &AppState, stream: S) -> impl IntoResponse + use<S>
@@ -137,20 +159,21 @@ fn event_stream(
     filter: Filter,
     after: Option<i64>,
     end_on_terminal: bool,
+    opened: Opened,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
         // Counted while the stream lives: dropped with it when the client goes.
         let _open = OpenStream::new();
+        let Opened { admitted: Admitted { streams: _slots, replay }, mut end } = opened;
         // Subscribe first: anything committed from here on reaches us live,
         // anything before is in the catch-up query.
         let mut live = state.hub.subscribe();
         yield Ok(Event::default().retry(Duration::from_millis(state.config.sse.reconnect_ms)));
 
-        let replay_from_start = filter.job_id.is_some() || filter.correlation_id.is_some();
         let mut last = match after {
             Some(after) => after,
-            None if replay_from_start => 0,
-            None => match store::latest_seq(&state.pool).await {
+            None if replay.is_some() => 0,
+            None => match store::latest_seq(&state.stream_pool).await {
                 Ok(seq) => seq,
                 Err(error) => {
                     tracing::warn!(%error, "cannot start stream");
@@ -162,7 +185,7 @@ fn event_stream(
         // Resuming from an id whose successors may have been pruned: say so,
         // rather than silently skipping what is gone.
         if let Some(after) = after {
-            match store::pruned_through(&state.pool).await {
+            match store::pruned_through(&state.stream_pool).await {
                 Ok(pruned) if after < pruned => {
                     let data = serde_json::json!({
                         "reason": "events after the requested Last-Event-ID are no longer retained",
@@ -181,7 +204,11 @@ fn event_stream(
 
         let mut last_was_terminal = false;
         loop {
-            let page = match store::events_after(&state.pool, &filter, last, CATCH_UP_PAGE).await {
+            if let Some(ending) = end.as_ref().and_then(access::TokenEnd::reached_now) {
+                yield Ok(closed(ending, last));
+                return;
+            }
+            let page = match store::events_after(&state.stream_pool, &filter, last, CATCH_UP_PAGE).await {
                 Ok(page) => page,
                 Err(error) => {
                     tracing::warn!(%error, "catch-up failed; the client will resume");
@@ -198,6 +225,8 @@ fn event_stream(
                 break;
             }
         }
+        // Caught up: another of the tenant's streams may catch up now.
+        drop(replay);
         // Everything stored is sent: a job whose latest event is terminal has
         // ended, as far as anything is known.
         if end_on_terminal && last_was_terminal {
@@ -207,6 +236,10 @@ fn event_stream(
         loop {
             let received = tokio::select! {
                 () = state.shutdown.cancelled() => return,
+                ending = access::ended(&mut end) => {
+                    yield Ok(closed(ending, last));
+                    return;
+                }
                 received = live.recv() => received,
             };
             match received {
@@ -228,6 +261,16 @@ fn event_stream(
             }
         }
     }
+}
+
+/// The last event of a stream whose token ended: why, and where to resume.
+fn closed(ending: access::Ending, last: i64) -> Event {
+    let data = serde_json::json!({
+        "reason": ending.reason(),
+        "resume_after": last,
+        "detail": "resume with Last-Event-ID and a new stream token",
+    });
+    Event::default().event("stream.closed").data(data.to_string())
 }
 
 /// One open stream in the `onceflow_sse_connections` gauge, for as long as
@@ -269,52 +312,9 @@ fn to_sse(event: &StoredEvent) -> Event {
     event.frame.clone()
 }
 
-/// Who opens a stream, and which job only, if a token says so.
-struct Access {
-    tenant: String,
-    job_id: Option<Uuid>,
-}
-
-impl Access {
-    /// `wanted` (a job the request names, if any) if this access may see it.
-    fn admit(&self, wanted: Option<Uuid>) -> Result<Option<Uuid>, Problem> {
-        match (self.job_id, wanted) {
-            (Some(scope), Some(wanted)) if scope != wanted => Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "token-scope",
-                "Outside the token's scope",
-                format!("this stream token opens only the streams of job {scope}"),
-            )),
-            _ => Ok(wanted),
-        }
-    }
-}
-
 /// The token in `?token=`, else the API key in the `Authorization` header.
 fn authenticate(state: &AppState, headers: &HeaderMap, query: &StreamQuery) -> Result<Access, Problem> {
-    if query.access_token.is_some() {
-        return Err(Problem::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Unauthorized",
-            "the API key is not accepted in a URL (proxies log URLs): send it in the Authorization header, or \
-             get a short-lived stream token with POST /v1/stream-tokens and pass it as ?token=",
-        ));
-    }
-    if let Some(token) = &query.token {
-        let claims: crate::tokens::Claims =
-            state.tokens.verify(token, chrono::Utc::now().timestamp()).map_err(|error| {
-                Problem::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "Unauthorized",
-                    format!("stream token: {error}; get a new one"),
-                )
-            })?;
-        return Ok(Access { tenant: claims.tenant, job_id: claims.job_id });
-    }
-    let Tenant(tenant) = state.api_keys.authenticate(headers).ok_or_else(Problem::unauthorized)?;
-    Ok(Access { tenant, job_id: None })
+    Access::authenticate(state, headers, query.token.as_deref(), query.access_token.is_some())
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, Problem> {

@@ -5,18 +5,22 @@
 //! streams (or only that job's) until it expires, and nothing else.
 //!
 //! A token is self-contained ([`onceflow_runtime::signed_tokens`]): claims
-//! `{"tenant", "job_id", "exp"}` signed under the notifier's secret
-//! (`sse.token_secret`).
+//! `{"tenant", "job_id", "exp", "epoch"}` signed under the notifier's secret
+//! (`sse.token_secret`). `epoch` is the tenant's token epoch when it was
+//! issued: revoking moves the epoch on and so ends every older token
+//! ([`crate::revocation`]). A stream opened with a token ends when it
+//! expires or is revoked.
 //!
 //! `POST /v1/stream-tokens` (API key in the `Authorization` header) issues
 //! them: only the SSE endpoints accept a token, and a token cannot get
-//! another.
+//! another. The key is checked before the body is read, so a caller without
+//! one cannot hold the request open by sending its body slowly.
 
 use axum::{
     Json,
-    extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::IntoResponse,
+    extract::{OptionalFromRequest, Request, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use onceflow_runtime::{
     openapi::ProblemDocument,
@@ -35,6 +39,10 @@ pub struct Claims {
     pub job_id: Option<Uuid>,
     /// Expiry, Unix seconds.
     pub exp: i64,
+    /// The tenant's token epoch when issued (tokens from before revocation
+    /// existed carry none: epoch 0).
+    #[serde(default)]
+    pub epoch: i64,
 }
 
 impl Expiring for Claims {
@@ -48,6 +56,12 @@ pub const SETTING: &str = "sse.token_secret";
 
 /// Stream tokens are signed tokens with [`Claims`].
 pub type StreamTokens = SignedTokens;
+
+/// What tells one token from another (its signature), for counting the
+/// streams open with it; `token` has been verified.
+pub fn identity(token: &str) -> &str {
+    token.rsplit_once('.').map_or(token, |(_, tag)| tag)
+}
 
 /// The body of `POST /v1/stream-tokens`; optional, like each field.
 #[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
@@ -83,16 +97,31 @@ pub struct TokenResponse {
     responses(
         (status = 200, description = "The token", body = TokenResponse),
         (status = 400, description = "Malformed body, job id or lifetime", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 401, description = "No or unknown API key in the Authorization header", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown API key in the Authorization header (answered before the body is read)", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable; retry", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-pub async fn issue(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    request: Option<Json<TokenRequest>>,
+pub async fn issue(State(state): State<AppState>, request: Request) -> Result<Response, Response> {
+    // The key first: the body is read only for a known tenant.
+    let tenant =
+        state.api_keys.authenticate(request.headers()).ok_or_else(|| Problem::unauthorized().into_response())?;
+    let body = <Json<TokenRequest> as OptionalFromRequest<AppState>>::from_request(request, &state)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let body = body.map(|Json(body)| body).unwrap_or_default();
+    let epoch = crate::revocation::current(&state.stream_pool, &tenant.0)
+        .await
+        .map_err(|error| crate::revocation::unavailable(&error).into_response())?;
+    token_for(&state, tenant.0, &body, epoch).map(IntoResponse::into_response).map_err(IntoResponse::into_response)
+}
+
+/// The token `request` asks for, of `tenant` at `epoch`.
+fn token_for(
+    state: &AppState,
+    tenant: String,
+    request: &TokenRequest,
+    epoch: i64,
 ) -> Result<impl IntoResponse, Problem> {
-    let tenant = state.api_keys.authenticate(&headers).ok_or_else(Problem::unauthorized)?;
-    let request = request.map(|Json(request)| request).unwrap_or_default();
     let sse = &state.config.sse;
     let ttl = request.ttl_secs.unwrap_or(sse.token_ttl_secs);
     if ttl == 0 || ttl > sse.token_max_ttl_secs {
@@ -118,7 +147,7 @@ pub async fn issue(
         })
         .transpose()?;
     let expires_at = chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
-    let claims = Claims { tenant: tenant.0, job_id, exp: expires_at.timestamp() };
+    let claims = Claims { tenant, job_id, exp: expires_at.timestamp(), epoch };
     let body = TokenResponse {
         token: state.tokens.issue(&claims),
         tenant: claims.tenant,
@@ -144,7 +173,7 @@ mod tests {
     }
 
     fn claims(job_id: Option<Uuid>) -> Claims {
-        Claims { tenant: "dev".to_owned(), job_id, exp: 1_000 }
+        Claims { tenant: "dev".to_owned(), job_id, exp: 1_000, epoch: 0 }
     }
 
     #[test]
@@ -165,7 +194,7 @@ mod tests {
             (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
         };
         // Another tenant, a later expiry, under the original tag.
-        let forged_claims = Claims { tenant: "other".to_owned(), job_id: None, exp: i64::MAX };
+        let forged_claims = Claims { tenant: "other".to_owned(), job_id: None, exp: i64::MAX, epoch: 0 };
         let forged_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap());
         assert_eq!(tokens().verify::<Claims>(&format!("v1.{forged_body}.{tag}"), 0), Err(TokenError::BadSignature));
         // One flipped character of the tag.

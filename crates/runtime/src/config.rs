@@ -47,6 +47,7 @@ pub const SERVICE_SETTINGS: &[&str] = &[
     "retry",
     "shed",
     "sse",
+    "stream_limits",
     "submit_limits",
     "sweep_batch",
     "sweep_interval_secs",
