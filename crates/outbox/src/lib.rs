@@ -14,9 +14,13 @@
 //! - Delivery is at least once: a relay that dies after publishing and before
 //!   deleting publishes those rows again, with the same `message-id`, and
 //!   consumers dedup on it.
-//! - Order per key is kept: one relay is active per database (a PostgreSQL
-//!   advisory lock; others stand by), it reads rows in commit-id order, and the
-//!   idempotent producer keeps each partition's order across its retries.
+//! - Order per key is kept whatever fails: one relay is active per database
+//!   (a PostgreSQL advisory lock; others stand by), it reads rows in commit-id
+//!   order, and it hands a key's next row to the producer only once the
+//!   previous one is acknowledged, so a failed row holds back its key's later
+//!   rows, not other keys' (see `relay`'s docs).
+//! - A row the broker refuses for good is moved to `onceflow_outbox_parked`
+//!   for an operator; an outage only makes the relay wait.
 //! - The relay wakes on `LISTEN/NOTIFY` and polls only as a fallback for a
 //!   lost notification.
 
@@ -36,6 +40,8 @@ pub fn migrator() -> Migrator {
 pub enum Error {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Rows left in the outbox for the next round: each failed, or waits
+    /// behind a failed row of its key.
     #[error("{count} outbox messages were not acknowledged by the broker")]
     Undelivered { count: usize },
     /// The relay's lease (its advisory lock session) is gone or unverifiable:

@@ -9,7 +9,53 @@
 //! still answers, and `pg_locks` still shows this session granted the lock),
 //! and stops leading at once when it does not: at most the batch in flight
 //! when the lease was lost can also be published by the next leader, and
-//! consumers dedup it by `message-id`.
+//! consumers dedup it by `message-id`. (The old leader may go on handing over
+//! that batch's rows for a while, key by key as below; each leader publishes
+//! a key's rows in order, so the first copy of each record is still in
+//! order, whatever the interleaving.)
+//!
+//! # Per-key order whatever fails
+//!
+//! A key's rows must reach the topic in outbox-id order (G9). The idempotent
+//! producer keeps a partition's records in order across its own retries, but
+//! not across a record it gives up on: a record that times out
+//! (`message.timeout.ms`) or that the broker refuses can be followed by a later
+//! record of the same partition that is acknowledged (librdkafka documents
+//! these gaps), and republishing the failed row afterwards cannot put it back
+//! in front. So a round never hands the producer a key's next row while an
+//! earlier row of that key is unacknowledged: the batch is split into one
+//! chain per (topic, key), in id order, and the chains run side by side, each
+//! handing over its next row when the previous one is acknowledged. A row
+//! that fails stops its chain; it and its key's later rows stay in the outbox
+//! and are published, in order, in a later round. Rows without a key promise
+//! no order and are chains of their own.
+//!
+//! The ordinary batch (many keys, a few rows each) is still handed over
+//! almost whole at once: every chain's first row goes to the producer
+//! together, and the batch costs as many round trips to the broker as its
+//! longest chain has rows. Only a key with many rows waiting pays for them
+//! one round trip each, which is the price of its order.
+//!
+//! Other levers were weighed and left. librdkafka's
+//! `enable.gapless.guarantee` does not cover timed-out records and turns a gap
+//! into a fatal error of the whole producer, which the processor shares. A
+//! producer that never times records out (`message.timeout.ms` 0) would still
+//! leave refused records as gaps, and would make a round wait without bound,
+//! with neither the lease nor shutdown checked meanwhile. So the producer
+//! keeps its finite timeout: during an outage every round fails after it, the
+//! relay keeps the rows and tries again (it waits for the broker, and
+//! dead-letters nothing), and the lease is verified before each round.
+//!
+//! Errors are of two kinds (G8). An outage, a timeout or a topic-wide
+//! refusal (permissions, an unknown topic) is retried, as above, however
+//! long it lasts. A record the broker or librdkafka refuses for what it is
+//! (invalid, corrupt, too large, a bad timestamp) would be refused forever
+//! and would hold up its key's later rows for good (and, once they filled a
+//! batch, everyone's): such a row ends at once, moved with its error to
+//! `onceflow_outbox_parked` for an operator (`onceflow_outbox_parked_total`
+//! counts them), and its chain goes on with the key's next row. That row
+//! never reached the topic, so what follows it is still in order; an
+//! operator who puts it back into the outbox has it published after them.
 //!
 //! Each row published is an OpenTelemetry PRODUCER span (`send <topic>`, the
 //! messaging conventions' attributes, the partition and offset once the
@@ -17,12 +63,16 @@
 //! with. The record's `traceparent` names that span, not the writer's, so
 //! whoever consumes the record becomes the publish's child.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    time::Duration,
+};
 
 use futures::future::join_all;
 use onceflow_contracts::envelope::{CORRELATION_ID, MESSAGE_ID, TRACEPARENT, TRACESTATE};
 use onceflow_runtime::telemetry;
 use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
@@ -179,18 +229,45 @@ impl Relay {
         }
     }
 
-    /// Publish up to one batch; returns how many rows were published.
-    /// Only called right after [`verify_lease`].
+    /// Publish up to one batch, one chain per key (see the module docs);
+    /// returns how many rows it read. Only called right after
+    /// [`verify_lease`].
     async fn publish_batch(&self) -> Result<usize> {
         let rows = self.read_batch().await?;
         if rows.is_empty() {
             return Ok(0);
         }
-        // Hand every record to the producer first, then wait for the
-        // acknowledgements: the broker sees the batch pipelined, in order.
-        let spans: Vec<tracing::Span> = rows.iter().map(Row::producer_span).collect();
-        let deliveries = rows.iter().zip(&spans).map(|(row, span)| {
-            let headers = row.headers_naming(span).into_iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+        let outcomes = join_all(chains(&rows).into_iter().map(|chain| self.publish_chain(chain))).await;
+        let mut published = Vec::with_capacity(rows.len());
+        let (mut parked, mut errors, mut kept) = (Vec::new(), Vec::new(), 0);
+        for outcome in outcomes {
+            published.extend(outcome.published);
+            for (id, error) in outcome.parked {
+                parked.push(id);
+                errors.push(error);
+            }
+            kept += outcome.kept;
+        }
+        sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)").bind(&published).execute(&self.pool).await?;
+        metrics::counter!("onceflow_outbox_published_total").increment(published.len() as u64);
+        if !parked.is_empty() {
+            self.park(&parked, &errors).await?;
+        }
+        if kept > 0 {
+            return Err(crate::Error::Undelivered { count: kept });
+        }
+        tracing::debug!(count = published.len(), parked = parked.len(), "outbox batch published");
+        Ok(rows.len())
+    }
+
+    /// Publish `chain`, one key's rows in id order, each only once the
+    /// previous one is acknowledged (or parked); stops at the first row that
+    /// may still succeed later, keeping it and the rest.
+    async fn publish_chain(&self, chain: Vec<&Row>) -> ChainOutcome {
+        let mut outcome = ChainOutcome { published: Vec::new(), parked: Vec::new(), kept: 0 };
+        for (done, row) in chain.iter().enumerate() {
+            let span = row.producer_span();
+            let headers = row.headers_naming(&span).into_iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
                 headers.insert(Header { key, value: Some(value.as_bytes()) })
             });
             let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers);
@@ -198,38 +275,59 @@ impl Relay {
                 record = record.key(key);
             }
             // Waits (up to the timeout) while librdkafka's bounded queue is full.
-            self.producer.send(record, Duration::from_secs(30)).instrument(span.clone())
-        });
-        let outcomes = join_all(deliveries).await;
-        let mut published = Vec::with_capacity(rows.len());
-        for ((row, span), outcome) in rows.iter().zip(&spans).zip(outcomes) {
+            let delivery = self.producer.send(record, Duration::from_secs(30)).instrument(span.clone()).await;
+            // The publish span ends with this iteration, at the
+            // acknowledgement, before the row's deletion (the relay's work).
             let _in_span = span.enter();
-            match outcome {
+            match delivery {
                 Ok(delivery) => {
                     span.record("messaging.destination.partition.id", delivery.partition.to_string());
                     span.record("messaging.kafka.offset", delivery.offset);
-                    published.push(row.id);
+                    outcome.published.push(row.id);
                     metrics::histogram!("onceflow_outbox_commit_to_publish_seconds").record(row.age.as_secs_f64());
                 }
-                // The idempotent producer fails every later record of the same
-                // partition too, so keeping this row keeps the key's order.
                 Err((error, _)) => {
                     span.record("otel.status_code", "ERROR");
                     span.record("otel.status_message", error.to_string());
-                    tracing::warn!(%error, id = row.id, topic = %row.topic, "publish failed; will retry");
+                    if refused_for_good(&error) {
+                        tracing::error!(
+                            %error,
+                            id = row.id,
+                            topic = %row.topic,
+                            "the broker refuses this outbox row for good; parked for an operator"
+                        );
+                        outcome.parked.push((row.id, error.to_string()));
+                        continue;
+                    }
+                    tracing::warn!(
+                        %error,
+                        id = row.id,
+                        topic = %row.topic,
+                        held_back = chain.len() - done - 1,
+                        "publish failed; it and its key's later rows will be retried"
+                    );
+                    outcome.kept = chain.len() - done;
+                    break;
                 }
             }
         }
-        // The publish spans end here, at the acknowledgement, before the rows'
-        // deletion (which is the relay's, not the publish's).
-        drop(spans);
-        sqlx::query("DELETE FROM onceflow_outbox WHERE id = ANY($1)").bind(&published).execute(&self.pool).await?;
-        metrics::counter!("onceflow_outbox_published_total").increment(published.len() as u64);
-        if published.len() < rows.len() {
-            return Err(crate::Error::Undelivered { count: rows.len() - published.len() });
-        }
-        tracing::debug!(count = published.len(), "outbox batch published");
-        Ok(published.len())
+        outcome
+    }
+
+    /// Move the rows `ids` (refused with `errors`) to `onceflow_outbox_parked`.
+    async fn park(&self, ids: &[i64], errors: &[String]) -> Result<()> {
+        sqlx::query(
+            "WITH parked AS (DELETE FROM onceflow_outbox WHERE id = ANY($1) RETURNING *)
+             INSERT INTO onceflow_outbox_parked (id, topic, message_key, payload, headers, created_at, error)
+             SELECT parked.id, topic, message_key, payload, headers, created_at, refusal.error
+             FROM parked JOIN unnest($1::bigint[], $2::text[]) AS refusal(id, error) USING (id)",
+        )
+        .bind(ids)
+        .bind(errors)
+        .execute(&self.pool)
+        .await?;
+        metrics::counter!("onceflow_outbox_parked_total").increment(ids.len() as u64);
+        Ok(())
     }
 
     async fn read_batch(&self) -> Result<Vec<Row>> {
@@ -256,6 +354,55 @@ impl Relay {
             })
             .collect()
     }
+}
+
+/// What became of one chain's rows.
+struct ChainOutcome {
+    published: Vec<i64>,
+    /// Refused for good, with the error: moved to `onceflow_outbox_parked`.
+    parked: Vec<(i64, String)>,
+    /// Rows left in the outbox for a later round: the one that failed and
+    /// its key's rows after it.
+    kept: usize,
+}
+
+/// `rows` (in id order) split into one chain per (topic, key), each in id
+/// order, the chains in the order of their first rows; a row without a key
+/// is a chain of its own.
+fn chains(rows: &[Row]) -> Vec<Vec<&Row>> {
+    let mut chains: Vec<Vec<&Row>> = Vec::new();
+    let mut by_key: HashMap<(&str, &str), usize> = HashMap::new();
+    for row in rows {
+        let Some(key) = &row.key else {
+            chains.push(vec![row]);
+            continue;
+        };
+        match by_key.entry((row.topic.as_str(), key.as_str())) {
+            Entry::Occupied(chain) => chains[*chain.get()].push(row),
+            Entry::Vacant(slot) => {
+                slot.insert(chains.len());
+                chains.push(vec![row]);
+            }
+        }
+    }
+    chains
+}
+
+/// Whether `error` refuses the record itself, so that publishing it again
+/// can never succeed (rather than the broker being unreachable, slow, or
+/// refusing the whole topic for now).
+fn refused_for_good(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BadMessage
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidTimestamp
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }
 
 /// Whether `lock`, the leader's lock connection, still holds the lease: it
