@@ -134,3 +134,31 @@ async fn readiness_is_answered_from_a_cached_report() {
     outside.close().await;
     env.teardown().await;
 }
+
+/// Issue 22: with `http.operator_listen` set, every service answers its
+/// probes and metrics there only; its API address answers them `404` (what
+/// they show is no client's business) and keeps serving the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_metrics_move_to_the_operator_address() {
+    let mut env = TestEnv::new();
+    let operator = "127.0.0.1:0".to_owned();
+    let ingest = env.start_ingest_with(|config| config.http.operator_listen = operator.clone()).await;
+    let processor = env.start_processor_with(|config| config.http.operator_listen = operator.clone()).await;
+    let notifier = env.start_notifier_with(|config| config.http.operator_listen = operator.clone()).await;
+    let accepted = IngestClient::new(&ingest)
+        .submit("operator-port", &json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 1}}))
+        .await;
+    assert_eq!(accepted.status, 202, "the API is served on its own address");
+    for service in [&ingest, &processor, &notifier] {
+        let operator = service.running.operator_addr.expect("an operator address");
+        for path in ["/livez", "/readyz", "/metrics"] {
+            let public = reqwest::get(service.url(path)).await.expect("the API address answers");
+            assert_eq!(public.status(), 404, "{path} on the API address");
+            let probe = reqwest::get(format!("http://{operator}{path}")).await.expect("the operator address answers");
+            assert_ne!(probe.status(), 404, "{path} on the operator address");
+        }
+        let elsewhere = reqwest::get(format!("http://{operator}/openapi.json")).await.expect("answers");
+        assert_eq!(elsewhere.status(), 404, "the operator address serves only the probes");
+    }
+    env.teardown().await;
+}

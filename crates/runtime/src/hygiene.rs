@@ -66,6 +66,12 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Requests handled at once; beyond, `503` + `Retry-After: 1`.
     pub max_concurrent_requests: usize,
+    /// A second address for the operator's probes (`/livez`, `/readyz`,
+    /// `/metrics`); when set, the API address serves none of them, so what
+    /// they show (dependencies, destinations, internal addresses) is never on
+    /// a port clients reach, and a port full of clients never hides them.
+    /// Empty: the probes are served on the API address.
+    pub operator_listen: String,
 }
 
 impl Default for HttpLimits {
@@ -75,6 +81,7 @@ impl Default for HttpLimits {
             request_timeout_ms: 30_000,
             max_connections: 4096,
             max_concurrent_requests: 512,
+            operator_listen: String::new(),
         }
     }
 }
@@ -90,7 +97,7 @@ impl HttpLimits {
 }
 
 /// Paths never shed: an orchestrator must tell "busy" from "dead".
-const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/metrics"];
+pub(crate) const PROBE_PATHS: [&str; 3] = ["/livez", "/readyz", "/metrics"];
 
 /// The largest error body kept as a problem's `detail`.
 const MAX_DETAIL_BYTES: usize = 1024;
