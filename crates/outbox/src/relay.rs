@@ -48,11 +48,11 @@
 //!
 //! Errors are of two kinds (G8). An outage, a timeout or a topic-wide
 //! refusal (permissions, an unknown topic) is retried, as above, however
-//! long it lasts. A record the broker or librdkafka refuses for what it is
-//! (invalid, corrupt, too large, a bad timestamp) would be refused forever
-//! and would hold up its key's later rows for good (and, once they filled a
-//! batch, everyone's): such a row ends at once, moved with its error to
-//! `onceflow_outbox_parked` for an operator (`onceflow_outbox_parked_total`
+//! long it lasts. A record the broker or librdkafka refuses for what the row
+//! holds (an invalid record, one too large for the topic) would be refused
+//! forever and would hold up its key's later rows for good (and, once they
+//! filled a batch, everyone's): such a row ends at once, moved with its error
+//! to `onceflow_outbox_parked` for an operator (`onceflow_outbox_parked_total`
 //! counts them), and its chain goes on with the key's next row. That row
 //! never reached the topic, so what follows it is still in order; an
 //! operator who puts it back into the outbox has it published after them.
@@ -388,20 +388,15 @@ fn chains(rows: &[Row]) -> Vec<Vec<&Row>> {
     chains
 }
 
-/// Whether `error` refuses the record itself, so that publishing it again
-/// can never succeed (rather than the broker being unreachable, slow, or
-/// refusing the whole topic for now).
+/// Whether `error` refuses the record for what the row holds, so that
+/// publishing it again can never succeed. Anything else may pass another
+/// time: the broker unreachable, slow, or refusing the whole topic for now,
+/// and refusals of what the producer makes afresh for each attempt (a
+/// checksum, a timestamp from a skewed clock).
 fn refused_for_good(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::BadMessage
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidTimestamp
-                | RDKafkaErrorCode::InvalidRecord
-        )
+        Some(RDKafkaErrorCode::BadMessage | RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord)
     )
 }
 
