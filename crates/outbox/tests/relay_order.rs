@@ -198,6 +198,40 @@ async fn a_record_refused_for_good_is_parked_and_its_key_goes_on() {
     drop_database(pool, &server, &name).await;
 }
 
+/// The broker is down while rows wait, longer than the producer's message
+/// timeout (shortened here): the relay only waits. Once the broker is back,
+/// every row is published, in order, and none is parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_only_makes_the_relay_wait() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (pool, server, name) = database().await;
+
+    cluster.broker_down(1).unwrap();
+    enqueue(&pool, &[("account-a", 1), ("account-a", 2), ("account-b", 1), ("account-a", 3)]).await;
+    let outage = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        cluster.broker_up(1).unwrap();
+    };
+    let settings = serde_json::json!({"message.timeout.ms": "1000", "batch.num.messages": "1"});
+    tokio::join!(outage, relay_until_empty(&pool, &brokers, &settings));
+
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM onceflow_outbox_parked").fetch_one(&pool).await.unwrap();
+    assert_eq!(parked, 0, "an outage parks nothing");
+    let records = tokio::task::spawn_blocking(move || read_topic(&brokers)).await.unwrap();
+    let mut first_seen: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (key, id, sequence) in &records {
+        if seen.insert(id) {
+            first_seen.entry(key).or_default().push(*sequence);
+        }
+    }
+    assert_eq!(first_seen["account-a"], [1, 2, 3], "account-a's records in outbox order: {records:?}");
+    assert_eq!(first_seen["account-b"], [1], "account-b's record: {records:?}");
+    drop_database(pool, &server, &name).await;
+}
+
 /// The ordinary batch, every row under a key of its own, is handed to the
 /// producer at once, not row after row: with the broker answering each
 /// request only after a long round trip, 500 rows take a few round trips.
