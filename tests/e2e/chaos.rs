@@ -46,27 +46,34 @@ const LOAD: Duration = Duration::from_secs(45);
 const CLIENT_PATIENCE: Duration = Duration::from_secs(90);
 
 /// A free loopback address for a service to listen on.
-fn free_addr() -> String {
+pub(crate) fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     listener.local_addr().expect("address").to_string()
 }
 
 /// One service process and how to start it again.
-struct Managed {
+pub(crate) struct Managed {
     binary: &'static str,
     env: Vec<(&'static str, String)>,
     log: std::path::PathBuf,
     process: Option<ServiceProcess>,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Managed {
-    fn new(binary: &'static str, env: Vec<(&'static str, String)>, logs: &std::path::Path, addr: String) -> Self {
-        let log = logs.join(format!("{binary}.log"));
+    /// Binary `binary` with `env`, logging to `<logs>/<name>.log`.
+    pub(crate) fn new(
+        binary: &'static str,
+        name: &str,
+        env: Vec<(&'static str, String)>,
+        logs: &std::path::Path,
+        addr: String,
+    ) -> Self {
+        let log = logs.join(format!("{name}.log"));
         Self { binary, env, log, process: None, addr }
     }
 
-    async fn start(&mut self) {
+    pub(crate) async fn start(&mut self) {
         self.process = Some(ServiceProcess::spawn(self.binary, &self.env, &self.log));
         let url = format!("http://{}/livez", self.addr);
         eventually(&format!("{} to answer", self.binary), Duration::from_secs(60), || async {
@@ -81,7 +88,17 @@ impl Managed {
         self.start().await;
     }
 
-    fn assert_alive(&mut self) {
+    /// Stop it gracefully (SIGTERM) and start it again, as a rolling restart
+    /// does; panics if it does not stop within 30 s or stops with an error.
+    pub(crate) async fn restart_gracefully(&mut self) {
+        self.assert_alive();
+        let status = self.process.take().expect("running").terminate(Duration::from_secs(30)).await;
+        let status = status.unwrap_or_else(|| panic!("{} did not stop within 30 s of SIGTERM", self.binary));
+        assert!(status.success(), "{} stopped with {status}; see {}", self.binary, self.log.display());
+        self.start().await;
+    }
+
+    pub(crate) fn assert_alive(&mut self) {
         if let Some(process) = self.process.as_mut()
             && let Some(status) = process.exit_status()
         {
@@ -102,11 +119,18 @@ struct Submitted {
 
 /// Submit `body` under `key` until a `202`, retrying the same key on
 /// connection errors, timeouts, `409`, `429`, `5xx` (what a careful client
-/// does); returns the job and how many requests it took.
-async fn submit_until_accepted(http: &reqwest::Client, ingest: &str, key: &str, body: &Value) -> (String, u32) {
+/// does), to the ingests of `ingests` in turn (a load balancer's choice);
+/// returns the job and how many requests it took.
+pub(crate) async fn submit_until_accepted(
+    http: &reqwest::Client,
+    ingests: &[&str],
+    key: &str,
+    body: &Value,
+) -> (String, u32) {
     let started = Instant::now();
     let mut attempts = 0;
     loop {
+        let ingest = ingests[attempts as usize % ingests.len()];
         attempts += 1;
         assert!(started.elapsed() < CLIENT_PATIENCE, "key {key} not accepted within {CLIENT_PATIENCE:?}");
         let response = http
@@ -144,15 +168,15 @@ type Greeted = (&'static str, u64, String);
 
 /// One SSE event as the reader saw it.
 #[derive(Debug, Clone)]
-struct Seen {
-    event_type: String,
-    job_id: String,
-    event_id: String,
+pub(crate) struct Seen {
+    pub(crate) event_type: String,
+    pub(crate) job_id: String,
+    pub(crate) event_id: String,
 }
 
 /// Read tenant `dev`'s stream until `stop`, reconnecting with `Last-Event-ID`
 /// whenever the notifier goes away.
-async fn read_events(notifier: String, seen: Arc<Mutex<Vec<Seen>>>, stop: CancellationToken) -> u32 {
+pub(crate) async fn read_events(notifier: String, seen: Arc<Mutex<Vec<Seen>>>, stop: CancellationToken) -> u32 {
     use eventsource_stream::Eventsource as _;
     let http = reqwest::Client::new();
     let mut last_id: Option<String> = None;
@@ -269,9 +293,9 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
         ("ONCEFLOW_CONFIG", development_config("notifier").display().to_string()),
         ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
     ]);
-    let mut ingest = Managed::new("onceflow-ingest", ingest_env, &logs, ingest_addr.clone());
-    let mut processor = Managed::new("onceflow-processor", processor_env, &logs, processor_addr);
-    let mut notifier = Managed::new("onceflow-notifier", notifier_env, &logs, notifier_addr.clone());
+    let mut ingest = Managed::new("onceflow-ingest", "ingest", ingest_env, &logs, ingest_addr.clone());
+    let mut processor = Managed::new("onceflow-processor", "processor", processor_env, &logs, processor_addr);
+    let mut notifier = Managed::new("onceflow-notifier", "notifier", notifier_env, &logs, notifier_addr.clone());
     ingest.start().await;
     processor.start().await;
     notifier.start().await;
@@ -285,7 +309,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     let mut opened = Vec::new();
     for account in ACCOUNTS {
         let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
-        opened.push(submit_until_accepted(&http, &ingest_addr, &format!("open-{account}"), &body).await.0);
+        opened.push(submit_until_accepted(&http, &[&ingest_addr], &format!("open-{account}"), &body).await.0);
     }
     for job_id in &opened {
         eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
@@ -313,7 +337,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
                 let (submitted, http, ingest_addr) = (submitted.clone(), http.clone(), ingest_addr.clone());
                 clients.spawn(async move {
                     let body = json!({"type": "ledger.deposit", "payload": {"account_id": account, "amount": amount}});
-                    let (job_id, attempts) = submit_until_accepted(&http, &ingest_addr, &key, &body).await;
+                    let (job_id, attempts) = submit_until_accepted(&http, &[&ingest_addr], &key, &body).await;
                     submitted.lock().expect("submitted").insert(key, Submitted { account, amount, job_id, attempts });
                 });
             }
@@ -337,7 +361,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
                     n += 1;
                     let body = json!({"type": "chaos.greet", "payload": {"key": key, "n": n}});
                     let (job_id, _) =
-                        submit_until_accepted(&http, &ingest_addr, &format!("greet-{key}-{n}"), &body).await;
+                        submit_until_accepted(&http, &[&ingest_addr], &format!("greet-{key}-{n}"), &body).await;
                     greeted.lock().expect("greeted").push((key, n, job_id));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -355,7 +379,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
             while !stop_load.is_cancelled() {
                 n += 1;
                 let body = json!({"type": "demo.report", "payload": {"n": n}});
-                let (job_id, _) = submit_until_accepted(&http, &ingest_addr, &format!("report-{n}"), &body).await;
+                let (job_id, _) = submit_until_accepted(&http, &[&ingest_addr], &format!("report-{n}"), &body).await;
                 pulled.lock().expect("pulled").push(job_id);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

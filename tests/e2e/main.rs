@@ -29,6 +29,7 @@ mod python_handler;
 mod python_webhooks;
 mod redrive;
 mod relay;
+mod scale_out;
 mod statement;
 mod stream_limits;
 mod stream_tokens;

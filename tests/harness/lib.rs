@@ -726,6 +726,23 @@ impl ServiceProcess {
         self.kill_and_reap();
     }
 
+    /// SIGTERM, as an orchestrator stops a service: it shuts down gracefully.
+    /// Returns its exit status once it is gone; after `patience` it is
+    /// SIGKILLed and `None` is returned.
+    pub async fn terminate(mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let sent = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        assert!(sent.is_ok_and(|status| status.success()), "cannot send SIGTERM to {}", self.child.id());
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill_and_reap();
+        None
+    }
+
     fn kill_and_reap(&mut self) {
         // `Child::kill` sends SIGKILL on Unix; an already exited child is fine.
         let _ = self.child.kill();
