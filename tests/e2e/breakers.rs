@@ -3,9 +3,12 @@
 //! PostgreSQL:
 //! - a receiver that fails opens its destination's breaker: due deliveries
 //!   wait without spending attempts (the API shows them waiting, the metrics
-//!   show the breaker), exactly one probe goes out per cool-down, and once
-//!   the receiver recovers everything is delivered; a receiver on a closed
-//!   port opens its own breaker while a healthy destination is not held up;
+//!   show the breaker, with no destination in any label), exactly one probe
+//!   goes out per cool-down, and once the receiver recovers everything is
+//!   delivered; a receiver on a closed port opens its own breaker while a
+//!   healthy destination is not held up;
+//! - breakers are per tenant: one tenant's failures at a destination open
+//!   its breaker only, and another tenant's deliveries there go out;
 //! - a receiver that answers `410 Gone` disables its endpoint: ingest refuses
 //!   commands naming it (`422`, for that tenant only) until the tenant
 //!   enables it through the notifier's API, then they are accepted and
@@ -17,10 +20,10 @@ use std::time::Duration;
 use onceflow_contracts::JobStatus;
 use onceflow_notifier::NotifierConfig;
 use onceflow_tests::{
-    CANARY_API_KEY, DEV_API_KEY, DeliveriesClient, IngestClient, OUTCOME_TIMEOUT, Reply, Service, TestEnv,
-    WebhookReceiver, canary_tenant_key, eventually, kafka_producer, result_event,
+    CANARY_API_KEY, CANARY_TENANT, DEV_API_KEY, DeliveriesClient, IngestClient, OUTCOME_TIMEOUT, Reply, Service,
+    TestEnv, WebhookReceiver, canary_tenant_key, eventually, kafka_producer, result_event,
 };
-use onceflow_webhook::{Allowlist, BreakerPolicy, RetryPolicy};
+use onceflow_webhook::{Allowlist, BreakerPolicy, RetryPolicy, Secret};
 use serde_json::{Value, json};
 
 /// Receivers on 127.0.0.1, quick constant retries, and `breaker`.
@@ -68,10 +71,10 @@ async fn metrics(service: &Service) -> String {
     reqwest::get(service.url("/metrics")).await.unwrap().text().await.unwrap()
 }
 
-/// The value of the series `name{destination="…"}` in a Prometheus text page.
-fn breaker_gauge(page: &str, destination: &str) -> Option<f64> {
-    let series = format!("onceflow_webhook_breaker_state{{destination=\"{destination}\"}} ");
-    page.lines().find_map(|line| line.strip_prefix(series.as_str())).and_then(|value| value.trim().parse().ok())
+/// The value of the series `series` (name and labels) in a Prometheus text page.
+fn gauge(page: &str, series: &str) -> Option<f64> {
+    let prefix = format!("{series} ");
+    page.lines().find_map(|line| line.strip_prefix(prefix.as_str())).and_then(|value| value.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,18 +152,20 @@ async fn a_failing_destination_opens_its_breaker_waits_without_spending_attempts
     assert_eq!(refused["breaker"]["destination"], format!("http://127.0.0.1:{closed_port}"), "{refused}");
     assert_eq!(failing.received().len(), sent_before_opening, "nothing sent to an open destination");
 
-    // Every instance's metrics show it (refreshed from the shared table; the
-    // recorder is the test process's, so other tests' breakers may show too).
-    let unreachable_destination = format!("http://127.0.0.1:{closed_port}");
+    // Every instance's metrics show them (refreshed from the shared table;
+    // the recorder is the test process's, so other tests' notifiers set the
+    // same gauges: read until this test's figures show), and no label holds
+    // a tenant's destination or the tenant.
     let page = eventually("the breakers' metrics", OUTCOME_TIMEOUT, || async {
         let page = metrics(&notifier).await;
-        let both_open = [&destination, &unreachable_destination].iter().all(|d| breaker_gauge(&page, d) == Some(2.0));
-        both_open.then_some(page)
+        let both_open = gauge(&page, "onceflow_webhook_breakers{state=\"open\"}").is_some_and(|n| n >= 2.0);
+        let open_for = gauge(&page, "onceflow_webhook_breaker_longest_open_seconds").unwrap_or_default();
+        (both_open && open_for > 0.0).then_some(page)
     })
     .await;
-    let open_count = page.lines().find_map(|line| line.strip_prefix("onceflow_webhook_breakers{state=\"open\"} "));
-    assert!(open_count.and_then(|n| n.trim().parse::<f64>().ok()).is_some_and(|n| n >= 2.0), "{page}");
     assert!(page.contains("onceflow_webhook_deliveries_waiting "), "{page}");
+    assert!(!page.contains("onceflow_webhook_breaker_state"), "{page}");
+    assert!(!page.contains("destination="), "no destination in labels: {page}");
     assert!(!page.contains("tenant="), "no tenant labels");
 
     // The cool-down ends: exactly one probe, which fails; open again, longer.
@@ -197,17 +202,66 @@ async fn a_failing_destination_opens_its_breaker_waits_without_spending_attempts
         counts
     };
     assert!(later_attempts.iter().sum::<i64>() <= 4, "the later ones spent at most a probe more: {later_attempts:?}");
-    let page = eventually("the breaker's metrics to show it closed", OUTCOME_TIMEOUT, || async {
-        let page = metrics(&notifier).await;
-        (breaker_gauge(&page, &destination) == Some(0.0)).then_some(page)
-    })
-    .await;
+    let page = metrics(&notifier).await;
     assert!(page.contains("onceflow_webhook_breaker_transitions_total{to=\"closed\"}"), "{page}");
     eprintln!(
         "breaker figures: {sent_before_opening} requests before it opened, reopened until {reopened}, {sent} in all"
     );
 
     drop((notifier, second));
+    env.teardown().await;
+}
+
+/// Breakers are per tenant and destination: tenant `dev`'s receiver fails
+/// until its breaker opens; the canary tenant's webhook to the same
+/// destination (scheme, host and port) then goes out at once and is
+/// delivered, while `dev`'s deliveries there stay held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_s_failures_do_not_hold_another_tenant_s_deliveries_to_the_same_destination() {
+    let mut env = TestEnv::new();
+    let notifier = env
+        .start_notifier_with(|config| {
+            settings(breaker())(config);
+            config.webhooks.secrets.insert(CANARY_TENANT.to_owned(), vec![Secret::generate()]);
+            config.tenants.push(canary_tenant_key());
+        })
+        .await;
+    let dev = DeliveriesClient::new(&notifier, Some(DEV_API_KEY));
+    let canary = DeliveriesClient::new(&notifier, Some(CANARY_API_KEY));
+    let receiver = WebhookReceiver::start().await;
+    receiver.set_fallback(Reply::Status(503));
+
+    // `dev`'s three failures open its breaker for the destination.
+    let failing: Vec<_> =
+        (0..3).map(|n| result_event(JobStatus::Succeeded, Some(&receiver.url(&format!("/dev/{n}"))))).collect();
+    for event in &failing {
+        env.publish_result(event).await;
+    }
+    let open = eventually("dev's breaker to open", OUTCOME_TIMEOUT, || async {
+        let delivery = delivery_of(&dev, &failing[0].job_id).await?;
+        (delivery["breaker"]["state"] == "open").then_some(delivery)
+    })
+    .await;
+    assert_eq!(open["breaker"]["destination"], format!("http://{}", receiver.addr));
+
+    // The receiver answers again; the canary's webhook to the same host and
+    // port goes out under a closed breaker of its own, at once, while dev's
+    // stay held until its probe (10 s cool-down).
+    receiver.set_fallback(Reply::Status(200));
+    let mut theirs = result_event(JobStatus::Succeeded, Some(&receiver.url("/canary")));
+    theirs.tenant = CANARY_TENANT.to_owned();
+    let published = std::time::Instant::now();
+    env.publish_result(&theirs).await;
+    let delivered = canary.wait_for_delivery(&theirs.job_id, OUTCOME_TIMEOUT, |d| d["status"] == "succeeded").await;
+    let took = published.elapsed();
+    assert_eq!(delivered["attempt_count"], 1, "{delivered}");
+    assert!(took < Duration::from_secs(5), "the canary's delivery took {took:?}: held by dev's breaker?");
+    let held = delivery_of(&dev, &failing[1].job_id).await.unwrap();
+    assert_eq!((held["status"].as_str(), held["breaker"]["state"].as_str()), (Some("pending"), Some("open")), "{held}");
+    let canary_requests = receiver.received().iter().filter(|r| r.path_and_query == "/canary").count();
+    assert_eq!(canary_requests, 1);
+
+    drop(notifier);
     env.teardown().await;
 }
 

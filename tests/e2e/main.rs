@@ -36,4 +36,5 @@ mod stream_tokens;
 mod tls;
 mod tracing;
 mod typescript_worker;
+mod webhook_fairness;
 mod webhooks;

@@ -108,6 +108,8 @@ pub struct WebhooksConfig {
     /// When a destination's circuit breaker opens and how long it stays open.
     #[serde(default)]
     pub breaker: BreakerPolicy,
+    /// Each tenant's share of the workers (see `crate::webhooks::share`).
+    pub per_tenant: PerTenant<crate::webhooks::share::TenantShare>,
     /// Tenant → its active signing secrets, newest first.
     #[serde(default)]
     pub secrets: BTreeMap<String, Vec<Secret>>,
@@ -123,6 +125,7 @@ impl WebhooksConfig {
             return Err("webhooks.timeout_ms, connect_timeout_ms and poll_interval_ms must be positive".to_owned());
         }
         self.retry.validate()?;
+        crate::webhooks::share::validate(&self.per_tenant)?;
         self.breaker.validate()
     }
 

@@ -238,12 +238,17 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Requests answered 408 because they took too long.",
     ),
     (
-        "onceflow_webhook_breaker_state",
+        "onceflow_webhook_breakers",
         Kind::Gauge,
-        None,
-        "A webhook destination's circuit breaker: 0 closed, 1 probing, 2 open (destinations that were not closed, at most 100).",
+        Some(Unit::Count),
+        "Webhook circuit breakers (one per tenant and destination) by state.",
     ),
-    ("onceflow_webhook_breakers", Kind::Gauge, Some(Unit::Count), "Webhook destinations by breaker state."),
+    (
+        "onceflow_webhook_breaker_longest_open_seconds",
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "How long the webhook breaker open longest has been open or probing without closing (0 when none is).",
+    ),
     (
         "onceflow_webhook_breaker_transitions_total",
         Kind::Counter,

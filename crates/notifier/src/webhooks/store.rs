@@ -1,23 +1,15 @@
 //! The `webhook_deliveries` and `webhook_attempts` tables (see
-//! `migrations/0002_webhooks.sql` and `0004_breakers_and_endpoints.sql`):
-//! creating a delivery with its event, claiming due deliveries under a lease
-//! (past destinations whose circuit breaker is not closed, and one probe per
-//! destination whose cool-down is over), recording each attempt's outcome
-//! with its breaker and endpoint effects, and the per-tenant views the API
-//! serves.
-
-use std::time::Duration;
+//! `migrations/0002_webhooks.sql` and later): creating a delivery with its
+//! event, and the per-tenant views and redrive the API serves. Claiming due
+//! deliveries is [`super::claims`]; recording an attempt's outcome is
+//! [`super::attempts`].
 
 use chrono::{DateTime, Utc};
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
-use onceflow_webhook::{BreakerPolicy, breaker::Signal};
 use sqlx::{PgConnection, PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{
-    breakers,
-    endpoints::{self, Cause, ChangeError},
-};
+use super::endpoints;
 
 /// The channel `NOTIFY`ed when deliveries become due without a timer
 /// (created, redriven).
@@ -36,7 +28,7 @@ pub enum Status {
 }
 
 impl Status {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Succeeded => "succeeded",
@@ -115,9 +107,9 @@ pub struct Order<'a> {
 /// A `url` with a [`refusal`] gets a delivery that is `failed` from the
 /// start, with the refusal as its `last_error` and the URL escaped; one whose
 /// endpoint the tenant has disabled is `endpoint_disabled` from the start.
-/// Neither is ever attempted. A delivery to a destination whose breaker is
-/// open is due when the cool-down ends. Returns the delivery id (the
-/// `webhook-id`).
+/// Neither is ever attempted. A delivery to a destination whose breaker (the
+/// tenant's, for that destination) is open is due when the cool-down ends.
+/// Returns the delivery id (the `webhook-id`).
 pub async fn enqueue(
     tx: &mut PgConnection,
     event: &ResultEvent,
@@ -165,7 +157,8 @@ pub async fn enqueue(
              status, last_error, finished_at, destination, next_attempt_at, order_key, event_seq)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                  CASE WHEN $11 = 'pending' THEN NULL ELSE now() END, $13,
-                 greatest(now(), (SELECT open_until FROM webhook_breakers WHERE destination = $13 AND state = 'open')),
+                 greatest(now(), (SELECT open_until FROM webhook_breakers
+                                  WHERE tenant = $3 AND destination = $13 AND state = 'open')),
                  $14, $15)
          ON CONFLICT (event_id) DO NOTHING",
     )
@@ -189,324 +182,6 @@ pub async fn enqueue(
     Ok(id)
 }
 
-/// A delivery claimed by one worker for one attempt.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    pub id: Uuid,
-    pub tenant: String,
-    pub job_id: Uuid,
-    pub correlation_id: String,
-    pub url: String,
-    pub body: String,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-    /// The number of this attempt (1 for the first).
-    pub attempt: i32,
-    /// Attempts made since the delivery was created or last redriven,
-    /// this one included: what the retry schedule counts.
-    pub attempts_in_round: u32,
-    /// The previous attempt was claimed by a worker whose lease ran out
-    /// before it recorded an outcome (it crashed or was cut off).
-    pub previous_abandoned: bool,
-    /// Fences this worker's writes: only the lease holder may record.
-    pub lease_token: Uuid,
-    /// `scheme://host:port`, the key of its circuit breaker (`None` only for
-    /// a URL without a host, which is never sent).
-    pub destination: Option<String>,
-    /// Claimed as the half-open probe of its destination's breaker.
-    pub probe: bool,
-    /// The tenant's endpoint (this URL) is disabled: end it unsent.
-    pub endpoint_disabled: Option<Uuid>,
-}
-
-/// What a claim returns of each delivery: its fields, whether the previous
-/// claim's lease ran out, and whether its endpoint is disabled.
-const CLAIMED_COLUMNS: &str = "d.id, d.tenant, d.job_id, d.correlation_id, d.url, d.body, d.traceparent,
-    d.tracestate, d.attempts, d.round_start, d.destination, expired_lease IS NOT NULL AS previous_abandoned,
-    (SELECT e.id FROM webhook_endpoints e WHERE e.tenant = d.tenant AND e.url = d.url AND e.state = 'disabled')
-        AS endpoint_disabled";
-
-/// A delivery `w` may go only when no earlier one of its key to its URL is
-/// still pending (see [`Order`]).
-const NO_EARLIER_PENDING: &str = "NOT EXISTS (SELECT 1 FROM webhook_deliveries p
-     WHERE p.tenant = w.tenant AND p.url = w.url AND p.order_key = w.order_key AND p.event_seq < w.event_seq
-       AND p.status = 'pending')";
-
-/// Claim up to `limit` due deliveries for `lease`, past those whose
-/// destination's circuit breaker is open or probing (they wait, their
-/// attempts untouched). `SKIP LOCKED` lets the workers of every instance
-/// claim at once without waiting on each other or claiming the same row; the
-/// lease (not a held transaction) keeps the row reserved while the HTTP
-/// request runs.
-pub async fn claim_due(pool: &PgPool, lease: Duration, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
-    let lease_token = Uuid::new_v4();
-    let rows = sqlx::query(&format!(
-        "UPDATE webhook_deliveries d
-            SET lease_token = $1,
-                lease_until = now() + make_interval(secs => $2),
-                attempts = d.attempts + 1,
-                updated_at = now()
-           FROM (SELECT id, lease_until AS expired_lease FROM webhook_deliveries w
-                  WHERE status = 'pending' AND next_attempt_at <= now()
-                    AND (lease_until IS NULL OR lease_until < now())
-                    AND NOT EXISTS (SELECT 1 FROM webhook_breakers b
-                                     WHERE b.destination = w.destination AND b.state <> 'closed')
-                    AND {NO_EARLIER_PENDING}
-                  ORDER BY next_attempt_at
-                  LIMIT $3
-                  FOR UPDATE OF w SKIP LOCKED) due
-          WHERE d.id = due.id
-      RETURNING {CLAIMED_COLUMNS}, false AS probe"
-    ))
-    .bind(lease_token)
-    .bind(lease.as_secs_f64())
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|row| claimed_from_row(row, lease_token)).collect()
-}
-
-/// Claim the half-open probe of up to `limit` destinations whose breaker's
-/// cool-down is over (or whose previous probe's lease ran out): for each,
-/// its earliest due delivery, and the breaker becomes half-open with this
-/// claim's lease, in one statement, so exactly one probe goes out per
-/// destination whatever the number of workers and instances.
-pub async fn claim_probes(pool: &PgPool, lease: Duration, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
-    let lease_token = Uuid::new_v4();
-    let rows = sqlx::query(&format!(
-        "WITH ready AS (
-             SELECT destination FROM webhook_breakers
-              WHERE (state = 'open' AND open_until <= now()) OR (state = 'half_open' AND probe_until < now())
-              ORDER BY open_until
-              LIMIT $3
-              FOR UPDATE SKIP LOCKED),
-         picked AS (
-             SELECT ready.destination, due.id, due.expired_lease FROM ready
-              CROSS JOIN LATERAL (
-                  SELECT id, lease_until AS expired_lease FROM webhook_deliveries w
-                   WHERE w.destination = ready.destination AND status = 'pending' AND next_attempt_at <= now()
-                     AND (lease_until IS NULL OR lease_until < now())
-                     AND {NO_EARLIER_PENDING}
-                   ORDER BY next_attempt_at
-                   LIMIT 1
-                   FOR UPDATE SKIP LOCKED) due),
-         probing AS (
-             UPDATE webhook_breakers b
-                SET state = 'half_open', probe_token = $1, probe_until = now() + make_interval(secs => $2),
-                    updated_at = now()
-               FROM picked WHERE b.destination = picked.destination)
-         UPDATE webhook_deliveries d
-            SET lease_token = $1,
-                lease_until = now() + make_interval(secs => $2),
-                attempts = d.attempts + 1,
-                updated_at = now()
-           FROM picked
-          WHERE d.id = picked.id
-      RETURNING {CLAIMED_COLUMNS}, true AS probe"
-    ))
-    .bind(lease_token)
-    .bind(lease.as_secs_f64())
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|row| claimed_from_row(row, lease_token)).collect()
-}
-
-fn claimed_from_row(row: &PgRow, lease_token: Uuid) -> Result<Claimed, sqlx::Error> {
-    let attempt: i32 = row.try_get("attempts")?;
-    let round_start: i32 = row.try_get("round_start")?;
-    let url: String = row.try_get("url")?;
-    // Deliveries from before destinations were stored get theirs now.
-    let destination = row
-        .try_get::<Option<String>, _>("destination")?
-        .or_else(|| reqwest::Url::parse(&url).ok().as_ref().and_then(onceflow_webhook::breaker::destination));
-    Ok(Claimed {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        job_id: row.try_get("job_id")?,
-        correlation_id: row.try_get("correlation_id")?,
-        url,
-        body: row.try_get("body")?,
-        traceparent: row.try_get("traceparent")?,
-        tracestate: row.try_get("tracestate")?,
-        attempt,
-        attempts_in_round: u32::try_from(attempt - round_start).unwrap_or(1),
-        previous_abandoned: row.try_get("previous_abandoned")?,
-        lease_token,
-        destination,
-        probe: row.try_get("probe")?,
-        endpoint_disabled: row.try_get("endpoint_disabled")?,
-    })
-}
-
-/// What one attempt came to.
-#[derive(Debug, Clone)]
-pub struct AttemptRecord {
-    pub started_at: DateTime<Utc>,
-    pub latency: Duration,
-    pub status_code: Option<u16>,
-    pub error: Option<String>,
-    pub response_excerpt: Option<String>,
-}
-
-/// What happens to the delivery after an attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
-    Succeeded,
-    RetryIn(Duration),
-    Failed,
-    /// `410 Gone`: failed, and its endpoint disabled for the tenant.
-    Gone,
-    /// Not sent, because its endpoint is disabled: it ends so, and the claim
-    /// does not count as an attempt.
-    EndpointDisabled,
-}
-
-/// What recording an attempt needs beyond the attempt.
-#[derive(Debug, Clone, Copy)]
-pub struct Effects<'a> {
-    /// What the attempt says about its destination (`None`: nothing).
-    pub signal: Option<Signal>,
-    pub breaker: &'a BreakerPolicy,
-    /// Where endpoint state changes are published.
-    pub endpoints_topic: &'a str,
-}
-
-/// Record `attempt` and move the delivery on to `next`, if this worker still
-/// holds its lease, in one transaction with what the attempt means beyond
-/// the delivery: its destination's breaker records the outcome first (a
-/// retry is never due before an open breaker's cool-down ends), and a `410`
-/// disables the endpoint. Returns whether the delivery moved on: `false`
-/// means the lease ran out and another worker owns the delivery now (the
-/// attempt is still logged and still counts for the breaker).
-pub async fn finish(
-    pool: &PgPool,
-    claimed: &Claimed,
-    attempt: &AttemptRecord,
-    next: Next,
-    effects: Effects<'_>,
-) -> Result<bool, ChangeError> {
-    let (status, delay) = match next {
-        Next::Succeeded => (Status::Succeeded, None),
-        Next::RetryIn(delay) => (Status::Pending, Some(delay.as_secs_f64())),
-        Next::Failed | Next::Gone => (Status::Failed, None),
-        Next::EndpointDisabled => (Status::EndpointDisabled, None),
-    };
-    let unsent = next == Next::EndpointDisabled;
-    let mut tx = pool.begin().await?;
-    // The breaker first: its row is always locked before delivery rows.
-    let hold_until = match &claimed.destination {
-        Some(destination) if effects.breaker.enabled => {
-            breakers::record(&mut tx, effects.breaker, destination, effects.signal, claimed.lease_token).await?
-        }
-        _ => None,
-    };
-    let updated: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
-        "UPDATE webhook_deliveries
-            SET status = $3,
-                next_attempt_at = CASE WHEN $4::float8 IS NULL THEN next_attempt_at
-                                       ELSE greatest(now() + make_interval(secs => $4), $7) END,
-                lease_token = NULL, lease_until = NULL,
-                last_status_code = coalesce($5, CASE WHEN $8 THEN last_status_code END), last_error = $6,
-                attempts = attempts - CASE WHEN $8 THEN 1 ELSE 0 END,
-                destination = coalesce(destination, $9),
-                updated_at = now(),
-                finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END
-          WHERE id = $1 AND lease_token = $2
-      RETURNING CASE WHEN status = 'pending' THEN next_attempt_at END",
-    )
-    .bind(claimed.id)
-    .bind(claimed.lease_token)
-    .bind(status.as_str())
-    .bind(delay)
-    .bind(attempt.status_code.map(i32::from))
-    .bind(&attempt.error)
-    .bind(hold_until)
-    .bind(unsent)
-    .bind(&claimed.destination)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if !unsent {
-        log_attempt(&mut tx, claimed.id, claimed.attempt, attempt, updated.flatten()).await?;
-    }
-    if next == Next::Gone {
-        let cause =
-            Cause { correlation_id: claimed.correlation_id.clone(), causation_id: Some(claimed.id.to_string()) };
-        endpoints::disable(
-            &mut tx,
-            &claimed.tenant,
-            &claimed.url,
-            "it answered 410 Gone",
-            claimed.id,
-            &cause,
-            effects.endpoints_topic,
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(updated.is_some())
-}
-
-/// Log the attempt a dead worker made but could not record.
-pub async fn log_abandoned(pool: &PgPool, claimed: &Claimed) -> Result<(), sqlx::Error> {
-    let record = AttemptRecord {
-        started_at: Utc::now(),
-        latency: Duration::ZERO,
-        status_code: None,
-        error: Some("abandoned: the notifier making this attempt stopped before recording its outcome".to_owned()),
-        response_excerpt: None,
-    };
-    let mut connection = pool.acquire().await?;
-    log_attempt(&mut connection, claimed.id, claimed.attempt - 1, &record, Some(Utc::now())).await
-}
-
-async fn log_attempt(
-    connection: &mut PgConnection,
-    delivery_id: Uuid,
-    number: i32,
-    attempt: &AttemptRecord,
-    next_attempt_at: Option<DateTime<Utc>>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO webhook_attempts
-            (delivery_id, attempt, started_at, latency_ms, status_code, succeeded, error, response_excerpt, next_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(delivery_id)
-    .bind(number)
-    .bind(attempt.started_at)
-    .bind(i32::try_from(attempt.latency.as_millis()).unwrap_or(i32::MAX))
-    .bind(attempt.status_code.map(i32::from))
-    .bind(attempt.error.is_none())
-    .bind(&attempt.error)
-    .bind(&attempt.response_excerpt)
-    .bind(next_attempt_at)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
-/// How long until the next delivery becomes claimable (due, any lease
-/// expired, and its destination's breaker closed, or ready for a probe, or
-/// its probe's lease expired), or `None` when nothing is pending. A delivery
-/// held by a probe in flight counts from the probe's lease: the probe's
-/// outcome wakes the workers sooner (`NOTIFY` when the breaker closes).
-pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
-    // `greatest` ignores NULLs: a delivery without a breaker, or whose
-    // breaker is closed, is due at its own time.
-    let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM min(greatest(
-                    d.next_attempt_at, d.lease_until,
-                    CASE b.state WHEN 'open' THEN b.open_until WHEN 'half_open' THEN b.probe_until END)) - now())::float8
-           FROM webhook_deliveries d
-           LEFT JOIN webhook_breakers b ON b.destination = d.destination AND b.state <> 'closed'
-          WHERE d.status = 'pending'",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
-}
-
 /// One attempt, as the API shows it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
@@ -523,7 +198,9 @@ pub struct AttemptView {
 /// The circuit breaker a pending delivery waits on.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct BreakerView {
-    /// `scheme://host:port`: the breaker is shared by every delivery there.
+    /// `scheme://host:port`: the breaker is shared by every delivery of this
+    /// tenant there (other tenants' deliveries there have breakers of their
+    /// own).
     pub destination: String,
     /// `open` (cooling down until `next_probe_at`) or `half_open` (one
     /// delivery is out as the probe; the others wait for its outcome).
@@ -569,7 +246,8 @@ const DELIVERY_COLUMNS: &str =
 
 /// Deliveries with the breaker they wait on, if any.
 const DELIVERIES: &str = "webhook_deliveries d
-    LEFT JOIN webhook_breakers b ON b.destination = d.destination AND b.state <> 'closed' AND d.status = 'pending'";
+    LEFT JOIN webhook_breakers b
+           ON b.tenant = d.tenant AND b.destination = d.destination AND b.state <> 'closed' AND d.status = 'pending'";
 
 fn delivery_from_row(row: &PgRow) -> Result<DeliveryView, sqlx::Error> {
     Ok(DeliveryView {

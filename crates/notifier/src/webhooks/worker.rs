@@ -8,10 +8,10 @@
 //! records the attempt: success, a retry at the next point of the schedule, or
 //! failure (`410 Gone`, schedule used up, URL refused, no secret).
 //!
-//! Each outcome also feeds the destination's circuit breaker (see
-//! [`super::breakers`]): while it is open, deliveries there are not claimed
-//! (they wait without spending attempts) and, once its cool-down is over,
-//! exactly one is claimed as the probe. A `410 Gone` disables the endpoint
+//! Each outcome also feeds the circuit breaker of its tenant and destination
+//! (see [`super::breakers`]): while it is open, that tenant's deliveries
+//! there are not claimed (they wait without spending attempts) and, once its
+//! cool-down is over, exactly one is claimed as the probe. A `410 Gone` disables the endpoint
 //! (see [`super::endpoints`]); a delivery claimed for a disabled endpoint
 //! ends as `endpoint_disabled` without a request.
 //!
@@ -19,10 +19,14 @@
 //! until the next retry is due otherwise, and polls every
 //! `webhooks.poll_interval_ms` as a fallback.
 //!
-//! Bounded: at most `workers` deliveries are claimed and in flight; when all
-//! are busy, nothing more is claimed and due deliveries wait in the table
-//! (durable, visible to the other instances) until a worker is free. A
-//! receiver's answer is read up to [`EXCERPT_BYTES`] and the rest dropped.
+//! Bounded: at most `workers` deliveries are claimed and in flight, and at
+//! most a tenant's share (`webhooks.per_tenant.max_in_flight`, see
+//! [`super::share`]) of one tenant; the claim lets tenants take turns (see
+//! [`super::claims`]). When all workers are busy, or a tenant's share is,
+//! nothing more is claimed (for that tenant) and due deliveries wait in the
+//! table (durable, visible to the other instances) until a worker, or a
+//! place in the share, is free. A receiver's answer is read up to
+//! [`EXCERPT_BYTES`] and the rest dropped.
 //!
 //! On shutdown, attempts in flight are cut off, recorded as interrupted and
 //! made due again at once, so the next instance to run retries them without
@@ -45,8 +49,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{
+    attempts::{self, AttemptRecord, Effects, Next},
     breakers,
-    store::{self, AttemptRecord, Claimed, Effects, Next},
+    claims::{self, Claimed},
+    share::{InFlight, Slot},
+    store,
 };
 use crate::config::WebhooksConfig;
 
@@ -67,6 +74,8 @@ pub struct Worker {
     config: Arc<WebhooksConfig>,
     /// Where endpoint state changes (`410 Gone`) are published.
     endpoints_topic: Arc<str>,
+    /// This instance's attempts in flight per tenant, against their shares.
+    in_flight: InFlight,
 }
 
 impl Worker {
@@ -90,7 +99,13 @@ impl Worker {
             None => builder.no_proxy(),
         };
         let client = builder.build().map_err(|e| format!("webhook HTTP client: {e}"))?;
-        Ok(Self { pool, client, config: Arc::new(config), endpoints_topic: Arc::from(endpoints_topic) })
+        Ok(Self {
+            pool,
+            client,
+            config: Arc::new(config),
+            endpoints_topic: Arc::from(endpoints_topic),
+            in_flight: InFlight::default(),
+        })
     }
 
     /// Deliver until `shutdown`, and report the breakers' states meanwhile.
@@ -109,10 +124,11 @@ impl Worker {
                 Err(error) => tracing::warn!(%error, "cannot close the webhook circuit breakers"),
             }
         }
-        let mut in_flight = JoinSet::new();
+        let mut attempts = JoinSet::new();
         let mut listener: Option<PgListener> = None;
         tracing::info!(
             workers,
+            per_tenant = ?self.config.per_tenant,
             schedule = ?self.config.retry.schedule(),
             breaker = ?self.config.breaker,
             allowlist = ?Vec::<String>::from(self.config.allowlist.clone()),
@@ -125,14 +141,14 @@ impl Worker {
             if listener.is_none() {
                 listener = listen(&self.pool).await;
             }
-            while in_flight.try_join_next().is_some() {}
-            let free = workers.saturating_sub(in_flight.len());
+            while attempts.try_join_next().is_some() {}
+            let free = workers.saturating_sub(attempts.len());
             if free > 0 {
                 match self.claim(free).await {
                     Ok(claimed) => {
                         let full = claimed.len() == free;
-                        for delivery in claimed {
-                            in_flight.spawn(self.clone().attempt(delivery, shutdown.clone()));
+                        for (delivery, slot) in claimed {
+                            attempts.spawn(self.clone().attempt(delivery, slot, shutdown.clone()));
                         }
                         if full {
                             // More may be due: claim again if workers are free.
@@ -147,7 +163,10 @@ impl Worker {
                 // until one finishes (the `join_next` branch below).
                 Duration::MAX
             } else {
-                match store::next_due_in(&self.pool).await {
+                // Tenants without room wait for an attempt of theirs to end
+                // (the `join_next` branch), not for their due deliveries.
+                let full = self.in_flight.rooms(&self.config.per_tenant).full();
+                match claims::next_due_in(&self.pool, &full).await {
                     // The floor keeps a row that is due but momentarily
                     // locked by another instance's claim from spinning us.
                     Ok(Some(due)) => due.clamp(MIN_SLEEP, poll),
@@ -168,33 +187,43 @@ impl Worker {
                 () = shutdown.cancelled() => break,
                 () = notified => {}
                 () = sleep_at_most(until_due) => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
             }
         }
         // Each attempt in flight sees the shutdown and records itself as
         // interrupted; wait for those records.
-        while in_flight.join_next().await.is_some() {}
+        while attempts.join_next().await.is_some() {}
         tracing::info!("webhook worker stopped");
     }
 
-    /// Claim up to `free` deliveries: first the probes of destinations whose
-    /// breaker's cool-down is over, then due deliveries to closed ones.
-    async fn claim(&self, free: usize) -> Result<Vec<Claimed>, sqlx::Error> {
+    /// Claim up to `free` deliveries, each tenant within what is left of its
+    /// share: first the probes of breakers whose cool-down is over, then due
+    /// deliveries behind closed ones. Each comes with its place in its
+    /// tenant's share, taken at once so the next claim sees it.
+    async fn claim(&self, free: usize) -> Result<Vec<(Claimed, Slot)>, sqlx::Error> {
         let lease = self.config.lease();
-        let mut claimed = if self.config.breaker.enabled {
-            store::claim_probes(&self.pool, lease, free as i64).await?
+        let shares = &self.config.per_tenant;
+        let take = |delivery: Claimed| {
+            let slot = self.in_flight.take(&delivery.tenant);
+            (delivery, slot)
+        };
+        let mut claimed: Vec<(Claimed, Slot)> = if self.config.breaker.enabled {
+            let rooms = self.in_flight.rooms(shares);
+            claims::claim_probes(&self.pool, lease, &rooms, free as i64).await?.into_iter().map(take).collect()
         } else {
             vec![]
         };
         let left = free - claimed.len();
         if left > 0 {
-            claimed.extend(store::claim_due(&self.pool, lease, left as i64).await?);
+            let rooms = self.in_flight.rooms(shares);
+            claimed.extend(claims::claim_due(&self.pool, lease, &rooms, left as i64).await?.into_iter().map(take));
         }
         Ok(claimed)
     }
 
-    /// Make one attempt at `delivery` and record what came of it.
-    async fn attempt(self, delivery: Claimed, shutdown: CancellationToken) {
+    /// Make one attempt at `delivery` and record what came of it; `slot`,
+    /// its place in its tenant's share, is given back when it ends.
+    async fn attempt(self, delivery: Claimed, slot: Slot, shutdown: CancellationToken) {
         // A CLIENT span (OpenTelemetry's HTTP client conventions); the
         // destination, not the URL, whose path or query may carry secrets.
         let span = tracing::info_span!(
@@ -217,7 +246,7 @@ impl Worker {
         );
         async move {
             if delivery.previous_abandoned
-                && let Err(error) = store::log_abandoned(&self.pool, &delivery).await
+                && let Err(error) = attempts::log_abandoned(&self.pool, &delivery).await
             {
                 tracing::warn!(%error, "cannot log the abandoned attempt");
             }
@@ -268,6 +297,9 @@ impl Worker {
         }
         .instrument(span)
         .await;
+        // Given back only now that the outcome is recorded: until then the
+        // delivery is leased, so it is still this tenant's attempt.
+        drop(slot);
     }
 
     /// Store the outcome, retrying a failing database briefly: the attempt
@@ -277,7 +309,7 @@ impl Worker {
         let effects = Effects { signal, breaker: &self.config.breaker, endpoints_topic: &self.endpoints_topic };
         let mut backoff = Duration::from_millis(100);
         for _ in 0..5 {
-            match store::finish(&self.pool, delivery, record, next, effects).await {
+            match attempts::finish(&self.pool, delivery, record, next, effects).await {
                 Ok(true) => return,
                 Ok(false) => {
                     tracing::warn!("the lease of this delivery ran out during the attempt; another worker owns it");
