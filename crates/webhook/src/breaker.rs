@@ -1,8 +1,8 @@
 //! The circuit breaker of one webhook destination (scheme, host and port):
 //! the state machine only, pure and clock-free, so the notifier can keep its
-//! state wherever every instance sees it (it keeps it in PostgreSQL, see
-//! `onceflow_notifier::webhooks::breakers`) and tests can drive it through
-//! every transition.
+//! state wherever every instance sees it (it keeps one per tenant and
+//! destination in PostgreSQL, see `onceflow_notifier::webhooks::breakers`)
+//! and tests can drive it through every transition.
 //!
 //! ```text
 //!            consecutive failures ≥ failure_threshold, or
@@ -20,7 +20,7 @@
 //!
 //! Well-kept breaker crates exist (`failsafe`, for one), but they wrap calls
 //! in one process and keep their state in its memory; the notifier needs one
-//! breaker per destination, shared by every worker of every instance and kept
+//! breaker per tenant and destination, shared by every worker of every instance and kept
 //! across restarts, so the machine is this small type and its storage is a
 //! table row.
 //!
