@@ -25,7 +25,6 @@ use onceflow_runtime::limits::PerTenant;
 
 /// A tenant's share of one instance's delivery workers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct TenantShare {
     /// Attempts of the tenant in flight at once, per instance.
     pub max_in_flight: usize,
@@ -143,6 +142,15 @@ mod tests {
         assert!(rooms.full().is_empty());
         drop(second);
         assert_eq!(in_flight.rooms(&shares).tenants, ["big"], "tenants without attempts are forgotten");
+    }
+
+    #[test]
+    fn a_tenant_s_share_is_set_as_the_settings_write_it() {
+        let written = serde_json::json!({"max_in_flight": 4, "tenants": {"acme": {"max_in_flight": 8}}});
+        let shares: PerTenant<TenantShare> = serde_json::from_value(written).unwrap();
+        assert_eq!((shares.of("acme").max_in_flight, shares.of("globex").max_in_flight), (8, 4));
+        let misspelt = serde_json::json!({"max_in_flight": 4, "tenants": {"acme": {"max_inflight": 8}}});
+        assert!(serde_json::from_value::<PerTenant<TenantShare>>(misspelt).is_err());
     }
 
     #[test]
