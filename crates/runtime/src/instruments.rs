@@ -206,6 +206,18 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Outbox rows published and acknowledged by the broker.",
     ),
     (
+        "onceflow_outbox_parked_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Outbox rows the broker refused for what they hold, moved to onceflow_outbox_parked for an operator.",
+    ),
+    (
+        "onceflow_outbox_order_breaks_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Rows the broker acknowledged after refusing an earlier row of their key in one pipelined round.",
+    ),
+    (
         "onceflow_outbox_commit_to_publish_seconds",
         Kind::Histogram,
         Some(Unit::Seconds),
