@@ -62,11 +62,11 @@ async fn stream(
 
 /// `response` is a `429` problem naming `limit`, with `Retry-After: retry_after`.
 async fn assert_refused(response: reqwest::Response, limit: &str, retry_after: &str) {
-    let status = response.status().as_u16();
+    // Before the body: an open stream's never ends.
+    assert_eq!(response.status().as_u16(), 429, "{limit}: not refused");
     let retry = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let media = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body: Value = response.json().await.unwrap_or(Value::Null);
-    assert_eq!(status, 429, "{limit}: {body}");
     assert_eq!(retry.as_deref(), Some(retry_after), "{limit}: {body}");
     assert_eq!(media.as_deref(), Some("application/problem+json"));
     assert_eq!(body["limit"], limit, "{body}");
@@ -242,7 +242,8 @@ async fn one_tenant_at_its_limit_leaves_every_other_tenant_able_to_open_streams(
         canary.push(opened);
     }
     let canary_opens = started.elapsed();
-    let mut watching = SseClient::connect_as(&notifier.url("/v1/events"), CANARY_API_KEY, None).await;
+    // From the start (nothing is stored yet), so the event below cannot come first.
+    let mut watching = SseClient::connect_as(&notifier.url("/v1/events"), CANARY_API_KEY, Some("0")).await;
     let mut event = result_event(JobStatus::Succeeded, None);
     event.tenant = CANARY_TENANT.to_owned();
     env.publish_result(&event).await;
@@ -319,7 +320,9 @@ async fn replays_that_take_long_never_starve_the_results_consumer() {
     lock.rollback().await.unwrap();
     eprintln!("figure: with {REPLAYS} replays of dev held ({waiting} queries waiting), canary latencies {latencies:?}");
     let slowest = latencies.iter().max().copied().unwrap_or_default();
-    assert!(slowest < Duration::from_secs(2), "the canary waited {slowest:?} behind dev's replays: {latencies:?}");
+    // Publishing (a new producer each time) is most of it: on a shared pool
+    // the canary waits for the pool's acquire timeout (5 s in the tests).
+    assert!(slowest < Duration::from_secs(3), "the canary waited {slowest:?} behind dev's replays: {latencies:?}");
     drop(replays);
     env.teardown().await;
 }
@@ -355,7 +358,9 @@ async fn a_token_stream_ends_when_the_token_expires_or_is_revoked_on_every_insta
     // Expiry: the stream ends with the token, saying where to resume.
     let short = stream_token(&one, &json!({"ttl_secs": 2})).await.unwrap();
     let opened = std::time::Instant::now();
-    let mut expiring = token_stream(&one, &short, None).await;
+    // From the start (there is nothing yet): a stream from "now" could start
+    // after the event below.
+    let mut expiring = token_stream(&one, &short, Some(0)).await;
     let seen = store_event(&env).await;
     assert_eq!(expiring.next_event(EVENT_TIMEOUT).await.expect("an event").id, seen.to_string());
     assert_closed(&mut expiring, "token_expired", seen).await;
@@ -372,7 +377,7 @@ async fn a_token_stream_ends_when_the_token_expires_or_is_revoked_on_every_insta
     let anonymous = ApiResponse::send(reqwest::Client::new().post(one.url("/v1/stream-tokens/revoke"))).await;
     assert_eq!((anonymous.status, anonymous.problem_type().ends_with("unauthorized")), (401, true));
     let mut on_two = token_stream(&two, &fresh, None).await;
-    let mut by_key = SseClient::connect(&two.url("/v1/events"), None).await;
+    let mut by_key = SseClient::connect(&two.url("/v1/events"), Some(&missed.to_string())).await;
     let revoked =
         ApiResponse::send(reqwest::Client::new().post(one.url("/v1/stream-tokens/revoke")).bearer_auth(DEV_API_KEY))
             .await;
@@ -380,8 +385,7 @@ async fn a_token_stream_ends_when_the_token_expires_or_is_revoked_on_every_insta
     assert_eq!((revoked.json()["tenant"].as_str(), revoked.json()["epoch"].as_i64()), (Some("dev"), Some(1)));
     // Streams open with tokens from before end on both instances...
     assert_closed(&mut resumed, "token_revoked", missed).await;
-    let last = std::cmp::max(missed, seen);
-    assert_closed(&mut on_two, "token_revoked", last).await;
+    assert_closed(&mut on_two, "token_revoked", missed).await;
     // ... and the tokens open nothing any more, on either.
     for notifier in [&one, &two] {
         let refused =
@@ -391,7 +395,7 @@ async fn a_token_stream_ends_when_the_token_expires_or_is_revoked_on_every_insta
     }
     // A token issued afterwards works, and the API key's stream lives on.
     let after = stream_token(&two, &json!({})).await.unwrap();
-    let mut new_stream = token_stream(&one, &after, None).await;
+    let mut new_stream = token_stream(&one, &after, Some(missed)).await;
     let later = store_event(&env).await;
     assert_eq!(new_stream.next_event(EVENT_TIMEOUT).await.expect("an event").id, later.to_string());
     assert_eq!(by_key.next_event(EVENT_TIMEOUT).await.expect("an event").id, later.to_string());

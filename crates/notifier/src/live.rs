@@ -3,7 +3,8 @@
 //! or `#token=` in the fragment, which never reaches a server), opens
 //! `EventSource` on `/v1/events?token=...`, lists the tenant's job events as
 //! they arrive, says when the stream dropped and resumed (the browser
-//! resumes with `Last-Event-ID` itself), and filters by job or correlation
+//! resumes with `Last-Event-ID` itself) or ended with its token (expired or
+//! revoked: `stream.closed`), and filters by job or correlation
 //! id. The page runs only its own script: a strict Content-Security-Policy
 //! comes with each file.
 

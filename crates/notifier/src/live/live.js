@@ -111,6 +111,13 @@
     for (const type of EVENT_TYPES) source.addEventListener(type, show);
     source.addEventListener('stream.gap', (event) => notice('gap', `events missed, no longer retained: ${event.data}`));
     source.addEventListener('stream.lagged', () => notice('lagged', 'fell behind; resuming'));
+    // The token expired or was revoked: reconnecting with it would be refused.
+    source.addEventListener('stream.closed', (event) => {
+      const why = JSON.parse(event.data).reason === 'token_revoked' ? 'was revoked' : 'expired';
+      source.close();
+      setStatus('failed', 'not connected');
+      notice('closed', `the stream token ${why}: connect with a new one`);
+    });
   }
 
   function connect() {
