@@ -20,6 +20,9 @@
   let dropped = false;
   let reopens = 0;
   let reopenTimer = null;
+  // The filter of a stream whose token ended: connecting with a new token
+  // and the same filter resumes it where it stopped.
+  let endedWith = null;
 
   function setStatus(state, text) {
     $('status').dataset.state = state;
@@ -31,6 +34,10 @@
     item.dataset.kind = kind;
     item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
     $('notices').prepend(item);
+  }
+
+  function filter() {
+    return `${$('job').value.trim()}\n${$('correlation').value.trim()}`;
   }
 
   function streamUrl(resume) {
@@ -115,13 +122,23 @@
     source.addEventListener('stream.closed', (event) => {
       const why = JSON.parse(event.data).reason === 'token_revoked' ? 'was revoked' : 'expired';
       source.close();
+      endedWith = filter();
       setStatus('failed', 'not connected');
-      notice('closed', `the stream token ${why}: connect with a new one`);
+      notice('closed', `the stream token ${why}: connect with a new one to resume`);
     });
   }
 
   function connect() {
+    // A new token for a stream whose token ended: resume it.
+    if (endedWith !== null && endedWith === filter()) {
+      endedWith = null;
+      dropped = true;
+      reopens = 0;
+      open(true);
+      return;
+    }
     // A new token or filter: a new stream, from its start.
+    endedWith = null;
     lastId = null;
     everOpened = false;
     dropped = false;
