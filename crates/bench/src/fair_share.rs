@@ -19,27 +19,45 @@ use crate::{Bench, histogram, millis, record};
 /// place free are counted as `unsent`.
 const MAX_FLOOD_IN_FLIGHT: usize = 256;
 
-/// One tenant's answers: status → count, and the latency of each answer.
+/// How long each window of the per-window figures is.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// One tenant's answers: status → count, and the latency of each answer,
+/// in all and per [`WINDOW`] since the start (the flood's accepted phase and
+/// its refused phase differ).
 #[derive(Default)]
 struct Answers {
     statuses: HashMap<String, u64>,
     latencies: Option<Histogram<u64>>,
+    windows: Vec<Histogram<u64>>,
 }
 
 impl Answers {
-    fn add(&mut self, status: String, took: Duration) {
+    fn add(&mut self, status: String, sent: Instant, started: Instant) {
+        let took = sent.elapsed();
         *self.statuses.entry(status).or_default() += 1;
         record(self.latencies.get_or_insert_with(histogram), took);
+        let window = (sent.saturating_duration_since(started).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
+        while self.windows.len() <= window {
+            self.windows.push(histogram());
+        }
+        record(&mut self.windows[window], took);
     }
 
     fn report(&self, sent_per_sec: f64) -> Value {
         let latencies = self.latencies.clone().unwrap_or_else(histogram);
+        let windows: Vec<Value> = self
+            .windows
+            .iter()
+            .map(|window| json!({"p50_ms": millis(window, 0.5), "p99_ms": millis(window, 0.99)}))
+            .collect();
         json!({
             "sent_per_sec": sent_per_sec,
             "statuses": self.statuses,
             "p50_ms": millis(&latencies, 0.5),
             "p99_ms": millis(&latencies, 0.99),
             "max_ms": latencies.max() as f64 / 1000.0,
+            "per_5s": windows,
         })
     }
 }
@@ -58,7 +76,8 @@ impl Bench {
         let flood = Arc::new(Mutex::new(Answers::default()));
         let calm_answers = Arc::new(Mutex::new(Answers::default()));
         let places = Arc::new(Semaphore::new(MAX_FLOOD_IN_FLIGHT));
-        let stop = Instant::now() + duration;
+        let started = Instant::now();
+        let stop = started + duration;
         let mut unsent = 0u64;
         let mut requests = JoinSet::new();
 
@@ -74,7 +93,7 @@ impl Bench {
                         let sent = Instant::now();
                         let status =
                             calm.post(&calm.deposit()).await.map_or("error".to_owned(), |(s, _)| s.to_string());
-                        answers.lock().expect("answers").add(status, sent.elapsed());
+                        answers.lock().expect("answers").add(status, sent, started);
                     });
                 }
                 while calls.join_next().await.is_some() {}
@@ -84,7 +103,6 @@ impl Bench {
         // Ticks of 1 ms, each sending its share of the flood rate.
         let mut ticker = tokio::time::interval(Duration::from_millis(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let started = Instant::now();
         let mut due = 0.0;
         let mut sent = 0u64;
         while Instant::now() < stop {
@@ -99,9 +117,9 @@ impl Bench {
                 sent += 1;
                 let (bench, answers) = (self.clone(), flood.clone());
                 requests.spawn(async move {
-                    let began = Instant::now();
+                    let sent = Instant::now();
                     let status = bench.post(&bench.deposit()).await.map_or("error".to_owned(), |(s, _)| s.to_string());
-                    answers.lock().expect("answers").add(status, began.elapsed());
+                    answers.lock().expect("answers").add(status, sent, started);
                     drop(place);
                 });
             }

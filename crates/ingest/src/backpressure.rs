@@ -37,6 +37,9 @@ const INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// The weight of the newest sample in the smoothed drain rate.
 const SMOOTHING: f64 = 0.3;
+/// How much of the processor's lately reached rate is kept after a second
+/// (it halves in about half a minute).
+const CAPACITY_FADE: f64 = 0.98;
 /// The most a `Retry-After` asks a client to wait, in seconds.
 const MAX_RETRY_AFTER_SECS: u64 = 60;
 
@@ -47,28 +50,63 @@ pub struct ProcessorPressure {
     lag: AtomicI64,
     /// Commands applied per second, smoothed, as `f64` bits.
     drain_per_sec: AtomicU64,
+    /// The most the processor drained lately (the highest rate, fading by
+    /// [`CAPACITY_FADE`] a second), as `f64` bits: what it can do, which a
+    /// stall of a few seconds does not change.
+    capacity_per_sec: AtomicU64,
+    /// Commands this instance accepted since the lag was measured: the lag
+    /// is measured once a second, and a flood arriving on an idle system
+    /// would otherwise be accepted whole for that second.
+    accepted_since: AtomicI64,
 }
 
 impl Default for ProcessorPressure {
     fn default() -> Self {
-        Self { lag: AtomicI64::new(-1), drain_per_sec: AtomicU64::new(0f64.to_bits()) }
+        Self {
+            lag: AtomicI64::new(-1),
+            drain_per_sec: AtomicU64::new(0f64.to_bits()),
+            capacity_per_sec: AtomicU64::new(0f64.to_bits()),
+            accepted_since: AtomicI64::new(0),
+        }
     }
 }
 
 impl ProcessorPressure {
-    /// `Some((lag, seconds to wait))` when the backlog would take longer
-    /// than `max_delay_ms` to drain: `shed.max_queue_delay_ms` for the
-    /// tenants over their share (see [`crate::limits`]),
-    /// `shed.everyone_after_ms` for every tenant.
-    pub fn retry_after(&self, shed: &ShedConfig, max_delay_ms: u64) -> Option<(i64, u64)> {
+    /// `Some((lag, seconds to wait))` when the tenants over their share (see
+    /// [`crate::limits`]) are to be refused: the backlog would take longer
+    /// than `shed.max_queue_delay_ms` to drain at the current rate.
+    pub fn over_share_retry_after(&self, shed: &ShedConfig) -> Option<(i64, u64)> {
+        self.retry_after(shed, &self.drain_per_sec, shed.max_queue_delay_ms)
+    }
+
+    /// `Some((lag, seconds to wait))` when every tenant is to be refused: the
+    /// backlog would take longer than `shed.everyone_after_ms` to drain even
+    /// at the rate the processor reached lately (a stall of a few seconds,
+    /// when nothing drains, does not refuse every tenant at once).
+    pub fn everyone_retry_after(&self, shed: &ShedConfig) -> Option<(i64, u64)> {
+        self.retry_after(shed, &self.capacity_per_sec, shed.everyone_after_ms)
+    }
+
+    fn retry_after(&self, shed: &ShedConfig, rate: &AtomicU64, max_delay_ms: u64) -> Option<(i64, u64)> {
         let lag = self.lag.load(Ordering::Relaxed);
-        let drain = f64::from_bits(self.drain_per_sec.load(Ordering::Relaxed));
+        if lag < 0 {
+            return None;
+        }
+        let lag = lag + self.accepted_since.load(Ordering::Relaxed);
+        let drain = f64::from_bits(rate.load(Ordering::Relaxed));
         retry_after(lag, drain, shed, max_delay_ms).map(|seconds| (lag, seconds))
     }
 
-    fn record(&self, lag: i64, drain_per_sec: f64) {
+    /// One more command accepted here, until the next measurement counts it.
+    pub fn note_accepted(&self) {
+        self.accepted_since.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record(&self, lag: i64, drain_per_sec: f64, capacity_per_sec: f64) {
+        self.accepted_since.store(0, Ordering::Relaxed);
         self.lag.store(lag, Ordering::Relaxed);
         self.drain_per_sec.store(drain_per_sec.to_bits(), Ordering::Relaxed);
+        self.capacity_per_sec.store(capacity_per_sec.to_bits(), Ordering::Relaxed);
         metrics::gauge!("onceflow_processor_lag_messages").set(lag as f64);
         metrics::gauge!("onceflow_processor_drain_per_second").set(drain_per_sec);
     }
@@ -104,6 +142,7 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
     let probe = Arc::new(probe);
     let mut previous: Option<(Instant, GroupLag)> = None;
     let mut drain_per_sec = 0.0;
+    let mut capacity_per_sec: f64 = 0.0;
     loop {
         let measuring = probe.clone();
         match tokio::task::spawn_blocking(move || measuring.measure(TIMEOUT)).await {
@@ -122,7 +161,9 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
                 // The smoothed rate lags a processor that just started to work
                 // through a burst after idling; the last second's rate shows
                 // what it does now, so the higher of the two is used.
-                pressure.record(now.lag(), latest.max(drain_per_sec));
+                let drain = latest.max(drain_per_sec);
+                capacity_per_sec = drain.max(capacity_per_sec * CAPACITY_FADE);
+                pressure.record(now.lag(), drain, capacity_per_sec);
                 previous = Some((at, now));
             }
             Ok(Err(error)) => {

@@ -201,6 +201,7 @@ async fn submit_admitted(
     let acceptance = match state.committer.commit(acceptance).await {
         Some(Grouped::Committed(acceptance)) => {
             tracing::info!("command accepted");
+            state.processor_pressure.note_accepted();
             return Ok(acceptance.accepted_response());
         }
         Some(Grouped::Alone(acceptance)) => acceptance,
@@ -353,6 +354,7 @@ async fn commit_alone(state: &AppState, tenant: &Tenant, acceptance: Acceptance)
     onceflow_outbox::enqueue(&mut tx, &acceptance.outbox).await?;
     tx.commit().await?;
     tracing::info!("command accepted");
+    state.processor_pressure.note_accepted();
     Ok(acceptance.accepted_response())
 }
 
@@ -424,7 +426,7 @@ fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
         });
     }
     // Past the share rule (see `crate::limits`): every tenant waits.
-    if let Some((lag, retry_after_secs)) = state.processor_pressure.retry_after(shed, shed.everyone_after_ms) {
+    if let Some((lag, retry_after_secs)) = state.processor_pressure.everyone_retry_after(shed) {
         metrics::counter!("onceflow_ingest_shed_total", "reason" => "processor_lag").increment(1);
         return Err(ApiError::Overloaded {
             reason: format!("{lag} commands are waiting for the processor; retry later"),

@@ -48,10 +48,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{backpressure::ProcessorPressure, config::ShedConfig, error::ApiError};
 
-/// How often each tenant's share of the recent requests is measured.
-const INTERVAL: Duration = Duration::from_secs(1);
-/// The weight of the newest second in a tenant's smoothed request rate.
-const SMOOTHING: f64 = 0.5;
+/// How often each tenant's share of the recent requests is measured: often,
+/// so a flood is known as one within a tenth of a second.
+const INTERVAL: Duration = Duration::from_millis(100);
+/// The weight of the newest interval in a tenant's smoothed request rate
+/// (the rate then follows about the last second).
+const SMOOTHING: f64 = 0.1;
 
 /// A tenant's limits on `POST /v1/commands` (`[submit_limits]`).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -151,7 +153,7 @@ impl TenantLimits {
         let Some(state) = self.tenants.get(tenant) else { return Ok(Admission { _in_flight: None, fields: None }) };
         state.seen.fetch_add(1, Ordering::Relaxed);
         if state.over_share.load(Ordering::Relaxed)
-            && let Some((lag, retry_after_secs)) = self.pressure.retry_after(&self.shed, self.shed.max_queue_delay_ms)
+            && let Some((lag, retry_after_secs)) = self.pressure.over_share_retry_after(&self.shed)
         {
             return Err(refused(
                 "over_share",

@@ -304,6 +304,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Commands ingest refused with 503, by reason (outbox_backlog, processor_lag, database_pool).",
     ),
     (
+        "onceflow_ingest_tenant_refusals_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Commands ingest refused with 429 for a tenant's limit, by limit (rate, in_flight, over_share).",
+    ),
+    (
         "onceflow_processor_lag_messages",
         Kind::Gauge,
         Some(Unit::Count),
@@ -316,6 +322,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Commands the processor applies per second, smoothed, as ingest's backpressure sees it.",
     ),
     ("onceflow_sse_connections", Kind::Gauge, Some(Unit::Count), "Open Server-Sent Events streams."),
+    (
+        "onceflow_sse_refused_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Server-Sent Events streams refused at open, by the stream limit reached (max_streams, max_streams_per_token, max_replays).",
+    ),
     ("onceflow_webhook_attempts_total", Kind::Counter, Some(Unit::Count), "Webhook delivery attempts, by outcome."),
     (
         "onceflow_webhook_deliveries_total",
