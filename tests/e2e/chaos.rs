@@ -109,12 +109,51 @@ impl Managed {
 
 /// What the client learnt of one idempotency key.
 #[derive(Debug, Clone)]
-struct Submitted {
-    account: &'static str,
-    amount: i64,
-    job_id: String,
+pub(crate) struct Submitted {
+    pub(crate) account: &'static str,
+    pub(crate) amount: i64,
+    pub(crate) job_id: String,
     /// Requests it took (1 = accepted at once).
-    attempts: u32,
+    pub(crate) attempts: u32,
+}
+
+/// Deposits to `accounts` in turn, `rate` a second until `stop`, each by a
+/// client task of its own that retries its key until accepted, starting on
+/// the ingests of `ingests` in turn; what each key got, once every client is
+/// done.
+pub(crate) fn deposit_load(
+    accounts: &'static [&'static str],
+    ingests: Vec<String>,
+    rate: u64,
+    http: reqwest::Client,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<HashMap<String, Submitted>> {
+    tokio::spawn(async move {
+        let submitted: Arc<Mutex<HashMap<String, Submitted>>> = Arc::default();
+        let mut clients = tokio::task::JoinSet::new();
+        let mut ticker = tokio::time::interval(Duration::from_millis(1000 / rate));
+        let mut n: u64 = 0;
+        while !stop.is_cancelled() {
+            ticker.tick().await;
+            n += 1;
+            let account = accounts[usize::try_from(n).unwrap_or(0) % accounts.len()];
+            let amount = i64::try_from(n % 97 + 1).unwrap_or(1);
+            let key = format!("deposit-{n}");
+            let mut order = ingests.clone();
+            order.rotate_left(usize::try_from(n).unwrap_or(0) % ingests.len());
+            let (submitted, http) = (submitted.clone(), http.clone());
+            clients.spawn(async move {
+                let body = json!({"type": "ledger.deposit", "payload": {"account_id": account, "amount": amount}});
+                let order: Vec<&str> = order.iter().map(String::as_str).collect();
+                let (job_id, attempts) = submit_until_accepted(&http, &order, &key, &body).await;
+                submitted.lock().expect("submitted").insert(key, Submitted { account, amount, job_id, attempts });
+            });
+        }
+        while let Some(outcome) = clients.join_next().await {
+            outcome.expect("a client task");
+        }
+        submitted.lock().expect("submitted").clone()
+    })
 }
 
 /// Submit `body` under `key` until a `202`, retrying the same key on
@@ -319,33 +358,8 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     }
 
     // The load: RATE_PER_SEC deposits a second, each by its own client task.
-    let submitted: Arc<Mutex<HashMap<String, Submitted>>> = Arc::default();
     let stop_load = CancellationToken::new();
-    let load = {
-        let (submitted, stop_load, http, ingest_addr) =
-            (submitted.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
-        tokio::spawn(async move {
-            let mut clients = tokio::task::JoinSet::new();
-            let mut ticker = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_SEC));
-            let mut n: u64 = 0;
-            while !stop_load.is_cancelled() {
-                ticker.tick().await;
-                n += 1;
-                let account = ACCOUNTS[usize::try_from(n).unwrap_or(0) % ACCOUNTS.len()];
-                let amount = i64::try_from(n % 97 + 1).unwrap_or(1);
-                let key = format!("deposit-{n}");
-                let (submitted, http, ingest_addr) = (submitted.clone(), http.clone(), ingest_addr.clone());
-                clients.spawn(async move {
-                    let body = json!({"type": "ledger.deposit", "payload": {"account_id": account, "amount": amount}});
-                    let (job_id, attempts) = submit_until_accepted(&http, &[&ingest_addr], &key, &body).await;
-                    submitted.lock().expect("submitted").insert(key, Submitted { account, amount, job_id, attempts });
-                });
-            }
-            while let Some(outcome) = clients.join_next().await {
-                outcome.expect("a client task");
-            }
-        })
-    };
+    let load = deposit_load(&ACCOUNTS, vec![ingest_addr.clone()], RATE_PER_SEC, http.clone(), stop_load.clone());
 
     // The push handler's commands: per key, one after another, each once
     // accepted, so their 202s come in the order of `n`.
@@ -425,7 +439,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
         round += 1;
     }
     stop_load.cancel();
-    load.await.expect("the load");
+    let submitted = load.await.expect("the load");
     for greeter in greeters {
         greeter.await.expect("a greeter");
     }
@@ -436,7 +450,6 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     }
 
     // Every accepted deposit ends, and ends succeeded (the accounts exist).
-    let submitted = submitted.lock().expect("submitted").clone();
     for (key, deposit) in &submitted {
         eventually(&format!("deposit {key} ({}) to end", deposit.job_id), OUTCOME_TIMEOUT, || async {
             let job = api.job(&deposit.job_id).await.json();

@@ -18,11 +18,9 @@ use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, TestEnv, development_config, 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::{Managed, Seen, free_addr, read_events, submit_until_accepted};
+use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, read_events, submit_until_accepted};
 
 const ACCOUNTS: [&str; 4] = ["scale-a", "scale-b", "scale-c", "scale-d"];
-/// What the client learnt of each key: the account, the amount, the job.
-type Submitted = HashMap<String, (&'static str, i64, String)>;
 /// Deposits submitted per second while the instances restart.
 const RATE_PER_SEC: u64 = 20;
 
@@ -102,37 +100,8 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
 
     // The load: deposits spread over both ingests, each key retried until
     // accepted (on the other ingest when one is away).
-    let submitted: Arc<Mutex<Submitted>> = Arc::default();
     let stop_load = CancellationToken::new();
-    let load = {
-        let (submitted, stop_load, http, ingests) =
-            (submitted.clone(), stop_load.clone(), http.clone(), ingests.clone());
-        tokio::spawn(async move {
-            let mut clients = tokio::task::JoinSet::new();
-            let mut ticker = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_SEC));
-            let mut n: u64 = 0;
-            while !stop_load.is_cancelled() {
-                ticker.tick().await;
-                n += 1;
-                let account = ACCOUNTS[usize::try_from(n).unwrap_or(0) % ACCOUNTS.len()];
-                let amount = i64::try_from(n % 89 + 1).unwrap_or(1);
-                let key = format!("deposit-{n}");
-                // Half start on each ingest.
-                let order: Vec<String> =
-                    if n.is_multiple_of(2) { ingests.clone() } else { ingests.iter().rev().cloned().collect() };
-                let (submitted, http) = (submitted.clone(), http.clone());
-                clients.spawn(async move {
-                    let body = json!({"type": "ledger.deposit", "payload": {"account_id": account, "amount": amount}});
-                    let order: Vec<&str> = order.iter().map(String::as_str).collect();
-                    let (job_id, _) = submit_until_accepted(&http, &order, &key, &body).await;
-                    submitted.lock().expect("submitted").insert(key, (account, amount, job_id));
-                });
-            }
-            while let Some(outcome) = clients.join_next().await {
-                outcome.expect("a client task");
-            }
-        })
-    };
+    let load = deposit_load(&ACCOUNTS, ingests.clone(), RATE_PER_SEC, http.clone(), stop_load.clone());
 
     // The rolling restart: every instance in turn, a few seconds apart.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -144,14 +113,13 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     stop_load.cancel();
-    load.await.expect("the load");
+    let submitted = load.await.expect("the load");
     for instance in &mut instances {
         instance.assert_alive();
     }
 
     // Every accepted deposit ends succeeded, once.
-    let submitted = submitted.lock().expect("submitted").clone();
-    for (key, (_, _, job_id)) in &submitted {
+    for (key, Submitted { job_id, .. }) in &submitted {
         eventually(&format!("deposit {key} ({job_id}) to end"), OUTCOME_TIMEOUT, || async {
             let job = api.job(job_id).await.json();
             match job["status"].as_str() {
@@ -162,7 +130,7 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
         })
         .await;
     }
-    let distinct: HashSet<&str> = submitted.values().map(|(.., job_id)| job_id.as_str()).collect();
+    let distinct: HashSet<&str> = submitted.values().map(|deposit| deposit.job_id.as_str()).collect();
     assert_eq!(distinct.len(), submitted.len(), "one job per key, and no two keys share one");
     let processor_pool = sqlx::PgPool::connect(&env.database_url("processor")).await.expect("processor db");
     let balances: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>("SELECT account_id, balance FROM accounts")
@@ -172,13 +140,13 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
         .into_iter()
         .collect();
     for account in ACCOUNTS {
-        let expected: i64 = submitted.values().filter(|(a, ..)| *a == account).map(|(_, amount, _)| amount).sum();
+        let expected: i64 = submitted.values().filter(|d| d.account == account).map(|d| d.amount).sum();
         assert_eq!(balances.get(account).copied().unwrap_or(0), expected, "{account}: each deposit exactly once");
     }
 
     // Each reader saw every job's terminal event, each event once.
     let wanted: HashSet<String> =
-        submitted.values().map(|(.., job_id)| job_id.clone()).chain(opened.iter().cloned()).collect();
+        submitted.values().map(|deposit| deposit.job_id.clone()).chain(opened.iter().cloned()).collect();
     for (n, (seen, _)) in readers.iter().enumerate() {
         eventually(&format!("reader {n} to see every terminal event"), OUTCOME_TIMEOUT, || async {
             let seen = seen.lock().expect("seen");

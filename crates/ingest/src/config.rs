@@ -105,6 +105,22 @@ pub struct ShedConfig {
     pub min_lag: i64,
 }
 
+#[cfg(test)]
+impl ShedConfig {
+    /// The defaults' shedding (10 s for tenants over their share, 20 s for
+    /// everyone, 1,000 commands at least), for unit tests.
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            max_outbox_backlog: 100_000,
+            retry_after_secs: 2,
+            processor_group: "onceflow-processor".to_owned(),
+            max_queue_delay_ms: 10_000,
+            everyone_after_ms: 20_000,
+            min_lag: 1_000,
+        }
+    }
+}
+
 impl IngestConfig {
     pub fn idempotency_ttl(&self) -> Duration {
         Duration::from_secs(self.idempotency_ttl_secs)

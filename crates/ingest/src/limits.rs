@@ -271,14 +271,7 @@ mod tests {
     }
 
     fn shed() -> ShedConfig {
-        ShedConfig {
-            max_outbox_backlog: 100_000,
-            retry_after_secs: 2,
-            processor_group: "onceflow-processor".to_owned(),
-            max_queue_delay_ms: 10_000,
-            everyone_after_ms: 20_000,
-            min_lag: 1_000,
-        }
+        ShedConfig::for_tests()
     }
 
     fn tenant_limits(limits: &PerTenant<SubmitLimits>) -> TenantLimits {
