@@ -1,9 +1,12 @@
-//! The whole stack under faults, as a client sees it: ingest, processor and
-//! notifier run as real processes on a broker of the test's own, while a
-//! client submits deposits and retries each one with the same key until it
-//! gets its `202`. Meanwhile each service is SIGKILLed and restarted, every
-//! database connection is cut, and the broker is paused, then SIGKILLed and
-//! restarted (it keeps its data in a file, as the local stack's does).
+//! The whole stack under faults, as a client sees it: two instances each of
+//! ingest, processor and notifier run as real processes on a broker of the
+//! test's own (both ingests take commands, both processors share the
+//! consumer group, both notifiers serve a reader), while a client submits
+//! deposits and retries each one with the same key until it gets its `202`
+//! (on the other ingest when one is away). Meanwhile the instances of each
+//! service are SIGKILLed and restarted in turn, every database connection is
+//! cut, and the broker is paused, then SIGKILLed and restarted (it keeps its
+//! data in a file, as the local stack's does).
 //!
 //! Beside the deposits, commands of a push handler (a server of the test's,
 //! which outlives every kill) are submitted in order on two ordering keys,
@@ -15,7 +18,8 @@
 //!
 //! Afterwards: every accepted deposit took effect exactly once (the ledger
 //! invariant), every job is terminal, a key's retries all named one job, a
-//! resuming SSE reader saw every job's terminal event exactly once, and each
+//! resuming SSE reader on each notifier saw every job's terminal event
+//! exactly once, and each
 //! push key's commands were called, and their results streamed, in the order
 //! of their 202s (a call may repeat after a processor was killed in the
 //! middle of it, always with the job's one key); every pull command ended
@@ -36,6 +40,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const ACCOUNTS: [&str; 4] = ["chaos-a", "chaos-b", "chaos-c", "chaos-d"];
+/// Instances of each service.
+const INSTANCES: usize = 2;
 /// The ordering keys of the push handler's commands.
 const GREET_KEYS: [&str; 2] = ["g-0", "g-1"];
 /// Deposits submitted per second while the faults run.
@@ -286,7 +292,6 @@ async fn the_whole_stack_survives_kills_cuts_and_a_paused_broker_with_every_effe
             ("ONCEFLOW_TELEMETRY__LOG_FILTER", "warn".to_owned()),
         ]
     };
-    let (ingest_addr, processor_addr, notifier_addr) = (free_addr(), free_addr(), free_addr());
     let kafka = env.kafka.clone();
     // The push handler answers at once; it lives in the test, so no kill
     // reaches it.
@@ -310,45 +315,62 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
 "#,
         handler.url("/greet")
     ));
-    let mut ingest_env = common(&kafka, env.database_config("ingest").url);
-    ingest_env.extend([
-        ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
-        ("ONCEFLOW_LISTEN", ingest_addr.clone()),
-        ("ONCEFLOW_CONFIG", development_config("ingest").display().to_string()),
-        ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
-        ("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", env.id)),
-    ]);
-    let mut processor_env = common(&kafka, env.database_config("processor").url);
-    processor_env.extend([
-        ("ONCEFLOW_LISTEN", processor_addr.clone()),
-        ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id)),
-        ("ONCEFLOW_CONFIG", development_config("processor").display().to_string()),
-        ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
-        ("ONCEFLOW_EXECUTIONS__PUSH__ALLOWLIST", "[\"127.0.0.1\"]".to_owned()),
-    ]);
-    let mut notifier_env = common(&kafka, env.database_config("notifier").url);
-    notifier_env.extend([
-        ("ONCEFLOW_LISTEN", notifier_addr.clone()),
-        ("ONCEFLOW_CONFIG", development_config("notifier").display().to_string()),
-        ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
-    ]);
-    let mut ingest = Managed::new("onceflow-ingest", "ingest", ingest_env, &logs, ingest_addr.clone());
-    let mut processor = Managed::new("onceflow-processor", "processor", processor_env, &logs, processor_addr);
-    let mut notifier = Managed::new("onceflow-notifier", "notifier", notifier_env, &logs, notifier_addr.clone());
-    ingest.start().await;
-    processor.start().await;
-    notifier.start().await;
+    // Two instances of each service, on one broker and one set of databases.
+    let (ingest_db, processor_db, notifier_db) =
+        (env.database_config("ingest").url, env.database_config("processor").url, env.database_config("notifier").url);
+    let (mut ingests, mut processors, mut notifiers) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 1..=INSTANCES {
+        let addr = free_addr();
+        let mut vars = common(&kafka, ingest_db.clone());
+        vars.extend([
+            ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
+            ("ONCEFLOW_LISTEN", addr.clone()),
+            ("ONCEFLOW_CONFIG", development_config("ingest").display().to_string()),
+            ("ONCEFLOW_RESULTS_GROUP_ID", format!("ingest-{}", env.id)),
+            ("ONCEFLOW_SHED__PROCESSOR_GROUP", format!("processor-{}", env.id)),
+        ]);
+        ingests.push(Managed::new("onceflow-ingest", &format!("ingest-{n}"), vars, &logs, addr));
+        let addr = free_addr();
+        let mut vars = common(&kafka, processor_db.clone());
+        vars.extend([
+            ("ONCEFLOW_LISTEN", addr.clone()),
+            ("ONCEFLOW_GROUP_ID", format!("processor-{}", env.id)),
+            ("ONCEFLOW_CONFIG", development_config("processor").display().to_string()),
+            ("ONCEFLOW_COMMAND_TYPES_FILE", types.clone()),
+            ("ONCEFLOW_EXECUTIONS__PUSH__ALLOWLIST", "[\"127.0.0.1\"]".to_owned()),
+        ]);
+        processors.push(Managed::new("onceflow-processor", &format!("processor-{n}"), vars, &logs, addr));
+        let addr = free_addr();
+        let mut vars = common(&kafka, notifier_db.clone());
+        vars.extend([
+            ("ONCEFLOW_LISTEN", addr.clone()),
+            ("ONCEFLOW_CONFIG", development_config("notifier").display().to_string()),
+            ("ONCEFLOW_GROUP_ID", format!("notifier-{}", env.id)),
+        ]);
+        notifiers.push(Managed::new("onceflow-notifier", &format!("notifier-{n}"), vars, &logs, addr));
+    }
+    for service in ingests.iter_mut().chain(&mut processors).chain(&mut notifiers) {
+        service.start().await;
+    }
+    let ingest_addrs: Vec<String> = ingests.iter().map(|ingest| ingest.addr.clone()).collect();
+    let ingest_refs: Vec<&str> = ingest_addrs.iter().map(String::as_str).collect();
 
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    // A resuming reader on each notifier.
     let stop_reader = CancellationToken::new();
-    let reader = tokio::spawn(read_events(notifier_addr.clone(), seen.clone(), stop_reader.clone()));
+    let readers: Vec<_> = notifiers
+        .iter()
+        .map(|notifier| {
+            let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+            (seen.clone(), tokio::spawn(read_events(notifier.addr.clone(), seen, stop_reader.clone())))
+        })
+        .collect();
 
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
-    let api = onceflow_tests::IngestClient::at(&format!("http://{ingest_addr}"), DEV_API_KEY);
+    let api = onceflow_tests::IngestClient::at(&format!("http://{}", ingest_addrs[0]), DEV_API_KEY);
     let mut opened = Vec::new();
     for account in ACCOUNTS {
         let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
-        opened.push(submit_until_accepted(&http, &[&ingest_addr], &format!("open-{account}"), &body).await.0);
+        opened.push(submit_until_accepted(&http, &ingest_refs, &format!("open-{account}"), &body).await.0);
     }
     for job_id in &opened {
         eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
@@ -359,7 +381,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
 
     // The load: RATE_PER_SEC deposits a second, each by its own client task.
     let stop_load = CancellationToken::new();
-    let load = deposit_load(&ACCOUNTS, vec![ingest_addr.clone()], RATE_PER_SEC, http.clone(), stop_load.clone());
+    let load = deposit_load(&ACCOUNTS, ingest_addrs.clone(), RATE_PER_SEC, http.clone(), stop_load.clone());
 
     // The push handler's commands: per key, one after another, each once
     // accepted, so their 202s come in the order of `n`.
@@ -367,15 +389,15 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     let greeters: Vec<_> = GREET_KEYS
         .iter()
         .map(|&key| {
-            let (greeted, stop_load, http, ingest_addr) =
-                (greeted.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
+            let (greeted, stop_load, http, ingest_addrs) =
+                (greeted.clone(), stop_load.clone(), http.clone(), ingest_addrs.clone());
             tokio::spawn(async move {
                 let mut n = 0;
                 while !stop_load.is_cancelled() {
                     n += 1;
                     let body = json!({"type": "chaos.greet", "payload": {"key": key, "n": n}});
-                    let (job_id, _) =
-                        submit_until_accepted(&http, &[&ingest_addr], &format!("greet-{key}-{n}"), &body).await;
+                    let ingests: Vec<&str> = ingest_addrs.iter().map(String::as_str).collect();
+                    let (job_id, _) = submit_until_accepted(&http, &ingests, &format!("greet-{key}-{n}"), &body).await;
                     greeted.lock().expect("greeted").push((key, n, job_id));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -386,21 +408,22 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     // Pull commands, one every 200 ms, and the misbehaving worker.
     let pulled: Arc<Mutex<Vec<String>>> = Arc::default();
     let reporter = {
-        let (pulled, stop_load, http, ingest_addr) =
-            (pulled.clone(), stop_load.clone(), http.clone(), ingest_addr.clone());
+        let (pulled, stop_load, http, ingest_addrs) =
+            (pulled.clone(), stop_load.clone(), http.clone(), ingest_addrs.clone());
         tokio::spawn(async move {
             let mut n: u64 = 0;
             while !stop_load.is_cancelled() {
                 n += 1;
                 let body = json!({"type": "demo.report", "payload": {"n": n}});
-                let (job_id, _) = submit_until_accepted(&http, &[&ingest_addr], &format!("report-{n}"), &body).await;
+                let ingests: Vec<&str> = ingest_addrs.iter().map(String::as_str).collect();
+                let (job_id, _) = submit_until_accepted(&http, &ingests, &format!("report-{n}"), &body).await;
                 pulled.lock().expect("pulled").push(job_id);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
     };
     let stop_worker = CancellationToken::new();
-    let worker = tokio::spawn(misbehaving_worker(format!("http://{}", processor.addr), stop_worker.clone()));
+    let worker = tokio::spawn(misbehaving_worker(format!("http://{}", processors[0].addr), stop_worker.clone()));
 
     // The faults, one every few seconds while the load runs.
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", database_server())).await.expect("admin connection");
@@ -410,18 +433,20 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     let mut round = 0;
     while fault_started.elapsed() < LOAD {
         tokio::time::sleep(pause).await;
+        // Each kill takes the instances in turn.
+        let instance = (round / 6) % INSTANCES;
         let fault = match round % 6 {
             0 => {
-                processor.kill_and_restart().await;
-                "SIGKILL processor".to_owned()
+                processors[instance].kill_and_restart().await;
+                format!("SIGKILL processor-{}", instance + 1)
             }
             1 => {
-                ingest.kill_and_restart().await;
-                "SIGKILL ingest".to_owned()
+                ingests[instance].kill_and_restart().await;
+                format!("SIGKILL ingest-{}", instance + 1)
             }
             2 => {
-                notifier.kill_and_restart().await;
-                "SIGKILL notifier".to_owned()
+                notifiers[instance].kill_and_restart().await;
+                format!("SIGKILL notifier-{}", instance + 1)
             }
             3 => format!("cut {} database connections", cut_database_connections(&admin, &env.id).await),
             4 => {
@@ -445,7 +470,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     }
     reporter.await.expect("the reporter");
     assert!(faults.iter().any(|f| f.starts_with("SIGKILL broker")), "the broker was never restarted: {faults:?}");
-    for service in [&mut ingest, &mut processor, &mut notifier] {
+    for service in ingests.iter_mut().chain(&mut processors).chain(&mut notifiers) {
         service.assert_alive();
     }
 
@@ -544,54 +569,60 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
         .chain(greeted.iter().map(|(.., job)| job.clone()))
         .chain(pulled.iter().cloned())
         .collect();
-    eventually("the SSE reader to see every job's terminal event", OUTCOME_TIMEOUT, || async {
-        let seen = seen.lock().expect("seen");
-        let terminal: HashSet<&str> =
-            seen.iter().filter(|s| s.event_type == "job.succeeded").map(|s| s.job_id.as_str()).collect();
-        wanted.iter().all(|job| terminal.contains(job.as_str())).then_some(())
-    })
-    .await;
-    stop_reader.cancel();
-    let reconnects = reader.await.expect("the reader");
-    let seen = seen.lock().expect("seen").clone();
-    let mut by_event: HashMap<&str, usize> = HashMap::new();
-    let mut terminal_by_job: HashMap<&str, usize> = HashMap::new();
-    for event in &seen {
-        *by_event.entry(event.event_id.as_str()).or_default() += 1;
-        if event.event_type.starts_with("job.") && event.event_type != "job.processing" {
-            *terminal_by_job.entry(event.job_id.as_str()).or_default() += 1;
-        }
+    for (n, (seen, _)) in readers.iter().enumerate() {
+        eventually(&format!("reader {n} to see every job's terminal event"), OUTCOME_TIMEOUT, || async {
+            let seen = seen.lock().expect("seen");
+            let terminal: HashSet<&str> =
+                seen.iter().filter(|s| s.event_type == "job.succeeded").map(|s| s.job_id.as_str()).collect();
+            wanted.iter().all(|job| terminal.contains(job.as_str())).then_some(())
+        })
+        .await;
     }
-    let repeated: Vec<_> = by_event.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(repeated.is_empty(), "events seen more than once on the resumed stream: {repeated:?}");
-    let doubled: Vec<_> = terminal_by_job.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(doubled.is_empty(), "jobs with more than one terminal event: {doubled:?}");
-    for key in GREET_KEYS {
-        let jobs: Vec<&String> = greeted.iter().filter(|(k, ..)| *k == key).map(|(.., job)| job).collect();
-        let streamed: Vec<&String> = seen
-            .iter()
-            .filter(|event| event.event_type == "job.succeeded")
-            .filter_map(|event| jobs.iter().find(|job| ***job == event.job_id).copied())
-            .collect();
-        assert_eq!(streamed, jobs, "{key}: results streamed in the order of the 202s");
+    stop_reader.cancel();
+    let (mut reconnects, mut streamed_events) = (Vec::new(), 0);
+    for (n, (seen, reader)) in readers.into_iter().enumerate() {
+        reconnects.push(reader.await.expect("a reader"));
+        let seen = seen.lock().expect("seen").clone();
+        streamed_events += seen.len();
+        let mut by_event: HashMap<&str, usize> = HashMap::new();
+        let mut terminal_by_job: HashMap<&str, usize> = HashMap::new();
+        for event in &seen {
+            *by_event.entry(event.event_id.as_str()).or_default() += 1;
+            if event.event_type.starts_with("job.") && event.event_type != "job.processing" {
+                *terminal_by_job.entry(event.job_id.as_str()).or_default() += 1;
+            }
+        }
+        let repeated: Vec<_> = by_event.iter().filter(|(_, count)| **count > 1).collect();
+        assert!(repeated.is_empty(), "reader {n}: events seen more than once on the resumed stream: {repeated:?}");
+        let doubled: Vec<_> = terminal_by_job.iter().filter(|(_, count)| **count > 1).collect();
+        assert!(doubled.is_empty(), "reader {n}: jobs with more than one terminal event: {doubled:?}");
+        for key in GREET_KEYS {
+            let jobs: Vec<&String> = greeted.iter().filter(|(k, ..)| *k == key).map(|(.., job)| job).collect();
+            let streamed: Vec<&String> = seen
+                .iter()
+                .filter(|event| event.event_type == "job.succeeded")
+                .filter_map(|event| jobs.iter().find(|job| ***job == event.job_id).copied())
+                .collect();
+            assert_eq!(streamed, jobs, "reader {n}, {key}: results streamed in the order of the 202s");
+        }
     }
 
     let retried = submitted.values().filter(|d| d.attempts > 1).count();
     eprintln!(
         "chaos test: {} deposits accepted ({retried} needed retries of their key), {} push commands ({} calls), \
-         {} pull commands (their worker: {misdeeds:?}), {} faults {faults:?}, {reconnects} SSE reconnects, {} \
+         {} pull commands (their worker: {misdeeds:?}), {} faults {faults:?}, SSE reconnects {reconnects:?}, {} \
          events streamed; {:.1} s",
         submitted.len(),
         greeted.len(),
         calls.len(),
         pulled.len(),
         faults.len(),
-        seen.len(),
+        streamed_events,
         began.elapsed().as_secs_f64()
     );
     processor_db.close().await;
     admin.close().await;
-    drop((ingest, processor, notifier));
+    drop((ingests, processors, notifiers));
     env.teardown().await;
     let _ = std::fs::remove_dir_all(logs);
 }
