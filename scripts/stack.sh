@@ -22,6 +22,10 @@ RECEIVER_PORT=9999
 # The example push handler (examples/python/handler.py) serving demo.greet,
 # declared in config/development/command-types.toml.
 HANDLER_PORT=8090
+# The synthetic probe (`onceflow probe --every 60`): its tenant's key and
+# where it serves its metrics.
+PROBE_API_KEY="probe-onceflow-key"
+PROBE_METRICS=127.0.0.1:9464
 COMMAND_TYPES="$ROOT/config/development/command-types.toml"
 
 port_of() {
@@ -149,6 +153,18 @@ start_service() {
   say "started $name (pid $!, log .stack/$name.log)"
 }
 
+# The synthetic probe: one `onceflow.probe` command through the whole stack
+# every 60 s, its metrics (onceflow_probe_*) on $PROBE_METRICS.
+start_probe() {
+  if [ -f "$STACK_DIR/probe.pid" ] && kill -0 "$(cat "$STACK_DIR/probe.pid")" 2>/dev/null; then
+    return 0
+  fi
+  ONCEFLOW_API_KEY="$PROBE_API_KEY" nohup "$TARGET_DIR/release/onceflow" probe --every 60 \
+    --metrics-listen "$PROBE_METRICS" >>"$STACK_DIR/probe.log" 2>&1 &
+  echo $! >"$STACK_DIR/probe.pid"
+  say "started the synthetic probe (pid $!, metrics http://$PROBE_METRICS/metrics, log .stack/probe.log)"
+}
+
 up() {
   mkdir -p "$STACK_DIR"
   ensure_postgres
@@ -158,10 +174,11 @@ up() {
   ensure_broker "${ONCEFLOW_BROKER_STORAGE:-memory}"
   ensure_build_dependencies
   say "building the services (release)"
-  cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier
+  cargo build --release --locked -p onceflow-ingest -p onceflow-processor -p onceflow-notifier -p onceflow-cli
   start_handler
   for name in "${SERVICES[@]}"; do start_service "$name"; done
   for name in "${SERVICES[@]}"; do wait_ready "$name"; done
+  start_probe
   demo
   cat <<EOF2
 
@@ -174,6 +191,7 @@ onceflow is up.
   webhooks   callback_url may point at http://127.0.0.1:$RECEIVER_PORT/... (your receiver)
   handler    http://127.0.0.1:$HANDLER_PORT/greet  (examples/python/handler.py, serving demo.greet and demo.card)
   worker     pull type demo.report: run examples/typescript (see the README's "Long work")
+  probe      onceflow probe every 60 s (tenant "probe"), metrics http://$PROBE_METRICS/metrics
 Stop it with: scripts/stack.sh down
 EOF2
 }
@@ -205,6 +223,8 @@ down() {
   done
   if [ -f "$STACK_DIR/handler.pid" ]; then say "stopping the example handler"; fi
   stop_pid_file "$STACK_DIR/handler.pid"
+  if [ -f "$STACK_DIR/probe.pid" ]; then say "stopping the synthetic probe"; fi
+  stop_pid_file "$STACK_DIR/probe.pid"
   if [ -f "$STACK_DIR/broker.pid" ]; then
     say "stopping the broker"
     rm -f "$STACK_DIR/broker.storage"
@@ -217,6 +237,7 @@ status() {
     if running "$name"; then echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
   if port_open "127.0.0.1:$HANDLER_PORT"; then echo "handler: listening on 127.0.0.1:$HANDLER_PORT"; else echo "handler: stopped"; fi
+  if port_open "$PROBE_METRICS"; then echo "probe: metrics on $PROBE_METRICS"; else echo "probe: stopped"; fi
   if port_open "$BROKER_ADDR"; then
     echo "broker: listening on $BROKER_ADDR ($(cat "$STACK_DIR/broker.storage" 2>/dev/null || echo "not started by this script") storage)"
   else

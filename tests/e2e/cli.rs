@@ -13,8 +13,8 @@ use std::{
 };
 
 use onceflow_tests::{
-    DEV_API_KEY, OUTCOME_TIMEOUT, ServiceProcess, Stack, TestEnv, WebhookReceiver, canary_tenant_key, eventually,
-    kafka_producer, published_event_ids,
+    DEV_API_KEY, IngestClient, OUTCOME_TIMEOUT, ServiceProcess, Stack, TestEnv, WebhookReceiver, canary_tenant_key,
+    eventually, kafka_producer, published_event_ids,
 };
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
@@ -473,4 +473,32 @@ async fn an_unreachable_service_or_broker_exits_4_after_the_timeout() {
     // A flag wins over its variable.
     cli.run(&["job", &job, "--timeout", "1", "--ingest-url", "not a url"]).await.exits(USAGE);
     cli.run(&["submit", "ledger.deposit", "--payload", "{oops"]).await.exits(USAGE);
+}
+
+/// Issue 23: `onceflow probe` sends one `onceflow.probe` command the whole
+/// way and times each stage; exit 0 when it went through. Without a
+/// processor it exits 4 within its deadline, naming the stage that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_probe_goes_through_the_stack_and_says_which_stage_fails() {
+    let mut env = TestEnv::new();
+    let stack = env.start_stack().await;
+    let cli = Cli::for_stack(&env, &stack);
+    let probe = cli.run(&["probe"]).await.exits(OK).json();
+    assert_eq!(probe["ok"], true, "{probe}");
+    for stage in ["accept", "status", "stream"] {
+        let seconds = probe["seconds"][stage].as_f64().unwrap_or_else(|| panic!("{stage} timed: {probe}"));
+        assert!(seconds > 0.0 && seconds < 30.0, "{stage}: {probe}");
+    }
+    let job_id = probe["job_id"].as_str().expect("the probe's job");
+    let job = IngestClient::new(&stack.ingest).job(job_id).await.json();
+    assert_eq!(job["type"], "onceflow.probe", "{job}");
+    assert_eq!(job["result"]["probe"], "ok", "its result echoes it: {job}");
+
+    // The processor stops: the probe's command is accepted, never applied.
+    stack.processor.stop().await;
+    let failed = cli.run(&["probe", "--deadline-secs", "3"]).await.exits(UNAVAILABLE).json();
+    assert_eq!(failed["ok"], false, "{failed}");
+    assert_eq!(failed["failed_stage"], "status", "{failed}");
+    assert!(failed["seconds"]["accept"].as_f64().is_some(), "ingest still accepted it: {failed}");
+    env.teardown().await;
 }

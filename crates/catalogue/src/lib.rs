@@ -32,9 +32,14 @@ use declaration::{Declaration, Declarations, HandlerDeclaration, SchemaSource};
 pub use declaration::{RetryPolicy, default_retry};
 pub use ordering::{MAX_ORDERING_KEY_BYTES, Ordering, OrderingKey, unordered_message_key};
 
-/// The ledger's declarations and their schemas, built into every service.
-const BUILTIN_DECLARATIONS: &str = include_str!("../builtin/ledger.toml");
+/// The built-in declarations (the ledger's, onceflow's own probe) and their
+/// schemas, built into every service.
+const BUILTIN_DECLARATIONS: &[(&str, &str)] = &[
+    ("ledger.toml", include_str!("../builtin/ledger.toml")),
+    ("onceflow.toml", include_str!("../builtin/onceflow.toml")),
+];
 const BUILTIN_SCHEMAS: &[(&str, &str)] = &[
+    ("onceflow/probe.schema.json", include_str!("../builtin/onceflow/probe.schema.json")),
     ("ledger/open_account.schema.json", include_str!("../builtin/ledger/open_account.schema.json")),
     ("ledger/deposit.schema.json", include_str!("../builtin/ledger/deposit.schema.json")),
     ("ledger/transfer.schema.json", include_str!("../builtin/ledger/transfer.schema.json")),
@@ -142,7 +147,7 @@ pub struct CommandTypes {
 }
 
 impl CommandTypes {
-    /// The built-in types only (the ledger).
+    /// The built-in types only (the ledger, the probe).
     pub fn builtin() -> Self {
         Self::load(None).unwrap_or_else(|error| unreachable!("the built-in declarations are checked by tests: {error}"))
     }
@@ -152,15 +157,15 @@ impl CommandTypes {
     /// an ordering key that is not a JSON pointer is an error.
     pub fn load(file: Option<&Path>) -> Result<Self, LoadError> {
         let mut types = BTreeMap::new();
-        let builtin_path = PathBuf::from("<built-in>/ledger.toml");
-        let builtin = parse(BUILTIN_DECLARATIONS, &builtin_path)?;
-        add_all(&mut types, builtin, &builtin_path, |name| {
-            BUILTIN_SCHEMAS
-                .iter()
-                .find(|(path, _)| *path == name)
-                .map(|(_, text)| (*text).to_owned())
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no built-in schema {name}")))
-        })?;
+        for (file_name, text) in BUILTIN_DECLARATIONS {
+            let builtin_path = PathBuf::from(format!("<built-in>/{file_name}"));
+            let builtin = parse(text, &builtin_path)?;
+            add_all(&mut types, builtin, &builtin_path, |name| {
+                BUILTIN_SCHEMAS.iter().find(|(path, _)| *path == name).map(|(_, text)| (*text).to_owned()).ok_or_else(
+                    || std::io::Error::new(std::io::ErrorKind::NotFound, format!("no built-in schema {name}")),
+                )
+            })?;
+        }
         if let Some(file) = file {
             let text = std::fs::read_to_string(file).map_err(|error| LoadError::Read { path: file.into(), error })?;
             let declared = parse(&text, file)?;

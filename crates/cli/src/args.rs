@@ -109,6 +109,24 @@ pub enum Command {
     /// Webhook deliveries on the notifier.
     #[command(subcommand)]
     Deliveries(DeliveryCommand),
+    /// The synthetic probe: one `onceflow.probe` command through ingest, the
+    /// processor, the results topic and the notifier, each stage timed; exit
+    /// 0 when it went through within the deadline. `--every` repeats it and
+    /// serves its metrics.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The most a probe may take, every stage included, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub deadline_secs: u64,
+    /// Probe every this many seconds, forever, serving the probe's metrics.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub every: Option<u64>,
+    /// With --every: where `/metrics` (onceflow_probe_*) is served.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "HOST:PORT")]
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Args)]

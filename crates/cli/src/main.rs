@@ -9,6 +9,7 @@ mod args;
 mod error;
 mod job;
 mod output;
+mod probe;
 mod progress;
 mod results;
 mod submit;
@@ -66,5 +67,6 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Results(args) => results::run(&ctx, args).await,
         Command::DeadLetters(command) => admin::dead_letters(&ctx, command).await,
         Command::Deliveries(command) => admin::deliveries(&ctx, command).await,
+        Command::Probe(args) => probe::run(&ctx, args).await,
     }
 }

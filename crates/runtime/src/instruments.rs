@@ -323,6 +323,24 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
     ),
     ("onceflow_sse_connections", Kind::Gauge, Some(Unit::Count), "Open Server-Sent Events streams."),
     (
+        "onceflow_probe_success",
+        Kind::Gauge,
+        None,
+        "1 when the last synthetic probe (onceflow probe) went through every stage within its deadline, 0 when not.",
+    ),
+    (
+        "onceflow_probe_duration_seconds",
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "The last synthetic probe's time per stage (accept, status, stream); NaN for a stage it did not complete.",
+    ),
+    (
+        "onceflow_probe_runs_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Synthetic probes run, by outcome (success, failure).",
+    ),
+    (
         "onceflow_sse_refused_total",
         Kind::Counter,
         Some(Unit::Count),

@@ -22,6 +22,7 @@
 //! terminal result stays exactly once.
 
 pub mod ledger;
+pub mod probe;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
@@ -146,10 +147,11 @@ pub struct Builtins {
 }
 
 impl Builtins {
-    /// Every handler that ships with onceflow (the ledger's).
+    /// Every handler that ships with onceflow (the ledger's, the probe's).
     pub fn shipped() -> Self {
         let mut builtins = Self::default();
         ledger::register(&mut builtins);
+        probe::register(&mut builtins);
         builtins
     }
 
