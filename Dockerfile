@@ -31,9 +31,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        -p onceflow-ingest -p onceflow-processor -p onceflow-notifier \
+        -p onceflow-ingest -p onceflow-processor -p onceflow-notifier -p onceflow-cli \
  && mkdir -p /out \
- && cp target/release/onceflow-ingest target/release/onceflow-processor target/release/onceflow-notifier /out/
+ && cp target/release/onceflow-ingest target/release/onceflow-processor target/release/onceflow-notifier \
+       target/release/onceflow /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # ca-certificates for https webhooks, OTLP and TLS to Kafka and PostgreSQL;
@@ -43,7 +44,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 onceflow \
  && useradd --system --uid 10001 --gid onceflow --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin onceflow
-COPY --from=builder /out/onceflow-ingest /out/onceflow-processor /out/onceflow-notifier /usr/local/bin/
+COPY --from=builder /out/onceflow-ingest /out/onceflow-processor /out/onceflow-notifier /out/onceflow /usr/local/bin/
 USER 10001:10001
 
 FROM runtime AS ingest
@@ -63,6 +64,13 @@ ENV ONCEFLOW_LISTEN=0.0.0.0:8082
 EXPOSE 8082
 ENTRYPOINT ["/usr/local/bin/onceflow-notifier"]
 CMD ["serve"]
+
+# The synthetic probe (the onceflow CLI's `probe --every`): one onceflow.probe
+# command through the whole stack every 60 s, its metrics on :9464.
+FROM runtime AS probe
+EXPOSE 9464
+ENTRYPOINT ["/usr/local/bin/onceflow"]
+CMD ["probe", "--every", "60", "--metrics-listen", "0.0.0.0:9464"]
 
 # The default target: every binary, run by name, e.g.
 #   docker run --rm onceflow onceflow-processor migrate

@@ -11,7 +11,8 @@
 #    database, waits for healthy Kafka and PostgreSQL, has a /readyz health
 #    check, the admin token and traces to a collector that publishes OTLP;
 #    callbacks may reach the webhook receiver; every other image is pinned;
-# 3. the Prometheus configuration parses and scrapes the three services on
+# 3. the Prometheus configuration parses and scrapes the three services (and
+#    the synthetic probe, which compose runs) on
 #    their ports (and `promtool check config` accepts it); its alert rules
 #    (deploy/prometheus/alerts.yml) name only catalogued metrics, each has a
 #    runbook, and `promtool check rules` and `promtool test rules`
@@ -302,7 +303,7 @@ def run_promtool(*args):
         errors.append(f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}")
 
 
-# 3. Prometheus scrapes every service on its port.
+# 3. Prometheus scrapes every service on its port, and the synthetic probe.
 prometheus_file = mounted("prometheus", "/etc/prometheus/prometheus.yml")
 if prometheus_file is None:
     errors.append("docker-compose.yml: service prometheus does not mount a config at /etc/prometheus/prometheus.yml")
@@ -319,6 +320,17 @@ else:
     for svc in services:
         if f"{svc}:{listen_ports.get(svc)}" not in scraped:
             errors.append(f"{prometheus_file}: no job scrapes {svc}:{listen_ports.get(svc)}/metrics (scraped: {sorted(scraped)})")
+    # The synthetic probe runs in compose, and its metrics (the probe alerts') are scraped.
+    probe = defined.get("probe", {})
+    probe_target = (probe.get("build") or {}).get("target")
+    if probe_target not in stages or not any(
+        l.upper().startswith("ENTRYPOINT") and "/onceflow\"" in l for l in stages.get(probe_target, [])
+    ):
+        errors.append("docker-compose.yml: service probe does not run the onceflow CLI's image stage `probe`")
+    elif not any("--metrics-listen" in l and ":9464" in l for l in stages[probe_target]):
+        errors.append("Dockerfile: stage probe does not serve its metrics on :9464")
+    if "probe:9464" not in scraped:
+        errors.append(f"{prometheus_file}: no job scrapes the synthetic probe at probe:9464")
     if promtool:
         run_promtool("check", "config", prometheus_file)
 
@@ -475,7 +487,7 @@ for error in dict.fromkeys(errors):  # each once, in order
 if errors:
     sys.exit(1)
 print(f"check-compose: Dockerfile builds and compose runs {', '.join('onceflow-' + s for s in services)}, listening on 0.0.0.0")
-print(f"check-compose: Prometheus scrapes {', '.join(f'{s}:{listen_ports[s]}' for s in services)}" + (" (promtool: valid)" if promtool else ""))
+print(f"check-compose: Prometheus scrapes {', '.join(f'{s}:{listen_ports[s]}' for s in services)} and the synthetic probe at probe:9464" + (" (promtool: valid)" if promtool else ""))
 print(
     f"check-compose: the dashboard's {len(expressions)} queries use {len(used & set(catalogue))} of the catalogue's "
     f"{len(catalogue)} metrics, none unknown" + (" (promtool: PromQL valid)" if promtool else "")
