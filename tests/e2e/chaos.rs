@@ -123,6 +123,28 @@ pub(crate) struct Submitted {
     pub(crate) attempts: u32,
 }
 
+/// Open `accounts` (each key retried on the ingests of `ingests` until
+/// accepted) and wait until each opened; their jobs.
+pub(crate) async fn open_accounts(
+    http: &reqwest::Client,
+    ingests: &[&str],
+    api: &onceflow_tests::IngestClient,
+    accounts: &[&str],
+) -> Vec<String> {
+    let mut opened = Vec::new();
+    for account in accounts {
+        let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
+        opened.push(submit_until_accepted(http, ingests, &format!("open-{account}"), &body).await.0);
+    }
+    for job_id in &opened {
+        eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
+            (api.job(job_id).await.json()["status"] == "succeeded").then_some(())
+        })
+        .await;
+    }
+    opened
+}
+
 /// Deposits to `accounts` in turn, `rate` a second until `stop`, each by a
 /// client task of its own that retries its key until accepted, starting on
 /// the ingests of `ingests` in turn; what each key got, once every client is
@@ -367,17 +389,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
 
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     let api = onceflow_tests::IngestClient::at(&format!("http://{}", ingest_addrs[0]), DEV_API_KEY);
-    let mut opened = Vec::new();
-    for account in ACCOUNTS {
-        let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
-        opened.push(submit_until_accepted(&http, &ingest_refs, &format!("open-{account}"), &body).await.0);
-    }
-    for job_id in &opened {
-        eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
-            (api.job(job_id).await.json()["status"] == "succeeded").then_some(())
-        })
-        .await;
-    }
+    let opened = open_accounts(&http, &ingest_refs, &api, &ACCOUNTS).await;
 
     // The load: RATE_PER_SEC deposits a second, each by its own client task.
     let stop_load = CancellationToken::new();

@@ -15,10 +15,9 @@ use std::{
 };
 
 use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, TestEnv, development_config, eventually};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, read_events, submit_until_accepted};
+use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, open_accounts, read_events};
 
 const ACCOUNTS: [&str; 4] = ["scale-a", "scale-b", "scale-c", "scale-d"];
 /// Deposits submitted per second while the instances restart.
@@ -86,17 +85,7 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     let ingest_refs: Vec<&str> = ingests.iter().map(String::as_str).collect();
     let api = onceflow_tests::IngestClient::at(&format!("http://{}", ingests[0]), DEV_API_KEY);
-    let mut opened = Vec::new();
-    for account in ACCOUNTS {
-        let body = json!({"type": "ledger.open_account", "payload": {"account_id": account, "currency": "EUR"}});
-        opened.push(submit_until_accepted(&http, &ingest_refs, &format!("open-{account}"), &body).await.0);
-    }
-    for job_id in &opened {
-        eventually("the accounts to open", OUTCOME_TIMEOUT, || async {
-            (api.job(job_id).await.json()["status"] == "succeeded").then_some(())
-        })
-        .await;
-    }
+    let opened = open_accounts(&http, &ingest_refs, &api, &ACCOUNTS).await;
 
     // The load: deposits spread over both ingests, each key retried until
     // accepted (on the other ingest when one is away).
