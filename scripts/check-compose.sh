@@ -26,7 +26,8 @@
 #    tested against the real stack by scripts/check-python-examples.sh).
 #
 # promtool comes from PATH, or else from Debian's `prometheus` package,
-# downloaded (not installed: no daemon) into ~/.cache/onceflow/promtool once.
+# downloaded (not installed: no daemon) into ~/.cache/onceflow/prometheus-deb
+# once (lib.sh: prometheus_tool).
 #
 #   scripts/check-compose.sh
 set -euo pipefail
@@ -56,34 +57,7 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
   apt_install python3-yaml
 fi
 
-# Prints the path of a promtool: the one on PATH, or the one of Debian's
-# `prometheus` package, unpacked into the cache without installing it.
-find_promtool() {
-  if command -v promtool >/dev/null; then
-    command -v promtool
-    return 0
-  fi
-  local cache="${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/promtool"
-  if [[ ! -x "$cache/promtool" ]]; then
-    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
-    local work
-    work="$(mktemp -d)"
-    echo "check-compose: fetching promtool (Debian package prometheus, ~19 MB, once)" >&2
-    if ! (cd "$work" && apt-get download -q prometheus >&2); then
-      as_root apt-get update -q >&2
-      (cd "$work" && apt-get download -q prometheus >&2) || { rm -rf "$work"; return 1; }
-    fi
-    # (Called where `set -e` does not apply: each step is checked.)
-    if ! { dpkg-deb -x "$work"/prometheus_*.deb "$work/unpacked" \
-      && mkdir -p "$cache" && cp "$work/unpacked/usr/bin/promtool" "$cache/promtool"; }; then
-      rm -rf "$work"
-      return 1
-    fi
-    rm -rf "$work"
-  fi
-  echo "$cache/promtool"
-}
-if ! promtool="$(find_promtool)"; then
+if ! promtool="$(prometheus_tool promtool)"; then
   echo "check-compose: warning: no promtool (none on PATH, none from apt-get); Prometheus and PromQL are checked without it" >&2
   promtool=""
 fi

@@ -170,3 +170,33 @@ run_ignored_e2e() {
   say "cargo test: $what"
   cargo test -p onceflow-tests --test e2e --locked "$filter" -- --ignored
 }
+
+# Prints the path of Prometheus' `promtool` or `prometheus` ($1): the one on
+# PATH, or the one of Debian's `prometheus` package, unpacked into the cache
+# once (not installed: no daemon, no service).
+prometheus_tool() {
+  local name="$1"
+  if command -v "$name" >/dev/null; then
+    command -v "$name"
+    return 0
+  fi
+  local cache="${XDG_CACHE_HOME:-$HOME/.cache}/onceflow/prometheus-deb"
+  if [[ ! -x "$cache/$name" ]]; then
+    command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
+    local work
+    work="$(mktemp -d)"
+    echo "fetching $name (Debian package prometheus, ~19 MB, once)" >&2
+    if ! (cd "$work" && apt-get download -q prometheus >&2); then
+      as_root apt-get update -q >&2
+      (cd "$work" && apt-get download -q prometheus >&2) || { rm -rf "$work"; return 1; }
+    fi
+    # (Called where `set -e` does not apply: each step is checked.)
+    if ! { dpkg-deb -x "$work"/prometheus_*.deb "$work/unpacked" && mkdir -p "$cache" \
+      && cp "$work/unpacked/usr/bin/promtool" "$work/unpacked/usr/bin/prometheus" "$cache/"; }; then
+      rm -rf "$work"
+      return 1
+    fi
+    rm -rf "$work"
+  fi
+  echo "$cache/$name"
+}
