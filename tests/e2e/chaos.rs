@@ -145,6 +145,19 @@ pub(crate) async fn open_accounts(
     opened
 }
 
+/// Wait until job `job_id` (`what`) ends; panic unless it succeeded.
+pub(crate) async fn succeeds(api: &onceflow_tests::IngestClient, what: &str, job_id: &str) {
+    eventually(&format!("{what} ({job_id}) to end"), OUTCOME_TIMEOUT, || async {
+        let job = api.job(job_id).await.json();
+        match job["status"].as_str() {
+            Some("succeeded") => Some(()),
+            Some("accepted" | "processing") | None => None,
+            Some(other) => panic!("{what} ({job_id}) ended {other}: {job}"),
+        }
+    })
+    .await;
+}
+
 /// Deposits to `accounts` in turn, `rate` a second until `stop`, each by a
 /// client task of its own that retries its key until accepted, starting on
 /// the ingests of `ingests` in turn; what each key got, once every client is
@@ -488,15 +501,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
 
     // Every accepted deposit ends, and ends succeeded (the accounts exist).
     for (key, deposit) in &submitted {
-        eventually(&format!("deposit {key} ({}) to end", deposit.job_id), OUTCOME_TIMEOUT, || async {
-            let job = api.job(&deposit.job_id).await.json();
-            match job["status"].as_str() {
-                Some("succeeded") => Some(()),
-                Some("accepted" | "processing") | None => None,
-                Some(other) => panic!("deposit {key} ended {other}: {job}"),
-            }
-        })
-        .await;
+        succeeds(&api, &format!("deposit {key}"), &deposit.job_id).await;
     }
     let distinct_jobs: HashSet<&str> = submitted.values().map(|d| d.job_id.as_str()).collect();
     assert_eq!(distinct_jobs.len(), submitted.len(), "one job per key, and no two keys share one");
@@ -530,15 +535,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     // Every push command ended succeeded, each call with its job's key.
     let greeted = greeted.lock().expect("greeted").clone();
     for (key, n, job_id) in &greeted {
-        eventually(&format!("{key} #{n} ({job_id}) to end"), OUTCOME_TIMEOUT, || async {
-            let job = api.job(job_id).await.json();
-            match job["status"].as_str() {
-                Some("succeeded") => Some(()),
-                Some("accepted" | "processing") | None => None,
-                Some(other) => panic!("{key} #{n} ended {other}: {job}"),
-            }
-        })
-        .await;
+        succeeds(&api, &format!("{key} #{n}"), job_id).await;
     }
     let calls = handler.received();
     for request in &calls {
@@ -560,15 +557,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     // Every pull command ended succeeded, whatever its worker did.
     let pulled = pulled.lock().expect("pulled").clone();
     for job_id in &pulled {
-        eventually(&format!("pull job {job_id} to end"), OUTCOME_TIMEOUT, || async {
-            let job = api.job(job_id).await.json();
-            match job["status"].as_str() {
-                Some("succeeded") => Some(()),
-                Some("accepted" | "processing") | None => None,
-                Some(other) => panic!("pull job {job_id} ended {other}: {job}"),
-            }
-        })
-        .await;
+        succeeds(&api, "pull job", job_id).await;
     }
     stop_worker.cancel();
     let misdeeds = worker.await.expect("the worker");

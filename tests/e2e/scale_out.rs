@@ -17,7 +17,7 @@ use std::{
 use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, TestEnv, development_config, eventually};
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, open_accounts, read_events};
+use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, open_accounts, read_events, succeeds};
 
 const ACCOUNTS: [&str; 4] = ["scale-a", "scale-b", "scale-c", "scale-d"];
 /// Deposits submitted per second while the instances restart.
@@ -114,15 +114,7 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
 
     // Every accepted deposit ends succeeded, once.
     for (key, Submitted { job_id, .. }) in &submitted {
-        eventually(&format!("deposit {key} ({job_id}) to end"), OUTCOME_TIMEOUT, || async {
-            let job = api.job(job_id).await.json();
-            match job["status"].as_str() {
-                Some("succeeded") => Some(()),
-                Some("accepted" | "processing") | None => None,
-                Some(other) => panic!("deposit {key} ended {other}: {job}"),
-            }
-        })
-        .await;
+        succeeds(&api, &format!("deposit {key}"), job_id).await;
     }
     let distinct: HashSet<&str> = submitted.values().map(|deposit| deposit.job_id.as_str()).collect();
     assert_eq!(distinct.len(), submitted.len(), "one job per key, and no two keys share one");
