@@ -19,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use onceflow_runtime::probe_records;
 use reqwest::{Method, header::CONTENT_TYPE};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt as _;
@@ -113,7 +114,8 @@ async fn once(ctx: &Context, deadline: Duration) -> Probe {
 /// Submit the probe's command under a fresh key; its job id.
 async fn accept(ctx: &Context) -> Result<String, CliError> {
     let key = format!("probe-{}", uuid::Uuid::new_v4());
-    let body = json!({"type": "onceflow.probe", "payload": {"sent_at": chrono::Utc::now().to_rfc3339()}}).to_string();
+    let body = json!({"type": probe_records::COMMAND_TYPE, "payload": {"sent_at": chrono::Utc::now().to_rfc3339()}})
+        .to_string();
     let answer = ctx
         .api
         .call(&ctx.ingest, Repeat::Safe, |http| {

@@ -9,6 +9,7 @@ use onceflow_runtime::{
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
     limits::PerTenant,
+    probe_records::ProbeRecords,
 };
 
 use crate::limits::SubmitLimits;
@@ -36,6 +37,9 @@ pub struct IngestConfig {
     /// How often expired idempotency records are swept, and how many per statement.
     pub sweep_interval_secs: u64,
     pub sweep_batch: i64,
+    /// When the synthetic probe's jobs are deleted (see `crate::maintenance`).
+    #[serde(default)]
+    pub probe_records: ProbeRecords,
     pub shed: ShedConfig,
     /// Each tenant's limits on `POST /v1/commands` (see `crate::limits`).
     pub submit_limits: PerTenant<SubmitLimits>,

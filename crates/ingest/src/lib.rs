@@ -7,7 +7,8 @@
 //! - [`projection`]: consumes the results topic into that projection.
 //! - [`endpoints`]: consumes the notifier's webhook endpoint states, so
 //!   commands naming a disabled endpoint are refused.
-//! - [`maintenance`]: the idempotency-key sweeper.
+//! - [`maintenance`]: the idempotency-key sweeper, and the synthetic probe's
+//!   jobs pruned.
 //! - [`group_commit`]: accepted commands committed many per transaction.
 //! - [`backpressure`]: refusing commands while the processor's backlog would
 //!   take too long to drain.
@@ -133,6 +134,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
         config.sweep_batch,
         shutdown.clone(),
     ));
+    tasks.spawn(maintenance::prune_probe_jobs(pool.clone(), config.probe_records.clone(), shutdown.clone()));
     let outbox_backlog = Arc::new(AtomicI64::new(0));
     tasks.spawn(onceflow_outbox::watch_backlog(
         pool.clone(),

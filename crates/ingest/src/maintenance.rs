@@ -1,7 +1,9 @@
-//! Ingest's background upkeep: the idempotency-key sweeper.
+//! Ingest's background upkeep: the idempotency-key sweeper, and the sweep
+//! of the synthetic probe's jobs (see `onceflow_runtime::probe_records`).
 
 use std::time::Duration;
 
+use onceflow_runtime::probe_records::{COMMAND_TYPE, ProbeRecords};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -30,4 +32,24 @@ pub async fn sweep_once(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
     .execute(pool)
     .await?;
     Ok(deleted.rows_affected())
+}
+
+/// Delete the probe tenant's `onceflow.probe` jobs older than
+/// `probe.retain_secs`, until `shutdown`. One statement deletes a batch of
+/// jobs and their idempotency keys, so no key is left whose replay would
+/// point at a job that is gone; its row count is the jobs'. Only jobs both
+/// of the probe's tenant and of its command type (the safety rule of
+/// `onceflow_runtime::probe_records`); `jobs_by_tenant` finds them.
+pub async fn prune_probe_jobs(pool: PgPool, probe: ProbeRecords, shutdown: CancellationToken) {
+    let delete = format!(
+        "WITH doomed AS (
+             SELECT job_id FROM jobs
+             WHERE tenant = $1 AND command_type = '{COMMAND_TYPE}' AND created_at < now() - make_interval(secs => $2)
+             ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED),
+         keys AS (
+             DELETE FROM idempotency_keys k USING doomed
+             WHERE k.tenant = $1 AND k.job_id = doomed.job_id)
+         DELETE FROM jobs USING doomed WHERE jobs.job_id = doomed.job_id"
+    );
+    probe.prune_periodically(&pool, &delete, shutdown).await;
 }

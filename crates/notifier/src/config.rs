@@ -8,6 +8,7 @@ use onceflow_runtime::{
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     http::HttpLimits,
     limits::PerTenant,
+    probe_records::ProbeRecords,
 };
 use onceflow_webhook::{Allowlist, BreakerPolicy, RetryPolicy, Secret};
 
@@ -36,6 +37,10 @@ pub struct NotifierConfig {
     pub http: HttpLimits,
     /// Each tenant's stream limits (see [`crate::admission`]).
     pub stream_limits: PerTenant<StreamLimits>,
+    /// When the synthetic probe's events are deleted (see
+    /// `crate::store::prune_probe_events`).
+    #[serde(default)]
+    pub probe_records: ProbeRecords,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

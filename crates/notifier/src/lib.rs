@@ -203,6 +203,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
         config.sse.prune_batch,
         shutdown.clone(),
     ));
+    tasks.spawn(store::prune_probe_events(pool.clone(), config.probe_records.clone(), shutdown.clone()));
 
     let epochs = revocation::Epochs::default();
     tasks.spawn(vitals.watch(

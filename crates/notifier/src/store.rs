@@ -6,6 +6,7 @@ use axum::response::sse::Event;
 use onceflow_contracts::{ResultEvent, envelope::Envelope};
 use onceflow_runtime::{
     kafka::{BatchError, RecordError},
+    probe_records::{COMMAND_TYPE, ProbeRecords},
     telemetry,
 };
 use rdkafka::{Message as _, message::OwnedMessage};
@@ -283,6 +284,25 @@ pub async fn prune_expired(
         prune_once(&pool, retention, batch)
     })
     .await;
+}
+
+/// Delete the probe tenant's `onceflow.probe` events older than
+/// `probe.retain_secs`, until `shutdown`. Only events both of the probe's
+/// tenant and of its command type (the safety rule of
+/// `onceflow_runtime::probe_records`; every stored event's data carries its
+/// `command_type`), found through `events_by_tenant`. The retention mark
+/// `pruned_through` stays where it is: it is every tenant's, and other
+/// tenants' streams lost nothing. So a stream of the probe's tenant resuming
+/// from before a pruned probe event gets no `stream.gap` notice for it.
+pub async fn prune_probe_events(pool: PgPool, probe: ProbeRecords, shutdown: tokio_util::sync::CancellationToken) {
+    let delete = format!(
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM events
+             WHERE tenant = $1 AND data->>'command_type' = '{COMMAND_TYPE}'
+               AND created_at < now() - make_interval(secs => $2)
+             ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)"
+    );
+    probe.prune_periodically(&pool, &delete, shutdown).await;
 }
 
 /// Events with `seq` up to this may have been pruned.

@@ -7,6 +7,7 @@ use onceflow_runtime::{
     config::{DatabaseConfig, KafkaConfig, TelemetryConfig},
     failure::Backoff,
     http::HttpLimits,
+    probe_records::ProbeRecords,
 };
 
 /// The defaults, which also document every setting.
@@ -50,6 +51,10 @@ pub struct ProcessorConfig {
     /// read the same file.
     #[serde(default)]
     pub command_types_file: String,
+    /// When the synthetic probe's inbox rows are deleted (see
+    /// `crate::worker::prune_probe_rows`).
+    #[serde(default)]
+    pub probe_records: ProbeRecords,
 }
 
 /// The dispatcher of executions (see `crate::executions`).

@@ -11,7 +11,8 @@
 //! - [`config`]: settings and their defaults.
 //!
 //! [`start`] runs migrations, creates the topics, and starts the worker, the
-//! outbox relay that publishes results, and the health endpoints.
+//! outbox relay that publishes results, the sweep of the synthetic probe's
+//! inbox rows, and the health endpoints.
 
 pub mod admin;
 pub mod config;
@@ -62,6 +63,7 @@ pub async fn start_with_handlers(
     let relay = Relay::new(pool.clone(), producer.clone(), RelayConfig::default()).run(shutdown.clone());
     tasks.spawn(vitals.watch("relay", &shutdown, relay));
     tasks.spawn(onceflow_outbox::watch_backlog(pool.clone(), Arc::default(), Duration::from_secs(1), shutdown.clone()));
+    tasks.spawn(worker::prune_probe_rows(pool.clone(), config.probe_records.clone(), shutdown.clone()));
     onceflow_runtime::instruments::watch_service(
         &mut tasks,
         &pool,

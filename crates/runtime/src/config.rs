@@ -43,6 +43,7 @@ pub const SERVICE_SETTINGS: &[&str] = &[
     "listen",
     "max_batch",
     "max_body_bytes",
+    "probe_records",
     "results_group_id",
     "retry",
     "shed",

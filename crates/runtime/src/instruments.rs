@@ -341,6 +341,12 @@ const CATALOGUE: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Synthetic probes run, by outcome (success, failure).",
     ),
     (
+        crate::probe_records::PRUNED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Rows of the synthetic probe's records deleted once older than probe_records.retain_secs: ingest's jobs (their idempotency keys go with them), the processor's inbox rows, the notifier's events.",
+    ),
+    (
         "onceflow_sse_refused_total",
         Kind::Counter,
         Some(Unit::Count),

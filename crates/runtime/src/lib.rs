@@ -18,6 +18,8 @@
 //!   (the `parked_records` table and its admin endpoints).
 //! - [`openapi`]: what every service's OpenAPI document shares.
 //! - [`postgres`]: connection pools and database creation.
+//! - [`probe_records`]: the synthetic probe's command type, and the
+//!   `[probe_records]` setting by which every service prunes its records.
 //! - [`http`]: the `/livez`, `/readyz` (cached) and `/metrics` probes and
 //!   serving with graceful shutdown.
 //! - [`instruments`]: the Prometheus recorder, HELP of every metric, HTTP
@@ -45,6 +47,7 @@ pub mod limits;
 pub mod openapi;
 pub mod parking;
 pub mod postgres;
+pub mod probe_records;
 pub mod problem;
 pub mod service;
 pub mod shutdown;

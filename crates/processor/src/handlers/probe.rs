@@ -3,22 +3,20 @@
 //! processor's inbox, the results topic, the notifier) and changes nothing
 //! but its own records: its result echoes when it was sent.
 
+use onceflow_runtime::probe_records::COMMAND_TYPE;
 use sqlx::PgConnection;
 
 use super::{Builtins, CommandContext, HandlerError, HandlerFuture, Refusals};
 
-/// The probe's command type, as declared in the catalogue's built-ins.
-pub const PROBE: &str = "onceflow.probe";
-
 pub fn register(registry: &mut Builtins) {
-    registry.register(PROBE, probe, Refusals::BeforeWriting);
+    registry.register(COMMAND_TYPE, probe, Refusals::BeforeWriting);
 }
 
 fn probe<'a>(_tx: &'a mut PgConnection, command: &'a CommandContext) -> HandlerFuture<'a> {
     Box::pin(async move {
         let sent_at = command.payload["sent_at"]
             .as_str()
-            .ok_or_else(|| HandlerError::Poison("onceflow.probe: sent_at is not a string".to_owned()))?;
+            .ok_or_else(|| HandlerError::Poison(format!("{COMMAND_TYPE}: sent_at is not a string")))?;
         Ok(serde_json::json!({"probe": "ok", "sent_at": sent_at}))
     })
 }

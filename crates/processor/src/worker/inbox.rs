@@ -1,8 +1,11 @@
 //! The inbox: one row per command message handled, whose primary key makes
-//! a redelivered message a no-op, with the outcome it reached.
+//! a redelivered message a no-op, with the outcome it reached; and the
+//! sweep of the synthetic probe's rows.
 
 use onceflow_contracts::JobStatus;
+use onceflow_runtime::probe_records::{COMMAND_TYPE, ProbeRecords};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::results::JobRef;
@@ -99,4 +102,25 @@ pub(crate) async fn record_outcomes(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Delete the probe tenant's `onceflow.probe` inbox rows older than
+/// `probe.retain_secs`, until `shutdown`. Only rows both of the probe's
+/// tenant and of its command type (the safety rule of
+/// `onceflow_runtime::probe_records`), found through the partial index
+/// `inbox_probe_records` (migration 0009). Rows whose command still runs as
+/// an execution (`deferred`) or was dead-lettered (its dead letter, which
+/// an operator may redrive, joins its row) are kept. A probe command
+/// redelivered after its row is gone would be applied again: it changes
+/// nothing, and its second result is pruned in turn.
+pub async fn prune_probe_rows(pool: PgPool, probe: ProbeRecords, shutdown: CancellationToken) {
+    let delete = format!(
+        "DELETE FROM inbox WHERE message_id IN (
+             SELECT message_id FROM inbox
+             WHERE command_type = '{COMMAND_TYPE}' AND tenant = $1
+               AND processed_at < now() - make_interval(secs => $2)
+               AND outcome IN ('succeeded', 'failed', 'cancelled')
+             LIMIT $3 FOR UPDATE SKIP LOCKED)"
+    );
+    probe.prune_periodically(&pool, &delete, shutdown).await;
 }

@@ -65,8 +65,9 @@
 //! [`batch`] (a lane's waiting messages in one transaction), [`handover`]
 //! (commands recorded as executions), [`dead_letter`] (parking),
 //! [`results`] (result events and their Kafka key), [`inbox`] (claims and
-//! outcomes of the inbox), [`lanes`] (spreading messages over the lanes; a
-//! full lane pauses its own partitions, never the others').
+//! outcomes of the inbox, and the synthetic probe's rows pruned), [`lanes`]
+//! (spreading messages over the lanes; a full lane pauses its own
+//! partitions, never the others').
 
 mod apply;
 mod batch;
@@ -75,6 +76,8 @@ mod handover;
 mod inbox;
 mod lanes;
 mod results;
+
+pub use inbox::prune_probe_rows;
 
 use std::{sync::Arc, time::Duration};
 
