@@ -5,7 +5,10 @@
 
 use std::collections::BTreeSet;
 
-use onceflow_runtime::config::{self, SERVICE_SETTINGS};
+use onceflow_runtime::{
+    config::{self, SERVICE_SETTINGS},
+    probe_records::ProbeRecords,
+};
 use onceflow_tests::{ProcessStack, ServiceProcess};
 use serde_json::Value;
 
@@ -32,6 +35,24 @@ fn the_shared_list_names_every_top_level_setting_of_every_service() {
             .collect();
     let listed: BTreeSet<String> = SERVICE_SETTINGS.iter().map(|s| (*s).to_owned()).collect();
     assert_eq!(listed, every, "onceflow_runtime::config::SERVICE_SETTINGS is out of date");
+}
+
+/// Each service's defaults file documents `[probe_records]`, with the
+/// values the code falls back to when a file leaves them out.
+#[test]
+fn every_defaults_file_documents_the_probe_records_as_the_code_defaults_them() {
+    for (service, defaults) in [
+        ("ingest", onceflow_ingest::config::DEFAULTS),
+        ("processor", onceflow_processor::config::DEFAULTS),
+        ("notifier", onceflow_notifier::config::DEFAULTS),
+    ] {
+        let file: Value = config::load(defaults, None).expect("the defaults load");
+        let keys = file["probe_records"].as_object().map(serde_json::Map::len);
+        assert_eq!(keys, Some(4), "{service} documents every key of [probe_records]");
+        let documented: ProbeRecords = serde_json::from_value(file["probe_records"].clone())
+            .unwrap_or_else(|e| panic!("{service} documents [probe_records]: {e}"));
+        assert_eq!(documented, ProbeRecords::default(), "{service}");
+    }
 }
 
 #[test]

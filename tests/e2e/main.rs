@@ -23,6 +23,7 @@ mod long_work;
 mod long_work_kill;
 mod metrics;
 mod notifier;
+mod probe_records;
 mod processor;
 mod python_consumer;
 mod python_handler;

@@ -21,6 +21,8 @@ mod push_handler;
 pub use push_handler::{PushHandler, PushReply, PushRequest};
 
 pub const DEV_API_KEY: &str = "dev-onceflow-key";
+/// The API key of the development tenant `probe`, the synthetic probe's.
+pub const PROBE_API_KEY: &str = "probe-onceflow-key";
 /// How long a test waits for an outcome. Generous: a first consumer-group join
 /// on the broker takes 20–45 s.
 pub const OUTCOME_TIMEOUT: Duration = Duration::from_secs(120);
