@@ -3,7 +3,8 @@
 //! independent implementation (the `standardwebhooks` crate, not our signer);
 //! retried with one `webhook-id` after failures; ended by `410 Gone` or a spent
 //! schedule, then redriven; refused by SSRF protection; delivered once across
-//! instances, redeliveries and notifier restarts. Every receiver here is a
+//! instances, redeliveries and notifier restarts; one waiting behind an
+//! earlier webhook of its key lets the worker sleep. Every receiver here is a
 //! real HTTP server on 127.0.0.1, which the notifier's allowlist permits.
 
 use std::time::{Duration, Instant};
@@ -432,5 +433,97 @@ async fn two_notifiers_deliver_each_webhook_exactly_once() {
     assert_eq!((deliveries, attempts), (EVENTS as i64, EVENTS as i64));
     db.close().await;
     drop((first, second));
+    env.teardown().await;
+}
+
+/// While a key's webhook is in flight to a receiver that does not answer,
+/// then waits for its retry, the next webhook of that key waits behind it,
+/// and the worker sleeps meanwhile: it used to count that waiting delivery
+/// as due, and so claimed and looked again every 10 ms for as long as the
+/// first one took (some 190 transactions a second in a debug build, against
+/// about 6 a second for the rest of the notifier's work). The retry goes out on
+/// time, and the next webhook as soon as the retry is answered (the end of
+/// its attempt wakes the worker; the poll here is a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_waiting_for_an_earlier_one_of_its_key_keeps_the_worker_asleep() {
+    const TIMEOUT_MS: u64 = 3_000;
+    const BACKOFF_MS: u64 = 2_000;
+    // When the first webhook's retry is due, from its first attempt.
+    let retry_due = Duration::from_millis(TIMEOUT_MS + BACKOFF_MS);
+    let mut env = TestEnv::new();
+    let _notifier = env
+        .start_notifier_with(|config| {
+            settings(retries(3, BACKOFF_MS, 0.0), vec![Secret::generate()])(config);
+            config.webhooks.timeout_ms = TIMEOUT_MS;
+            config.webhooks.poll_interval_ms = 60_000;
+        })
+        .await;
+    let receiver = WebhookReceiver::start().await;
+    receiver.script([Reply::Hang]);
+    // Two results of one job: one Kafka key, so their webhooks go in order.
+    let first = result_event(JobStatus::Succeeded, Some(&receiver.url("/hook")));
+    let second = onceflow_contracts::ResultEvent { event_id: uuid::Uuid::now_v7().to_string(), ..first.clone() };
+    env.publish_result(&first).await;
+    env.publish_result(&second).await;
+    let db = sqlx::PgPool::connect(&env.database_url("notifier")).await.unwrap();
+    eventually("both deliveries stored, the first one's attempt under way", OUTCOME_TIMEOUT, || async {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries").fetch_one(&db).await.unwrap();
+        (stored == 2 && receiver.received().len() == 1).then_some(())
+    })
+    .await;
+    db.close().await;
+
+    // The notifier's transactions on its database, read from another one so
+    // that reading them adds none, until the first webhook's retry.
+    let server = sqlx::PgPool::connect(&format!("{}/postgres", onceflow_tests::database_server())).await.unwrap();
+    let notifier_db = format!("onceflow_test_{}_notifier", env.id);
+    let transactions = || async {
+        let committed: i64 = sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
+            .bind(&notifier_db)
+            .fetch_one(&server)
+            .await
+            .unwrap();
+        committed
+    };
+    // Until half a second before the retry is due.
+    let hung = receiver.received()[0].at;
+    let watched = (retry_due - Duration::from_millis(500)).saturating_sub(hung.elapsed());
+    assert!(
+        watched > Duration::from_secs(2),
+        "the attempt was under way for {} ms already",
+        hung.elapsed().as_millis()
+    );
+    let before = transactions().await;
+    tokio::time::sleep(watched).await;
+    let during = transactions().await - before;
+    server.close().await;
+
+    let received = receiver.wait_for(3, OUTCOME_TIMEOUT).await;
+    assert_eq!(received[0].header("webhook-id"), received[1].header("webhook-id"), "the first webhook, retried");
+    assert_ne!(received[1].header("webhook-id"), received[2].header("webhook-id"));
+    let retried_after = received[1].at.duration_since(hung);
+    let next_after = received[2].at.duration_since(received[1].at);
+    eprintln!(
+        "{during} transactions in {} ms while the first webhook was under way and then waiting for its retry; \
+         retried after {} ms; the next one {} ms after the retry",
+        watched.as_millis(),
+        retried_after.as_millis(),
+        next_after.as_millis()
+    );
+    // A claim and a look are a transaction each; the rest of an idle
+    // notifier's work (the hub's and the outbox relay's fallback polls, the
+    // breaker metrics) makes about six a second.
+    let per_second = during as f64 / watched.as_secs_f64();
+    assert!(
+        per_second < 20.0,
+        "the notifier made {per_second:.0} transactions a second while its only due delivery waited behind an earlier one"
+    );
+    assert!(
+        retried_after < retry_due + Duration::from_secs(1),
+        "the retry was due {} ms after the first attempt began; it went after {} ms",
+        retry_due.as_millis(),
+        retried_after.as_millis()
+    );
+    assert!(next_after < Duration::from_secs(1), "the next webhook went {} ms after the first", next_after.as_millis());
     env.teardown().await;
 }

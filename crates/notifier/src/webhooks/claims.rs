@@ -17,9 +17,13 @@
 //! workers of every instance claim at once without waiting on each other or
 //! claiming the same row. The lease (not a held transaction) keeps a row
 //! reserved while the HTTP request runs.
+//!
+//! Between claims, [`NextDue`] tells the worker when the next claim could
+//! take something.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
 
@@ -234,27 +238,94 @@ fn claimed_from_row(row: &PgRow, lease_token: Uuid) -> Result<Claimed, sqlx::Err
     })
 }
 
-/// How long until the next delivery becomes claimable (due, any lease
-/// expired, and its breaker closed, or ready for a probe, or its probe's
-/// lease expired), or `None` when nothing is pending. Tenants in `full` (no
-/// room left in this instance's share) are left out: a finishing attempt
-/// wakes the worker for them. A delivery held by a probe in flight counts
-/// from the probe's lease: the probe's outcome wakes the workers sooner
-/// (`NOTIFY` when the breaker closes).
-pub async fn next_due_in(pool: &PgPool, full: &[String]) -> Result<Option<Duration>, sqlx::Error> {
-    // `greatest` ignores NULLs: a delivery without a breaker, or whose
-    // breaker is closed, is due at its own time.
-    let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM min(greatest(
-                    d.next_attempt_at, d.lease_until,
-                    CASE b.state WHEN 'open' THEN b.open_until WHEN 'half_open' THEN b.probe_until END)) - now())::float8
-           FROM webhook_deliveries d
-           LEFT JOIN webhook_breakers b
-                  ON b.tenant = d.tenant AND b.destination = d.destination AND b.state <> 'closed'
-          WHERE d.status = 'pending' AND d.tenant <> ALL($1)",
+/// When a breaker that is not closed lets its next delivery go (as the
+/// probe): an open one's when its cool-down ends, a half-open one's when its
+/// probe's lease runs out (its worker died).
+fn breaker_ready_at(breaker: &str) -> String {
+    format!(
+        "CASE {breaker}.state WHEN 'open' THEN {breaker}.open_until WHEN 'half_open' THEN {breaker}.probe_until END"
     )
-    .bind(full)
-    .fetch_one(pool)
-    .await?;
-    Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// When the next delivery this instance could claim comes due, so the
+/// worker sleeps until then rather than looking again and again; it
+/// remembers when it last looked.
+///
+/// Only what a claim could take then counts: a pending delivery of a tenant
+/// with room (the others wait for an attempt of theirs to end, which wakes
+/// the worker), not leased, whose breaker lets it go, and with no earlier
+/// delivery of its key still pending. One that waits behind an earlier
+/// delivery of its key (in flight to a slow receiver, or waiting for its
+/// retry) is due only once that one ends: the end of that attempt wakes the
+/// worker that made it, whose freed worker and place in the tenant's share
+/// claim it at once; the earlier delivery's retry counts in its own right.
+/// Counted as due, the waiting one would have the worker claim and look
+/// again every 10 ms (its shortest sleep) for as long as the earlier attempt
+/// lasts.
+///
+/// The look covers a window instead of every pending delivery, so it costs
+/// the deliveries coming due around now, not the backlog:
+/// - it starts at the last look (at most `horizon` back): what came due
+///   before was there for the claim that ran since (the worker claims before
+///   every look), which took what it could, and looking again at what it
+///   could not take would only wake the worker for nothing, again and again;
+/// - it ends `horizon` ahead (the worker's poll interval): the worker looks
+///   again by then anyway, which also finds leases that ran out.
+///
+/// A breaker counts at the time it lets its probe go, if a delivery waits
+/// for it by then (one behind an earlier delivery of its key would wake the
+/// worker once: the next look starts after it).
+#[derive(Debug, Default)]
+pub struct NextDue {
+    /// The database's clock at the last look.
+    looked: Option<DateTime<Utc>>,
+}
+
+impl NextDue {
+    /// How long until the next delivery that tenants other than `full` (no
+    /// room left in this instance's share) could claim comes due, if one
+    /// does within `horizon`.
+    pub async fn within(
+        &mut self,
+        pool: &PgPool,
+        full: &[String],
+        horizon: Duration,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        // The scans run through `webhook_deliveries_due` from the window's
+        // start, and through `webhook_deliveries_by_destination` for each
+        // breaker (few: only those not closed) ready within the window;
+        // `ready` bounds the first scan, so it stops short of the deliveries
+        // a cool-down that ends in the window holds (moved to its end).
+        let sql = format!(
+            "WITH ready AS (
+                 SELECT min(b.at) AS at
+                   FROM (SELECT c.tenant, c.destination, {ready_at} AS at FROM webhook_breakers c
+                          WHERE c.state <> 'closed' AND c.tenant <> ALL($1)) b
+                  WHERE b.at > {since} AND b.at <= {until}
+                    AND (SELECT w.next_attempt_at FROM webhook_deliveries w
+                          WHERE w.tenant = b.tenant AND w.destination = b.destination AND w.status = 'pending'
+                          ORDER BY w.next_attempt_at LIMIT 1) <= b.at)
+             SELECT now() AS looked, EXTRACT(EPOCH FROM least(ready.at, (
+                        SELECT w.next_attempt_at FROM webhook_deliveries w
+                         WHERE w.status = 'pending' AND w.next_attempt_at > {since}
+                           AND w.next_attempt_at < least({until}, ready.at)
+                           AND w.tenant <> ALL($1)
+                           AND (w.lease_until IS NULL OR w.lease_until < now())
+                           AND NOT EXISTS (SELECT 1 FROM webhook_breakers b
+                                            WHERE b.tenant = w.tenant AND b.destination = w.destination
+                                              AND b.state <> 'closed' AND {held_until} >= w.next_attempt_at)
+                           AND {NO_EARLIER_PENDING}
+                         ORDER BY w.next_attempt_at
+                         LIMIT 1)) - now())::float8 AS due_in
+               FROM ready",
+            ready_at = breaker_ready_at("c"),
+            held_until = breaker_ready_at("b"),
+            since = "greatest($2::timestamptz, now() - make_interval(secs => $3))",
+            until = "now() + make_interval(secs => $3)",
+        );
+        let (looked, due_in): (DateTime<Utc>, Option<f64>) =
+            sqlx::query_as(&sql).bind(full).bind(self.looked).bind(horizon.as_secs_f64()).fetch_one(pool).await?;
+        self.looked = Some(looked);
+        Ok(due_in.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
 }

@@ -15,8 +15,11 @@
 //! (see [`super::endpoints`]); a delivery claimed for a disabled endpoint
 //! ends as `endpoint_disabled` without a request.
 //!
-//! It is woken by `NOTIFY` when a delivery is created or redriven, sleeps
-//! until the next retry is due otherwise, and polls every
+//! It is woken by `NOTIFY` when a delivery is created or redriven (or a
+//! breaker closes), and when one of its attempts ends (which frees a worker,
+//! a place in its tenant's share, and the next delivery of its key); it
+//! sleeps until the next delivery it could claim comes due otherwise (a
+//! retry, a breaker's probe; see [`claims::NextDue`]), and polls every
 //! `webhooks.poll_interval_ms` as a fallback.
 //!
 //! Bounded: at most `workers` deliveries are claimed and in flight, and at
@@ -126,6 +129,7 @@ impl Worker {
         }
         let mut attempts = JoinSet::new();
         let mut listener: Option<PgListener> = None;
+        let mut next_due = claims::NextDue::default();
         tracing::info!(
             workers,
             per_tenant = ?self.config.per_tenant,
@@ -166,9 +170,9 @@ impl Worker {
                 // Tenants without room wait for an attempt of theirs to end
                 // (the `join_next` branch), not for their due deliveries.
                 let full = self.in_flight.rooms(&self.config.per_tenant).full();
-                match claims::next_due_in(&self.pool, &full).await {
-                    // The floor keeps a row that is due but momentarily
-                    // locked by another instance's claim from spinning us.
+                match next_due.within(&self.pool, &full, poll).await {
+                    // The floor lets deliveries that come due one after
+                    // another be claimed a few at a time, not one a look.
                     Ok(Some(due)) => due.clamp(MIN_SLEEP, poll),
                     Ok(None) | Err(_) => poll,
                 }
