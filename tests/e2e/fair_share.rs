@@ -42,7 +42,7 @@ async fn a_tenant_over_its_rate_is_refused_429_and_another_is_not() {
     // The other tenant has no rate of its own set: no fields, accepted.
     let other = canary.submit("rate-3", &deposit("rate")).await;
     assert_eq!(other.status, 202, "{other:?}");
-    assert_eq!(other.header("ratelimit-policy"), Some("\"in-flight\";q=256;qu=\"concurrent-requests\""));
+    assert_eq!(other.header("ratelimit-policy"), Some("\"in-flight\";q=32;qu=\"concurrent-requests\""));
 
     // The refused key was not claimed: after Retry-After it is accepted as new.
     tokio::time::sleep(Duration::from_millis(1_100)).await;

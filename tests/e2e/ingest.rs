@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use onceflow_contracts::{JobStatus, ResultEvent};
+use onceflow_ingest::limits::SubmitLimits;
 use onceflow_runtime::auth::TenantKey;
 use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually, result_envelope};
 use rdkafka::producer::FutureRecord;
@@ -23,7 +24,13 @@ async fn count(pool: &PgPool, table: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_requests_with_one_key_create_one_job() {
     let mut env = TestEnv::new();
-    let ingest = env.start_ingest().await;
+    // More at once than a tenant's default in-flight bound (32): every one of
+    // them must meet the key, not the bound.
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.submit_limits.set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 64 });
+        })
+        .await;
     let api = IngestClient::new(&ingest);
 
     let responses = join_all((0..50).map(|_| {

@@ -15,6 +15,15 @@
 //! the latency of accepted work, stays bounded at about the configured delay
 //! whatever the load.
 //!
+//! Between two measurements the processor goes on draining, and the lag the
+//! rule reads is predicted: the last measured lag, plus what this instance
+//! accepted since, minus what the processor drains at its measured rate in
+//! the time since. Without the prediction a tenant over its share was let in
+//! all at once right after each measurement (the second's drain in a burst of
+//! a tenth of a second, which every other tenant's requests then waited
+//! behind) and refused for the rest of the second; with it, the tenant is let
+//! in evenly, at about the drain rate.
+//!
 //! When the lag cannot be measured (the broker is down), nothing is shed for
 //! it: commands wait in the outbox, bounded by `shed.max_outbox_backlog`.
 
@@ -40,6 +49,9 @@ const SMOOTHING: f64 = 0.3;
 /// How much of the processor's lately reached rate is kept after a second
 /// (it halves in about half a minute).
 const CAPACITY_FADE: f64 = 0.98;
+/// How far past the last measurement the lag is predicted: a measurement that
+/// is late (a slow broker) does not let the prediction drain the whole lag.
+const MAX_PREDICTION: Duration = Duration::from_secs(2);
 /// The most a `Retry-After` asks a client to wait, in seconds.
 const MAX_RETRY_AFTER_SECS: u64 = 60;
 
@@ -58,6 +70,9 @@ pub struct ProcessorPressure {
     /// is measured once a second, and a flood arriving on an idle system
     /// would otherwise be accepted whole for that second.
     accepted_since: AtomicI64,
+    /// When the lag was last measured, in microseconds since `epoch`.
+    measured_at: AtomicU64,
+    epoch: Instant,
 }
 
 impl Default for ProcessorPressure {
@@ -67,6 +82,8 @@ impl Default for ProcessorPressure {
             drain_per_sec: AtomicU64::new(0f64.to_bits()),
             capacity_per_sec: AtomicU64::new(0f64.to_bits()),
             accepted_since: AtomicI64::new(0),
+            measured_at: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 }
@@ -88,13 +105,23 @@ impl ProcessorPressure {
     }
 
     fn retry_after(&self, shed: &ShedConfig, rate: &AtomicU64, max_delay_ms: u64) -> Option<(i64, u64)> {
+        let lag = self.predicted_lag(Instant::now())?;
+        let drain = f64::from_bits(rate.load(Ordering::Relaxed));
+        retry_after(lag, drain, shed, max_delay_ms).map(|seconds| (lag, seconds))
+    }
+
+    /// The lag at `now` (see the module's docs), `None` while unknown.
+    fn predicted_lag(&self, now: Instant) -> Option<i64> {
         let lag = self.lag.load(Ordering::Relaxed);
         if lag < 0 {
             return None;
         }
-        let lag = lag + self.accepted_since.load(Ordering::Relaxed);
-        let drain = f64::from_bits(rate.load(Ordering::Relaxed));
-        retry_after(lag, drain, shed, max_delay_ms).map(|seconds| (lag, seconds))
+        let accepted = self.accepted_since.load(Ordering::Relaxed);
+        let measured_at = self.epoch + Duration::from_micros(self.measured_at.load(Ordering::Relaxed));
+        let since = now.saturating_duration_since(measured_at).min(MAX_PREDICTION);
+        let drain = f64::from_bits(self.drain_per_sec.load(Ordering::Relaxed));
+        let drained = (drain * since.as_secs_f64()) as i64;
+        Some((lag + accepted - drained).max(0))
     }
 
     /// One more command accepted here, until the next measurement counts it.
@@ -102,7 +129,9 @@ impl ProcessorPressure {
         self.accepted_since.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn record(&self, lag: i64, drain_per_sec: f64, capacity_per_sec: f64) {
+    fn record(&self, lag: i64, drain_per_sec: f64, capacity_per_sec: f64, at: Instant) {
+        let since_epoch = u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
+        self.measured_at.store(since_epoch, Ordering::Relaxed);
         self.accepted_since.store(0, Ordering::Relaxed);
         self.lag.store(lag, Ordering::Relaxed);
         self.drain_per_sec.store(drain_per_sec.to_bits(), Ordering::Relaxed);
@@ -163,7 +192,7 @@ pub async fn watch(probe: LagProbe, pressure: Arc<ProcessorPressure>, shutdown: 
                 // what it does now, so the higher of the two is used.
                 let drain = latest.max(drain_per_sec);
                 capacity_per_sec = drain.max(capacity_per_sec * CAPACITY_FADE);
-                pressure.record(now.lag(), drain, capacity_per_sec);
+                pressure.record(now.lag(), drain, capacity_per_sec, at);
                 previous = Some((at, now));
             }
             Ok(Err(error)) => {
@@ -209,6 +238,50 @@ mod tests {
     #[test]
     fn nothing_draining_sheds_past_the_minimum_with_the_configured_wait() {
         assert_eq!(retry_after(1_001, 0.0, &shed(), 10_000), Some(2));
+    }
+
+    #[test]
+    fn the_lag_drains_between_measurements_and_counts_what_was_accepted() {
+        let pressure = ProcessorPressure::default();
+        assert_eq!(pressure.predicted_lag(Instant::now()), None, "unknown before the first measurement");
+        let measured = Instant::now();
+        pressure.record(12_000, 1_000.0, 1_000.0, measured);
+        assert_eq!(pressure.predicted_lag(measured), Some(12_000));
+        // A quarter of a second later, 250 drained; 100 accepted meanwhile.
+        for _ in 0..100 {
+            pressure.note_accepted();
+        }
+        assert_eq!(pressure.predicted_lag(measured + Duration::from_millis(250)), Some(11_850));
+        // A late measurement predicts no further than MAX_PREDICTION, and never below zero.
+        assert_eq!(pressure.predicted_lag(measured + Duration::from_secs(60)), Some(10_100));
+        pressure.record(1_000, 1_000.0, 1_000.0, measured);
+        assert_eq!(pressure.predicted_lag(measured + Duration::from_secs(60)), Some(0));
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_is_let_in_at_the_drain_rate_not_in_bursts() {
+        // 10 s of drain behind (the bound), 2,000/s: refused at the
+        // measurement, then let in about 2 a millisecond.
+        let shed = shed();
+        let pressure = ProcessorPressure::default();
+        let measured = Instant::now();
+        pressure.record(20_001, 2_000.0, 2_000.0, measured);
+        let rate = &pressure.drain_per_sec;
+        let admitted_by = |millis: u64| {
+            let mut admitted = 0;
+            let now = measured + Duration::from_millis(millis);
+            while pressure.predicted_lag(now).and_then(|lag| retry_after(lag, 2_000.0, &shed, 10_000)).is_none() {
+                pressure.note_accepted();
+                admitted += 1;
+            }
+            admitted
+        };
+        assert!(pressure.retry_after(&shed, rate, shed.max_queue_delay_ms).is_some());
+        let mut total = 0;
+        for millis in [1, 100, 200, 500] {
+            total += admitted_by(millis);
+            assert_eq!(total, millis * 2, "let in by {millis} ms");
+        }
     }
 
     #[test]
