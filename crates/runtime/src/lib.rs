@@ -8,6 +8,8 @@
 //!   `ONCEFLOW_`-prefixed environment), validated at start.
 //! - [`telemetry`]: `tracing` with JSON logs, OpenTelemetry spans (OTLP when an
 //!   endpoint is configured) and W3C trace-context propagation through Kafka.
+//! - [`log_fields`]: the JSON log lines' span fields, recorded without
+//!   reading them back.
 //! - [`failure`]: data errors (end the record now) versus outages (wait
 //!   and retry without bound), and the backoff of those waits (G8).
 //! - [`kafka`]: producer and consumer set-up, topic creation, envelope
@@ -44,6 +46,7 @@ pub mod hygiene;
 pub mod instruments;
 pub mod kafka;
 pub mod limits;
+pub mod log_fields;
 pub mod openapi;
 pub mod parking;
 pub mod postgres;

@@ -83,7 +83,12 @@ pub fn init(service_name: &'static str, config: &TelemetryConfig) -> Result<Tele
             .map_err(|e| Error::Telemetry(format!("log filter `{}`: {e}", config.log_filter)))
     };
     let fmt = match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .fmt_fields(crate::log_fields::AppendingJsonFields)
+            .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     };
     // The log filter applies to log output only: spans stay recorded for
