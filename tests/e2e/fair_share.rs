@@ -2,11 +2,12 @@
 //! requests in flight, or making the processor's backlog is refused `429`
 //! with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields,
 //! while another tenant's commands are still accepted; a refused key stays
-//! free.
+//! free; a refusal is held before it is answered.
 
 use std::time::{Duration, Instant};
 
 use onceflow_ingest::limits::SubmitLimits;
+use onceflow_runtime::limits::PerTenant;
 use onceflow_tests::{CANARY_API_KEY, IngestClient, OUTCOME_TIMEOUT, TestEnv, canary_tenant_key, eventually};
 use serde_json::json;
 
@@ -22,7 +23,9 @@ async fn a_tenant_over_its_rate_is_refused_429_and_another_is_not() {
     let ingest = env
         .start_ingest_with(|config| {
             config.tenants.push(canary_tenant_key());
-            config.submit_limits.set("dev", SubmitLimits { rate_per_sec: 1, burst: 3, max_in_flight: 0 });
+            config
+                .submit_limits
+                .set("dev", SubmitLimits { rate_per_sec: 1, burst: 3, max_in_flight: 0, refusal_hold_ms: 0 });
         })
         .await;
     let dev = IngestClient::new(&ingest);
@@ -52,12 +55,53 @@ async fn a_tenant_over_its_rate_is_refused_429_and_another_is_not() {
     env.teardown().await;
 }
 
+/// A refusal is answered only after the tenant's hold (its Retry-After here,
+/// 1 s, shorter than the hold set): its connection carries no next request
+/// meanwhile, and another tenant is answered while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_is_held_before_it_is_answered_and_another_tenant_is_not() {
+    let mut env = TestEnv::new();
+    let ingest = env
+        .start_ingest_with(|config| {
+            config.tenants.push(canary_tenant_key());
+            let held = SubmitLimits { rate_per_sec: 1, burst: 1, max_in_flight: 0, refusal_hold_ms: 5_000 };
+            config.submit_limits.set("dev", held);
+        })
+        .await;
+    let dev = IngestClient::new(&ingest);
+    let canary = IngestClient::with_key(&ingest, CANARY_API_KEY);
+    let first = dev.submit("held-0", &deposit("held")).await;
+    assert_eq!(first.status, 202, "{first:?}");
+
+    let sent = Instant::now();
+    let refused = tokio::spawn({
+        let dev = dev.clone();
+        async move {
+            let refused = dev.submit("held-1", &deposit("held")).await;
+            (refused, Instant::now())
+        }
+    });
+    let other = canary.submit("held-other", &deposit("held")).await;
+    let other_answered = Instant::now();
+    assert_eq!(other.status, 202, "{other:?}");
+    let (refused, refused_answered) = refused.await.expect("the held request");
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.problem_type(), format!("{PROBLEM}rate-limited"));
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let held = refused_answered - sent;
+    assert!(held >= Duration::from_secs(1), "answered after {held:?}, not held for its Retry-After");
+    assert!(other_answered < refused_answered, "the other tenant waited for the held refusal");
+    env.teardown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_requests_in_flight_is_refused_until_one_is_answered() {
     let mut env = TestEnv::new();
     let ingest = env
         .start_ingest_with(|config| {
-            config.submit_limits.set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 1 });
+            config
+                .submit_limits
+                .set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 1, refusal_hold_ms: 0 });
         })
         .await;
     let dev = IngestClient::new(&ingest);
@@ -115,6 +159,11 @@ async fn the_tenant_making_the_backlog_is_refused_and_another_is_still_accepted(
             config.shed.min_lag = 20;
             config.shed.max_queue_delay_ms = 1_000;
             config.shed.everyone_after_ms = 600_000;
+            // Refusals answered at once: held, dev's one connection would
+            // send no faster than the canary, and the share rule could not
+            // tell the two apart (the hold has a test of its own).
+            config.submit_limits =
+                PerTenant::every(SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 32, refusal_hold_ms: 0 });
         })
         .await;
     let dev = IngestClient::new(&ingest);

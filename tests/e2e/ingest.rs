@@ -28,7 +28,9 @@ async fn fifty_concurrent_requests_with_one_key_create_one_job() {
     // them must meet the key, not the bound.
     let ingest = env
         .start_ingest_with(|config| {
-            config.submit_limits.set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 64 });
+            config
+                .submit_limits
+                .set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 64, refusal_hold_ms: 0 });
         })
         .await;
     let api = IngestClient::new(&ingest);

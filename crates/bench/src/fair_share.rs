@@ -18,11 +18,6 @@ use tokio::{
 
 use crate::{Bench, histogram, millis, record};
 
-/// The most flood requests in flight at once: the load generator shares the
-/// machine with the services, so its own work is bounded; ticks with no
-/// place free are counted as `unsent`.
-const MAX_FLOOD_IN_FLIGHT: usize = 256;
-
 /// How long the calm tenant runs alone first, for the run's baseline.
 const BASELINE: Duration = Duration::from_secs(10);
 
@@ -80,12 +75,14 @@ impl Answers {
 impl Bench {
     /// First the calm tenant (`calm`, a bench with the other tenant's key)
     /// alone at `rate` for [`BASELINE`]: the baseline of this run. Then the
-    /// flood (this bench's tenant) at `flood_rate` per second beside the
-    /// calm tenant at `rate`, both open loop, for `duration`.
+    /// flood (this bench's tenant) at `flood_rate` per second, at most
+    /// `flood_connections` requests in flight, beside the calm tenant at
+    /// `rate`, both open loop, for `duration`.
     pub(crate) async fn fair_share(
         &self,
         calm: &Bench,
         flood_rate: u64,
+        flood_connections: usize,
         rate: u64,
         duration: Duration,
     ) -> anyhow::Result<Value> {
@@ -93,7 +90,7 @@ impl Bench {
         let started = Instant::now();
         let calm_answers = calm_apart(calm.clone(), rate, duration);
         let flood = Arc::new(Mutex::new(Answers::default()));
-        let places = Arc::new(Semaphore::new(MAX_FLOOD_IN_FLIGHT));
+        let places = Arc::new(Semaphore::new(flood_connections));
         let stop = started + duration;
         let mut unsent = 0u64;
         let mut requests = JoinSet::new();
@@ -131,7 +128,7 @@ impl Bench {
         let p99_ratio = calm_answers.p99_ms() / alone.p99_ms().max(0.001);
         Ok(json!({"fair_share": {
             "seconds": elapsed,
-            "flood": {"rate_asked": flood_rate, "unsent": unsent, "answers": flood.report(sent as f64 / elapsed)},
+            "flood": {"rate_asked": flood_rate, "connections": flood_connections, "unsent": unsent, "answers": flood.report(sent as f64 / elapsed)},
             "calm_alone": {"rate_asked": rate, "seconds": BASELINE.as_secs(), "answers": alone.report(alone.sent() as f64 / BASELINE.as_secs_f64())},
             "calm": {"rate_asked": rate, "answers": calm_answers.report(calm_answers.sent() as f64 / elapsed)},
             "calm_p99_vs_alone": p99_ratio,

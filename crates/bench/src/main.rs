@@ -147,6 +147,11 @@ enum Command {
         /// The calm tenant's API key.
         #[arg(long)]
         calm_api_key: String,
+        /// The most flood requests in flight at once (so connections): the
+        /// load generator shares the machine with the services, so its own
+        /// work is bounded; ticks with no place free are counted `unsent`.
+        #[arg(long, default_value_t = 256)]
+        flood_connections: usize,
     },
     /// `subscribers` streams receive the results of `events` deposits.
     Fanout {
@@ -176,9 +181,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Drain { count, timeout_secs } => bench.drain(count, Duration::from_secs(timeout_secs)).await?,
         Command::Idle { count, pid } => bench.idle(count, pid).await?,
-        Command::FairShare { flood_rate, rate, seconds, calm_api_key } => {
+        Command::FairShare { flood_rate, rate, seconds, calm_api_key, flood_connections } => {
             let calm = Bench { api_key: calm_api_key, ..bench.clone() };
-            bench.fair_share(&calm, flood_rate, rate, Duration::from_secs(seconds)).await?
+            bench.fair_share(&calm, flood_rate, flood_connections, rate, Duration::from_secs(seconds)).await?
         }
         Command::Fanout { subscribers, events, timeout_secs } => {
             bench.fanout(subscribers, events, Duration::from_secs(timeout_secs)).await?

@@ -38,7 +38,7 @@ use axum::{
 use onceflow_catalogue::unordered_message_key;
 use onceflow_contracts::{Command, Envelope, schema};
 use onceflow_outbox::OutboxMessage;
-use onceflow_runtime::{auth::Tenant, openapi::ProblemDocument, telemetry};
+use onceflow_runtime::{auth::Tenant, hygiene::HoldAnswer, openapi::ProblemDocument, telemetry};
 use serde::Deserialize as _;
 use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
@@ -153,8 +153,17 @@ pub async fn submit(State(state): State<AppState>, request: Request) -> Result<R
     let tenant = state.api_keys.authenticate(headers).ok_or(ApiError::Unauthorized)?;
     let key = idempotency_key(headers)?;
     require_json(headers)?;
-    // The tenant's limits, before its body is read (a refusal is cheap).
-    let admission = state.limits.admit(&tenant.0)?;
+    // The tenant's limits, before its body is read (a refusal is cheap, and
+    // held before it is answered: see `crate::limits`).
+    let admission = match state.limits.admit(&tenant.0) {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let hold = state.limits.refusal_hold(&tenant.0, &refusal);
+            let mut response = refusal.into_response();
+            response.extensions_mut().insert(HoldAnswer(hold));
+            return Ok(response);
+        }
+    };
     let mut response = match submit_admitted(&state, &tenant, key, &parts, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),

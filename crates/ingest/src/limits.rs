@@ -18,6 +18,17 @@
 //! - **in flight** (`too-many-in-flight`): `submit_limits.max_in_flight`
 //!   requests of a tenant handled at once on this instance.
 //!
+//! A refusal is answered only after `submit_limits.refusal_hold_ms` (or its
+//! `Retry-After`, when shorter): the request was handled at once and gave its
+//! places back, but its connection carries no next request until then (see
+//! `onceflow_runtime::hygiene::HoldAnswer`). A client that ignores
+//! `Retry-After` and sends again the moment it is refused is slowed to one
+//! request per hold per connection, so a flood's refusals stop costing ingest
+//! the CPU every other tenant's requests need (11,000 refusals a second took
+//! over half of one of 2 cores); a client that honours `Retry-After` waits no
+//! longer than it would anyway, plus the hold. Held answers are bounded by
+//! the connections (`http.max_connections`), one per connection.
+//!
 //! Every answer carries the IETF `RateLimit-Policy` and `RateLimit` fields
 //! (draft-ietf-httpapi-ratelimit-headers) of the limits set for the tenant,
 //! so a client can pace itself before it is refused.
@@ -64,6 +75,9 @@ pub struct SubmitLimits {
     pub burst: u32,
     /// Requests handled at once per instance; 0: no bound but the port's.
     pub max_in_flight: u32,
+    /// A refusal is answered after this long, or its `Retry-After` if
+    /// shorter; 0: at once.
+    pub refusal_hold_ms: u32,
 }
 
 type RateLimiter = DefaultDirectRateLimiter<StateInformationMiddleware>;
@@ -196,6 +210,19 @@ impl TenantLimits {
         Ok(Admission { _in_flight: permit, fields })
     }
 
+    /// How long `refusal` of `tenant` is held before it is answered: its
+    /// `Retry-After`, at most the tenant's `refusal_hold_ms`.
+    pub fn refusal_hold(&self, tenant: &str, refusal: &ApiError) -> Duration {
+        let hold_ms = self.tenants.get(tenant).map_or(0, |state| state.limits.refusal_hold_ms);
+        let retry_after_secs = match refusal {
+            ApiError::OverShare { retry_after_secs, .. } | ApiError::RateLimited { retry_after_secs, .. } => {
+                *retry_after_secs
+            }
+            _ => 1,
+        };
+        Duration::from_millis(u64::from(hold_ms).min(retry_after_secs.saturating_mul(1000)))
+    }
+
     /// Measure every tenant's share of the recent requests each [`INTERVAL`]
     /// until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
@@ -267,7 +294,7 @@ mod tests {
     use super::*;
 
     fn limits(rate_per_sec: u32, burst: u32, max_in_flight: u32) -> PerTenant<SubmitLimits> {
-        PerTenant::every(SubmitLimits { rate_per_sec, burst, max_in_flight })
+        PerTenant::every(SubmitLimits { rate_per_sec, burst, max_in_flight, refusal_hold_ms: 1_000 })
     }
 
     fn shed() -> ShedConfig {
@@ -323,6 +350,18 @@ mod tests {
         let mut headers = HeaderMap::new();
         third.describe(&mut headers);
         assert_eq!(headers["ratelimit-policy"], "\"in-flight\";q=2;qu=\"concurrent-requests\"");
+    }
+
+    #[test]
+    fn a_refusal_is_held_for_its_retry_after_at_most_the_tenants_hold() {
+        let mut limits = limits(0, 0, 0);
+        limits.set("globex", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 0, refusal_hold_ms: 0 });
+        let limits = tenant_limits(&limits);
+        let over_share = |retry_after_secs| ApiError::OverShare { reason: String::new(), retry_after_secs };
+        assert_eq!(limits.refusal_hold("acme", &over_share(30)), Duration::from_secs(1));
+        assert_eq!(limits.refusal_hold("acme", &ApiError::TooManyInFlight { limit: 32 }), Duration::from_secs(1));
+        assert_eq!(limits.refusal_hold("globex", &over_share(30)), Duration::ZERO, "its hold is 0: at once");
+        assert_eq!(limits.refusal_hold("unknown", &over_share(30)), Duration::ZERO);
     }
 
     #[test]

@@ -30,6 +30,11 @@
 //!   a query can carry a credential (the notifier's `?token=`), and span
 //!   attributes and the JSON log lines inside a span are exported and kept.
 //!
+//! - held answers: a response carrying [`HoldAnswer`] (ingest's refusals of
+//!   a tenant over its limits) is written only after its delay, outside
+//!   every other layer: the request was measured, traced and gave back its
+//!   place among the concurrent requests; only its connection waits.
+//!
 //! What hyper itself refuses before any of this (a malformed request line or
 //! header, a request head over 400 KiB) gets hyper's bare `400`/`431`, and a
 //! header-read timeout closes the connection without an answer.
@@ -118,6 +123,23 @@ pub fn apply(router: Router, limits: &HttpLimits) -> Router {
         .layer(OtelAxumLayer::default().filter(is_traced))
         .layer(middleware::from_fn(hide_query))
         .layer(middleware::from_fn(crate::instruments::record_http_request))
+        .layer(middleware::from_fn(hold_answers))
+}
+
+/// A response extension: write this response only after the delay (see the
+/// module's docs). An HTTP/1.1 connection carries its next request only after
+/// this answer, so a client that sends again the moment it is answered is
+/// slowed to one request per delay on the connection, at no cost to the
+/// service (a timer). Held answers are bounded by the open connections.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldAnswer(pub Duration);
+
+async fn hold_answers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(HoldAnswer(delay)) = response.extensions_mut().remove::<HoldAnswer>() {
+        tokio::time::sleep(delay).await;
+    }
+    response
 }
 
 /// Probes are polled every few seconds by an orchestrator: spans of them
@@ -265,6 +287,15 @@ mod tests {
             .route("/upload", post(|body: Bytes| async move { body.len().to_string() }))
             .route("/slow", get(|| async { tokio::time::sleep(Duration::from_secs(60)).await }))
             .route("/livez", get(|| async { "ok" }))
+            .route(
+                "/held",
+                get(|| async {
+                    let mut refused =
+                        (StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, PROBLEM_JSON)], "{}").into_response();
+                    refused.extensions_mut().insert(HoldAnswer(Duration::from_secs(2)));
+                    refused
+                }),
+            )
             .layer(DefaultBodyLimit::max(16));
         apply(app, limits)
     }
@@ -301,6 +332,27 @@ mod tests {
 
         let (status, _, _) = call(&app, Request::post("/upload").body(Body::from("small")).unwrap()).await;
         assert_eq!(status, StatusCode::OK, "a success is left alone");
+    }
+
+    #[tokio::test]
+    async fn a_held_answer_waits_its_delay_without_holding_a_place() {
+        let app = router(&HttpLimits { max_concurrent_requests: 1, ..HttpLimits::default() });
+        let started = tokio::time::Instant::now();
+        let held = tokio::spawn({
+            let app = app.clone();
+            async move { call(&app, Request::get("/held").body(Body::empty()).unwrap()).await }
+        });
+        // Let the held request be handled and reach its hold.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        // Its place among the concurrent requests (one) was given back.
+        let (status, _, _) = call(&app, Request::get("/page?n=1").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!held.is_finished(), "answered before its hold ended");
+        let (status, _, _) = held.await.unwrap();
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(started.elapsed() >= Duration::from_secs(2), "held {:?}", started.elapsed());
     }
 
     #[tokio::test]
