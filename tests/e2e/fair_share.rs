@@ -102,6 +102,10 @@ async fn a_tenant_over_its_requests_in_flight_is_refused_until_one_is_answered()
             config
                 .submit_limits
                 .set("dev", SubmitLimits { rate_per_sec: 0, burst: 0, max_in_flight: 1, refusal_hold_ms: 0 });
+            // No processor runs here, so every accepted probe below adds to
+            // the lag: on a slow machine, before the slow request holds the
+            // place, enough would make dev (alone: its own share) over-share.
+            config.shed.min_lag = 1_000_000;
         })
         .await;
     let dev = IngestClient::new(&ingest);
@@ -126,6 +130,10 @@ async fn a_tenant_over_its_requests_in_flight_is_refused_until_one_is_answered()
             .await
         }
     });
+    // Let the slow request's head reach ingest first: a probe that came
+    // before it would take the place, and the slow request be the one refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!slow.is_finished(), "the slow request was answered before its body ended: {:?}", slow.await);
     let attempts = std::sync::atomic::AtomicUsize::new(0);
     let refused = eventually("a second request to be refused", OUTCOME_TIMEOUT, || async {
         let n = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
