@@ -98,13 +98,15 @@ python3 - "$PROMETHEUS_ADDR" deploy/grafana/dashboards deploy/grafana/may-be-emp
 import json, os, re, sys, urllib.parse, urllib.request
 
 address, dashboards, may_be_empty_file = sys.argv[1:4]
-# A metric name, or a panel's title in double quotes, then why.
+# A metric name, or a panel's title in double quotes (with /refId after it for
+# one query of the panel), then why.
 may_be_empty, panels_may_be_empty = {}, {}
 for line in open(may_be_empty_file, encoding="utf-8"):
     line = line.split("#", 1)[0].strip()
     if line.startswith('"'):
-        title, _, why = line[1:].partition('"')
-        panels_may_be_empty[title] = why.strip()
+        title, _, rest = line[1:].partition('"')
+        ref_id, _, why = rest[1:].partition(" ") if rest.startswith("/") else ("", "", rest)
+        panels_may_be_empty[(title, ref_id)] = why.strip()
     elif line:
         name, _, why = line.partition(" ")
         may_be_empty[name] = why.strip()
@@ -124,7 +126,7 @@ def exprs(node, title=None):
     if isinstance(node, dict):
         title = node.get("title", title)
         if isinstance(node.get("expr"), str):
-            yield title, node["expr"]
+            yield title, node.get("refId", ""), node["expr"]
         for value in node.values():
             yield from exprs(value, title)
     elif isinstance(node, list):
@@ -135,7 +137,7 @@ failures, empty_allowed, answered = [], [], 0
 for file in sorted(os.listdir(dashboards)):
     if not file.endswith(".json"):
         continue
-    for title, expr in exprs(json.load(open(os.path.join(dashboards, file), encoding="utf-8"))):
+    for title, ref_id, expr in exprs(json.load(open(os.path.join(dashboards, file), encoding="utf-8"))):
         query = expr.replace("$__rate_interval", "1m")
         url = f"http://{address}/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
@@ -149,7 +151,8 @@ for file in sorted(os.listdir(dashboards)):
             answered += 1
         else:
             names = metrics(expr)
-            if title in panels_may_be_empty or (names and all(name in may_be_empty for name in names)):
+            panel_allowed = (title, "") in panels_may_be_empty or (title, ref_id) in panels_may_be_empty
+            if panel_allowed or (names and all(name in may_be_empty for name in names)):
                 empty_allowed.append(title)
             else:
                 unlisted = sorted(name for name in names if name not in may_be_empty)
