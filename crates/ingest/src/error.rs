@@ -98,13 +98,22 @@ impl ApiError {
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         };
         let problem = Problem::new(status, slug, title, self.to_string());
+        match self.retry_after_secs() {
+            Some(secs) => problem.retry_after(secs),
+            None => problem,
+        }
+    }
+
+    /// The `Retry-After` its answer carries, for the errors a client may
+    /// simply send again later.
+    pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::RequestInFlight { retry_after_secs }
             | Self::Overloaded { retry_after_secs, .. }
             | Self::OverShare { retry_after_secs, .. }
-            | Self::RateLimited { retry_after_secs, .. } => problem.retry_after(*retry_after_secs),
-            Self::NotCancellable | Self::ProcessorUnavailable | Self::TooManyInFlight { .. } => problem.retry_after(1),
-            _ => problem,
+            | Self::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
+            Self::NotCancellable | Self::ProcessorUnavailable | Self::TooManyInFlight { .. } => Some(1),
+            _ => None,
         }
     }
 }

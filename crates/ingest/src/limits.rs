@@ -214,12 +214,7 @@ impl TenantLimits {
     /// `Retry-After`, at most the tenant's `refusal_hold_ms`.
     pub fn refusal_hold(&self, tenant: &str, refusal: &ApiError) -> Duration {
         let hold_ms = self.tenants.get(tenant).map_or(0, |state| state.limits.refusal_hold_ms);
-        let retry_after_secs = match refusal {
-            ApiError::OverShare { retry_after_secs, .. } | ApiError::RateLimited { retry_after_secs, .. } => {
-                *retry_after_secs
-            }
-            _ => 1,
-        };
+        let retry_after_secs = refusal.retry_after_secs().unwrap_or(1);
         Duration::from_millis(u64::from(hold_ms).min(retry_after_secs.saturating_mul(1000)))
     }
 
