@@ -9,6 +9,8 @@
 //! ago) is asked about again for up to two seconds. The job's status here follows when its `job.cancelled` result
 //! arrives, like any other result.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     extract::{Path, State},
@@ -56,7 +58,7 @@ pub struct Cancellation {
 )]
 #[tracing::instrument(name = "cancel_job", skip_all, fields(job_id = %job_id))]
 pub async fn cancel(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Result<Response, ApiError> {

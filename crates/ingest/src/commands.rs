@@ -26,6 +26,8 @@
 //! `in_flight_wait_ms` the second gets `409` + `Retry-After` instead. Either
 //! way there is never a second job.
 
+use std::sync::Arc;
+
 use axum::{
     body::{Body, Bytes},
     extract::{
@@ -145,7 +147,7 @@ impl StoredResponse {
     )
 )]
 #[tracing::instrument(name = "submit_command", skip_all, fields(tenant, idempotency_key, correlation_id, job_id))]
-pub async fn submit(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn submit(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     // Everything that needs no body comes first: an unauthenticated or

@@ -6,7 +6,7 @@
 //! breaker or a limit. A job the processor applies inline, or a processor
 //! that does not answer within [`PROCESSOR_TIMEOUT`], leaves them out.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
@@ -122,7 +122,7 @@ impl ProcessorClient {
 )]
 #[tracing::instrument(name = "get_job", skip_all, fields(job_id = %job_id))]
 pub async fn get(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Result<Response, ApiError> {

@@ -54,8 +54,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::IngestConfig;
 
-/// Cheap handles shared by every request.
-#[derive(Clone)]
+/// What every request shares, behind one `Arc` (the router's state is cloned
+/// per request: one reference count, not one per handle).
 pub struct AppState {
     pub pool: PgPool,
     pub api_keys: ApiKeys,
@@ -92,7 +92,7 @@ pub fn router(state: AppState, readiness: Vec<http::Dependency>) -> Router {
         .route("/v1/jobs/{job_id}", get(jobs::get))
         .route("/v1/jobs/{job_id}/cancel", post(cancel::cancel))
         .route("/openapi.json", get(openapi::document))
-        .with_state(state)
+        .with_state(Arc::new(state))
         .merge(http::probes_of(readiness))
         .layer(body_limit)
 }
@@ -130,7 +130,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> onceflo
     let vitals = Vitals::default();
     tasks.spawn(maintenance::sweep_expired_keys(
         pool.clone(),
-        Duration::from_secs(config.sweep_interval_secs),
+        Duration::from_secs(config.sweep_interval_secs.get()),
         config.sweep_batch,
         shutdown.clone(),
     ));

@@ -1,6 +1,8 @@
 //! The OpenAPI 3.1 document of ingest's HTTP surface, generated from the
 //! handlers' annotations and types, served at `/openapi.json`.
 
+use std::sync::Arc;
+
 use axum::{extract::State, http::header, response::IntoResponse};
 use onceflow_catalogue::CommandTypes;
 use onceflow_runtime::openapi::{BearerSchemes, ProblemDocument};
@@ -123,8 +125,8 @@ fn anchored(schema: &mut Value, base: &str) {
 }
 
 /// `GET /openapi.json`: the document made at start.
-pub async fn document(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], state.openapi)
+pub async fn document(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], state.openapi.clone())
 }
 
 #[cfg(test)]
