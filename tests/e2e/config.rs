@@ -94,3 +94,23 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
     assert_eq!(printed["database"]["url"], "postgres://onceflow:<redacted>@db.internal:5432/notifier?sslmode=require");
     assert_eq!(printed["sse"]["buffer"], 77, "the effective value, not the default");
 }
+
+/// A clean-up batch or interval of 0 would make its loop spin on the
+/// database (a batch of 0 deletes nothing and never ends a round): refused
+/// at start, naming the setting.
+#[test]
+fn a_clean_up_that_would_spin_is_refused_at_start() {
+    for (service, variable) in [
+        ("onceflow-ingest", "ONCEFLOW_SWEEP_BATCH"),
+        ("onceflow-ingest", "ONCEFLOW_SWEEP_INTERVAL_SECS"),
+        ("onceflow-notifier", "ONCEFLOW_SSE__PRUNE_BATCH"),
+        ("onceflow-notifier", "ONCEFLOW_SSE__PRUNE_INTERVAL_SECS"),
+    ] {
+        let output = print_config(service, &[(variable, "0")]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{service} started with {variable}=0");
+        let setting = variable.trim_start_matches("ONCEFLOW_").replace("__", ".").to_lowercase();
+        let name = setting.rsplit('.').next().unwrap_or(&setting);
+        assert!(stderr.to_lowercase().contains(name), "{service} does not name {name}: {stderr}");
+    }
+}

@@ -76,7 +76,7 @@ async fn resuming_from_a_pruned_id_is_told_about_the_gap() {
     let notifier = env
         .start_notifier_with(|config| {
             config.sse.retention_secs = 0;
-            config.sse.prune_interval_secs = 1;
+            config.sse.prune_interval_secs = std::num::NonZeroU64::MIN;
         })
         .await;
     for _ in 0..2 {

@@ -1,7 +1,10 @@
 //! Ingest's configuration: embedded defaults, overridable by file and
 //! `ONCEFLOW_` environment variables (see [`onceflow_runtime::config`]).
 
-use std::time::Duration;
+use std::{
+    num::{NonZeroU32, NonZeroU64},
+    time::Duration,
+};
 
 use onceflow_runtime::{
     admin::AdminConfig,
@@ -34,9 +37,10 @@ pub struct IngestConfig {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
-    /// How often expired idempotency records are swept, and how many per statement.
-    pub sweep_interval_secs: u64,
-    pub sweep_batch: i64,
+    /// How often expired idempotency records are swept, and how many per
+    /// statement (0 is refused: the sweep would spin).
+    pub sweep_interval_secs: NonZeroU64,
+    pub sweep_batch: NonZeroU32,
     /// When the synthetic probe's jobs are deleted (see `crate::maintenance`).
     #[serde(default)]
     pub probe_records: ProbeRecords,

@@ -1,7 +1,7 @@
 //! Ingest's background upkeep: the idempotency-key sweeper, and the sweep
 //! of the synthetic probe's jobs (see `onceflow_runtime::probe_records`).
 
-use std::time::Duration;
+use std::{num::NonZeroU32, time::Duration};
 
 use onceflow_runtime::probe_records::{COMMAND_TYPE, ProbeRecords};
 use sqlx::PgPool;
@@ -9,14 +9,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Delete expired idempotency records, `batch` rows per statement so a large
 /// backlog of expired keys never becomes one long-locking `DELETE`.
-pub async fn sweep_expired_keys(pool: PgPool, interval: Duration, batch: i64, shutdown: CancellationToken) {
-    let batch_size = u64::try_from(batch).unwrap_or(0);
+/// (`NonZeroU32`: a batch of 0 would delete nothing and never end a round.)
+pub async fn sweep_expired_keys(pool: PgPool, interval: Duration, batch: NonZeroU32, shutdown: CancellationToken) {
+    let batch = batch.get();
     onceflow_runtime::postgres::in_batches_periodically(
         "expired idempotency keys",
-        batch_size,
+        u64::from(batch),
         interval,
         shutdown,
-        || sweep_once(&pool, batch),
+        || sweep_once(&pool, i64::from(batch)),
     )
     .await;
 }

@@ -1,6 +1,10 @@
 //! The notifier's configuration (embedded defaults → file → `ONCEFLOW_` environment).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    num::{NonZeroU32, NonZeroU64},
+    time::Duration,
+};
 
 use onceflow_runtime::{
     admin::AdminConfig,
@@ -50,8 +54,10 @@ pub struct SseConfig {
     pub buffer: usize,
     /// How long events stay available for resumption.
     pub retention_secs: u64,
-    pub prune_interval_secs: u64,
-    pub prune_batch: i64,
+    /// How often expired events are pruned, and how many per statement (0
+    /// is refused: the pruning would spin).
+    pub prune_interval_secs: NonZeroU64,
+    pub prune_batch: NonZeroU32,
     /// HMAC key of stream tokens (see [`crate::tokens`]); empty: a random
     /// one per process.
     #[serde(default)]

@@ -199,7 +199,7 @@ pub async fn start(config: NotifierConfig, shutdown: CancellationToken) -> oncef
     tasks.spawn(store::prune_expired(
         pool.clone(),
         Duration::from_secs(config.sse.retention_secs),
-        Duration::from_secs(config.sse.prune_interval_secs),
+        Duration::from_secs(config.sse.prune_interval_secs.get()),
         config.sse.prune_batch,
         shutdown.clone(),
     ));

@@ -276,12 +276,12 @@ pub async fn prune_expired(
     pool: PgPool,
     retention: std::time::Duration,
     interval: std::time::Duration,
-    batch: i64,
+    batch: std::num::NonZeroU32,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let batch_size = u64::try_from(batch).unwrap_or(0);
-    onceflow_runtime::postgres::in_batches_periodically("expired events", batch_size, interval, shutdown, || {
-        prune_once(&pool, retention, batch)
+    let batch = batch.get();
+    onceflow_runtime::postgres::in_batches_periodically("expired events", u64::from(batch), interval, shutdown, || {
+        prune_once(&pool, retention, i64::from(batch))
     })
     .await;
 }
