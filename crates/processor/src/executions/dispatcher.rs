@@ -10,6 +10,14 @@
 //! (bounded queue: a full one makes the calls wait, and with them the
 //! claims); a processor that dies with ends unrecorded leaves their
 //! attempts to expire and be called again (at least once, recorded once).
+//!
+//! The rest of the dispatcher, each in a module of its own: `health` (the
+//! push handlers' circuit breakers), `call` (one attempt of a push
+//! execution) and `record` (the recorder task of their ends).
+
+mod call;
+mod health;
+mod record;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,36 +25,23 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, Utc};
-use onceflow_contracts::JobStatus;
-use onceflow_runtime::{failure::Failure, telemetry};
-use onceflow_webhook::{
-    BreakerPolicy, RetryPolicy,
-    breaker::{Breaker, Signal, State, signal_of_status},
-};
+use onceflow_webhook::RetryPolicy;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::{
     builtin::Ran,
     callbacks::Callbacks,
-    endings::{AfterFailure, End, job_of},
-    leases::{self, Counted},
-    push::{Answer, Caller, PushRequest},
-    store::{self, Attempt, Execution, QueueKey, Wait},
+    endings::End,
+    push::Caller,
+    store::{self, Attempt, QueueKey},
 };
-use crate::{
-    config::ExecutionsConfig,
-    handlers::ServedBy,
-    worker::{Poison, Worker},
-};
+use crate::{config::ExecutionsConfig, handlers::ServedBy, worker::Worker};
+use health::{Admission, HandlerHealth};
 
 /// Ends of push calls waiting to be recorded, at most; calls wait beyond.
 const END_QUEUE: usize = 1024;
-/// Ends recorded in one transaction, at most.
-const ENDS_PER_COMMIT: usize = 128;
 
 /// One push-served command type.
 struct PushSlot {
@@ -58,23 +53,6 @@ struct PushSlot {
     timeout: Duration,
     heartbeat_timeout: Duration,
     retry: RetryPolicy,
-}
-
-/// The breaker of a handler, as this instance sees it.
-struct HandlerHealth {
-    breaker: Breaker,
-    /// While half-open: the one probe is out.
-    probing: bool,
-}
-
-/// What a handler's breaker lets through now.
-enum Admission {
-    /// Calls go out.
-    Open(usize),
-    /// One call, the probe.
-    Probe,
-    /// None until the cool-down ends.
-    Blocked,
 }
 
 /// Drives executions (see the module's docs).
@@ -229,207 +207,6 @@ impl Dispatcher {
         store::next_ready_in(pool).await
     }
 
-    /// What `slot`'s handler breaker lets through now.
-    fn admission(&self, slot: &PushSlot) -> Admission {
-        let free = slot.permits.available_permits();
-        let Ok(mut health) = self.health.lock() else { return Admission::Open(free) };
-        let Some(handler) = health.get_mut(&slot.destination) else { return Admission::Open(free) };
-        match handler.breaker.state {
-            State::Closed => Admission::Open(free),
-            State::Open if handler.breaker.open_until.is_some_and(|until| until <= Utc::now()) && free > 0 => {
-                handler.breaker.state = State::HalfOpen;
-                handler.probing = true;
-                Admission::Probe
-            }
-            State::Open | State::HalfOpen => Admission::Blocked,
-        }
-    }
-
-    /// Count `signal` against `slot`'s handler; when its breaker opens, hold
-    /// the keys of every type it serves until the cool-down ends.
-    async fn judge(&self, slot: &PushSlot, signal: Signal, probe: bool) {
-        let policy: &BreakerPolicy = &self.config.push.breaker;
-        if !policy.enabled {
-            return;
-        }
-        let opened: Option<DateTime<Utc>> = {
-            let Ok(mut health) = self.health.lock() else { return };
-            let now = Utc::now();
-            let handler = health
-                .entry(slot.destination.clone())
-                .or_insert_with(|| HandlerHealth { breaker: Breaker::closed(now), probing: false });
-            let probe = probe && handler.probing;
-            if probe {
-                handler.probing = false;
-            }
-            let transition = handler.breaker.record(policy, signal, probe, now);
-            if let Some(transition) = &transition {
-                tracing::warn!(destination = %slot.destination, from = transition.from.as_str(),
-                    to = transition.to.as_str(), reason = %transition.reason, "push handler breaker");
-                metrics::counter!("onceflow_handler_breaker_transitions_total", "to" => transition.to.as_str())
-                    .increment(1);
-            }
-            transition.filter(|t| t.to == State::Open).and(handler.breaker.open_until)
-        };
-        if let Some(until) = opened {
-            let types: Vec<&str> = self
-                .push
-                .iter()
-                .filter(|other| other.destination == slot.destination)
-                .map(|other| other.name)
-                .collect();
-            if let Err(error) = store::hold_types(&self.worker.pool, &types, until).await {
-                tracing::warn!(%error, "cannot mark the handler's keys as waiting for its breaker");
-            }
-        }
-    }
-
-    /// One attempt of a push execution, and what its answer makes of it.
-    async fn call(
-        self: Arc<Self>,
-        slot: Arc<PushSlot>,
-        execution: Execution,
-        permit: OwnedSemaphorePermit,
-        ends: mpsc::Sender<End>,
-    ) {
-        let span = super::builtin::execution_span(&execution);
-        let probe = self.health.lock().is_ok_and(|health| health.get(&slot.destination).is_some_and(|h| h.probing));
-        async {
-            let end = self.attempt(&slot, execution, probe).await;
-            drop(permit);
-            if let Some(end) = end
-                && ends.send(end).await.is_err()
-            {
-                tracing::info!("shutting down before the end was recorded; the attempt expires and runs again");
-            }
-        }
-        .instrument(span)
-        .await;
-        self.wake.notify_one();
-    }
-
-    /// Call the handler; an end to record, or `None` when the execution was
-    /// put back to wait (or could not be).
-    async fn attempt(&self, slot: &PushSlot, execution: Execution, probe: bool) -> Option<End> {
-        let worker = &self.worker;
-        let attempt = execution.attempts + 1;
-        if attempt > i32::try_from(slot.retry.max_attempts).unwrap_or(i32::MAX) {
-            // Its last attempt expired (its processor died): no call is left.
-            let poison = Poison::new("attempts_exhausted", "every attempt of its retry policy was spent");
-            let error = poison.job_error();
-            return Some(worker.end_of(execution, JobStatus::DeadLettered, None, Some(error), Some(poison)));
-        }
-        let (command, job) = job_of(&execution);
-        let Some(command) = command else {
-            let poison = Poison::new("undecodable", "its command record no longer decodes");
-            let error = poison.job_error();
-            return Some(worker.end_of(execution, JobStatus::DeadLettered, None, Some(error), Some(poison)));
-        };
-        let payload: serde_json::Value = serde_json::from_str(&command.payload_json).unwrap_or_default();
-        let deadline = (Utc::now() + slot.timeout).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let attempt_id = execution.attempt_id.map(|id| id.to_string()).unwrap_or_default();
-        let request = PushRequest {
-            job_id: &job.job_id,
-            command_type: &job.command_type,
-            tenant: &job.tenant,
-            correlation_id: &execution.envelope.correlation_id,
-            payload: &payload,
-            attempt,
-            attempt_id: &attempt_id,
-            deadline: &deadline,
-            callback_url: job.callback_url.as_deref(),
-            callbacks: &self.callbacks.links(&execution, slot.timeout),
-        };
-        let (traceparent, _) = telemetry::current_trace_context();
-        let Some(caller) = &self.caller else { return None };
-        let started = std::time::Instant::now();
-        let (answer, status) = caller.call(&slot.url, &request, slot.timeout, traceparent.as_deref()).await;
-        let outcome = match &answer {
-            Answer::Succeeded(_) => "succeeded",
-            Answer::Accepted => "accepted",
-            Answer::Refused { .. } | Answer::TooLarge { .. } => "refused",
-            Answer::Unavailable { .. } => "unavailable",
-            Answer::Failed { .. } => "failed",
-        };
-        metrics::counter!("onceflow_handler_calls_total", "type" => slot.name, "outcome" => outcome).increment(1);
-        metrics::histogram!("onceflow_handler_call_duration_seconds", "type" => slot.name)
-            .record(started.elapsed().as_secs_f64());
-        let signal = match (&answer, status) {
-            (_, Some(status)) => signal_of_status(status),
-            (Answer::Failed { .. } | Answer::Unavailable { .. }, None) => Signal::Unhealthy,
-            (_, None) => Signal::Healthy,
-        };
-        self.judge(slot, signal, probe).await;
-        match answer {
-            Answer::Succeeded(result) => {
-                tracing::info!(attempt, "the handler succeeded");
-                Some(worker.end_of(execution, JobStatus::Succeeded, Some(result.to_string()), None, None))
-            }
-            Answer::Refused { code, message } => {
-                tracing::info!(attempt, %code, "the handler refused the command");
-                let error = onceflow_contracts::JobError { code, message };
-                Some(worker.end_of(execution, JobStatus::Failed, None, Some(error), None))
-            }
-            Answer::TooLarge { size } => {
-                let message = format!("the handler's answer has more than {size} bytes; no message carries it");
-                let error = onceflow_contracts::JobError { code: crate::worker::RESULT_TOO_LARGE.to_owned(), message };
-                Some(worker.end_of(execution, JobStatus::Failed, None, Some(error), None))
-            }
-            Answer::Unavailable { reason, retry_after } => {
-                let delay = worker.retry.delay_after(execution.outages).max(retry_after.unwrap_or_default());
-                tracing::warn!(attempt, %reason, delay_ms = delay.as_millis(), "the handler is unavailable; waiting");
-                let error = serde_json::json!({"code": "handler_unavailable", "message": reason});
-                self.put_back(&execution, Counted::Outage, Wait::HandlerUnavailable, delay, &error).await;
-                None
-            }
-            Answer::Accepted => {
-                tracing::info!(attempt, "the handler accepted the command; it reports through callbacks");
-                let (job_id, attempt_id) = (execution.job_id, execution.attempt_id.unwrap_or_default());
-                if let Err(error) = leases::accept(&worker.pool, job_id, attempt_id, slot.heartbeat_timeout).await {
-                    tracing::warn!(%error, "cannot record that the handler accepted; its call's deadline holds");
-                }
-                None
-            }
-            Answer::Failed { reason, retry_after } => {
-                match worker.after_failure(&execution, &slot.retry, &reason, retry_after) {
-                    AfterFailure::Retry(delay) => {
-                        tracing::warn!(attempt, %reason, delay_ms = delay.as_millis(), "the handler failed; retrying");
-                        let error = serde_json::json!({"code": "handler_failed", "message": reason});
-                        self.put_back(&execution, Counted::Attempt, Wait::Retry, delay, &error).await;
-                        None
-                    }
-                    AfterFailure::DeadLetter(end) => {
-                        tracing::warn!(attempt, %reason, "the handler failed its last attempt; dead-lettering");
-                        Some(*end)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Put a running attempt back to wait, through outages of the database
-    /// (until shutdown; then its deadline expires it).
-    async fn put_back(
-        &self,
-        execution: &Execution,
-        counted: Counted,
-        wait: Wait,
-        delay: Duration,
-        error: &serde_json::Value,
-    ) {
-        let mut backoff = self.worker.retry.backoff();
-        for _ in 0..10 {
-            match store::retry_later(&self.worker.pool, execution, counted, wait, delay, error).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot put the execution back to wait; trying again");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        }
-        tracing::error!("the execution could not be put back; its attempt expires and it runs again");
-    }
-
     /// A built-in run of `key`, then a wake for the next.
     async fn run_builtin(self: Arc<Self>, key: QueueKey, permit: OwnedSemaphorePermit) {
         let max = self.config.max_batch;
@@ -443,67 +220,6 @@ impl Dispatcher {
         }
         drop(permit);
         self.wake.notify_one();
-    }
-
-    /// Record ends as they come, many per transaction. An outage is waited
-    /// out (the ends wait in memory meanwhile; a processor that dies leaves
-    /// their attempts to expire and run again). Data the database refuses is
-    /// no outage: the batch's ends are then recorded one by one, and an end
-    /// whose handler's answer cannot be stored is recorded without it.
-    async fn record(self: Arc<Self>, mut ended: mpsc::Receiver<End>, shutdown: CancellationToken) {
-        let mut batch = Vec::with_capacity(ENDS_PER_COMMIT);
-        while ended.recv_many(&mut batch, ENDS_PER_COMMIT).await > 0 {
-            if !self.record_through_outages(&batch, &shutdown).await {
-                return;
-            }
-            batch.clear();
-            self.wake.notify_one();
-        }
-    }
-
-    /// Record `batch`, waiting out outages; `false` if shutdown came first.
-    async fn record_through_outages(&self, batch: &[End], shutdown: &CancellationToken) -> bool {
-        let mut backoff = self.worker.retry.backoff();
-        loop {
-            match self.record_batch(batch).await {
-                Ok(()) => return true,
-                Err(error) if Failure::of_database(&error).is_data() => {
-                    tracing::warn!(%error, count = batch.len(), "ends the database refuses; recording them one by one");
-                    for end in batch {
-                        if let Err(error) = self.record_batch(std::slice::from_ref(end)).await {
-                            self.record_without_answer(end, &error).await;
-                        }
-                    }
-                    return true;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, count = batch.len(), "cannot record ends; trying again");
-                    metrics::counter!("onceflow_outage_waits_total", "stage" => "record_ends").increment(1);
-                    if !backoff.wait(shutdown).await {
-                        return false;
-                    }
-                }
-            }
-        }
-    }
-
-    /// An end the database refused alone: recorded `failed` with a fixed
-    /// error instead of the handler's answer. Should even that fail, the
-    /// attempt expires and its command runs again (its attempts bound that).
-    async fn record_without_answer(&self, end: &End, error: &sqlx::Error) {
-        tracing::error!(%error, job_id = %end.execution.job_id, "the handler's answer cannot be stored; the job fails");
-        let message = "the handler's answer could not be stored (the database refused it)".to_owned();
-        let error = onceflow_contracts::JobError { code: "unrecordable_answer".to_owned(), message };
-        let replacement = self.worker.end_of(end.execution.clone(), JobStatus::Failed, None, Some(error), None);
-        if let Err(error) = self.record_batch(std::slice::from_ref(&replacement)).await {
-            tracing::error!(%error, job_id = %end.execution.job_id, "cannot record the end; its attempt expires");
-        }
-    }
-
-    async fn record_batch(&self, batch: &[End]) -> Result<(), sqlx::Error> {
-        let mut tx = self.worker.pool.begin().await?;
-        self.worker.record_ends(&mut tx, batch).await?;
-        tx.commit().await
     }
 
     /// Wake the dispatcher at every commit that queues work.
