@@ -8,6 +8,7 @@ mod breakers;
 mod chaos;
 mod config;
 mod fair_share;
+mod fleet;
 mod flow;
 mod group_commit;
 mod handlers;
