@@ -35,15 +35,12 @@ use std::{
 
 use onceflow_tests::{
     DEV_API_KEY, OUTCOME_TIMEOUT, OwnBroker, PushHandler, PushReply, TestEnv, database_server, development_config,
-    eventually,
+    eventually, free_addr,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::submit_until_accepted;
-// Also what `scale_out.rs` takes from here.
-pub(crate) use crate::fleet::{Managed, Seen, Submitted, deposit_load, open_accounts, read_events, succeeds};
-pub(crate) use onceflow_tests::free_addr;
+use crate::fleet::{Managed, Seen, deposit_load, open_accounts, read_events, submit_until_accepted, succeeds};
 
 const ACCOUNTS: [&str; 4] = ["chaos-a", "chaos-b", "chaos-c", "chaos-d"];
 /// Instances of each service.
@@ -114,7 +111,7 @@ retry = {{ max_attempts = 20, initial_backoff_ms = 200, max_backoff_ms = 1000 }}
     ));
     // Two instances of each service, on one broker and one set of databases.
     let (ingest_db, processor_db, notifier_db) =
-        (env.database_config("ingest").url, env.database_config("processor").url, env.database_config("notifier").url);
+        (env.database("ingest").url, env.database("processor").url, env.database("notifier").url);
     let (mut ingests, mut processors, mut notifiers) = (Vec::new(), Vec::new(), Vec::new());
     for n in 1..=INSTANCES {
         let addr = free_addr();

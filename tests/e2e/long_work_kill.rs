@@ -18,7 +18,7 @@ const IN_FLIGHT: usize = 1_000;
 
 /// A processor process of this test listening on `addr`.
 fn spawn_processor(env: &mut TestEnv, config: &std::path::Path, addr: &str, name: &str) -> ServiceProcess {
-    let database = env.database_config("processor");
+    let database = env.database("processor");
     let variables = [
         ("ONCEFLOW_CONFIG", config.display().to_string()),
         ("ONCEFLOW_LISTEN", addr.to_owned()),

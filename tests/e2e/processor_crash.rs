@@ -201,7 +201,7 @@ async fn sigkilled_processors_apply_every_command_exactly_once() {
     env.kafka.partitions = 4;
     env.create_topics().await;
     let topics = env.kafka.topics();
-    let database = env.database_config("processor");
+    let database = env.database("processor");
     let group = format!("processor-crash-{}", env.id);
     let seed = u64::from_str_radix(&env.id, 16).unwrap_or(7);
     eprintln!("crash test: seed {seed:#x}, logs in {}", env.scratch_dir().display());

@@ -14,10 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, TestEnv, development_config, eventually};
+use onceflow_tests::{DEV_API_KEY, OUTCOME_TIMEOUT, TestEnv, development_config, eventually, free_addr};
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::{Managed, Seen, Submitted, deposit_load, free_addr, open_accounts, read_events, succeeds};
+use crate::fleet::{Managed, Seen, Submitted, deposit_load, open_accounts, read_events, succeeds};
 
 const ACCOUNTS: [&str; 4] = ["scale-a", "scale-b", "scale-c", "scale-d"];
 /// Deposits submitted per second while the instances restart.
@@ -42,7 +42,7 @@ async fn a_rolling_restart_of_two_instances_of_each_service_loses_no_command_and
         ]
     };
     let (ingest_db, processor_db, notifier_db) =
-        (env.database_config("ingest").url, env.database_config("processor").url, env.database_config("notifier").url);
+        (env.database("ingest").url, env.database("processor").url, env.database("notifier").url);
     let mut instances = Vec::new();
     for n in 1..=2 {
         let addr = free_addr();

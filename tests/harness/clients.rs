@@ -156,10 +156,6 @@ impl DeliveriesClient {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.expect("the notifier answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.expect("response body").to_vec();
-        ApiResponse { status, headers, body }
+        ApiResponse::send(request).await
     }
 }

@@ -87,12 +87,6 @@ impl TestEnv {
         DatabaseConfig { url: format!("{}/{name}", database_server()), max_connections: 10, acquire_timeout_ms: 5000 }
     }
 
-    /// This test's database settings of `service`, dropped at teardown: for a
-    /// service the test runs itself (e.g. as a separate process).
-    pub fn database_config(&mut self, service: &str) -> DatabaseConfig {
-        self.database(service)
-    }
-
     /// The URL of this test's database of `service`.
     pub fn database_url(&self, service: &str) -> String {
         format!("{}/onceflow_test_{}_{service}", database_server(), self.id)

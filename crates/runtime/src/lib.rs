@@ -13,7 +13,8 @@
 //! - [`failure`]: data errors (end the record now) versus outages (wait
 //!   and retry without bound), and the backoff of those waits (G8).
 //! - [`kafka`]: producer and consumer set-up, topic creation, envelope
-//!   headers, and the consume loop that ends, parks or waits on each record.
+//!   headers, the consume loop that ends, parks or waits on each record, and
+//!   the consumer-lag probe.
 //! - [`limits`]: per-tenant limits, one set for every tenant and what
 //!   differs for some.
 //! - [`parking`]: records a consumer could never apply, kept for an operator
