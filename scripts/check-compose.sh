@@ -19,7 +19,7 @@
 #    (alerts.test.yml) pass;
 # 4. the Grafana provisioning parses, the dashboard JSON parses, its panels
 #    use the provisioned datasources, every metric its PromQL names is in
-#    CATALOGUE of crates/runtime/src/instruments.rs, and `promtool check
+#    CATALOGUE of crates/runtime/src/instruments/catalogue.rs, and `promtool check
 #    rules` accepts every expression;
 # 5. the webhook receiver service runs the example receiver of
 #    examples/python with its pinned requirements (the receiver itself is
@@ -340,7 +340,11 @@ if provider_dir:
         errors.append(f"{provider_dir}: no dashboard provider reads /etc/grafana/dashboards")
 
 # The catalogue: name -> kind, from the Rust source.
-instruments = open("crates/runtime/src/instruments.rs", encoding="utf-8").read()
+# The names' constants live in instruments.rs, the CATALOGUE in its catalogue module.
+instruments = "".join(
+    open(path, encoding="utf-8").read()
+    for path in ["crates/runtime/src/instruments.rs", "crates/runtime/src/instruments/catalogue.rs"]
+)
 constants = dict(re.findall(r'pub const ([A-Z_]+): &str = "([^"]+)";', instruments))
 block = instruments[instruments.index("const CATALOGUE"):]
 block = block[: block.index("\n];")]
@@ -348,7 +352,7 @@ catalogue = {}
 for literal, constant, kind in re.findall(r'\(\s*(?:"([a-z0-9_:]+)"|([A-Z_]+))\s*,\s*Kind::(\w+)', block):
     catalogue[literal or constants[constant]] = kind
 if len(catalogue) < 10:
-    errors.append(f"crates/runtime/src/instruments.rs: read only {len(catalogue)} metrics from CATALOGUE")
+    errors.append(f"crates/runtime/src/instruments/catalogue.rs: read only {len(catalogue)} metrics from CATALOGUE")
 # Series Prometheus itself adds to every target.
 BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 # What may stand where a metric name could: keywords and grouping clauses.
@@ -408,7 +412,7 @@ for path in sorted(os.listdir(dashboard_dir)) if dashboard_dir else []:
             if not names:
                 errors.append(f"{where}: no metric in {target.get('expr')!r}")
             for name in sorted(names - {n for n in names if known(n)}):
-                errors.append(f"{where}: metric {name} is not in CATALOGUE of crates/runtime/src/instruments.rs")
+                errors.append(f"{where}: metric {name} is not in CATALOGUE of crates/runtime/src/instruments/catalogue.rs")
             used |= names
             expressions.append(expr)
 if promtool and expressions:
@@ -435,7 +439,7 @@ if prometheus_file is not None:
             if not rule.get("annotations", {}).get("runbook"):
                 errors.append(f"{alerts_file}: alert {rule.get('alert')} has no runbook annotation")
             for name in sorted(n for n in metric_names(rule.get("expr", "")) if n != "up" and not known(n)):
-                errors.append(f"{alerts_file}: alert {rule.get('alert')} names {name}, not in CATALOGUE of crates/runtime/src/instruments.rs")
+                errors.append(f"{alerts_file}: alert {rule.get('alert')} names {name}, not in CATALOGUE of crates/runtime/src/instruments/catalogue.rs")
         if promtool:
             run_promtool("check", "rules", alerts_file)
             run_promtool("test", "rules", os.path.join(os.path.dirname(alerts_file), "alerts.test.yml"))
