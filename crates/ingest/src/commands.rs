@@ -26,15 +26,15 @@
 //! `in_flight_wait_ms` the second gets `409` + `Retry-After` instead. Either
 //! way there is never a second job.
 
+mod record;
+mod request;
+
 use std::sync::Arc;
 
 use axum::{
-    body::{Body, Bytes},
-    extract::{
-        FromRequest as _, Request, State,
-        rejection::{BytesRejection, FailedToBufferBody},
-    },
-    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, StatusCode, request::Parts},
     response::{IntoResponse, Response},
 };
 use onceflow_catalogue::unordered_message_key;
@@ -42,21 +42,22 @@ use onceflow_contracts::{Command, Envelope, schema};
 use onceflow_outbox::OutboxMessage;
 use onceflow_runtime::{auth::Tenant, hygiene::HoldAnswer, openapi::ProblemDocument, telemetry};
 use serde::Deserialize as _;
-use sha2::{Digest as _, Sha256};
-use sqlx::Row as _;
 use uuid::Uuid;
 
+pub use self::{
+    record::IDEMPOTENT_REPLAYED,
+    request::{CORRELATION_ID, IDEMPOTENCY_KEY},
+};
+use self::{
+    record::{in_flight_or_internal, recorded},
+    request::{correlation_id, fingerprint, idempotency_key, read_body, require_json},
+};
 use crate::{
     AppState,
     error::ApiError,
     group_commit::{Acceptance, Grouped, claim_on_conflict},
     openapi::CommandRequest,
 };
-
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
-pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
-pub const CORRELATION_ID: &str = "x-correlation-id";
-const PATH: &str = "/v1/commands";
 
 /// The body of `POST /v1/commands` (documented per type as
 /// [`crate::openapi::CommandRequest`]); the payload is checked by the catalogue.
@@ -83,29 +84,6 @@ pub struct Accepted {
     status: &'static str,
     /// Where to poll the job: `/v1/jobs/{job_id}`.
     status_url: String,
-}
-
-/// A response as stored for replay.
-struct StoredResponse {
-    status: u16,
-    body: Vec<u8>,
-    location: String,
-}
-
-impl StoredResponse {
-    fn into_response(self, replayed: bool) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::ACCEPTED);
-        let mut response = (status, self.body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Ok(location) = HeaderValue::from_str(&self.location) {
-            headers.insert(header::LOCATION, location);
-        }
-        if replayed {
-            headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-        }
-        response
-    }
 }
 
 /// Submit a command.
@@ -369,37 +347,6 @@ async fn commit_alone(state: &AppState, tenant: &Tenant, acceptance: Acceptance)
     Ok(acceptance.accepted_response())
 }
 
-impl Acceptance {
-    /// The `202` of a first request, as stored for its replays.
-    fn accepted_response(self) -> Response {
-        StoredResponse {
-            status: u16::try_from(self.response_status).unwrap_or(202),
-            body: self.response_body,
-            location: self.response_location,
-        }
-        .into_response(false)
-    }
-}
-
-/// Read the body, at most `max_body_bytes` of it: a declared length over the
-/// limit is refused before reading anything, an undeclared one as soon as
-/// the limit is passed. The router's `DefaultBodyLimit` is the same setting,
-/// so axum's own 2 MB default never applies.
-async fn read_body(state: &AppState, parts: &Parts, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.config.max_body_bytes;
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    if declared.is_some_and(|length: u64| length > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let request = Request::from_parts(parts.clone(), body);
-    Bytes::from_request(request, state).await.map_err(|rejection| match rejection {
-        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
-            ApiError::PayloadTooLarge { limit }
-        }
-        other => ApiError::UnreadableBody(other.body_text()),
-    })
-}
-
 /// `callback_url` as it is stored and published: parsed and normalised, and
 /// refused (`422`) when it is malformed or reaches where callbacks may not go,
 /// so the client learns now rather than never getting a webhook.
@@ -445,135 +392,4 @@ fn shed_if_overloaded(state: &AppState) -> Result<(), ApiError> {
         });
     }
     Ok(())
-}
-
-/// The recorded answer of `key`, unless it expired.
-async fn recorded(state: &AppState, tenant: &Tenant, key: &str) -> Result<Option<Recorded>, ApiError> {
-    let row = sqlx::query(
-        "SELECT fingerprint, job_id, response_status, response_body, response_location
-         FROM idempotency_keys WHERE tenant = $1 AND idempotency_key = $2 AND expires_at >= now()",
-    )
-    .bind(&tenant.0)
-    .bind(key)
-    .fetch_optional(&state.pool)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let status: i16 = row.try_get("response_status")?;
-    Ok(Some(Recorded {
-        fingerprint: row.try_get("fingerprint")?,
-        job_id: row.try_get("job_id")?,
-        response: StoredResponse {
-            status: u16::try_from(status).unwrap_or(202),
-            body: row.try_get("response_body")?,
-            location: row.try_get("response_location")?,
-        },
-    }))
-}
-
-/// A key's record: the request it was first used with, and the answer given.
-struct Recorded {
-    fingerprint: Vec<u8>,
-    /// The job the key made, which the request's span and logs then name
-    /// (not the id the request was given while it was judged).
-    job_id: Uuid,
-    response: StoredResponse,
-}
-
-impl Recorded {
-    /// The recorded response for the same request, `422` for another.
-    fn answer(self, fingerprint: &[u8]) -> Result<Response, ApiError> {
-        tracing::Span::current().record("job_id", tracing::field::display(self.job_id));
-        if self.fingerprint != fingerprint {
-            return Err(ApiError::IdempotencyKeyReused);
-        }
-        tracing::info!("replaying stored response");
-        Ok(self.response.into_response(true))
-    }
-}
-
-/// A lock timeout means another request with the same key is still running.
-fn in_flight_or_internal(error: sqlx::Error) -> ApiError {
-    let lock_timeout = error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "55P03");
-    if lock_timeout { ApiError::RequestInFlight { retry_after_secs: 1 } } else { error.into() }
-}
-
-/// The `Idempotency-Key`: 1–255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(IDEMPOTENCY_KEY)
-        .ok_or_else(|| ApiError::InvalidIdempotencyKey("the Idempotency-Key header is required".to_owned()))?;
-    let key = value
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-        ApiError::InvalidIdempotencyKey("Idempotency-Key must be 1-255 visible ASCII characters".to_owned())
-    })?;
-    Ok(key)
-}
-
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let media_type = content_type.split(';').next().unwrap_or("").trim();
-    if media_type.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, got `{content_type}`")))
-    }
-}
-
-/// The client's `X-Correlation-Id`, which must be 1–128 visible ASCII
-/// characters (it travels in Kafka headers and log lines), or a fresh one.
-fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
-    let Some(value) = headers.get(CORRELATION_ID) else { return Ok(Uuid::new_v4().to_string()) };
-    value
-        .to_str()
-        .ok()
-        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            ApiError::InvalidCorrelationId("X-Correlation-Id must be 1-128 visible ASCII characters".to_owned())
-        })
-}
-
-/// SHA-256 of the method, the path and the canonical JSON body: key order and
-/// white space do not make two requests different.
-fn fingerprint(request: &serde_json::Value) -> [u8; 32] {
-    let canonical = onceflow_contracts::payload::canonical_json(request);
-    let mut hasher = Sha256::new();
-    hasher.update(b"POST ");
-    hasher.update(PATH.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(canonical.as_bytes());
-    hasher.finalize().into()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprint_ignores_key_order_and_white_space() {
-        let parse = |text: &str| fingerprint(&serde_json::from_str(text).unwrap());
-        let a = parse(r#"{"type":"ledger.deposit","payload":{"account_id":"a","amount":5}}"#);
-        let b = parse("{ \"payload\" : { \"amount\":5, \"account_id\":\"a\" },\n \"type\":\"ledger.deposit\" }");
-        let c = parse(r#"{"type":"ledger.deposit","payload":{"account_id":"a","amount":6}}"#);
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-    }
-
-    #[test]
-    fn idempotency_keys_must_be_visible_ascii_of_bounded_length() {
-        let key = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_str(value).unwrap());
-            idempotency_key(&headers).map(str::to_owned)
-        };
-        assert!(key("order-42").is_ok());
-        assert!(key(&"k".repeat(255)).is_ok());
-        assert!(key(&"k".repeat(256)).is_err());
-        assert!(key("has space").is_err());
-        assert!(key("").is_err());
-        assert!(idempotency_key(&HeaderMap::new()).is_err());
-    }
 }
