@@ -47,12 +47,14 @@ mod callback_url;
 mod check;
 mod class;
 mod resolve;
+mod rule;
 
 pub use allowlist::{Allowlist, AllowlistError};
 pub use callback_url::{MAX_CALLBACK_URL_LEN, parse_callback_url};
-pub use check::{check_address, check_callback_url, check_url};
+pub use check::{check_callback_url, check_url};
 pub use class::{AddressClass, classify};
 pub use resolve::{RESOLVE_TIMEOUT, SsrfResolver};
+pub use rule::check_address;
 
 use std::net::IpAddr;
 

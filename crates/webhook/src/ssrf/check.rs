@@ -1,11 +1,12 @@
-//! The SSRF rule itself: a callback URL's host, or every address it
-//! resolves to, must be public or permitted by the allowlist.
+//! The check of a callback URL: an http(s) URL whose host, or every address
+//! its name resolves to ([`resolve`](super::resolve)), passes the address
+//! rule ([`rule`](super::rule)).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use url::{Host, Url};
 
-use super::{Allowlist, SsrfError, classify, parse_callback_url, resolve::resolve_checked};
+use super::{Allowlist, SsrfError, parse_callback_url, resolve::resolve_checked, rule::check_address};
 
 /// Check that `url` may be called back: [`parse_callback_url`], then
 /// [`check_url`]. Returns the normalised URL that was checked.
@@ -46,57 +47,6 @@ pub async fn check_url(url: &Url, allowlist: &Allowlist) -> Result<(), SsrfError
         Host::Ipv6(address) => check_address(&address.to_string(), IpAddr::V6(address), Some(port), allowlist),
         Host::Domain(name) => resolve_checked(name, port, Some(port), allowlist).await.map(drop),
     }
-}
-
-/// Check one resolved `address` of `host` against the rules and `allowlist`,
-/// for a connection to `port` (`None`: a port not known, so only entries
-/// without a port can permit it).
-pub fn check_address(host: &str, address: IpAddr, port: Option<u16>, allowlist: &Allowlist) -> Result<(), SsrfError> {
-    let Some(class) = classify(address) else { return Ok(()) };
-    let forbidden = || SsrfError::Forbidden { host: host.to_owned(), address, class };
-    if class.is_never_permitted() {
-        return Err(forbidden());
-    }
-    if allowlist.permits_address(address, port) {
-        return Ok(());
-    }
-    match port {
-        Some(port) if allowlist.networks_containing(address).next().is_some() => {
-            Err(SsrfError::PortNotPermitted { host: host.to_owned(), port })
-        }
-        _ => Err(forbidden()),
-    }
-}
-
-/// The rule for the `addresses` a host name resolved to: none may be
-/// cloud-metadata or link-local; unless the name is permitted on `port`,
-/// every one must pass [`check_address`].
-pub(super) fn check_resolved(
-    host: &str,
-    addresses: &[SocketAddr],
-    port: Option<u16>,
-    allowlist: &Allowlist,
-) -> Result<(), SsrfError> {
-    let host_permitted = allowlist.permits_host(host, port);
-    for address in addresses {
-        let never = classify(address.ip()).filter(|class| class.is_never_permitted());
-        if let Some(class) = never {
-            return Err(SsrfError::Forbidden { host: host.to_owned(), address: address.ip(), class });
-        }
-        if !host_permitted {
-            // A name reaches an address only through entries without a port:
-            // the connection-time resolver cannot see the port, and the
-            // submission check must not accept what delivery will refuse.
-            check_address(host, address.ip(), None, allowlist).map_err(|error| {
-                if allowlist.networks_containing(address.ip()).next().is_some() {
-                    SsrfError::PortRestrictedAddressByName { host: host.to_owned(), address: address.ip() }
-                } else {
-                    error
-                }
-            })?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -263,26 +213,5 @@ mod tests {
         // port permits nothing there, a host-name entry still does.
         assert!(!list.permits_address("127.0.0.1".parse().unwrap(), None));
         assert!(list.permits_host("localhost", None));
-    }
-
-    #[test]
-    fn metadata_and_link_local_addresses_are_never_permitted() {
-        let list = Allowlist::new(["169.254.0.0/16", "fd00::/8", "fe80::/10", "metadata.internal", "*.corp"]).unwrap();
-        for address in ["169.254.169.254", "169.254.1.1", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254"] {
-            let ip: IpAddr = address.parse().unwrap();
-            assert!(
-                matches!(check_address(address, ip, Some(80), &list), Err(SsrfError::Forbidden { .. })),
-                "{address}"
-            );
-            for host in ["metadata.internal", "a.corp"] {
-                let resolved = [SocketAddr::new(ip, 80), SocketAddr::new("8.8.8.8".parse().unwrap(), 80)];
-                let error = check_resolved(host, &resolved, Some(80), &list).unwrap_err();
-                assert!(matches!(error, SsrfError::Forbidden { class, .. } if class.is_never_permitted()), "{host}");
-                assert!(check_resolved(host, &resolved, None, &list).is_err(), "{host} at connection time");
-            }
-        }
-        // Other internal addresses behind a permitted name still pass.
-        let loopback = [SocketAddr::new("127.0.0.1".parse().unwrap(), 80)];
-        check_resolved("metadata.internal", &loopback, Some(80), &list).unwrap();
     }
 }

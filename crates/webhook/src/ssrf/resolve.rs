@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use super::{Allowlist, SsrfError, check::check_resolved};
+use super::{Allowlist, SsrfError, rule::check_resolved};
 
 /// How long [`check_callback_url`](super::check_callback_url) waits for DNS before giving up.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
