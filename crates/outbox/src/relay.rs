@@ -194,6 +194,10 @@ impl Relay {
     /// publish whenever rows are committed. Errors are logged and retried
     /// after a pause; the relay never gives up while the service runs.
     pub async fn run(self, shutdown: CancellationToken) {
+        // At 0 from the start: a counter whose series appeared only at its
+        // first break would show Prometheus no increase, and its alert
+        // (`OnceflowOutboxOrderBroken`) would miss that break.
+        metrics::counter!("onceflow_outbox_order_breaks_total").increment(0);
         while !shutdown.is_cancelled() {
             if let Err(error) = self.lead(&shutdown).await {
                 tracing::warn!(%error, "outbox relay interrupted; retrying");
