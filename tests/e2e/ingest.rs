@@ -1,4 +1,6 @@
-//! Ingest's rules (G1, G2, G6, G7) against the real PostgreSQL and broker.
+//! Ingest's idempotency and tenancy rules (G2, G6, G7) against the real
+//! PostgreSQL and broker; its outages and shedding are in `ingest_outages`,
+//! its callback checks in `ingest_callbacks`.
 
 use std::time::Duration;
 
@@ -6,18 +8,21 @@ use futures::future::join_all;
 use onceflow_contracts::{JobStatus, ResultEvent};
 use onceflow_ingest::limits::SubmitLimits;
 use onceflow_runtime::auth::TenantKey;
-use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, OwnBroker, TestEnv, TopicReader, eventually, result_envelope};
+use onceflow_tests::{IngestClient, OUTCOME_TIMEOUT, TestEnv, TopicReader, eventually, result_envelope};
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-const PROBLEM: &str = "https://onceflow.dev/problems/";
+/// Where every problem type of onceflow lives.
+pub(crate) const PROBLEM: &str = "https://onceflow.dev/problems/";
 
-fn deposit(amount: i64) -> Value {
+/// A deposit into `acc-1`.
+pub(crate) fn deposit(amount: i64) -> Value {
     json!({"type": "ledger.deposit", "payload": {"account_id": "acc-1", "amount": amount}})
 }
 
-async fn count(pool: &PgPool, table: &str) -> i64 {
+/// The rows of `table`.
+pub(crate) async fn count(pool: &PgPool, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.unwrap()
 }
 
@@ -299,45 +304,6 @@ async fn job_status_only_moves_forward_and_says_when_to_poll_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accepts_while_kafka_is_unreachable_and_sheds_past_the_backlog_bound() {
-    let mut env = TestEnv::new();
-    let ingest = env
-        .start_ingest_with(|config| {
-            // Nothing listens here: Kafka is "down" for this ingest.
-            config.kafka.brokers = "127.0.0.1:9".to_owned();
-            config.shed.max_outbox_backlog = 2;
-            config.shed.retry_after_secs = 7;
-        })
-        .await;
-    let api = IngestClient::new(&ingest);
-    for n in 0..3 {
-        let response = api.submit(&format!("offline-{n}"), &deposit(10)).await;
-        assert_eq!(response.status, 202, "202 while Kafka is down: the command is durable in PostgreSQL");
-    }
-    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
-    assert_eq!(count(&db, "onceflow_outbox").await, 3, "the commands wait in the outbox");
-    // The backlog gauge refreshes every 500 ms; until it does, more are accepted.
-    let mut attempt = 0;
-    let shed = eventually("ingest to shed load", Duration::from_secs(10), || {
-        attempt += 1;
-        let api = api.clone();
-        async move {
-            let response = api.submit(&format!("offline-more-{attempt}"), &deposit(10)).await;
-            (response.status == 503).then_some(response)
-        }
-    })
-    .await;
-    let jobs_before = count(&db, "jobs").await;
-    let again = api.submit("offline-shed-again", &deposit(10)).await;
-    assert_eq!(again.status, 503);
-    assert_eq!(shed.problem_type(), format!("{PROBLEM}overloaded"));
-    assert_eq!(shed.header("retry-after"), Some("7"));
-    assert_eq!(count(&db, "jobs").await, jobs_before, "a shed request stores nothing");
-    db.close().await;
-    env.teardown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_an_openapi_document_of_the_idempotency_contract() {
     let mut env = TestEnv::new();
     let ingest = env.start_ingest().await;
@@ -363,134 +329,6 @@ async fn serves_an_openapi_document_of_the_idempotency_contract() {
     types.sort_unstable();
     let declared = onceflow_catalogue::CommandTypes::builtin();
     assert_eq!(types, declared.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
-    env.teardown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn commands_accepted_while_the_broker_is_down_are_processed_when_it_returns() {
-    let mut env = TestEnv::new();
-    let broker = OwnBroker::start(&env.scratch_dir()).await;
-    env.kafka.brokers = broker.addr.clone();
-    let ingest = env.start_ingest().await;
-    let _processor = env.start_processor().await;
-    let api = IngestClient::new(&ingest);
-
-    let open = json!({"type": "ledger.open_account", "payload": {"account_id": "acc-1", "currency": "EUR"}});
-    let opened = api.submit("open", &open).await.json()["job_id"].as_str().unwrap().to_owned();
-    eventually("the account to open", OUTCOME_TIMEOUT, || async {
-        (api.job(&opened).await.json()["status"] == "succeeded").then_some(())
-    })
-    .await;
-
-    broker.stop();
-    let mut jobs = Vec::new();
-    for n in 0..5 {
-        let response = api.submit(&format!("while-down-{n}"), &deposit(100)).await;
-        assert_eq!(response.status, 202, "202 while the broker is down");
-        jobs.push(response.json()["job_id"].as_str().unwrap().to_owned());
-    }
-    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
-    assert_eq!(count(&db, "onceflow_outbox").await, 5, "accepted commands wait in the outbox");
-
-    broker.resume();
-    for job in &jobs {
-        eventually("a command accepted while the broker was down to succeed", Duration::from_secs(180), || async {
-            (api.job(job).await.json()["status"] == "succeeded").then_some(())
-        })
-        .await;
-    }
-    assert_eq!(count(&db, "onceflow_outbox").await, 0, "the outbox drained");
-    let processor_db = PgPool::connect(&env.database_url("processor")).await.unwrap();
-    let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = 'acc-1'")
-        .fetch_one(&processor_db)
-        .await
-        .unwrap();
-    assert_eq!(balance, 500, "each command accepted while down took effect once");
-    db.close().await;
-    processor_db.close().await;
-    env.teardown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refuses_callback_urls_that_point_inside_the_network() {
-    let mut env = TestEnv::new();
-    let ingest = env.start_ingest_with(|config| config.webhooks.allowlist = Default::default()).await;
-    let api = IngestClient::new(&ingest);
-    for (n, url) in [
-        "http://127.0.0.1:8080/hook",
-        "http://localhost/hook",
-        "http://[::1]/hook",
-        "http://[::ffff:127.0.0.1]/hook",
-        "http://10.1.2.3/hook",
-        "http://192.168.0.10/hook",
-        "http://169.254.169.254/latest/meta-data",
-        "ftp://example.com/hook",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let body = json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 5}, "callback_url": url});
-        let response = api.submit(&format!("ssrf-{n}"), &body).await;
-        assert_eq!(response.status, 422, "{url}: {}", String::from_utf8_lossy(&response.body));
-        assert_eq!(response.problem_type(), format!("{PROBLEM}invalid-command"));
-        assert!(response.json()["detail"].as_str().unwrap().contains("callback_url"), "{url}");
-    }
-    let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
-    assert_eq!(count(&db, "jobs").await, 0, "a refused callback stores nothing");
-    db.close().await;
-    env.teardown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sheds_with_503_when_no_database_connection_is_free() {
-    let mut env = TestEnv::new();
-    let ingest = env
-        .start_ingest_with(|config| {
-            config.database.max_connections = 2;
-            config.database.acquire_timeout_ms = 200;
-            config.in_flight_wait_ms = 5000;
-        })
-        .await;
-    let api = IngestClient::new(&ingest);
-    // With two connections (one is the outbox relay's lock) and a 200 ms
-    // acquire timeout, start-up work can make a first request wait too long.
-    eventually("ingest to accept a request", Duration::from_secs(20), || async {
-        (api.submit("warm-up", &deposit(1)).await.status == 202).then_some(())
-    })
-    .await;
-
-    // Hold the idempotency row of key "held" in an open transaction outside
-    // ingest: requests with that key wait for it, each holding one of ingest's
-    // two connections, so a request with any other key finds none free.
-    let outside = PgPool::connect(&env.database_url("ingest")).await.unwrap();
-    let mut holder = outside.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_keys (tenant, idempotency_key, fingerprint, job_id, response_status,
-             response_body, response_location, expires_at)
-         VALUES ('dev', 'held', '\\x00', gen_random_uuid(), 202, '\\x00', '/', now() + interval '1 hour')",
-    )
-    .execute(&mut *holder)
-    .await
-    .unwrap();
-    let waiting: Vec<_> = (0..2)
-        .map(|_| {
-            let api = api.clone();
-            tokio::spawn(async move { api.submit("held", &deposit(1)).await })
-        })
-        .collect();
-    let shed = eventually("a request to be shed for want of a connection", Duration::from_secs(10), || async {
-        let response = api.submit("another-key", &deposit(1)).await;
-        (response.status == 503).then_some(response)
-    })
-    .await;
-    assert_eq!(shed.problem_type(), format!("{PROBLEM}overloaded"));
-    assert!(shed.header("retry-after").is_some());
-    holder.rollback().await.unwrap();
-    for request in waiting {
-        let response = request.await.unwrap();
-        assert!(matches!(response.status, 202 | 409 | 503), "{}", response.status);
-    }
-    outside.close().await;
     env.teardown().await;
 }
 
@@ -553,30 +391,5 @@ async fn a_recorded_key_replays_before_validation_allowlist_or_shedding() {
     let db = PgPool::connect(&env.database_url("ingest")).await.unwrap();
     assert_eq!(count(&db, "jobs").await, 1, "only the first command was stored");
     db.close().await;
-    env.teardown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_allowlist_entry_with_a_port_permits_that_port_only() {
-    let mut env = TestEnv::new();
-    let ingest = env
-        .start_ingest_with(|config| {
-            config.kafka.brokers = "127.0.0.1:9".to_owned();
-            config.webhooks.allowlist = onceflow_webhook::Allowlist::new(["127.0.0.1:8099", "169.254.0.0/16"]).unwrap();
-        })
-        .await;
-    let api = IngestClient::new(&ingest);
-    let with_callback =
-        |url: &str| json!({"type": "ledger.deposit", "payload": {"account_id": "a", "amount": 5}, "callback_url": url});
-    let permitted = api.submit("port-8099", &with_callback("http://127.0.0.1:8099/hook")).await;
-    assert_eq!(permitted.status, 202, "{}", String::from_utf8_lossy(&permitted.body));
-    for (n, url) in ["http://127.0.0.1:8100/hook", "http://127.0.0.1/hook", "http://169.254.169.254/latest/meta-data"]
-        .into_iter()
-        .enumerate()
-    {
-        let refused = api.submit(&format!("port-refused-{n}"), &with_callback(url)).await;
-        assert_eq!(refused.status, 422, "{url}: {}", String::from_utf8_lossy(&refused.body));
-        assert_eq!(refused.problem_type(), format!("{PROBLEM}invalid-command"));
-    }
     env.teardown().await;
 }

@@ -17,6 +17,8 @@ mod hostile_processor;
 mod hostile_results;
 mod http;
 mod ingest;
+mod ingest_callbacks;
+mod ingest_outages;
 mod keys;
 mod lanes;
 mod live_page;
